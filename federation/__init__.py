@@ -1,0 +1,1 @@
+"""radfed.federation: Flower ServerApp/ClientApp, local training, differential privacy, aggregation."""

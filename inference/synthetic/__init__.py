@@ -1,0 +1,1 @@
+"""Synthetic multi-hospital prostate mp-MRI studies as scanners and radiologists would leave them."""

@@ -1,0 +1,158 @@
+"""The ``radfed`` command.
+
+Exit status: 0 success, 1 operational failure (Orthanc unreachable, ...), 2 usage error,
+3 the input is at fault (a DICOM object or series that cannot be used). Every RadfedError is
+translated here, once; handlers import their heavy dependencies lazily so ``radfed --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from radfed.inference.errors import DicomInputError, RadfedError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def orthanc_endpoint_from_url(url: str) -> object:
+    """``http://user:password@host:port`` -> an OrthancEndpoint (credentials out of the URL)."""
+    from radfed.inference.orthanc.client import OrthancEndpoint
+
+    parts = urlsplit(url)
+    netloc = parts.hostname or "127.0.0.1"
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    bare = urlunsplit((parts.scheme or "http", netloc, parts.path, "", ""))
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return OrthancEndpoint(bare, username, password)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
+    from radfed.inference.synthetic.sites import site_profile
+    from radfed.inference.synthetic.writer import (
+        iter_site_studies,
+        label_row,
+        upload_study,
+        write_labels,
+        write_study,
+    )
+
+    if args.orthanc and len(args.orthanc) != args.sites:
+        print(
+            f"radfed synth: give one --orthanc per site ({args.sites}), got {len(args.orthanc)}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if not args.orthanc and args.out is None:
+        print("radfed synth: give --out DIR or --orthanc URL", file=sys.stderr)
+        return EXIT_USAGE
+    total = args.sites * args.studies_per_site
+    with tqdm(total=total, desc="synthetic studies", unit="study", disable=args.quiet) as progress:
+        for index in range(1, args.sites + 1):
+            site = site_profile(index, small=args.small)
+            rows = []
+            client = None
+            if args.orthanc:
+                endpoint = orthanc_endpoint_from_url(args.orthanc[index - 1])
+                assert isinstance(endpoint, OrthancEndpoint)
+                client = OrthancClient(endpoint)
+            for study in iter_site_studies(site, args.studies_per_site, args.seed):
+                if args.out is not None:
+                    write_study(study, args.out / site.name)
+                if client is not None:
+                    upload_study(study, client)
+                rows.append(label_row(study))
+                progress.update()
+            if args.out is not None:
+                write_labels(rows, args.out / site.name / "labels.csv")
+            if client is not None:
+                client.close()
+    return EXIT_OK
+
+
+def _cmd_volume(args: argparse.Namespace) -> int:
+    from radfed.inference.series import load_series_folder
+
+    volume = load_series_folder(args.series_dir)
+    report: dict[str, Any] = {
+        "shape": list(volume.shape),
+        "spacing": [round(v, 6) for v in volume.spacing],
+        "affine": [[round(float(v), 6) for v in row] for row in volume.affine],
+        "frame_of_reference_uid": volume.frame_of_reference_uid,
+        "index_order": ["slice", "row", "column"],
+        "coordinates": "LPS",
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"shape (slice,row,column): {report['shape']}  spacing mm: {report['spacing']}")
+        for row in report["affine"]:
+            print("  " + "  ".join(f"{v:12.5f}" for v in row))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radfed", description="Federated radiology AI node beside an Orthanc PACS."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser("synth", help="generate synthetic multi-hospital prostate mp-MRI studies")
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--studies-per-site", type=int, default=10)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, help="write DIR/site-<i>/study-<n>/ folders and labels.csv")
+    synth.add_argument(
+        "--orthanc",
+        action="append",
+        metavar="URL",
+        help="upload to this Orthanc (repeat once per site); credentials as http://user:password@host:port",
+    )
+    synth.add_argument("--small", action="store_true", help="half the in-plane matrix (fast tests)")
+    synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(handler=_cmd_synth)
+
+    volume = commands.add_parser(
+        "volume", help="load one DICOM series folder as a volume and print its geometry"
+    )
+    volume.add_argument("series_dir", type=Path)
+    volume.add_argument(
+        "--json", action="store_true", help="print JSON (shape, spacing, 4x4 index-to-LPS affine)"
+    )
+    volume.set_defaults(handler=_cmd_volume)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except DicomInputError as exc:
+        print(f"radfed {args.command}: bad input: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RadfedError as exc:
+        print(f"radfed {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE

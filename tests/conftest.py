@@ -1,0 +1,66 @@
+"""Shared fixtures: real Orthanc servers on loopback, synthetic studies, paths to shared data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from radfed.inference.orthanc.client import OrthancClient
+from radfed.inference.orthanc.launcher import OrthancOptions, OrthancProcess, start_orthanc
+from radfed.inference.synthetic.sites import site_profile
+from radfed.inference.synthetic.study import SyntheticStudy, render_study
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (CI clones main with shared/ next to it)."""
+    path = Path(os.environ.get("RADFED_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.fail(f"shared test data not found at {path} (set RADFED_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancProcess]]:
+    """Start real Orthanc servers (Debian package); all are stopped at teardown.
+
+    A missing binary or a failed start fails the test with Orthanc's own log lines: never a skip.
+    """
+    started: list[OrthancProcess] = []
+
+    def start(name: str = "orthanc", **options: object) -> OrthancProcess:
+        aet = name.upper().replace("-", "")[:16]
+        instance = start_orthanc(tmp_path / name, OrthancOptions(name=name, aet=aet, **options))  # type: ignore[arg-type]
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        instance.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_factory: Callable[..., OrthancProcess]) -> OrthancProcess:
+    return orthanc_factory("orthanc")
+
+
+@pytest.fixture
+def orthanc_client(orthanc: OrthancProcess) -> Iterator[OrthancClient]:
+    with OrthancClient(orthanc.endpoint) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def small_study() -> SyntheticStudy:
+    """A small (half-matrix) study with lesions from site 2 (a GE-like site)."""
+    site = site_profile(2, small=True)
+    for number in range(1, 20):
+        study = render_study(site, number, seed=11)
+        if study.phantom.lesions:
+            return study
+    raise AssertionError("no study with lesions in the first 19 of seed 11")
