@@ -1,0 +1,1 @@
+"""radfed benchmarks: each prints a table and the command that reproduces it."""

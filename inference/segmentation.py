@@ -1,0 +1,255 @@
+"""Read a DICOM SEG written by any tool into masks on a chosen series' grid.
+
+Reference segmentations in a PACS come from many writers (3D Slicer/dcmqi, OHIF/dcmjs, highdicom,
+vendor workstations), each with its own habits: frames in either order, empty frames omitted, source
+references missing or partial, BINARY, FRACTIONAL or LABELMAP encodings. Every frame is placed by its
+plane position on the reference grid and cross-checked against the source image it references when it
+names one; what cannot be placed raises :class:`SegmentationReadError` with the reason. Nothing is guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from radfed.inference.errors import SegmentationReadError
+from radfed.inference.volume import Volume
+
+# A frame may sit this far (in voxels) from the reference grid and still be placed on it.
+_IN_PLANE_TOLERANCE_VOXELS = 0.1
+_THROUGH_PLANE_TOLERANCE_SLICES = 0.1
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+class SegmentationType(StrEnum):
+    BINARY = "BINARY"
+    FRACTIONAL = "FRACTIONAL"
+    LABELMAP = "LABELMAP"
+
+
+@dataclass(frozen=True)
+class CodedTerm:
+    value: str
+    scheme_designator: str
+    meaning: str
+
+    @classmethod
+    def from_item(cls, item: Dataset | None) -> CodedTerm | None:
+        if item is None:
+            return None
+        value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
+        return cls(str(value), str(item.get("CodingSchemeDesignator", "")), str(item.get("CodeMeaning", "")))
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """What a segment says it is."""
+
+    segment_number: int
+    label: str
+    category: CodedTerm | None
+    property_type: CodedTerm | None
+    tracking_uid: str | None
+    tracking_id: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationOnGrid:
+    """Masks of every segment on the reference grid."""
+
+    segments: tuple[SegmentInfo, ...]
+    masks: dict[int, npt.NDArray[np.bool_]]
+    grid: Volume
+    sop_instance_uid: str
+
+    def segment(self, number: int) -> SegmentInfo:
+        for info in self.segments:
+            if info.segment_number == number:
+                return info
+        raise KeyError(number)
+
+
+def _first(sequence_owner: Dataset | None, keyword: str) -> Dataset | None:
+    if sequence_owner is None or keyword not in sequence_owner:
+        return None
+    items = sequence_owner[keyword].value
+    return items[0] if len(items) else None
+
+
+def _group(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    return _first(per_frame, keyword) or _first(shared, keyword)
+
+
+def _segments(ds: Dataset) -> dict[int, SegmentInfo]:
+    segments = {}
+    for item in ds.get("SegmentSequence", []):
+        number = int(item.SegmentNumber)
+        segments[number] = SegmentInfo(
+            segment_number=number,
+            label=str(item.get("SegmentLabel", "")),
+            category=CodedTerm.from_item(_first(item, "SegmentedPropertyCategoryCodeSequence")),
+            property_type=CodedTerm.from_item(_first(item, "SegmentedPropertyTypeCodeSequence")),
+            tracking_uid=str(item.TrackingUID) if "TrackingUID" in item else None,
+            tracking_id=str(item.TrackingID) if "TrackingID" in item else None,
+        )
+    return segments
+
+
+def _decoded_frames(ds: Dataset, seg_type: SegmentationType) -> np.ndarray:
+    try:
+        pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:
+        raise SegmentationReadError(f"SEG pixel data cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    if seg_type is SegmentationType.FRACTIONAL:
+        maximum = float(ds.get("MaximumFractionalValue", 255) or 255)
+        # Segment membership: at least half of the maximum (the usual reading of a fractional SEG).
+        return np.asarray(pixels.astype(np.float32) / maximum >= 0.5)
+    if seg_type is SegmentationType.BINARY:
+        return np.asarray(pixels > 0)
+    return pixels
+
+
+def _source_reference(per_frame: Dataset) -> tuple[str, int] | None:
+    derivation = _first(per_frame, "DerivationImageSequence")
+    source = _first(derivation, "SourceImageSequence")
+    if source is None or "ReferencedSOPInstanceUID" not in source:
+        return None
+    frame_numbers = source.get("ReferencedFrameNumber")
+    if frame_numbers is None or frame_numbers == "":
+        frame = 1
+    else:
+        frame = int(frame_numbers[0] if isinstance(frame_numbers, list | tuple) else frame_numbers)
+    return str(source.ReferencedSOPInstanceUID), frame
+
+
+def _slice_by_geometry(
+    position: Dataset | None,
+    orientation: Dataset | None,
+    measures: Dataset | None,
+    grid: Volume,
+    frame_number: int,
+) -> int | None:
+    if position is None or "ImagePositionPatient" not in position:
+        return None
+    if orientation is not None and "ImageOrientationPatient" in orientation:
+        iop = np.array([float(v) for v in orientation.ImageOrientationPatient])
+        grid_row = grid.affine[:3, 2] / np.linalg.norm(grid.affine[:3, 2])
+        grid_col = grid.affine[:3, 1] / np.linalg.norm(grid.affine[:3, 1])
+        if (
+            np.abs(iop[:3] - grid_row).max() > _ORIENTATION_TOLERANCE
+            or np.abs(iop[3:] - grid_col).max() > _ORIENTATION_TOLERANCE
+        ):
+            raise SegmentationReadError(
+                f"frame {frame_number}: its plane orientation differs from the reference series "
+                "(a SEG drawn on another plane must be resampled, which radfed refuses to guess)"
+            )
+    if measures is not None and "PixelSpacing" in measures:
+        spacing = [float(v) for v in measures.PixelSpacing]
+        if not np.allclose(spacing, grid.spacing[1:], atol=1e-3):
+            raise SegmentationReadError(
+                f"frame {frame_number}: pixel spacing {spacing} differs from the reference series "
+                f"{list(np.round(grid.spacing[1:], 4))}"
+            )
+    index = grid.lps_to_index([float(v) for v in position.ImagePositionPatient])
+    slice_index = round(float(index[0]))
+    if (
+        abs(index[1]) > _IN_PLANE_TOLERANCE_VOXELS
+        or abs(index[2]) > _IN_PLANE_TOLERANCE_VOXELS
+        or abs(index[0] - slice_index) > _THROUGH_PLANE_TOLERANCE_SLICES
+        or not 0 <= slice_index < grid.shape[0]
+    ):
+        raise SegmentationReadError(
+            f"frame {frame_number}: position {list(np.round(index, 3))} (slice, row, column) is not on the "
+            f"reference grid of shape {list(grid.shape)}"
+        )
+    return slice_index
+
+
+def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
+    """Place every frame of the SEG ``ds`` on ``grid`` (the series it was drawn on).
+
+    Parameters
+    ----------
+    ds
+        A Segmentation Storage instance.
+    grid
+        The reference series as loaded by :mod:`radfed.inference.series` (its ``slice_sources`` are
+        used to cross-check source image references).
+    """
+    if str(ds.get("Modality", "")) != "SEG" or "SegmentSequence" not in ds:
+        raise SegmentationReadError(f"instance {ds.get('SOPInstanceUID', '?')} is not a DICOM SEG")
+    seg_for = ds.get("FrameOfReferenceUID")
+    if seg_for and grid.frame_of_reference_uid and str(seg_for) != grid.frame_of_reference_uid:
+        raise SegmentationReadError(
+            f"SEG Frame of Reference {seg_for} differs from the reference series' "
+            f"{grid.frame_of_reference_uid}"
+        )
+    try:
+        seg_type = SegmentationType(str(ds.get("SegmentationType", "")))
+    except ValueError as exc:
+        raise SegmentationReadError(f"unknown SegmentationType {ds.get('SegmentationType')!r}") from exc
+    if (int(ds.Rows), int(ds.Columns)) != grid.shape[1:]:
+        raise SegmentationReadError(
+            f"SEG frames are {ds.Rows}x{ds.Columns}, the reference images {grid.shape[1]}x{grid.shape[2]}"
+        )
+    segments = _segments(ds)
+    frames = _decoded_frames(ds, seg_type)
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame_groups = list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    if len(per_frame_groups) != len(frames):
+        raise SegmentationReadError(
+            f"{len(frames)} frames but {len(per_frame_groups)} per-frame functional group items"
+        )
+    source_slices = {source: index for index, source in enumerate(grid.slice_sources)}
+    masks = {number: np.zeros(grid.shape, dtype=bool) for number in segments}
+    for frame_index, (pixels, per_frame) in enumerate(zip(frames, per_frame_groups, strict=True)):
+        frame_number = frame_index + 1
+        by_geometry = _slice_by_geometry(
+            _group(per_frame, shared, "PlanePositionSequence"),
+            _group(per_frame, shared, "PlaneOrientationSequence"),
+            _group(per_frame, shared, "PixelMeasuresSequence"),
+            grid,
+            frame_number,
+        )
+        reference = _source_reference(per_frame)
+        by_source = source_slices.get(reference) if reference is not None else None
+        if by_geometry is not None and by_source is not None and by_geometry != by_source:
+            raise SegmentationReadError(
+                f"frame {frame_number}: its position places it on slice {by_geometry} but it references the "
+                f"source image of slice {by_source}"
+            )
+        slice_index = by_geometry if by_geometry is not None else by_source
+        if slice_index is None:
+            why = "an image outside the reference series" if reference is not None else "no source image"
+            raise SegmentationReadError(
+                f"frame {frame_number}: no plane position and {why}: cannot be placed"
+            )
+        if seg_type is SegmentationType.LABELMAP:
+            for number in np.unique(pixels):
+                if number == 0:
+                    continue
+                if int(number) not in masks:
+                    raise SegmentationReadError(
+                        f"frame {frame_number}: label {number} has no segment description"
+                    )
+                masks[int(number)][slice_index] |= pixels == number
+            continue
+        identification = _group(per_frame, shared, "SegmentIdentificationSequence")
+        if identification is None or "ReferencedSegmentNumber" not in identification:
+            raise SegmentationReadError(f"frame {frame_number}: no ReferencedSegmentNumber")
+        number = int(identification.ReferencedSegmentNumber)
+        if number not in masks:
+            raise SegmentationReadError(f"frame {frame_number}: segment {number} is not described")
+        masks[number][slice_index] |= pixels.astype(bool)
+    return SegmentationOnGrid(
+        segments=tuple(segments[n] for n in sorted(segments)),
+        masks=masks,
+        grid=grid,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+    )
