@@ -7,9 +7,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2
 STAMPS := .cache/stamps
 
-.PHONY: install install-system install-python lint typecheck imports unit test bench demo clean
+.PHONY: install install-system install-python install-node lint typecheck imports unit test bench demo clean
 
-install: install-system install-python
+install: install-system install-python install-node
 
 # Debian packages: Orthanc (the real PACS in tests), its Python and DICOMweb plugins, DCMTK (DIMSE peer).
 install-system: $(STAMPS)/apt
@@ -28,6 +28,14 @@ $(STAMPS)/python: pyproject.toml
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[dev]' --config-settings editable_mode=strict
+	@touch $@
+
+# OHIF's SEG parser (@cornerstonejs/adapters) for the contract tests, from the committed lockfile.
+install-node: $(STAMPS)/node
+$(STAMPS)/node: tests/node/package-lock.json
+	@mkdir -p $(STAMPS)
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 lint: install-python

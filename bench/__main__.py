@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS = {
     "fetch": "bench.fetch_study",
+    "encode": "bench.encode_results",
 }
 
 

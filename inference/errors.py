@@ -67,3 +67,7 @@ class OrthancRequestError(OrthancError, RuntimeError):
 
 class OrthancLaunchError(OrthancError, RuntimeError):
     """A local Orthanc process could not be started."""
+
+
+class ResultQualityError(RadfedError, RuntimeError):
+    """A result object failed radfed's own quality checks (e.g. SEG geometry); nothing was stored."""

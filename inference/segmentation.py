@@ -9,6 +9,7 @@ names one; what cannot be placed raises :class:`SegmentationReadError` with the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from radfed.inference.coding import CodedTerm
 from radfed.inference.errors import SegmentationReadError
 from radfed.inference.volume import Volume
 
@@ -29,20 +31,6 @@ class SegmentationType(StrEnum):
     BINARY = "BINARY"
     FRACTIONAL = "FRACTIONAL"
     LABELMAP = "LABELMAP"
-
-
-@dataclass(frozen=True)
-class CodedTerm:
-    value: str
-    scheme_designator: str
-    meaning: str
-
-    @classmethod
-    def from_item(cls, item: Dataset | None) -> CodedTerm | None:
-        if item is None:
-            return None
-        value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue") or ""
-        return cls(str(value), str(item.get("CodingSchemeDesignator", "")), str(item.get("CodeMeaning", "")))
 
 
 @dataclass(frozen=True)
@@ -171,17 +159,15 @@ def _slice_by_geometry(
     return slice_index
 
 
-def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
-    """Place every frame of the SEG ``ds`` on ``grid`` (the series it was drawn on).
+@dataclass(frozen=True, eq=False)
+class _PlacedFrame:
+    slice_index: int
+    frame_number: int
+    segment_number: int | None  # None for LABELMAP frames (pixel values are segment numbers)
+    pixels: np.ndarray
 
-    Parameters
-    ----------
-    ds
-        A Segmentation Storage instance.
-    grid
-        The reference series as loaded by :mod:`radfed.inference.series` (its ``slice_sources`` are
-        used to cross-check source image references).
-    """
+
+def _checked_header(ds: Dataset, grid: Volume) -> SegmentationType:
     if str(ds.get("Modality", "")) != "SEG" or "SegmentSequence" not in ds:
         raise SegmentationReadError(f"instance {ds.get('SOPInstanceUID', '?')} is not a DICOM SEG")
     seg_for = ds.get("FrameOfReferenceUID")
@@ -198,7 +184,11 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
         raise SegmentationReadError(
             f"SEG frames are {ds.Rows}x{ds.Columns}, the reference images {grid.shape[1]}x{grid.shape[2]}"
         )
-    segments = _segments(ds)
+    return seg_type
+
+
+def _placed_frames(ds: Dataset, grid: Volume, seg_type: SegmentationType) -> Iterator[_PlacedFrame]:
+    """Every frame with the grid slice it belongs on (by geometry, cross-checked by source reference)."""
     frames = _decoded_frames(ds, seg_type)
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame_groups = list(ds.get("PerFrameFunctionalGroupsSequence", []))
@@ -207,7 +197,6 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
             f"{len(frames)} frames but {len(per_frame_groups)} per-frame functional group items"
         )
     source_slices = {source: index for index, source in enumerate(grid.slice_sources)}
-    masks = {number: np.zeros(grid.shape, dtype=bool) for number in segments}
     for frame_index, (pixels, per_frame) in enumerate(zip(frames, per_frame_groups, strict=True)):
         frame_number = frame_index + 1
         by_geometry = _slice_by_geometry(
@@ -231,25 +220,93 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
                 f"frame {frame_number}: no plane position and {why}: cannot be placed"
             )
         if seg_type is SegmentationType.LABELMAP:
-            for number in np.unique(pixels):
-                if number == 0:
-                    continue
-                if int(number) not in masks:
-                    raise SegmentationReadError(
-                        f"frame {frame_number}: label {number} has no segment description"
-                    )
-                masks[int(number)][slice_index] |= pixels == number
+            yield _PlacedFrame(slice_index, frame_number, None, pixels)
             continue
         identification = _group(per_frame, shared, "SegmentIdentificationSequence")
         if identification is None or "ReferencedSegmentNumber" not in identification:
             raise SegmentationReadError(f"frame {frame_number}: no ReferencedSegmentNumber")
-        number = int(identification.ReferencedSegmentNumber)
-        if number not in masks:
-            raise SegmentationReadError(f"frame {frame_number}: segment {number} is not described")
-        masks[number][slice_index] |= pixels.astype(bool)
+        yield _PlacedFrame(slice_index, frame_number, int(identification.ReferencedSegmentNumber), pixels)
+
+
+def _segments_of_interest(ds: Dataset, seg_type: SegmentationType) -> dict[int, SegmentInfo]:
+    # A LABELMAP's segment 0, when described, is the background: it is not a segment of interest.
+    return {
+        number: info
+        for number, info in _segments(ds).items()
+        if not (seg_type is SegmentationType.LABELMAP and number == 0)
+    }
+
+
+def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
+    """Place every frame of the SEG ``ds`` on ``grid`` (the series it was drawn on); one mask per segment.
+
+    Parameters
+    ----------
+    ds
+        A Segmentation Storage (or Label Map Segmentation Storage) instance.
+    grid
+        The reference series as loaded by :mod:`radfed.inference.series` (its ``slice_sources`` are
+        used to cross-check source image references).
+    """
+    seg_type = _checked_header(ds, grid)
+    segments = _segments_of_interest(ds, seg_type)
+    masks = {number: np.zeros(grid.shape, dtype=bool) for number in segments}
+    for frame in _placed_frames(ds, grid, seg_type):
+        if frame.segment_number is None:
+            for number in np.unique(frame.pixels):
+                if number == 0:
+                    continue
+                if int(number) not in masks:
+                    raise SegmentationReadError(
+                        f"frame {frame.frame_number}: label {number} has no segment description"
+                    )
+                masks[int(number)][frame.slice_index] |= frame.pixels == number
+            continue
+        if frame.segment_number not in masks:
+            raise SegmentationReadError(
+                f"frame {frame.frame_number}: segment {frame.segment_number} is not described"
+            )
+        masks[frame.segment_number][frame.slice_index] |= frame.pixels.astype(bool)
     return SegmentationOnGrid(
         segments=tuple(segments[n] for n in sorted(segments)),
         masks=masks,
         grid=grid,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
     )
+
+
+def read_segmentation_labels(
+    ds: Dataset, grid: Volume
+) -> tuple[npt.NDArray[np.uint16], tuple[SegmentInfo, ...]]:
+    """Like :func:`read_segmentation`, into one label volume (value = segment number).
+
+    Memory stays at one volume whatever the number of segments; overlapping segments are refused.
+    """
+    seg_type = _checked_header(ds, grid)
+    segments = _segments_of_interest(ds, seg_type)
+    labels = np.zeros(grid.shape, dtype=np.uint16)
+    for frame in _placed_frames(ds, grid, seg_type):
+        target = labels[frame.slice_index]
+        if frame.segment_number is None:
+            values = frame.pixels.astype(np.uint16)
+            unknown = set(np.unique(values).tolist()) - set(segments) - {0}
+            if unknown:
+                raise SegmentationReadError(
+                    f"frame {frame.frame_number}: labels {sorted(unknown)} have no description"
+                )
+            inside = values > 0
+            painted = values[inside]
+        else:
+            if frame.segment_number not in segments:
+                raise SegmentationReadError(
+                    f"frame {frame.frame_number}: segment {frame.segment_number} is not described"
+                )
+            inside = frame.pixels.astype(bool)
+            painted = np.full(int(inside.sum()), frame.segment_number, dtype=np.uint16)
+        clash = (target[inside] != 0) & (target[inside] != painted)
+        if clash.any():
+            raise SegmentationReadError(
+                f"frame {frame.frame_number}: segments overlap (a label volume cannot hold it)"
+            )
+        target[inside] = painted
+    return labels, tuple(segments[n] for n in sorted(segments))

@@ -107,6 +107,20 @@ def _cmd_volume(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from radfed.dicom_sr.validation import validate_file
+
+    failed = 0
+    for path in args.files:
+        report = validate_file(path)
+        print(report.line(), flush=True)
+        failed += not report.passed
+    if failed:
+        print(f"{failed} of {len(args.files)} file(s) failed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="radfed", description="Federated radiology AI node beside an Orthanc PACS."
@@ -137,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print JSON (shape, spacing, 4x4 index-to-LPS affine)"
     )
     volume.set_defaults(handler=_cmd_volume)
+    validate = commands.add_parser(
+        "validate", help="check SEG/SR files with dciodvfy, strict pydicom/highdicom reading and dcmqi"
+    )
+    validate.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    validate.set_defaults(handler=_cmd_validate)
     return parser
 
 

@@ -297,8 +297,13 @@ def _reference_seg(
     return seg
 
 
-def render_study(site: SiteProfile, number: int, seed: int) -> SyntheticStudy:
-    """Render study ``number`` (1-based) of ``site``; the same arguments give the same bytes."""
+def render_study(
+    site: SiteProfile, number: int, seed: int, *, n_lesions: int | None = None, oblique: bool | None = None
+) -> SyntheticStudy:
+    """Render study ``number`` (1-based) of ``site``; the same arguments give the same bytes.
+
+    ``n_lesions`` and ``oblique`` override the random draw (for tests that need a given case).
+    """
     rng = np.random.default_rng([seed, site.index, number])
     key = f"{seed}/{site.index}/{number}"
     date = dt.date(2025, 1, 6) + dt.timedelta(days=int(rng.integers(0, 600)))
@@ -314,10 +319,12 @@ def render_study(site: SiteProfile, number: int, seed: int) -> SyntheticStudy:
         study_date=date.strftime("%Y%m%d"),
         study_time=f"{int(rng.integers(7, 18)):02d}{int(rng.integers(0, 60)):02d}00",
     )
-    n_lesions = int(rng.choice([0, 1, 2, 3], p=[0.35, 0.35, 0.2, 0.1]))
+    drawn_lesions = int(rng.choice([0, 1, 2, 3], p=[0.35, 0.35, 0.2, 0.1]))
+    n_lesions = drawn_lesions if n_lesions is None else n_lesions
     centre = np.array([rng.uniform(-8, 8), rng.uniform(-5, 25), rng.uniform(-90, -40)])
     phantom = random_phantom(rng, centre, n_lesions)
-    oblique = bool(rng.random() < site.oblique_probability)
+    drawn_oblique = bool(rng.random() < site.oblique_probability)
+    oblique = drawn_oblique if oblique is None else oblique
     row, col = _orientation(rng, oblique)
     series: dict[Sequence, list[Dataset]] = {}
     grids: dict[Sequence, Volume] = {}

@@ -1,0 +1,157 @@
+"""Encode time and size of radfed's SEG (and the whole SEG + SR + QA build) for
+(a) a 24 x 256 x 256 mp-MRI grid with 3 lesions and (b) a 300 x 512 x 512 CT grid with 50 lesions,
+in the default profile (BINARY) and LABELMAP (RLE)."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from bench.report import table
+from radfed.dicom_sr.outputs import build_results
+from radfed.dicom_sr.profile import OutputProfile
+from radfed.dicom_sr.seg import build_seg
+from radfed.inference.coding import CodedTerm
+from radfed.inference.findings import (
+    ClassCategory,
+    InferenceResult,
+    LesionFinding,
+    ModelIdentity,
+    StudyFinding,
+    TaskCodes,
+)
+from radfed.inference.lesions import measure_lesion
+from radfed.inference.series import volume_from_datasets
+from radfed.inference.synthetic.sites import Sequence, site_profile
+from radfed.inference.synthetic.study import render_study
+
+CODES = TaskCodes(
+    procedure=CodedTerm("BENCH", "99RADFED", "Benchmark procedure"),
+    finding_site=None,
+    lesion_label="Lesion",
+    lesion_category=CodedTerm("49755003", "SCT", "Morphologically Abnormal Structure"),
+    lesion_type=CodedTerm("108369006", "SCT", "Neoplasm"),
+    lesion_finding_type=CodedTerm("108369006", "SCT", "Neoplasm"),
+    study_finding_type=CodedTerm("404684003", "SCT", "Finding"),
+    probability_concept=CodedTerm("111047", "DCM", "Probability of cancer"),
+    classification_concept=CodedTerm("CLS", "99RADFED", "Classification"),
+    categories=(ClassCategory(CodedTerm("LOW", "99RADFED", "Low"), 0.0),),
+    no_finding=CodedTerm("111286", "DCM", "No abnormality"),
+)
+MODEL = ModelIdentity("bench-model", "1.0.0")
+REPEATS = 5
+
+
+def _result(datasets: list[Dataset], labels: np.ndarray) -> InferenceResult:
+    grid = volume_from_datasets(datasets)
+    n = int(labels.max())
+    lesions = tuple(LesionFinding(i, 0.8, measure_lesion(labels == i, grid)) for i in range(1, n + 1))
+    return InferenceResult(
+        grid=grid,
+        source_datasets=tuple(datasets),
+        lesion_labels=labels,
+        lesions=lesions,
+        study_finding=StudyFinding(0.8, CODES.categories[0].code),
+        model=MODEL,
+        codes=CODES,
+        input_fingerprint="bench",
+    )
+
+
+def mri_case() -> InferenceResult:
+    study = render_study(site_profile(1), 1, seed=3, n_lesions=3)
+    return _result(study.series[Sequence.T2W], study.lesion_masks.astype(np.uint8))
+
+
+def ct_case(slices: int = 300, size: int = 512, lesions: int = 50) -> InferenceResult:
+    rng = np.random.default_rng(0)
+    study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
+    datasets = []
+    pixels = np.zeros((size, size), dtype=np.uint16).tobytes()
+    for k in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, for_uid
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "BENCH", "BENCH^CT"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20260101", "120000", "B1", "1"
+        ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex = "", "", "O"
+        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
+        ds.ImagePositionPatient = [-180.0, -180.0, float(k)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        datasets.append(ds)
+    labels = np.zeros((slices, size, size), dtype=np.uint8)
+    s, r, c = np.ogrid[:slices, :size, :size]
+    for number in range(1, lesions + 1):
+        centre = rng.uniform([20, 60, 60], [slices - 20, size - 60, size - 60])
+        radius_mm = rng.uniform(4, 12)
+        inside = ((s - centre[0]) * 1.0) ** 2 + ((r - centre[1]) * 0.7) ** 2 + (
+            (c - centre[2]) * 0.7
+        ) ** 2 <= radius_mm**2
+        labels[inside & (labels == 0)] = number
+    return _result(datasets, labels)
+
+
+def _size(ds: Dataset) -> int:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return len(buffer.getvalue())
+
+
+def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    rows = []
+    for name, make, repeats, goal in (
+        ("(a) MR 24x256x256, 3 lesions", mri_case, REPEATS, 0.2),
+        ("(b) CT 300x512x512, 50 lesions", ct_case, 3, 2.0),
+    ):
+        result = make()
+        for encoding in ("BINARY", "LABELMAP"):
+            profile = OutputProfile(seg_encoding=encoding)
+            seg = build_seg(result, profile)
+            assert seg is not None
+            encode_s = _time(lambda r=result, p=profile: build_seg(r, p), repeats)
+            full_s = _time(lambda r=result, p=profile: build_results(r, p), max(1, repeats - 2))
+            frames = int(seg.NumberOfFrames)
+            rows.append(
+                [
+                    name,
+                    encoding,
+                    frames,
+                    f"{encode_s:.3f}",
+                    f"{goal:.1f}",
+                    f"{full_s:.3f}",
+                    f"{_size(seg) / 1e6:.2f}",
+                ]
+            )
+    table(
+        "SEG encode (highdicom) and full result build (SEG + SR + re-read + geometry QA), median",
+        ["case", "encoding", "frames", "SEG encode s", "goal s", "SEG+SR+QA s", "SEG MB"],
+        rows,
+        "make bench  (or: .ci/isolated .venv/bin/python -m bench encode)",
+    )
+
+
+if __name__ == "__main__":
+    pydicom.config.settings.writing_validation_mode = pydicom.config.WARN
+    main()

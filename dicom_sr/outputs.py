@@ -1,0 +1,52 @@
+"""Build every result object for one study, check them, and hand them over for storage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from radfed.dicom_sr.profile import OutputProfile
+from radfed.dicom_sr.qa import encoded, verify_seg_geometry, verify_sr
+from radfed.dicom_sr.seg import build_seg, result_key
+from radfed.dicom_sr.sr import build_sr
+from radfed.dicom_sr.uids import ResultKey
+from radfed.inference.findings import InferenceResult
+
+
+@dataclass(frozen=True, eq=False)
+class ResultObjects:
+    """The objects to store for one result, already re-read from their encoded bytes."""
+
+    key: ResultKey
+    seg: Dataset | None
+    sr: Dataset
+    key_images: tuple[Dataset, ...] = ()
+
+    def datasets(self) -> Iterator[Dataset]:
+        """Storage order: the SEG first, so the SR never references an object the PACS lacks."""
+        if self.seg is not None:
+            yield self.seg
+        yield self.sr
+        yield from self.key_images
+
+
+def build_results(
+    result: InferenceResult, profile: OutputProfile | None = None, *, predecessor: Dataset | None = None
+) -> ResultObjects:
+    """SEG (when there are lesions) and SR for ``result``; raises ResultQualityError if a check fails."""
+    profile = profile or OutputProfile()
+    seg = build_seg(result, profile)
+    stored_seg = None
+    if seg is not None:
+        stored_seg = encoded(seg)
+        verify_seg_geometry(stored_seg, result.lesion_labels, result.grid)
+    sr = encoded(build_sr(result, stored_seg, profile, predecessor))
+    verify_sr(sr, result, profile.sr_variant)
+    key_images: tuple[Dataset, ...] = ()
+    if profile.key_images and result.lesions:
+        from radfed.dicom_sr.key_images import build_key_images
+
+        key_images = tuple(encoded(ds) for ds in build_key_images(result, profile))
+    return ResultObjects(result_key(result), stored_seg, sr, key_images)

@@ -1,0 +1,125 @@
+"""From a lesion probability map to measured lesions: threshold, connected components, minimum size,
+volume, long and short axis on the key slice, outline, probability, mean ADC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import contourpy
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from radfed.inference.findings import LesionMeasurements
+from radfed.inference.volume import Volume
+
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True, eq=False)
+class LesionCandidate:
+    mask: npt.NDArray[np.bool_]
+    probability: float
+
+
+def extract_lesions(
+    probability: npt.NDArray[np.floating],
+    grid: Volume,
+    *,
+    threshold: float,
+    min_volume_mm3: float,
+    max_lesions: int = 50,
+) -> list[LesionCandidate]:
+    """Connected components (26-connected) of ``probability >= threshold`` above a minimum volume,
+    most probable first; each lesion's probability is the highest voxel probability inside it."""
+    if probability.shape != grid.shape:
+        raise ValueError(f"probability map {probability.shape} is not on the grid {grid.shape}")
+    labels, count = ndimage.label(probability >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return []
+    voxel_mm3 = abs(float(np.linalg.det(grid.affine[:3, :3])))
+    index = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    peaks = ndimage.maximum(probability, labels, index)
+    candidates = [
+        (float(peak), int(label))
+        for label, size, peak in zip(index, sizes, peaks, strict=True)
+        if size * voxel_mm3 >= min_volume_mm3
+    ]
+    candidates.sort(key=lambda item: (-item[0], item[1]))
+    return [LesionCandidate(labels == label, peak) for peak, label in candidates[:max_lesions]]
+
+
+def _outline(slice_mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
+    """The longest closed iso-line at 0.5 around the mask, as (row, column) voxel-centre coordinates."""
+    padded = np.pad(slice_mask.astype(np.float64), 1)
+    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
+    longest = max((np.asarray(line) for line in lines), key=lambda line: int(line.shape[0]))
+    points = np.asarray(longest)[:, ::-1] - 1.0  # (x=column, y=row) -> (row, column), undo padding
+    if not np.allclose(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points
+
+
+def _axes(
+    points_rc: npt.NDArray[np.float64], spacing_rc: npt.NDArray[np.float64]
+) -> tuple[float, float, tuple[Point, Point], tuple[Point, Point]]:
+    mm = points_rc * spacing_rc
+    distances = np.linalg.norm(mm[:, None, :] - mm[None, :, :], axis=-1)
+    flat_index = int(np.argmax(distances))
+    i, j = divmod(flat_index, distances.shape[1])
+    long_mm = float(distances[i, j])
+    if long_mm == 0.0:
+        point = (float(points_rc[0][0]), float(points_rc[0][1]))
+        return 0.0, 0.0, (point, point), (point, point)
+    along = (mm[j] - mm[i]) / long_mm
+    across = np.array([-along[1], along[0]])
+    t = (mm - mm[i]) @ along
+    s = (mm - mm[i]) @ across
+    # Widest chord perpendicular to the long axis: outline points in thin bands along it.
+    band = float(min(spacing_rc)) * 0.75
+    best, ends = 0.0, (int(i), int(i))
+    for start in np.arange(0.0, long_mm + band, band):
+        members = np.flatnonzero(np.abs(t - start) <= band / 2)
+        if len(members) >= 2:
+            lo, hi = members[np.argmin(s[members])], members[np.argmax(s[members])]
+            if s[hi] - s[lo] > best:
+                best, ends = float(s[hi] - s[lo]), (int(lo), int(hi))
+
+    def rc(k: int) -> Point:
+        return float(points_rc[k][0]), float(points_rc[k][1])
+
+    return long_mm, best, (rc(int(i)), rc(int(j))), (rc(ends[0]), rc(ends[1]))
+
+
+def measure_lesion(
+    mask: npt.NDArray[np.bool_], grid: Volume, adc: Volume | None = None
+) -> LesionMeasurements:
+    """Measure one lesion mask on ``grid`` (and its mean ADC when an ADC volume on the grid is given)."""
+    if mask.shape != grid.shape or not mask.any():
+        raise ValueError("mask must be a non-empty array on the grid")
+    voxels = np.argwhere(mask)
+    voxel_mm3 = abs(float(np.linalg.det(grid.affine[:3, :3])))
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    key_slice = int(np.argmax(areas))
+    outline = _outline(mask[key_slice])
+    spacing_rc = np.array(grid.spacing[1:])
+    long_mm, short_mm, long_rc, short_rc = _axes(outline, spacing_rc)
+    centroid = grid.index_to_lps(voxels.mean(axis=0))
+    mean_adc = None
+    if adc is not None:
+        if adc.shape != grid.shape:
+            raise ValueError("the ADC volume must be resampled onto the grid first")
+        mean_adc = float(adc.array[mask].mean())
+    return LesionMeasurements(
+        volume_mm3=len(voxels) * voxel_mm3,
+        long_axis_mm=long_mm,
+        short_axis_mm=short_mm,
+        key_slice=key_slice,
+        outline_rc=tuple((float(r), float(c)) for r, c in outline),
+        long_axis_rc=long_rc,
+        short_axis_rc=short_rc,
+        centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        voxel_count=len(voxels),
+        mean_adc=mean_adc,
+    )
