@@ -63,7 +63,7 @@ def build_key_images(result: InferenceResult, profile: OutputProfile | None = No
     profile = profile or OutputProfile()
     key = result_key(result)
     reference = result.source_datasets[0]
-    images = []
+    images: list[Dataset] = []
     for lesion in result.lesions:
         pixels, factor = render_key_image(result, lesion)
         row_spacing, column_spacing = result.grid.spacing[1:]
