@@ -39,9 +39,7 @@ def render_key_image(result: InferenceResult, lesion: LesionFinding) -> tuple[np
     m = lesion.measurements
     grey = _grey(result.grid.array[m.key_slice].astype(np.float32))
     factor = max(1, int(np.ceil(_MIN_WIDTH / grey.shape[1])))
-    image = Image.fromarray(grey).resize(
-        (grey.shape[1] * factor, grey.shape[0] * factor), Image.Resampling.NEAREST
-    )
+    image = Image.fromarray(grey).resize((grey.shape[1] * factor, grey.shape[0] * factor), Image.Resampling.NEAREST)
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     # Outline vertices are voxel centres; pixel (r, c) spans [c*f, (c+1)*f) after upscaling.

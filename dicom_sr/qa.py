@@ -116,15 +116,11 @@ def verify_sr(sr: Dataset, result: InferenceResult, variant: SrVariant) -> None:
     for lesion in result.lesions:
         uids = volumetric.get(lesion.number, [])
         if len(uids) != 1:
-            raise ResultQualityError(
-                f"lesion {lesion.number}: {len(uids)} volumetric groups reference its segment"
-            )
+            raise ResultQualityError(f"lesion {lesion.number}: {len(uids)} volumetric groups reference its segment")
         if variant is SrVariant.VIEWER:
             twins = outlines.get(uids[0], [])
             if len(twins) != 1:
-                raise ResultQualityError(
-                    f"lesion {lesion.number}: no planar outline sharing Tracking UID {uids[0]}"
-                )
+                raise ResultQualityError(f"lesion {lesion.number}: no planar outline sharing Tracking UID {uids[0]}")
             points = twins[0]
             if points.min() < 0 or points[:, 0].max() > columns or points[:, 1].max() > rows:
                 raise ResultQualityError(f"lesion {lesion.number}: outline leaves the image")

@@ -35,9 +35,7 @@ def lesion_colour(number: int) -> tuple[int, int, int]:
 
 
 def result_key(result: InferenceResult) -> ResultKey:
-    return ResultKey(
-        result.study_instance_uid, result.model.name, result.model.version, result.input_fingerprint
-    )
+    return ResultKey(result.study_instance_uid, result.model.name, result.model.version, result.input_fingerprint)
 
 
 def ordered_sources(result: InferenceResult) -> tuple[list[Dataset], list[int]]:

@@ -67,8 +67,7 @@ def _key_slice_image(result: InferenceResult, lesion: LesionFinding) -> hd.sr.So
 def _lesion_groups(
     result: InferenceResult, lesion: LesionFinding, seg: Dataset, key: ResultKey, variant: SrVariant
 ) -> list[
-    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 ]:
     label = f"{result.codes.lesion_label} {lesion.number}"[:64]
     tracking = hd.sr.TrackingIdentifier(uid=key.tracking_uid(lesion.number), identifier=label)
@@ -93,8 +92,7 @@ def _lesion_groups(
     )
     sources = ordered_sources(result)[0]
     groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     ] = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
@@ -126,12 +124,8 @@ def _lesion_groups(
                 algorithm_id=_algorithm(result),
                 finding_sites=_finding_sites(result),
                 measurements=[
-                    hd.sr.Measurement(
-                        name=codes.LONG_AXIS, value=round(m.long_axis_mm, 2), unit=codes.MILLIMETER
-                    ),
-                    hd.sr.Measurement(
-                        name=codes.SHORT_AXIS, value=round(m.short_axis_mm, 2), unit=codes.MILLIMETER
-                    ),
+                    hd.sr.Measurement(name=codes.LONG_AXIS, value=round(m.long_axis_mm, 2), unit=codes.MILLIMETER),
+                    hd.sr.Measurement(name=codes.SHORT_AXIS, value=round(m.short_axis_mm, 2), unit=codes.MILLIMETER),
                 ],
             )
         )
@@ -140,13 +134,9 @@ def _lesion_groups(
 
 def _study_group(result: InferenceResult, key: ResultKey) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     finding = result.study_finding
-    evaluations = [
-        hd.sr.QualitativeEvaluation(concept(result.codes.classification_concept), concept(finding.category))
-    ]
+    evaluations = [hd.sr.QualitativeEvaluation(concept(result.codes.classification_concept), concept(finding.category))]
     if not result.lesions:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(dcm_codes.DCM.Finding, concept(result.codes.no_finding))
-        )
+        evaluations.append(hd.sr.QualitativeEvaluation(dcm_codes.DCM.Finding, concept(result.codes.no_finding)))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=key.study_tracking_uid, identifier="Study finding"),
         finding_type=concept(result.codes.study_finding_type),

@@ -115,9 +115,7 @@ def check_dcmqi(path: Path, kind: ObjectKind) -> CheckOutcome:
         return CheckOutcome("dcmqi", False, f"{name} not installed (pip install dcmqi)")
     with tempfile.TemporaryDirectory() as out:
         if kind is ObjectKind.SEG:
-            result = _run(
-                [tool, "--inputDICOM", str(path), "--outputDirectory", out, "--outputType", "nifti"]
-            )
+            result = _run([tool, "--inputDICOM", str(path), "--outputDirectory", out, "--outputType", "nifti"])
             produced = list(Path(out).glob("*.nii*"))
             ok = result.returncode == 0 and bool(produced)
         else:
@@ -127,9 +125,7 @@ def check_dcmqi(path: Path, kind: ObjectKind) -> CheckOutcome:
     if ok:
         return CheckOutcome("dcmqi", True)
     output = (result.stderr or result.stdout).strip().splitlines()
-    return CheckOutcome(
-        "dcmqi", False, f"{name} exit {result.returncode}: {output[-1][:300] if output else ''}"
-    )
+    return CheckOutcome("dcmqi", False, f"{name} exit {result.returncode}: {output[-1][:300] if output else ''}")
 
 
 def object_kind(path: Path) -> ObjectKind:
@@ -147,9 +143,7 @@ def validate_file(path: Path) -> FileReport:
     try:
         kind = object_kind(path)
     except Exception as exc:  # noqa: BLE001 - unreadable input is a finding, reported as such
-        return FileReport(
-            path, ObjectKind.OTHER, (CheckOutcome("read", False, f"{type(exc).__name__}: {exc}"),)
-        )
+        return FileReport(path, ObjectKind.OTHER, (CheckOutcome("read", False, f"{type(exc).__name__}: {exc}"),))
     outcomes = [check_dciodvfy(path), check_strict_read(path, kind)]
     if kind in (ObjectKind.SEG, ObjectKind.SR):
         outcomes.append(check_dcmqi(path, kind))

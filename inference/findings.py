@@ -151,9 +151,7 @@ class InferenceResult:
         if not self.source_datasets:
             raise ValueError("source_datasets must hold the reference series")
         if self.lesion_labels.shape != self.grid.shape:
-            raise ValueError(
-                f"lesion labels {self.lesion_labels.shape} are not on the grid {self.grid.shape}"
-            )
+            raise ValueError(f"lesion labels {self.lesion_labels.shape} are not on the grid {self.grid.shape}")
         numbers = [lesion.number for lesion in self.lesions]
         if numbers != list(range(1, len(numbers) + 1)):
             raise ValueError(f"lesions must be numbered 1..n in order, got {numbers}")

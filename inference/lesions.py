@@ -92,9 +92,7 @@ def _axes(
     return long_mm, best, (rc(int(i)), rc(int(j))), (rc(ends[0]), rc(ends[1]))
 
 
-def measure_lesion(
-    mask: npt.NDArray[np.bool_], grid: Volume, adc: Volume | None = None
-) -> LesionMeasurements:
+def measure_lesion(mask: npt.NDArray[np.bool_], grid: Volume, adc: Volume | None = None) -> LesionMeasurements:
     """Measure one lesion mask on ``grid`` (and its mean ADC when an ADC volume on the grid is given)."""
     if mask.shape != grid.shape or not mask.any():
         raise ValueError("mask must be a non-empty array on the grid")

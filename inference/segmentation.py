@@ -173,8 +173,7 @@ def _checked_header(ds: Dataset, grid: Volume) -> SegmentationType:
     seg_for = ds.get("FrameOfReferenceUID")
     if seg_for and grid.frame_of_reference_uid and str(seg_for) != grid.frame_of_reference_uid:
         raise SegmentationReadError(
-            f"SEG Frame of Reference {seg_for} differs from the reference series' "
-            f"{grid.frame_of_reference_uid}"
+            f"SEG Frame of Reference {seg_for} differs from the reference series' {grid.frame_of_reference_uid}"
         )
     try:
         seg_type = SegmentationType(str(ds.get("SegmentationType", "")))
@@ -216,9 +215,7 @@ def _placed_frames(ds: Dataset, grid: Volume, seg_type: SegmentationType) -> Ite
         slice_index = by_geometry if by_geometry is not None else by_source
         if slice_index is None:
             why = "an image outside the reference series" if reference is not None else "no source image"
-            raise SegmentationReadError(
-                f"frame {frame_number}: no plane position and {why}: cannot be placed"
-            )
+            raise SegmentationReadError(f"frame {frame_number}: no plane position and {why}: cannot be placed")
         if seg_type is SegmentationType.LABELMAP:
             yield _PlacedFrame(slice_index, frame_number, None, pixels)
             continue
@@ -263,9 +260,7 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
                 masks[int(number)][frame.slice_index] |= frame.pixels == number
             continue
         if frame.segment_number not in masks:
-            raise SegmentationReadError(
-                f"frame {frame.frame_number}: segment {frame.segment_number} is not described"
-            )
+            raise SegmentationReadError(f"frame {frame.frame_number}: segment {frame.segment_number} is not described")
         masks[frame.segment_number][frame.slice_index] |= frame.pixels.astype(bool)
     return SegmentationOnGrid(
         segments=tuple(segments[n] for n in sorted(segments)),
@@ -275,9 +270,7 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
     )
 
 
-def read_segmentation_labels(
-    ds: Dataset, grid: Volume
-) -> tuple[npt.NDArray[np.uint16], tuple[SegmentInfo, ...]]:
+def read_segmentation_labels(ds: Dataset, grid: Volume) -> tuple[npt.NDArray[np.uint16], tuple[SegmentInfo, ...]]:
     """Like :func:`read_segmentation`, into one label volume (value = segment number).
 
     Memory stays at one volume whatever the number of segments; overlapping segments are refused.
@@ -291,9 +284,7 @@ def read_segmentation_labels(
             values = frame.pixels.astype(np.uint16)
             unknown = set(np.unique(values).tolist()) - set(segments) - {0}
             if unknown:
-                raise SegmentationReadError(
-                    f"frame {frame.frame_number}: labels {sorted(unknown)} have no description"
-                )
+                raise SegmentationReadError(f"frame {frame.frame_number}: labels {sorted(unknown)} have no description")
             inside = values > 0
             painted = values[inside]
         else:
@@ -305,8 +296,6 @@ def read_segmentation_labels(
             painted = np.full(int(inside.sum()), frame.segment_number, dtype=np.uint16)
         clash = (target[inside] != 0) & (target[inside] != painted)
         if clash.any():
-            raise SegmentationReadError(
-                f"frame {frame.frame_number}: segments overlap (a label volume cannot hold it)"
-            )
+            raise SegmentationReadError(f"frame {frame.frame_number}: segments overlap (a label volume cannot hold it)")
         target[inside] = painted
     return labels, tuple(segments[n] for n in sorted(segments))

@@ -185,12 +185,8 @@ def _temporal_key(ds: Dataset) -> tuple[float, ...]:
 
 def _classic_frame(ds: Dataset) -> _Frame:
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
-        missing = [
-            k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds
-        ]
-        raise NotAVolumeError(
-            VolumeErrorCause.MISSING_GEOMETRY, f"{', '.join(missing)} missing in {_sop(ds)}"
-        )
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{', '.join(missing)} missing in {_sop(ds)}")
     row, col = _orientation(ds.ImageOrientationPatient, ds)
     spacing = _vector(ds.PixelSpacing, 2, "PixelSpacing", ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)

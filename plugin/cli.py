@@ -13,10 +13,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any
 
 from radfed.inference.errors import DicomInputError, RadfedError
+
+if TYPE_CHECKING:
+    from radfed.inference.orthanc.client import OrthancEndpoint
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -26,24 +28,16 @@ EXIT_BAD_INPUT = 3
 Handler = Callable[[argparse.Namespace], int]
 
 
-def orthanc_endpoint_from_url(url: str) -> object:
-    """``http://user:password@host:port`` -> an OrthancEndpoint (credentials out of the URL)."""
+def orthanc_endpoint_from_url(url: str) -> OrthancEndpoint:
     from radfed.inference.orthanc.client import OrthancEndpoint
 
-    parts = urlsplit(url)
-    netloc = parts.hostname or "127.0.0.1"
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    bare = urlunsplit((parts.scheme or "http", netloc, parts.path, "", ""))
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return OrthancEndpoint(bare, username, password)
+    return OrthancEndpoint.from_url(url)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
+    from radfed.inference.orthanc.client import OrthancClient
     from radfed.inference.synthetic.sites import site_profile
     from radfed.inference.synthetic.writer import (
         iter_site_studies,
@@ -69,9 +63,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
             rows = []
             client = None
             if args.orthanc:
-                endpoint = orthanc_endpoint_from_url(args.orthanc[index - 1])
-                assert isinstance(endpoint, OrthancEndpoint)
-                client = OrthancClient(endpoint)
+                client = OrthancClient(orthanc_endpoint_from_url(args.orthanc[index - 1]))
             for study in iter_site_studies(site, args.studies_per_site, args.seed):
                 if args.out is not None:
                     write_study(study, args.out / site.name)
@@ -121,10 +113,87 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    if not args.local:
+        print(
+            "radfed train: only --local training runs from here; federated jobs start from the coordinator",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    from tqdm import tqdm
+
+    from radfed.federation.local import train_local_artifact
+
+    with tqdm(total=0, desc="training", unit="step", disable=args.quiet) as bar:
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.refresh()
+
+        outcome = train_local_artifact(
+            task=args.task,
+            sources=args.data,
+            out=args.out,
+            labels=args.labels,
+            epochs=args.epochs,
+            version=args.version,
+            cache_dir=args.cache,
+            seed=args.seed,
+            progress=progress,
+        )
+    print(outcome.summary())
+    return EXIT_OK
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from radfed.dicom_sr.outputs import build_results
+    from radfed.dicom_sr.profile import OutputProfile
+    from radfed.inference.artifact import load_artifact
+    from radfed.inference.pipeline import analyse_study
+    from radfed.inference.runtime import OnnxModel
+    from radfed.inference.study_source import FolderStudy
+    from radfed.inference.timing import StageTimer
+
+    artifact = load_artifact(args.model)
+    model = OnnxModel(artifact)
+    timer = StageTimer()
+    analysis = analyse_study(FolderStudy(args.study_dir), model, timer)
+    profile = OutputProfile(seg_encoding=args.seg_encoding, key_images=args.key_images)
+    with timer.stage("encode+qa"):
+        objects = build_results(analysis.result, profile)
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ds in objects.datasets():
+        path = args.out / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        written.append(path)
+    result = analysis.result
+    summary = {
+        "model": artifact.key,
+        "provider": model.provider,
+        "study_probability": round(result.study_finding.probability, 4),
+        "category": result.study_finding.category.meaning,
+        "lesions": [
+            {
+                "number": lesion.number,
+                "probability": round(lesion.probability, 4),
+                "volume_mm3": round(lesion.measurements.volume_mm3, 1),
+                "long_axis_mm": round(lesion.measurements.long_axis_mm, 1),
+            }
+            for lesion in result.lesions
+        ],
+        "selection": analysis.loaded.selection.describe(),
+        "timings_s": timer.as_dict(),
+        "written": [str(p) for p in written],
+    }
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="radfed", description="Federated radiology AI node beside an Orthanc PACS."
-    )
+    parser = argparse.ArgumentParser(prog="radfed", description="Federated radiology AI node beside an Orthanc PACS.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -143,14 +212,32 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_cmd_synth)
 
-    volume = commands.add_parser(
-        "volume", help="load one DICOM series folder as a volume and print its geometry"
-    )
+    volume = commands.add_parser("volume", help="load one DICOM series folder as a volume and print its geometry")
     volume.add_argument("series_dir", type=Path)
-    volume.add_argument(
-        "--json", action="store_true", help="print JSON (shape, spacing, 4x4 index-to-LPS affine)"
-    )
+    volume.add_argument("--json", action="store_true", help="print JSON (shape, spacing, 4x4 index-to-LPS affine)")
     volume.set_defaults(handler=_cmd_volume)
+    train = commands.add_parser("train", help="train the task's model (--local: on this machine's data)")
+    train.add_argument("--local", action="store_true", help="train here, without the federation")
+    train.add_argument("--task", help="task spec file or shipped name (default: prostate_mpmri)")
+    train.add_argument("--data", action="append", required=True, metavar="DIR_OR_ORTHANC_URL",
+                       help="synth folder (root, site or study) or Orthanc URL; repeatable")  # fmt: skip
+    train.add_argument("--labels", type=Path, help="labels CSV for Orthanc sources")
+    train.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    train.add_argument("--epochs", type=int, help="override the spec's epochs")
+    train.add_argument("--version", default="0.1.0", help="model version written in the artifact")
+    train.add_argument("--cache", type=Path, help="preprocessed-tensor cache folder")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("-q", "--quiet", action="store_true")
+    train.set_defaults(handler=_cmd_train)
+
+    infer = commands.add_parser("infer", help="run a model artifact on a study folder and write SEG/SR files")
+    infer.add_argument("study_dir", type=Path)
+    infer.add_argument("--model", type=Path, required=True, help="model artifact folder")
+    infer.add_argument("--out", type=Path, required=True)
+    infer.add_argument("--seg-encoding", default="BINARY", choices=["BINARY", "LABELMAP"])
+    infer.add_argument("--key-images", action="store_true", help="also write Secondary Capture key images")
+    infer.set_defaults(handler=_cmd_infer)
+
     validate = commands.add_parser(
         "validate", help="check SEG/SR files with dciodvfy, strict pydicom/highdicom reading and dcmqi"
     )

@@ -64,3 +64,23 @@ def small_study() -> SyntheticStudy:
         if study.phantom.lesions:
             return study
     raise AssertionError("no study with lesions in the first 19 of seed 11")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small sites x three studies, written as ``radfed synth`` writes them."""
+    from radfed.inference.synthetic.writer import synthesize_to_folder
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize_to_folder(root, sites=2, studies_per_site=3, seed=4, small=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+    """A model artifact trained for a few steps (mechanics, not accuracy)."""
+    from radfed.federation.local import train_local_artifact
+
+    out = tmp_path_factory.mktemp("artifact")
+    train_local_artifact(task=None, sources=[str(synth_root)], out=out, epochs=2, version="0.0.1")
+    return out

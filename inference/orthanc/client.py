@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pydicom
 import requests
@@ -32,6 +33,18 @@ class OrthancEndpoint:
 
     def __repr__(self) -> str:
         return f"OrthancEndpoint(url={self.url!r}, username={self.username!r}, password=***)"
+
+    @classmethod
+    def from_url(cls, url: str) -> OrthancEndpoint:
+        """``http://user:password@host:port`` -> endpoint with the credentials taken out of the URL."""
+        parts = urlsplit(url)
+        netloc = parts.hostname or "127.0.0.1"
+        if parts.port:
+            netloc = f"{netloc}:{parts.port}"
+        bare = urlunsplit((parts.scheme or "http", netloc, parts.path.rstrip("/"), "", ""))
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(bare, username, password)
 
 
 @dataclass(frozen=True)
@@ -94,9 +107,7 @@ class OrthancClient:
 
     def upload(self, dicom_bytes: bytes) -> dict[str, Any]:
         """Store one instance (``POST /instances``); returns Orthanc's answer (ID, Status, ...)."""
-        response = self._request(
-            "POST", "/instances", data=dicom_bytes, headers={"Content-Type": "application/dicom"}
-        )
+        response = self._request("POST", "/instances", data=dicom_bytes, headers={"Content-Type": "application/dicom"})
         result: dict[str, Any] = response.json()
         return result
 
@@ -145,8 +156,7 @@ class OrthancClient:
         """Entries after ``since``; returns (changes, last seq, done)."""
         answer = self.get_json("/changes", params={"since": since, "limit": limit})
         changes = [
-            Change(int(c["Seq"]), str(c["ChangeType"]), str(c["ResourceType"]), str(c["ID"]))
-            for c in answer["Changes"]
+            Change(int(c["Seq"]), str(c["ChangeType"]), str(c["ResourceType"]), str(c["ID"])) for c in answer["Changes"]
         ]
         return changes, int(answer["Last"]), bool(answer["Done"])
 

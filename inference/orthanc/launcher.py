@@ -173,9 +173,7 @@ def _wait_ready(instance: OrthancProcess, timeout_s: float) -> None:
     )
 
 
-def start_orthanc(
-    workdir: Path, options: OrthancOptions | None = None, timeout_s: float = 30.0
-) -> OrthancProcess:
+def start_orthanc(workdir: Path, options: OrthancOptions | None = None, timeout_s: float = 30.0) -> OrthancProcess:
     """Start one Orthanc in ``workdir`` on free loopback ports and wait until it answers."""
     options = options or OrthancOptions()
     if shutil.which(ORTHANC_BINARY) is None and not Path(ORTHANC_BINARY).exists():

@@ -95,9 +95,7 @@ class Phantom:
         labels[self.bladder.contains(points)] = Tissue.BLADDER
         labels[self.rectum.contains(points)] = Tissue.RECTUM
         labels[self.gland.contains(points)] = Tissue.PERIPHERAL_ZONE
-        labels[self.transition_zone.contains(points) & (labels == Tissue.PERIPHERAL_ZONE)] = (
-            Tissue.TRANSITION_ZONE
-        )
+        labels[self.transition_zone.contains(points) & (labels == Tissue.PERIPHERAL_ZONE)] = Tissue.TRANSITION_ZONE
         for lesion in self.lesions:
             labels[lesion.blob.contains(points)] = Tissue.LESION
         return labels
@@ -174,8 +172,7 @@ def random_phantom(rng: np.random.Generator, centre: npt.ArrayLike, n_lesions: i
             offset = rng.uniform(-1, 1, 3) * gland_radii * 0.75
             point = (c + offset)[None, :]
             apart = all(
-                np.linalg.norm(point[0] - np.asarray(other.blob.centre))
-                > 1.35 * (max(radii) + max(other.blob.radii))
+                np.linalg.norm(point[0] - np.asarray(other.blob.centre)) > 1.35 * (max(radii) + max(other.blob.radii))
                 for other in lesions
             )
             if apart and gland.contains(point)[0] and (not tz.contains(point)[0] or rng.random() < 0.25):

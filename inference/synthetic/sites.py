@@ -71,9 +71,7 @@ VENDORS: tuple[Vendor, ...] = (
         "DISCOVERY MR750",
         "DV26.0_R01",
         {
-            Sequence.T2W: SeriesNaming(
-                "Ax T2 FRFSE", "frfseopt", ("ORIGINAL", "PRIMARY", "OTHER"), "SE", "SK"
-            ),
+            Sequence.T2W: SeriesNaming("Ax T2 FRFSE", "frfseopt", ("ORIGINAL", "PRIMARY", "OTHER"), "SE", "SK"),
             Sequence.ADC: SeriesNaming(
                 "Apparent Diffusion Coefficient (mm2/s)", "", ("DERIVED", "PRIMARY", "ADC"), "EP", "SK"
             ),
@@ -86,13 +84,9 @@ VENDORS: tuple[Vendor, ...] = (
         "Ingenia",
         "5.4.1",
         {
-            Sequence.T2W: SeriesNaming(
-                "T2W_TSE_ax", "TSE", ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"), "SE", "SK"
-            ),
+            Sequence.T2W: SeriesNaming("T2W_TSE_ax", "TSE", ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE"), "SE", "SK"),
             Sequence.ADC: SeriesNaming("dADC", "", ("DERIVED", "PRIMARY", "ADC", "ADC"), "EP", "SK"),
-            Sequence.DWI: SeriesNaming(
-                "DWI_b1400_ax", "", ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), "EP", "SK"
-            ),
+            Sequence.DWI: SeriesNaming("DWI_b1400_ax", "", ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE"), "EP", "SK"),
         },
         instances_head_first=False,
     ),
@@ -195,17 +189,11 @@ def site_profile(index: int, *, small: bool = False) -> SiteProfile:
         slices = int(rng.choice([20, 24, 28]))
         t2 = SeriesGrid(matrix, matrix, slices, round(fov / matrix, 4), float(rng.choice([3.0, 3.5])))
         dwi_matrix = int(rng.choice([128, 160]))
-        dwi = SeriesGrid(
-            dwi_matrix, dwi_matrix, slices - 4, round(fov / dwi_matrix, 4), float(rng.choice([3.5, 4.0]))
-        )
+        dwi = SeriesGrid(dwi_matrix, dwi_matrix, slices - 4, round(fov / dwi_matrix, 4), float(rng.choice([3.5, 4.0])))
     if small:
         t2 = SeriesGrid(t2.rows // 2, t2.columns // 2, t2.slices, t2.pixel_spacing * 2, t2.slice_thickness)
-        dwi = SeriesGrid(
-            dwi.rows // 2, dwi.columns // 2, dwi.slices, dwi.pixel_spacing * 2, dwi.slice_thickness
-        )
-    adc_rescale = {"SIEMENS": (1.0, 0.0), "GE MEDICAL SYSTEMS": (1.0, 0.0)}.get(
-        vendor.manufacturer, (0.5, 0.0)
-    )
+        dwi = SeriesGrid(dwi.rows // 2, dwi.columns // 2, dwi.slices, dwi.pixel_spacing * 2, dwi.slice_thickness)
+    adc_rescale = {"SIEMENS": (1.0, 0.0), "GE MEDICAL SYSTEMS": (1.0, 0.0)}.get(vendor.manufacturer, (0.5, 0.0))
     return SiteProfile(
         index=index,
         vendor=vendor,

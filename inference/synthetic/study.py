@@ -69,9 +69,7 @@ def _uid(*parts: object) -> UID:
     return generate_uid(entropy_srcs=["radfed-synth", *(str(p) for p in parts)])
 
 
-def _orientation(
-    rng: np.random.Generator, oblique: bool
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _orientation(rng: np.random.Generator, oblique: bool) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     row, col = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     if not oblique:
         return row, col
@@ -335,9 +333,7 @@ def render_study(
     grids[Sequence.ADC] = grids[Sequence.DWI]
     for sequence in Sequence:
         signal = _render_signal(phantom, grids[sequence], sequence, site, rng)
-        series[sequence] = _series_datasets(
-            identity, site, sequence, grids[sequence], signal, SERIES_NUMBERS[sequence]
-        )
+        series[sequence] = _series_datasets(identity, site, sequence, grids[sequence], signal, SERIES_NUMBERS[sequence])
     t2w_points = _voxel_centres(grids[Sequence.T2W])
     lesion_index = phantom.lesion_index_at(t2w_points).reshape(grids[Sequence.T2W].shape)
     gland = phantom.gland_at(t2w_points).reshape(grids[Sequence.T2W].shape)

@@ -86,9 +86,7 @@ def write_labels(rows: list[dict[str, str]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def synthesize_to_folder(
-    out: Path, sites: int, studies_per_site: int, seed: int, *, small: bool = False
-) -> list[Path]:
+def synthesize_to_folder(out: Path, sites: int, studies_per_site: int, seed: int, *, small: bool = False) -> list[Path]:
     """Write ``out/site-<i>/study-<n>/`` folders and ``out/site-<i>/labels.csv``; returns the site folders."""
     site_dirs = []
     for index in range(1, sites + 1):

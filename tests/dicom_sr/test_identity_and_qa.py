@@ -68,10 +68,7 @@ def test_research_marking(make_result: ResultFactory) -> None:
     assert sr.PreliminaryFlag == "PRELIMINARY"
     segment = seg.SegmentSequence[0]
     assert segment.SegmentAlgorithmType == "AUTOMATIC"
-    assert (
-        segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0].CodeValue
-        == "123110"
-    )
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
     assert len(segment.RecommendedDisplayCIELabValue) == 3
     assert seg.SegmentationType == "BINARY"
     assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
@@ -93,9 +90,7 @@ def test_no_lesion_gives_only_an_sr_that_says_so(make_result: ResultFactory) -> 
     assert ("121071", "111286") in codes  # Finding = No abnormality
     assert not any(item.ValueType == "SCOORD" for item in items)
     probabilities = [
-        item
-        for item in items
-        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111047"
+        item for item in items if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111047"
     ]
     assert len(probabilities) == 1
 
@@ -185,9 +180,7 @@ def test_labels_must_match_the_lesions(make_result: ResultFactory) -> None:
         dataclasses.replace(result, lesions=(lesion, twin))  # lesion 2 has no voxels
 
 
-def test_validate_command(
-    tmp_path: Path, make_result: ResultFactory, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_validate_command(tmp_path: Path, make_result: ResultFactory, capsys: pytest.CaptureFixture[str]) -> None:
     result, _ = make_result(1, False)
     objects = build_results(result)
     assert objects.seg is not None

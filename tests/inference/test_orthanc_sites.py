@@ -40,9 +40,7 @@ def test_three_hospitals_receive_their_own_studies(orthanc_factory: Callable[...
     assert main(args) == 0
 
     for index, instance in enumerate(sites, start=1):
-        expected = [
-            render_study(site_profile(index, small=True), n, 5) for n in range(1, STUDIES_PER_SITE + 1)
-        ]
+        expected = [render_study(site_profile(index, small=True), n, 5) for n in range(1, STUDIES_PER_SITE + 1)]
         with OrthancClient(instance.endpoint) as client:
             stats = client.get_json("/statistics")
             assert stats["CountStudies"] == STUDIES_PER_SITE
@@ -61,9 +59,7 @@ def test_three_hospitals_receive_their_own_studies(orthanc_factory: Callable[...
                         assert datasets[0].SOPInstanceUID == study.reference_seg.SOPInstanceUID
                         continue
                     sequence = next(
-                        q
-                        for q in Sequence
-                        if study.series[q][0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+                        q for q in Sequence if study.series[q][0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
                     )
                     original = volume_from_datasets(study.series[sequence])
                     fetched = volume_from_datasets(datasets)

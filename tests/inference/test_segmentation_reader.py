@@ -30,9 +30,7 @@ def t2w(small_study: SyntheticStudy) -> Volume:
     return volume_from_datasets(small_study.series[Sequence.T2W])
 
 
-def _assert_lesions(
-    result_masks: dict[int, np.ndarray], study: SyntheticStudy, first_lesion_segment: int
-) -> None:
+def _assert_lesions(result_masks: dict[int, np.ndarray], study: SyntheticStudy, first_lesion_segment: int) -> None:
     for number in range(1, len(study.phantom.lesions) + 1):
         expected = study.lesion_masks == number
         assert expected.any()
@@ -121,9 +119,7 @@ def test_labelmap_and_fractional(small_study: SyntheticStudy, t2w: Volume, kind:
     if kind == "LABELMAP":
         pixels = small_study.lesion_masks.astype(np.uint8)
     else:
-        pixels = np.stack(
-            [(small_study.lesion_masks == i).astype(np.float32) for i in range(1, n + 1)], axis=-1
-        )
+        pixels = np.stack([(small_study.lesion_masks == i).astype(np.float32) for i in range(1, n + 1)], axis=-1)
         pixels *= 0.8  # stored fractions below 1 still mean "inside"
     seg = hd.seg.Segmentation(
         source_images=small_study.series[Sequence.T2W],

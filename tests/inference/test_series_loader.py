@@ -29,9 +29,7 @@ def test_geometry_matches_generator_grid(small_study: SyntheticStudy) -> None:
     np.testing.assert_allclose(volume.affine, small_study.t2w_grid.affine, atol=1e-4)
     assert volume.frame_of_reference_uid == small_study.identity.frame_of_reference_uid
     # slice sources follow the spatial order, whatever the instance numbering
-    assert [uid for uid, _ in volume.slice_sources] == [
-        ds.SOPInstanceUID for ds in small_study.series[Sequence.T2W]
-    ]
+    assert [uid for uid, _ in volume.slice_sources] == [ds.SOPInstanceUID for ds in small_study.series[Sequence.T2W]]
 
 
 def test_oblique_series_affine_is_not_axial() -> None:
@@ -55,9 +53,7 @@ def test_rescale_slope_is_applied(small_study: SyntheticStudy) -> None:
     np.testing.assert_allclose(scaled.array, plain.array * 2 - 10)
 
 
-@pytest.mark.parametrize(
-    "syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=["rle", "jpeg-ls", "j2k"]
-)
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=["rle", "jpeg-ls", "j2k"])
 def test_compressed_series_decode_identically(small_study: SyntheticStudy, syntax: str) -> None:
     datasets = _t2w(small_study)[:4]
     plain = volume_from_datasets(datasets)

@@ -41,6 +41,6 @@ def test_synth_needs_a_destination(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_credentials_leave_the_url() -> None:
     endpoint = orthanc_endpoint_from_url("http://alice:s%40cret@127.0.0.1:8042")
-    assert endpoint.url == "http://127.0.0.1:8042"  # type: ignore[attr-defined]
-    assert (endpoint.username, endpoint.password) == ("alice", "s@cret")  # type: ignore[attr-defined]
+    assert endpoint.url == "http://127.0.0.1:8042"
+    assert (endpoint.username, endpoint.password) == ("alice", "s@cret")
     assert "s@cret" not in repr(endpoint)

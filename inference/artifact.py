@@ -1,0 +1,169 @@
+"""Model artifacts: an ONNX file plus a manifest (identity, checksum, task spec, tensor contract,
+thresholds, harmonisation landmarks, provenance). Loading verifies the checksum and the spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radfed.inference.errors import RadfedError
+from radfed.inference.findings import ModelIdentity
+from radfed.inference.taskspec import TaskSpec, parse_task_spec
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+FORMAT = "radfed-model/1"
+
+# The tensor contract every radfed segmentation+classification model honours.
+INPUT_NAME = "image"  # (batch, channels, slices, rows, columns) float32
+SEGMENTATION_OUTPUT = "segmentation_logits"  # (batch, 1, slices, rows, columns) float32
+CLASSIFICATION_OUTPUT = "classification_logit"  # (batch, 1) float32
+
+
+class ArtifactError(RadfedError, ValueError):
+    """A model artifact is missing, corrupt, or does not honour its contract."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | None, ...]  # None: dynamic (the batch axis)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, eq=False)
+class ModelArtifact:
+    folder: Path
+    identity: ModelIdentity
+    spec: TaskSpec
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    harmonisation: dict[str, list[float]] | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def key(self) -> str:
+        return f"{self.identity.name}:{self.identity.version}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def standard_contract(spec: TaskSpec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    d, h, w = spec.preprocessing.patch_size
+    channels = len(spec.channels)
+    return (
+        (TensorSpec(INPUT_NAME, (None, channels, d, h, w)),),
+        (TensorSpec(SEGMENTATION_OUTPUT, (None, 1, d, h, w)), TensorSpec(CLASSIFICATION_OUTPUT, (None, 1))),
+    )
+
+
+def write_artifact(
+    folder: Path,
+    onnx_file: Path,
+    identity: ModelIdentity,
+    spec: TaskSpec,
+    *,
+    harmonisation: Mapping[str, Sequence[float]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> ModelArtifact:
+    """Copy ``onnx_file`` into ``folder`` and write its manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / MODEL_FILE
+    if onnx_file.resolve() != target.resolve():
+        shutil.copyfile(onnx_file, target)
+    inputs, outputs = standard_contract(spec)
+    manifest = {
+        "format": FORMAT,
+        "name": identity.name,
+        "version": identity.version,
+        "onnx": {"file": MODEL_FILE, "sha256": sha256_of(target), "bytes": target.stat().st_size},
+        "task_name": spec.name,
+        "task_spec": spec.source_text,
+        "contract": {
+            "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in inputs],
+            "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in outputs],
+        },
+        "thresholds": {
+            "lesion_probability": spec.outputs.lesion_threshold,
+            "min_lesion_volume_mm3": spec.outputs.min_lesion_volume_mm3,
+            "categories": [
+                {
+                    "code": f"{c.code.scheme_designator}:{c.code.value}:{c.code.meaning}",
+                    "min_probability": c.min_probability,
+                }
+                for c in spec.outputs.codes.categories
+            ],
+        },
+        "harmonisation": {k: [float(v) for v in vs] for k, vs in harmonisation.items()} if harmonisation else None,
+        "provenance": dict(provenance or {}),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return load_artifact(folder)
+
+
+def _tensors(items: Any, where: str) -> tuple[TensorSpec, ...]:
+    try:
+        return tuple(TensorSpec(str(t["name"]), tuple(t["shape"]), str(t.get("dtype", "float32"))) for t in items)
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"manifest {where} is malformed: {exc}") from exc
+
+
+def load_artifact(folder: Path) -> ModelArtifact:
+    """Read and verify an artifact folder (checksum, task spec, contract against the spec)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{folder} is not a model artifact: {MANIFEST} missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{manifest_path}: not JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    onnx_path = folder / str(manifest["onnx"]["file"])
+    if not onnx_path.is_file():
+        raise ArtifactError(f"{onnx_path} missing")
+    actual = sha256_of(onnx_path)
+    if actual != manifest["onnx"]["sha256"]:
+        raise ArtifactError(
+            f"{onnx_path} checksum {actual[:12]}... does not match the manifest's "
+            f"{manifest['onnx']['sha256'][:12]}...: "
+            "the model file was changed or corrupted"
+        )
+    spec = parse_task_spec(manifest["task_spec"], f"{manifest_path}:task_spec")
+    inputs = _tensors(manifest["contract"]["inputs"], "contract.inputs")
+    outputs = _tensors(manifest["contract"]["outputs"], "contract.outputs")
+    expected_inputs, expected_outputs = standard_contract(spec)
+    if inputs != expected_inputs or outputs != expected_outputs:
+        raise ArtifactError(f"{manifest_path}: tensor contract does not match the task spec's channels and patch size")
+    harmonisation = manifest.get("harmonisation")
+    if harmonisation is not None and set(harmonisation) != set(spec.channel_names):
+        raise ArtifactError(
+            f"{manifest_path}: harmonisation landmarks for {sorted(harmonisation)}, "
+            f"channels are {list(spec.channel_names)}"
+        )
+    return ModelArtifact(
+        folder=folder,
+        identity=ModelIdentity(str(manifest["name"]), str(manifest["version"])),
+        spec=spec,
+        sha256=actual,
+        inputs=inputs,
+        outputs=outputs,
+        harmonisation=harmonisation,
+        provenance=dict(manifest.get("provenance") or {}),
+    )

@@ -1,0 +1,144 @@
+"""Exactly one preprocessing for training and inference: select series, load them, resample every channel
+onto the reference series' grid, then onto the model grid (same orientation, the spec's spacing), and
+normalise intensities per channel (percentiles, z-score, or harmonised landmarks)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from radfed.inference.findings import input_fingerprint
+from radfed.inference.resample import resample_to
+from radfed.inference.selection import SeriesSelection, select_series
+from radfed.inference.series import volume_from_datasets
+from radfed.inference.study_source import StudySource
+from radfed.inference.taskspec import Normalization, TaskSpec
+from radfed.inference.volume import Volume
+
+# Percentiles whose values are the landmarks of federated harmonisation (Nyul & Udupa style).
+LANDMARK_PERCENTILES: tuple[float, ...] = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedStudy:
+    """The selected series as volumes; every channel already on the reference grid."""
+
+    selection: SeriesSelection
+    reference: Volume
+    channels: dict[str, Volume]
+    reference_datasets: tuple[object, ...]
+    evidence_datasets: tuple[object, ...]
+    fingerprint: str
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedStudy:
+    """Model-space input: ``image`` is (channels, slices, rows, columns) on ``model_grid``."""
+
+    loaded: LoadedStudy
+    model_grid: Volume
+    image: npt.NDArray[np.float32]
+
+
+def load_study(source: StudySource, spec: TaskSpec) -> LoadedStudy:
+    """Select the spec's channels among the study's series, load them, align them on the reference grid."""
+    selection = select_series(spec, source.series())
+    reference_name = spec.reference_channel.name
+    datasets = {name: source.datasets(info) for name, info in selection.chosen.items()}
+    reference = volume_from_datasets(datasets[reference_name])
+    channels = {}
+    for name in spec.channel_names:
+        volume = reference if name == reference_name else volume_from_datasets(datasets[name])
+        channels[name] = volume if name == reference_name else resample_to(volume, reference)
+    sop_uids = [uid for info in selection.chosen.values() for uid in source.sop_instance_uids(info)]
+    return LoadedStudy(
+        selection=selection,
+        reference=reference,
+        channels=channels,
+        reference_datasets=tuple(datasets[reference_name]),
+        evidence_datasets=tuple(ds for name in spec.channel_names if name != reference_name for ds in datasets[name]),
+        fingerprint=input_fingerprint(sop_uids),
+    )
+
+
+def model_grid_for(reference: Volume, spacing_mm: Sequence[float]) -> Volume:
+    """A grid with the reference's orientation and centre, the given spacing, covering its extent."""
+    directions = reference.affine[:3, :3] / np.linalg.norm(reference.affine[:3, :3], axis=0)
+    extent = np.array(reference.shape, dtype=np.float64) * np.array(reference.spacing)
+    shape = tuple(max(1, math.ceil(e / s - 1e-6)) for e, s in zip(extent, spacing_mm, strict=True))
+    centre = reference.index_to_lps((np.array(reference.shape) - 1) / 2.0)
+    affine = np.eye(4)
+    affine[:3, :3] = directions * np.asarray(spacing_mm, dtype=np.float64)
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    return Volume(np.zeros(shape, dtype=np.uint8), affine, reference.frame_of_reference_uid)
+
+
+def _foreground(values: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+    """Voxels above background (air): at least 5 % of the 99th percentile."""
+    high = float(np.percentile(values, 99.0))
+    selected = values[values > 0.05 * high]
+    return selected if selected.size > 100 else values.ravel()
+
+
+def landmarks_of(values: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """The intensity landmarks (at :data:`LANDMARK_PERCENTILES`) of one channel's foreground."""
+    return np.asarray(np.percentile(_foreground(values), LANDMARK_PERCENTILES), dtype=np.float64)
+
+
+def normalize(
+    values: npt.NDArray[np.floating],
+    method: Normalization,
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    reference_landmarks: Sequence[float] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Intensity normalisation of one channel.
+
+    ``percentile`` maps the foreground's low..high percentiles to 0..1; ``zscore`` standardises the
+    foreground; ``landmarks`` maps this image's landmarks piecewise-linearly onto shared reference
+    landmarks (federated harmonisation), then scales the reference range to 0..1.
+    """
+    values = values.astype(np.float32, copy=False)
+    if method is Normalization.PERCENTILE:
+        low, high = np.percentile(_foreground(values), percentiles)
+        return np.asarray((values - low) / max(float(high - low), 1e-6), dtype=np.float32)
+    if method is Normalization.ZSCORE:
+        fg = _foreground(values)
+        return np.asarray((values - fg.mean()) / max(float(fg.std()), 1e-6), dtype=np.float32)
+    if reference_landmarks is None:
+        raise ValueError("landmark normalisation needs the federation's reference landmarks")
+    own = landmarks_of(values)
+    target = np.asarray(reference_landmarks, dtype=np.float64)
+    own = np.maximum.accumulate(own + np.arange(len(own)) * 1e-6)  # strictly increasing for np.interp
+    # np.interp clamps outside the first/last landmark; extend linearly with the end segments' slopes.
+    mapped = np.interp(values, own, target)
+    low_slope = (target[1] - target[0]) / max(own[1] - own[0], 1e-6)
+    high_slope = (target[-1] - target[-2]) / max(own[-1] - own[-2], 1e-6)
+    mapped = np.where(values < own[0], target[0] + (values - own[0]) * low_slope, mapped)
+    mapped = np.where(values > own[-1], target[-1] + (values - own[-1]) * high_slope, mapped)
+    scale = max(float(target[-1] - target[0]), 1e-6)
+    return np.asarray((mapped - target[0]) / scale, dtype=np.float32)
+
+
+def prepare(
+    loaded: LoadedStudy, spec: TaskSpec, harmonisation: Mapping[str, Sequence[float]] | None = None
+) -> PreparedStudy:
+    """Channels on the model grid, normalised, stacked in the spec's channel order."""
+    grid = model_grid_for(loaded.reference, spec.preprocessing.spacing_mm)
+    method = spec.preprocessing.normalization
+    if harmonisation is not None:
+        method = Normalization.LANDMARKS
+    stacked = []
+    for name in spec.channel_names:
+        resampled = resample_to(loaded.channels[name], grid).array
+        landmarks = harmonisation.get(name) if harmonisation is not None else None
+        stacked.append(normalize(resampled, method, spec.preprocessing.percentiles, landmarks))
+    return PreparedStudy(loaded, grid, np.stack(stacked).astype(np.float32))
+
+
+def labels_to_model_grid(labels: Volume, grid: Volume) -> npt.NDArray[np.uint8]:
+    """A label volume on the reference grid, resampled (nearest) onto the model grid."""
+    return np.asarray(resample_to(labels, grid, "nearest").array, dtype=np.uint8)

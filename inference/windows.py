@@ -1,0 +1,50 @@
+"""Sliding windows over a volume larger than the model input (and padding for a smaller one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+import numpy.typing as npt
+
+
+def axis_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window starts along one axis: the first at 0, the last flush with the end, evenly spaced."""
+    if size <= patch:
+        return [0]
+    stride = max(1, int(patch * (1.0 - overlap)))
+    count = int(np.ceil((size - patch) / stride)) + 1
+    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where a patch sits in the (padded) volume."""
+
+    start: tuple[int, int, int]
+    patch: tuple[int, int, int]
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(s, s + p) for s, p in zip(self.start, self.patch, strict=True))  # type: ignore[return-value]
+
+
+def pad_to(volume: npt.NDArray[np.float32], patch: Sequence[int]) -> tuple[npt.NDArray[np.float32], tuple[slice, ...]]:
+    """Pad the trailing spatial axes of (C, D, H, W) up to the patch size (centred); also return the
+    slices that crop the original region back out."""
+    spatial = volume.shape[-3:]
+    before = [max(0, (p - s) // 2) for s, p in zip(spatial, patch, strict=True)]
+    after = [max(0, p - s - b) for s, p, b in zip(spatial, patch, before, strict=True)]
+    pads = [(0, 0)] * (volume.ndim - 3) + list(zip(before, after, strict=True))
+    padded = np.pad(volume, pads, mode="constant")
+    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial, strict=True))
+    return padded, crop
+
+
+def windows(shape: Sequence[int], patch: Sequence[int], overlap: float = 0.5) -> Iterator[Window]:
+    """All windows tiling a (padded) spatial shape with the given overlap."""
+    starts = [axis_starts(s, p, overlap) for s, p in zip(shape, patch, strict=True)]
+    for start in product(*starts):
+        yield Window((start[0], start[1], start[2]), (patch[0], patch[1], patch[2]))

@@ -1,0 +1,80 @@
+"""Series selection by the spec's rules, with a reason for every series."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, obliquity_deg, select_series
+from radfed.inference.synthetic.sites import Sequence, site_profile
+from radfed.inference.synthetic.study import render_study
+from radfed.inference.taskspec import load_task_spec
+
+
+def _infos(study: object) -> list[SeriesInfo]:
+    infos = []
+    for sequence in Sequence:
+        datasets = study.series[sequence]  # type: ignore[attr-defined]
+        infos.append(SeriesInfo.from_header(datasets[0], len(datasets), sequence.value))
+    seg = study.reference_seg  # type: ignore[attr-defined]
+    infos.append(SeriesInfo.from_header(seg, 1, "seg"))
+    return infos
+
+
+@pytest.mark.parametrize("site", [1, 2, 3])
+def test_each_vendor_naming_is_recognised(site: int) -> None:
+    study = render_study(site_profile(site, small=True), 1, 0)
+    selection = select_series(load_task_spec(), _infos(study))
+    assert {name: info.handle for name, info in selection.chosen.items()} == {"t2w": "t2w", "adc": "adc", "dwi": "dwi"}
+    reasons = {d.series_description: d for d in selection.decisions}
+    seg = next(d for d in selection.decisions if d.channel is None)
+    assert any("SEG object" in reason for reason in seg.reasons)
+    assert all(d.reasons for d in reasons.values())
+
+
+def test_missing_dwi_names_the_rule_and_every_series() -> None:
+    study = render_study(site_profile(1, small=True), 1, 0)
+    infos = [i for i in _infos(study) if i.handle != "dwi"]
+    with pytest.raises(NoMatchingSeriesError, match="no series matched rule dwi") as info:
+        select_series(load_task_spec(), infos)
+    assert "t2_tse_tra" in str(info.value) and "SEG object" in str(info.value)
+
+
+def test_reacquisition_wins() -> None:
+    study = render_study(site_profile(1, small=True), 1, 0)
+    infos = _infos(study)
+    t2 = next(i for i in infos if i.handle == "t2w")
+    repeat = dataclasses.replace(
+        t2, series_instance_uid="9.9", series_number=(t2.series_number or 0) + 100, handle="repeat"
+    )
+    selection = select_series(load_task_spec(), [*infos, repeat])
+    assert selection.chosen["t2w"].handle == "repeat"
+
+
+def test_sagittal_and_wrong_b_value_are_rejected_with_reasons() -> None:
+    study = render_study(site_profile(1, small=True), 1, 0)
+    infos = _infos(study)
+    dwi = next(i for i in infos if i.handle == "dwi")
+    low_b = dataclasses.replace(dwi, series_instance_uid="1.1", b_value=50.0, handle="b50", series_number=99)
+    t2 = next(i for i in infos if i.handle == "t2w")
+    sagittal = dataclasses.replace(
+        t2, series_instance_uid="1.2", orientation=(0, 1, 0, 0, 0, -1), handle="sag", series_number=98
+    )
+    selection = select_series(load_task_spec(), [*infos, low_b, sagittal])
+    assert selection.chosen["dwi"].handle == "dwi" and selection.chosen["t2w"].handle == "t2w"
+    text = "\n".join(selection.describe())
+    assert "b-value 50 below 800" in text
+    assert "90 deg from axial" in text
+
+
+def test_second_spec_selects_its_own_channels() -> None:
+    study = render_study(site_profile(2, small=True), 1, 0)
+    selection = select_series(load_task_spec("prostate_bpmri_highgrade"), _infos(study))
+    assert set(selection.chosen) == {"adc", "t2"}
+    assert selection.chosen["t2"].handle == "t2w"
+
+
+def test_obliquity() -> None:
+    assert obliquity_deg([1, 0, 0, 0, 1, 0]) == pytest.approx(0.0)
+    assert obliquity_deg([1, 0, 0, 0, 0, -1]) == pytest.approx(90.0)

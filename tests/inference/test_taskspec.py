@@ -1,0 +1,55 @@
+"""Task specs: the shipped ones load; malformed ones fail naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from radfed.inference.taskspec import TaskSpecError, load_task_spec, parse_task_spec
+
+
+def test_default_spec_is_prostate_mpmri() -> None:
+    spec = load_task_spec()
+    assert spec.channel_names == ("t2w", "adc", "dwi")
+    assert spec.reference_channel.name == "t2w"
+    assert spec.outputs.codes.category_for(0.9).value == "CSPCA-LIKELY"
+    assert spec.outputs.codes.category_for(0.1).value == "CSPCA-UNLIKELY"
+
+
+def test_second_spec_differs_in_channels_and_labels() -> None:
+    spec = load_task_spec("prostate_bpmri_highgrade")
+    assert spec.channel_names == ("adc", "t2")
+    assert spec.classification_labels.key == "AccessionNumber"
+    assert spec.outputs.codes.lesion_label == "Focus"
+
+
+def _spec_text(**replace: str) -> str:
+    text = load_task_spec().source_text
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new)
+    return text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("reference = true ", "reference = false", "exactly one channel must have reference"),
+        (
+            "description_regex = '(?i)(adc|apparent diffusion)'",
+            "description_regex = '(adc'",
+            "channels[1].description_regex",
+        ),
+        ('key = "StudyInstanceUID"', 'key = "PatientID"', "labels.classification.key"),
+        ('normalization = "percentile"', 'normalization = "percentil"', "preprocessing.normalization"),
+        ("patch_size = [16, 64, 64]", "patch_size = [16, 62, 64]", "patch_size"),
+        ('lesion_type = "SCT:108369006:Neoplasm"', 'lesion_type = "108369006"', "outputs.lesion_type"),
+    ],
+)
+def test_errors_name_the_field(old: str, new: str, message: str) -> None:
+    with pytest.raises(TaskSpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_task_spec(_spec_text(**{old: new}))
+
+
+def test_unknown_shipped_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(TaskSpecError, match="prostate_mpmri"):
+        load_task_spec("brain_glioma")
