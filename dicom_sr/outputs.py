@@ -13,6 +13,7 @@ from radfed.dicom_sr.seg import build_seg, result_key
 from radfed.dicom_sr.sr import build_sr
 from radfed.dicom_sr.uids import ResultKey
 from radfed.inference.findings import InferenceResult
+from radfed.inference.timing import StageTimer
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,20 +34,34 @@ class ResultObjects:
 
 
 def build_results(
-    result: InferenceResult, profile: OutputProfile | None = None, *, predecessor: Dataset | None = None
+    result: InferenceResult,
+    profile: OutputProfile | None = None,
+    *,
+    predecessor: Dataset | None = None,
+    timer: StageTimer | None = None,
 ) -> ResultObjects:
-    """SEG (when there are lesions) and SR for ``result``; raises ResultQualityError if a check fails."""
+    """SEG (when there are lesions) and SR for ``result``; raises ResultQualityError if a check fails.
+
+    Time goes to the ``encode`` and ``qa`` stages of ``timer``.
+    """
     profile = profile or OutputProfile()
-    seg = build_seg(result, profile)
+    timer = timer or StageTimer()
     stored_seg = None
-    if seg is not None:
-        stored_seg = encoded(seg)
-        verify_seg_geometry(stored_seg, result.lesion_labels, result.grid)
-    sr = encoded(build_sr(result, stored_seg, profile, predecessor))
-    verify_sr(sr, result, profile.sr_variant)
+    with timer.stage("encode"):
+        seg = build_seg(result, profile)
+        if seg is not None:
+            stored_seg = encoded(seg)
+    if stored_seg is not None:
+        with timer.stage("qa"):
+            verify_seg_geometry(stored_seg, result.lesion_labels, result.grid)
+    with timer.stage("encode"):
+        sr = encoded(build_sr(result, stored_seg, profile, predecessor))
+    with timer.stage("qa"):
+        verify_sr(sr, result, profile.sr_variant)
     key_images: tuple[Dataset, ...] = ()
     if profile.key_images and result.lesions:
         from radfed.dicom_sr.key_images import build_key_images
 
-        key_images = tuple(encoded(ds) for ds in build_key_images(result, profile))
+        with timer.stage("encode"):
+            key_images = tuple(encoded(ds) for ds in build_key_images(result, profile))
     return ResultObjects(result_key(result), stored_seg, sr, key_images)

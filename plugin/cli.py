@@ -161,8 +161,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     timer = StageTimer()
     analysis = analyse_study(FolderStudy(args.study_dir), model, timer)
     profile = OutputProfile(seg_encoding=args.seg_encoding, key_images=args.key_images)
-    with timer.stage("encode+qa"):
-        objects = build_results(analysis.result, profile)
+    objects = build_results(analysis.result, profile, timer=timer)
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for ds in objects.datasets():
@@ -189,6 +188,48 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         "written": [str(p) for p in written],
     }
     print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import uvicorn
+
+    from radfed.plugin.api import create_app
+    from radfed.plugin.config import load_config
+    from radfed.plugin.service import NodeService
+
+    config = load_config(args.config)
+    service = NodeService(config)
+    for artifact in args.install_model or []:
+        installed = service.registry.install(artifact)
+        print(f"installed {installed.key}", file=sys.stderr)
+    if args.activate:
+        name, _, version = args.activate.partition(":")
+        service.registry.activate(name, version)
+    service.start()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service), host=config.api_host, port=config.api_port, log_level="warning", access_log=False
+        )
+    )
+    stopped = threading.Event()
+
+    def shutdown(*_: object) -> None:
+        stopped.set()
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    print(
+        f"radfed node: API on http://{config.api_host}:{config.api_port}, Orthanc {config.orthanc.url}",
+        file=sys.stderr,
+        flush=True,
+    )
+    server.run()
+    service.stop()
     return EXIT_OK
 
 
@@ -237,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--seg-encoding", default="BINARY", choices=["BINARY", "LABELMAP"])
     infer.add_argument("--key-images", action="store_true", help="also write Secondary Capture key images")
     infer.set_defaults(handler=_cmd_infer)
+
+    serve = commands.add_parser("serve", help="run the hospital node beside Orthanc (jobs, write-back, HTTP API)")
+    serve.add_argument("--config", type=Path, help="node configuration (TOML); RADFED_* variables override")
+    serve.add_argument(
+        "--install-model", type=Path, action="append", metavar="ARTIFACT_DIR", help="install an artifact first"
+    )
+    serve.add_argument("--activate", metavar="NAME:VERSION", help="activate this installed model first")
+    serve.set_defaults(handler=_cmd_serve)
 
     validate = commands.add_parser(
         "validate", help="check SEG/SR files with dciodvfy, strict pydicom/highdicom reading and dcmqi"

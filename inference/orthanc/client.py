@@ -128,13 +128,17 @@ class OrthancClient:
         result: dict[str, Any] = self.get_json(f"/series/{series_id}")
         return result
 
+    def lookup(self, dicom_uid: str) -> list[dict[str, Any]]:
+        """Orthanc resources carrying this DICOM UID (``/tools/lookup``)."""
+        found: list[dict[str, Any]] = self._request("POST", "/tools/lookup", data=dicom_uid).json()
+        return found
+
     def find_study(self, study_instance_uid: str) -> str | None:
         """Orthanc id of a study by its StudyInstanceUID, or None."""
-        found = self._request("POST", "/tools/lookup", data=study_instance_uid).json()
-        for item in found:
-            if item.get("Type") == "Study":
-                return str(item["ID"])
-        return None
+        return next((str(i["ID"]) for i in self.lookup(study_instance_uid) if i.get("Type") == "Study"), None)
+
+    def find_instance(self, sop_instance_uid: str) -> str | None:
+        return next((str(i["ID"]) for i in self.lookup(sop_instance_uid) if i.get("Type") == "Instance"), None)
 
     def instance_bytes(self, instance_id: str) -> bytes:
         return self._request("GET", f"/instances/{instance_id}/file").content

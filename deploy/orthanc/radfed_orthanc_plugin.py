@@ -1,0 +1,91 @@
+"""radfed's thin Orthanc Python plugin (runs inside Orthanc's embedded Python).
+
+It only (1) pushes a notification to the radfed node when a study becomes stable, so results start
+without waiting for the node's next /changes poll, and (2) shows the radfed job status of a study in
+Orthanc Explorer. Heavy work never runs here: no torch, opacus, flwr, numpy, not even radfed itself
+(Orthanc's GIL and deadlock history). The node also follows /changes, so a lost push loses nothing.
+
+Orthanc configuration (the PACS admin adds it next to "PythonScript"):
+
+    "Radfed": {"Url": "http://127.0.0.1:8700", "Token": "<the node's API token>"}
+
+(RADFED_NODE_URL and RADFED_API_TOKEN in Orthanc's environment override it.)
+"""
+
+import json
+import os
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import orthanc
+
+_settings = json.loads(orthanc.GetConfiguration()).get("Radfed", {})
+NODE_URL = os.environ.get("RADFED_NODE_URL", _settings.get("Url", "http://127.0.0.1:8700")).rstrip("/")
+TOKEN = os.environ.get("RADFED_API_TOKEN", _settings.get("Token", ""))
+TIMEOUT_S = 5
+
+
+def _node_request(method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(NODE_URL + path, data=data, method=method)
+    request.add_header("Authorization", "Bearer " + TOKEN)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        return json.loads(response.read().decode())
+
+
+def _notify(study_id):
+    try:
+        _node_request("POST", "/orthanc/stable-study", {"orthanc_study_id": study_id})
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        # The node's /changes follower will still see the study; say so without any patient data.
+        orthanc.LogWarning(f"radfed: could not notify the node about study {study_id} ({exc})")
+
+
+def on_change(change_type, level, resource_id):
+    if change_type == orthanc.ChangeType.STABLE_STUDY:
+        # Never block Orthanc's change thread on the network.
+        threading.Thread(target=_notify, args=(resource_id,), daemon=True).start()
+
+
+def study_status(output, uri, **request):
+    """GET /radfed/study-status/<orthanc study id> -> the node's jobs for that study."""
+    study_id = request["groups"][0]
+    try:
+        study = json.loads(orthanc.RestApiGet("/studies/" + study_id))
+        uid = study["MainDicomTags"]["StudyInstanceUID"]
+        jobs = _node_request("GET", "/jobs?" + urllib.parse.urlencode({"study_instance_uid": uid, "limit": 20}))
+        answer = [
+            {"state": j["state"], "model": j["model"], "reason": j["reason"], "result": j["result"]} for j in jobs
+        ]
+        output.AnswerBuffer(json.dumps({"jobs": answer}), "application/json")
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        output.AnswerBuffer(json.dumps({"error": f"radfed node unreachable: {exc}"}), "application/json")
+
+
+_EXPLORER_JS = """
+$('#study').live('pagebeforeshow', function() {
+  var studyId = $.mobile.pageData.uuid;
+  $('#radfed-status').remove();
+  var box = $('<li id="radfed-status" data-role="list-divider">radfed: ...</li>');
+  $('#study-info').append(box);
+  $.ajax({url: '../radfed/study-status/' + studyId, dataType: 'json', success: function(s) {
+    if (s.error) { box.text('radfed: ' + s.error); return; }
+    if (!s.jobs.length) { box.text('radfed: no AI job for this study'); return; }
+    var j = s.jobs[0];
+    var text = 'radfed AI (' + j.model + '): ' + j.state;
+    if (j.state === 'done') {
+      text += ' - ' + j.result.lesions + ' lesion(s), ' + j.result.category + ' (research use only)';
+    }
+    if (j.state === 'failed') { text += ' - ' + j.reason; }
+    box.text(text);
+  }});
+});
+"""
+
+orthanc.RegisterOnChangeCallback(on_change)
+orthanc.RegisterRestCallback("/radfed/study-status/(.*)", study_status)
+orthanc.ExtendOrthancExplorer(_EXPLORER_JS)

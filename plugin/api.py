@@ -1,0 +1,151 @@
+"""The node's HTTP API (FastAPI): health and readiness, jobs, models, run a study, Prometheus metrics.
+
+Every route requires the API token (``Authorization: Bearer <token>``); OpenAPI docs at ``/docs``.
+RadfedErrors are translated to HTTP answers here, once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from radfed.inference.errors import DicomInputError, OrthancUnavailableError, RadfedError
+from radfed.plugin.ledger import JobState
+from radfed.plugin.service import NodeService
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+class StableStudyNotice(BaseModel):
+    orthanc_study_id: str
+
+
+def create_app(service: NodeService) -> FastAPI:
+    # The OpenAPI document and docs are routes too: served below behind the token.
+    app = FastAPI(
+        title="radfed node",
+        version="1",
+        description="Federated radiology AI node beside Orthanc (research use only)",
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        token = credentials.credentials if credentials else ""
+        if not secrets.compare_digest(token.encode(), service.config.api_token.encode()):
+            raise HTTPException(
+                status_code=401, detail="missing or wrong API token", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    guarded = [Depends(require_token)]
+
+    @app.exception_handler(RadfedError)
+    def _radfed_error(_request: Request, exc: RadfedError) -> JSONResponse:
+        status = (
+            400
+            if isinstance(exc, DicomInputError | ValueError)
+            else 503
+            if isinstance(exc, OrthancUnavailableError)
+            else 500
+        )
+        return JSONResponse(status_code=status, content={"error": type(exc).__name__, "detail": str(exc)})
+
+    @app.get("/health", dependencies=guarded)
+    def health() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/ready", dependencies=guarded)
+    def ready(response: Response) -> dict[str, Any]:
+        state = service.readiness()
+        if not state["ready"]:
+            response.status_code = 503
+        return state
+
+    @app.get("/jobs", dependencies=guarded)
+    def jobs(
+        state: Annotated[JobState | None, Query()] = None,
+        study_instance_uid: Annotated[str | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        return [
+            job.as_dict()
+            for job in service.ledger.jobs(state=state, study_instance_uid=study_instance_uid, limit=limit)
+        ]
+
+    @app.get("/jobs/{job_id}", dependencies=guarded)
+    def job(job_id: int) -> dict[str, Any]:
+        found = service.ledger.job(job_id)
+        if found is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return found.as_dict()
+
+    @app.post("/jobs/{job_id}/retry", dependencies=guarded)
+    def retry(job_id: int) -> dict[str, Any]:
+        found = service.ledger.retry(job_id)
+        if found is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return found.as_dict()
+
+    @app.get("/models", dependencies=guarded)
+    def models() -> list[dict[str, Any]]:
+        return [{"name": e.name, "version": e.version, "active": e.active} for e in service.registry.entries()]
+
+    @app.get("/models/active", dependencies=guarded)
+    def active_model() -> dict[str, Any]:
+        model = service.model
+        if model is None:
+            raise HTTPException(404, "no active model")
+        artifact = model.artifact
+        return {
+            "name": artifact.identity.name,
+            "version": artifact.identity.version,
+            "task": artifact.spec.name,
+            "sha256": artifact.sha256,
+            "provider": model.provider,
+            "provenance": artifact.provenance,
+        }
+
+    @app.post("/models/{name}/{version}/activate", dependencies=guarded)
+    def activate(name: str, version: str) -> dict[str, Any]:
+        artifact = service.registry.activate(name, version)
+        service.load_active_model()
+        return {"active": artifact.key}
+
+    @app.post("/studies/{study_instance_uid}/run", dependencies=guarded)
+    def run_study(study_instance_uid: str) -> dict[str, Any]:
+        study_id = service.client.find_study(study_instance_uid)
+        if study_id is None:
+            raise HTTPException(404, "study not found in Orthanc")
+        service.notify_stable_study(study_id)
+        return {"orthanc_study_id": study_id, "queued_for_examination": True}
+
+    @app.post("/orthanc/stable-study", dependencies=guarded)
+    def stable_study(notice: StableStudyNotice) -> dict[str, Any]:
+        service.notify_stable_study(notice.orthanc_study_id)
+        return {"received": notice.orthanc_study_id}
+
+    @app.get("/metrics", dependencies=guarded)
+    def metrics() -> Response:
+        service.metrics.queue_depth.set(
+            service.ledger.counts().get(JobState.QUEUED.value, 0) + service.ledger.inbox_depth()
+        )
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", dependencies=guarded, include_in_schema=False)
+    def docs() -> Response:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="radfed node API")
+
+    return app

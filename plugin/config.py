@@ -1,0 +1,150 @@
+"""Node configuration: a TOML file, with environment variables for secrets and overrides.
+
+Read once, at the edge (``radfed serve``), and passed down as a frozen object. Secrets are never part
+of ``repr`` and never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from radfed.inference.errors import RadfedError
+from radfed.inference.orthanc.client import OrthancEndpoint
+
+
+class ConfigError(RadfedError, ValueError):
+    """The node configuration is invalid; the message names the setting."""
+
+
+class Destination(StrEnum):
+    ORTHANC_REST = "orthanc-rest"
+    DICOMWEB = "dicomweb"
+    CSTORE = "cstore"
+
+
+@dataclass(frozen=True)
+class CStoreTarget:
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = "RADFED"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    orthanc: OrthancEndpoint
+    state_dir: Path
+    models_dir: Path
+    concurrency: int = 2
+    poll_interval_s: float = 1.0
+    retry_base_s: float = 2.0
+    retry_max_s: float = 60.0
+    max_attempts: int = 50  # attempts while Orthanc is unreachable before a job fails
+    api_host: str = "127.0.0.1"
+    api_port: int = 8700
+    api_token: str = field(default="", repr=False)
+    destination: Destination = Destination.ORTHANC_REST
+    dicomweb_url: str | None = None
+    cstore: CStoreTarget | None = None
+    seg_encoding: str = "BINARY"
+    key_images: bool = False
+    scp_port: int | None = None
+    scp_aet: str = "RADFED"
+    onnx_threads: int | None = None
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+
+def _get(table: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _seg_encoding(value: str) -> str:
+    if value not in ("BINARY", "LABELMAP"):
+        raise ConfigError(f"output.seg_encoding must be BINARY or LABELMAP, got {value!r}")
+    return value
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read ``path`` (TOML) and apply ``RADFED_*`` environment overrides."""
+    env = dict(os.environ if environ is None else environ)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    orthanc = data.get("orthanc", {})
+    node = data.get("node", {})
+    api = data.get("api", {})
+    output = data.get("output", {})
+    scp = data.get("scp", {})
+    url = env.get("RADFED_ORTHANC_URL") or _get(orthanc, "url", str, "http://127.0.0.1:8042", "orthanc")
+    password = env.get("RADFED_ORTHANC_PASSWORD") or _get(orthanc, "password", str, None, "orthanc")
+    base = OrthancEndpoint.from_url(url)
+    endpoint = OrthancEndpoint(
+        base.url, _get(orthanc, "username", str, base.username, "orthanc"), password or base.password
+    )
+    state_dir = Path(env.get("RADFED_STATE_DIR") or _get(node, "state_dir", str, "/var/lib/radfed", "node"))
+    token = env.get("RADFED_API_TOKEN") or _get(api, "token", str, "", "api")
+    if not token:
+        raise ConfigError("api.token (or RADFED_API_TOKEN) is required: every API route needs a token")
+    try:
+        destination = Destination(_get(output, "destination", str, "orthanc-rest", "output"))
+    except ValueError:
+        raise ConfigError(f"output.destination must be one of {', '.join(d.value for d in Destination)}") from None
+    cstore = None
+    if destination is Destination.CSTORE:
+        target = output.get("cstore")
+        if not isinstance(target, dict):
+            raise ConfigError("output.destination = cstore needs an [output.cstore] table (host, port, called_aet)")
+        cstore = CStoreTarget(
+            _get(target, "host", str, "127.0.0.1", "output.cstore"),
+            _get(target, "port", int, 104, "output.cstore"),
+            _get(target, "called_aet", str, "ORTHANC", "output.cstore"),
+            _get(target, "calling_aet", str, "RADFED", "output.cstore"),
+        )
+    dicomweb_url = _get(output, "dicomweb_url", str, None, "output")
+    if destination is Destination.DICOMWEB and not dicomweb_url:
+        dicomweb_url = endpoint.url + "/dicom-web"
+    concurrency = _get(node, "concurrency", int, 2, "node")
+    if concurrency < 1:
+        raise ConfigError("node.concurrency must be at least 1")
+    return NodeConfig(
+        orthanc=endpoint,
+        state_dir=state_dir,
+        models_dir=Path(
+            env.get("RADFED_MODELS_DIR") or _get(node, "models_dir", str, str(state_dir / "models"), "node")
+        ),
+        concurrency=concurrency,
+        poll_interval_s=_get(node, "poll_interval_s", float, 1.0, "node"),
+        retry_base_s=_get(node, "retry_base_s", float, 2.0, "node"),
+        retry_max_s=_get(node, "retry_max_s", float, 60.0, "node"),
+        max_attempts=_get(node, "max_attempts", int, 50, "node"),
+        api_host=_get(api, "host", str, "127.0.0.1", "api"),
+        api_port=int(env.get("RADFED_API_PORT") or _get(api, "port", int, 8700, "api")),
+        api_token=token,
+        destination=destination,
+        dicomweb_url=dicomweb_url,
+        cstore=cstore,
+        seg_encoding=_seg_encoding(_get(output, "seg_encoding", str, "BINARY", "output")),
+        key_images=_get(output, "key_images", bool, False, "output"),
+        scp_port=_get(scp, "port", int, None, "scp") if scp.get("enabled", False) else None,
+        scp_aet=_get(scp, "aet", str, "RADFED", "scp"),
+        onnx_threads=_get(node, "onnx_threads", int, None, "node"),
+    )

@@ -1,0 +1,377 @@
+"""The hospital node: follows Orthanc's ``/changes`` (StableStudy) from a persisted cursor, turns each
+stable study into at most one job per (study, model, version, input fingerprint), runs jobs with
+bounded concurrency, and stores SEG + SR back. Failures stay with their job; the service stays up."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from radfed.dicom_sr.outputs import build_results
+from radfed.dicom_sr.profile import OutputProfile, SegEncoding
+from radfed.inference.errors import (
+    DicomInputError,
+    OrthancRequestError,
+    OrthancUnavailableError,
+    RadfedError,
+    ResultQualityError,
+)
+from radfed.inference.findings import input_fingerprint
+from radfed.inference.orthanc.client import OrthancClient
+from radfed.inference.pipeline import analyse_study
+from radfed.inference.runtime import OnnxModel
+from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, select_series
+from radfed.inference.study_source import OrthancStudy
+from radfed.inference.timing import StageTimer
+from radfed.plugin.config import Destination, NodeConfig
+from radfed.plugin.ledger import Job, JobState, Ledger
+from radfed.plugin.metrics import NodeMetrics
+from radfed.plugin.registry import ModelRegistry
+from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
+
+logger = logging.getLogger(__name__)
+
+STABLE_STUDY = "StableStudy"
+# The examiner and workers poll the local ledger (cheap); only the /changes follower polls Orthanc.
+LEDGER_POLL_S = 0.25
+
+
+class _TimedStudy:
+    """An OrthancStudy whose instance downloads count as the ``fetch`` stage."""
+
+    def __init__(self, study: OrthancStudy, timer: StageTimer) -> None:
+        self._study = study
+        self._timer = timer
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self._study.study_instance_uid
+
+    @property
+    def accession_number(self) -> str:
+        return self._study.accession_number
+
+    def series(self) -> list[SeriesInfo]:
+        with self._timer.stage("fetch"):
+            return self._study.series()
+
+    def sop_instance_uids(self, series: SeriesInfo) -> list[str]:
+        return self._study.sop_instance_uids(series)
+
+    def datasets(self, series: SeriesInfo) -> list[Dataset]:
+        with self._timer.stage("fetch"):
+            return self._study.datasets(series)
+
+
+@dataclass
+class ActiveModel:
+    model: OnnxModel
+    loaded_at: float
+
+
+class NodeService:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.ledger = Ledger(config.ledger_path)
+        self.registry = ModelRegistry(config.models_dir)
+        self.metrics = NodeMetrics()
+        self.client = OrthancClient(config.orthanc, timeout_s=30.0)
+        self.store: ResultStore = self._make_store()
+        self.profile = OutputProfile(seg_encoding=SegEncoding(config.seg_encoding), key_images=config.key_images)
+        self._active: ActiveModel | None = None
+        self._model_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.orthanc_reachable = False
+
+    def _make_store(self) -> ResultStore:
+        if self.config.destination is Destination.DICOMWEB:
+            return StowRsStore(self.config.dicomweb_url or "", self.config.orthanc)
+        if self.config.destination is Destination.CSTORE:
+            assert self.config.cstore is not None
+            return CStoreStore(self.config.cstore)
+        return OrthancRestStore(self.client)
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def load_active_model(self) -> OnnxModel | None:
+        artifact = self.registry.active()
+        with self._model_lock:
+            if artifact is None:
+                self._active = None
+            elif self._active is None or self._active.model.artifact.key != artifact.key:
+                self._active = ActiveModel(OnnxModel(artifact, intra_op_threads=self.config.onnx_threads), time.time())
+                logger.info("serving %s on %s", artifact.key, self._active.model.provider)
+            self.metrics.model_loaded.set(1 if self._active else 0)
+            return self._active.model if self._active else None
+
+    @property
+    def model(self) -> OnnxModel | None:
+        with self._model_lock:
+            return self._active.model if self._active else None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self.ledger.recover_running()
+        if recovered:
+            logger.warning("%d job(s) were running when the service stopped; queued again", recovered)
+        self.load_active_model()
+        loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox)]
+        loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
+        for name, target in loops:
+            thread = threading.Thread(target=self._guarded, args=(name, target), name=f"radfed-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
+        self.ledger.close()
+        self.client.close()
+
+    def _guarded(self, name: str, loop: Any) -> None:
+        """A loop that must never die: log and continue after anything unexpected."""
+        while not self._stop.is_set():
+            try:
+                loop()
+                return
+            except Exception:
+                logger.exception("%s loop failed; restarting it in 1 s", name)
+                self._stop.wait(1.0)
+
+    def notify_stable_study(self, orthanc_study_id: str) -> None:
+        """A push from the Orthanc plugin (or the API): examine this study soon."""
+        self.ledger.receive([(orthanc_study_id, -1)], cursor=None)
+
+    # -- following Orthanc -------------------------------------------------------------------------
+
+    def _follow_changes(self) -> None:
+        backoff = self.config.retry_base_s
+        while not self._stop.is_set():
+            since = self.ledger.cursor()
+            try:
+                changes, last, done = self.client.changes(since, limit=200)
+            except OrthancUnavailableError:
+                self._set_orthanc(False)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.retry_max_s)
+                continue
+            self._set_orthanc(True)
+            backoff = self.config.retry_base_s
+            stable = [(c.resource_id, c.seq) for c in changes if c.change_type == STABLE_STUDY]
+            if changes or last != since:
+                self.ledger.receive(stable, cursor=last)
+            self._update_queue_depth()
+            if done:
+                self._stop.wait(self.config.poll_interval_s)
+
+    def _set_orthanc(self, up: bool) -> None:
+        if up != self.orthanc_reachable:
+            logger.log(logging.INFO if up else logging.WARNING, "Orthanc %s", "reachable" if up else "unreachable")
+        self.orthanc_reachable = up
+        self.metrics.orthanc_up.set(1 if up else 0)
+
+    def _update_queue_depth(self) -> None:
+        self.metrics.queue_depth.set(self.ledger.counts().get(JobState.QUEUED.value, 0) + self.ledger.inbox_depth())
+
+    # -- from stable study to job ------------------------------------------------------------------
+
+    def _examine_inbox(self) -> None:
+        while not self._stop.is_set():
+            item = self.ledger.next_inbox()
+            model = self.model if item is not None else None
+            if item is None or model is None:
+                if item is not None:
+                    self.load_active_model()
+                self._stop.wait(LEDGER_POLL_S)
+                continue
+            study_id, seq = item
+            try:
+                self.examine(study_id, model)
+            except OrthancUnavailableError:
+                self._set_orthanc(False)
+                self.ledger.inbox_retry(study_id, self.config.retry_base_s)
+                continue
+            except OrthancRequestError as exc:
+                if exc.status == 404:
+                    logger.info("study %s left Orthanc before it was examined", study_id)
+                else:
+                    self.ledger.inbox_retry(study_id, self.config.retry_base_s)
+                    continue
+            self.ledger.inbox_done(study_id, seq)
+
+    def examine(self, orthanc_study_id: str, model: OnnxModel) -> Job:
+        """Create (or find) the job for the study as it is now."""
+        study = OrthancStudy(self.client, orthanc_study_id)
+        spec = model.artifact.spec
+        identity = model.artifact.identity
+        series = study.series()
+        try:
+            selection = select_series(spec, series)
+        except NoMatchingSeriesError as exc:
+            # Keyed on every image instance: the same content fails once; new instances get a new try.
+            images = [s for s in series if s.modality not in ("SEG", "SR", "PR", "KO")]
+            fingerprint = input_fingerprint(uid for s in images for uid in study.sop_instance_uids(s))
+            job, created = self.ledger.create_job(
+                study_instance_uid=study.study_instance_uid,
+                orthanc_study_id=orthanc_study_id,
+                model_name=identity.name,
+                model_version=identity.version,
+                fingerprint=fingerprint,
+                state=JobState.FAILED,
+                reason=str(exc),
+                failure_kind="no-matching-series",
+            )
+            if created:
+                self.metrics.jobs.labels(JobState.FAILED.value, "no-matching-series").inc()
+            return job
+        fingerprint = input_fingerprint(
+            uid for info in selection.chosen.values() for uid in study.sop_instance_uids(info)
+        )
+        job, created = self.ledger.create_job(
+            study_instance_uid=study.study_instance_uid,
+            orthanc_study_id=orthanc_study_id,
+            model_name=identity.name,
+            model_version=identity.version,
+            fingerprint=fingerprint,
+            selection=selection.describe(),
+        )
+        logger.info("study %s: job %d %s", orthanc_study_id, job.id, "queued" if created else f"exists ({job.state})")
+        return job
+
+    # -- running jobs ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            model = self.model
+            job = self.ledger.claim() if model is not None else None
+            if job is None or model is None:
+                self._stop.wait(LEDGER_POLL_S)
+                continue
+            self.run_job(job, model)
+            self._update_queue_depth()
+
+    def run_job(self, job: Job, model: OnnxModel) -> None:
+        timer = StageTimer()
+        started = time.perf_counter()
+        try:
+            if model.artifact.identity.name != job.model_name or model.artifact.identity.version != job.model_version:
+                self.ledger.finish(
+                    job.id, JobState.SKIPPED, reason=f"model {job.model_name}:{job.model_version} is no longer active"
+                )
+                return
+            source = _TimedStudy(OrthancStudy(self.client, job.orthanc_study_id), timer)
+            analysis = analyse_study(source, model, timer)
+            if analysis.result.input_fingerprint != job.fingerprint:
+                self.ledger.finish(
+                    job.id,
+                    JobState.SKIPPED,
+                    reason="instances changed since the job was created; a newer job supersedes it",
+                )
+                self.notify_stable_study(job.orthanc_study_id)
+                return
+            predecessor = self._predecessor_sr(job)
+            objects = build_results(analysis.result, self.profile, predecessor=predecessor, timer=timer)
+            with timer.stage("store"):
+                self.store.store(list(objects.datasets()))
+        except OrthancUnavailableError as exc:
+            self._set_orthanc(False)
+            if job.attempts >= self.config.max_attempts:
+                self._fail(
+                    job, "orthanc-unavailable", f"Orthanc unreachable after {job.attempts} attempts: {exc}", timer
+                )
+            else:
+                delay = min(self.config.retry_base_s * 2 ** (job.attempts - 1), self.config.retry_max_s)
+                self.ledger.requeue(job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s")
+            return
+        except NoMatchingSeriesError as exc:
+            self._fail(job, "no-matching-series", str(exc), timer)
+            return
+        except DicomInputError as exc:
+            cause = getattr(exc, "cause", None)
+            self._fail(job, f"bad-input:{cause}" if cause else "bad-input", str(exc), timer)
+            return
+        except ResultQualityError as exc:
+            self._fail(job, "result-qa", str(exc), timer)
+            return
+        except OrthancRequestError as exc:
+            self._fail(job, f"orthanc-http-{exc.status}", str(exc), timer)
+            return
+        except RadfedError as exc:
+            self._fail(job, type(exc).__name__, str(exc), timer)
+            return
+        except Exception as exc:
+            logger.exception("job %d failed unexpectedly", job.id)
+            self._fail(job, "internal", f"{type(exc).__name__}: {exc}", timer)
+            return
+        timings = self._timings(timer, started)
+        result = analysis.result
+        self.ledger.finish(
+            job.id,
+            JobState.DONE,
+            timings=timings,
+            result={
+                "seg_sop_instance_uid": objects.seg.SOPInstanceUID if objects.seg is not None else None,
+                "sr_sop_instance_uid": objects.sr.SOPInstanceUID,
+                "series_instance_uids": sorted({ds.SeriesInstanceUID for ds in objects.datasets()}),
+                "lesions": len(result.lesions),
+                "study_probability": round(result.study_finding.probability, 4),
+                "category": result.study_finding.category.meaning,
+                "provider": model.provider,
+                "supersedes": predecessor.SOPInstanceUID if predecessor is not None else None,
+            },
+        )
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.jobs.labels(JobState.DONE.value, "").inc()
+        logger.info("job %d done in %.2f s (%d lesions)", job.id, timings["total"], len(result.lesions))
+
+    def _timings(self, timer: StageTimer, started: float) -> dict[str, float]:
+        timings = timer.as_dict()
+        # "load" was measured around the downloads too; report it net of "fetch".
+        if "load" in timings:
+            timings["load"] = round(max(0.0, timings["load"] - timings.get("fetch", 0.0)), 4)
+        timings["total"] = round(time.perf_counter() - started, 4)
+        return timings
+
+    def _fail(self, job: Job, kind: str, reason: str, timer: StageTimer) -> None:
+        logger.warning("job %d failed (%s): %s", job.id, kind, reason)
+        self.ledger.finish(job.id, JobState.FAILED, reason=reason, failure_kind=kind, timings=timer.as_dict())
+        self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
+
+    def _predecessor_sr(self, job: Job) -> Dataset | None:
+        previous = self.ledger.previous_done(job.study_instance_uid, job.model_name, job.id)
+        sr_uid = previous.result.get("sr_sop_instance_uid") if previous else None
+        if not sr_uid:
+            return None
+        instance = self.client.find_instance(sr_uid)
+        if instance is None:
+            return None
+        return pydicom.dcmread(io.BytesIO(self.client.instance_bytes(instance)))
+
+    # -- status --------------------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, Any]:
+        try:
+            self.client.system()
+            self._set_orthanc(True)
+        except RadfedError:
+            self._set_orthanc(False)
+        model = self.model
+        return {
+            "ready": bool(self.orthanc_reachable and model is not None),
+            "orthanc_reachable": self.orthanc_reachable,
+            "model": model.artifact.key if model else None,
+            "provider": model.provider if model else None,
+            "jobs": self.ledger.counts(),
+            "inbox": self.ledger.inbox_depth(),
+        }
