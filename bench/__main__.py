@@ -9,6 +9,7 @@ import sys
 BENCHMARKS = {
     "fetch": "bench.fetch_study",
     "encode": "bench.encode_results",
+    "node": "bench.node_e2e",
 }
 
 
