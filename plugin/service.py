@@ -89,6 +89,7 @@ class NodeService:
         self._model_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._scp: Any = None
         self.orthanc_reachable = False
 
     def _make_store(self) -> ResultStore:
@@ -124,6 +125,10 @@ class NodeService:
         if recovered:
             logger.warning("%d job(s) were running when the service stopped; queued again", recovered)
         self.load_active_model()
+        if self.config.scp_port is not None:
+            from radfed.plugin.scp import start_storage_scp
+
+            self._scp = start_storage_scp(OrthancClient(self.config.orthanc), self.config.scp_port, self.config.scp_aet)
         loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox)]
         loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         for name, target in loops:
@@ -133,6 +138,8 @@ class NodeService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
+        if self._scp is not None:
+            self._scp.shutdown()
         for thread in self._threads:
             thread.join(timeout=timeout_s)
         self.ledger.close()
