@@ -40,7 +40,9 @@ def start_storage_scp(
 ) -> ThreadedAssociationServer:
     ae = AE(ae_title=ae_title)
     ae.supported_contexts = AllStoragePresentationContexts
-    handlers = [(evt.EVT_C_STORE, _handle_store, [client])]
+    handlers: list[Any] = [(evt.EVT_C_STORE, _handle_store, [client])]
     server = ae.start_server((host, port), block=False, evt_handlers=handlers)
+    if server is None:
+        raise RuntimeError(f"Storage SCP did not start on {host}:{port}")
     logger.info("Storage SCP %s listening on %s:%d", ae_title, host, port)
     return server
