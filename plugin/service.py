@@ -88,6 +88,9 @@ class NodeService:
         self._active: ActiveModel | None = None
         self._model_lock = threading.Lock()
         self._stop = threading.Event()
+        # Wake-ups between the loops (new inbox item, new job), so nothing waits out a polling period.
+        self._inbox_event = threading.Event()
+        self._job_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._scp: Any = None
         self.orthanc_reachable = False
@@ -138,6 +141,8 @@ class NodeService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
+        self._inbox_event.set()
+        self._job_event.set()
         if self._scp is not None:
             self._scp.shutdown()
         for thread in self._threads:
@@ -158,6 +163,7 @@ class NodeService:
     def notify_stable_study(self, orthanc_study_id: str) -> None:
         """A push from the Orthanc plugin (or the API): examine this study soon."""
         self.ledger.receive([(orthanc_study_id, -1)], cursor=None)
+        self._inbox_event.set()
 
     # -- following Orthanc -------------------------------------------------------------------------
 
@@ -177,6 +183,8 @@ class NodeService:
             stable = [(c.resource_id, c.seq) for c in changes if c.change_type == STABLE_STUDY]
             if changes or last != since:
                 self.ledger.receive(stable, cursor=last)
+                if stable:
+                    self._inbox_event.set()
             self._update_queue_depth()
             if done:
                 self._stop.wait(self.config.poll_interval_s)
@@ -199,7 +207,8 @@ class NodeService:
             if item is None or model is None:
                 if item is not None:
                     self.load_active_model()
-                self._stop.wait(LEDGER_POLL_S)
+                self._inbox_event.wait(LEDGER_POLL_S)
+                self._inbox_event.clear()
                 continue
             study_id, seq = item
             try:
@@ -253,6 +262,8 @@ class NodeService:
             selection=selection.describe(),
         )
         logger.info("study %s: job %d %s", orthanc_study_id, job.id, "queued" if created else f"exists ({job.state})")
+        if created:
+            self._job_event.set()
         return job
 
     # -- running jobs ------------------------------------------------------------------------------
@@ -262,7 +273,8 @@ class NodeService:
             model = self.model
             job = self.ledger.claim() if model is not None else None
             if job is None or model is None:
-                self._stop.wait(LEDGER_POLL_S)
+                self._job_event.wait(LEDGER_POLL_S)
+                self._job_event.clear()
                 continue
             self.run_job(job, model)
             self._update_queue_depth()

@@ -70,3 +70,25 @@ def test_cache_is_reused(tmp_path: Path, synth_root: Path) -> None:
     second = cohort_from_sources(spec, [str(synth_root / "site-2")], cache_dir=tmp_path)
     assert [s.key for s in first.samples] == [s.key for s in second.samples]
     assert all((a.image == b.image).all() for a, b in zip(first.samples, second.samples, strict=True))
+
+
+def test_cohort_from_an_orthanc_url(orthanc: object, orthanc_client: object, synth_root: Path) -> None:
+    """``radfed train --local --data http://user:pw@host:port --labels labels.csv`` reads studies from Orthanc."""
+    from radfed.inference.orthanc.client import OrthancClient
+    from radfed.inference.orthanc.launcher import OrthancProcess
+    from radfed.inference.synthetic.sites import site_profile
+    from radfed.inference.synthetic.writer import iter_site_studies, upload_study
+
+    assert isinstance(orthanc, OrthancProcess) and isinstance(orthanc_client, OrthancClient)
+    for study in iter_site_studies(site_profile(1, small=True), 3, seed=4):  # the same studies as synth_root/site-1
+        upload_study(study, orthanc_client)
+    url = f"http://{orthanc.options.username}:{orthanc.options.password}@127.0.0.1:{orthanc.http_port}"
+    from_orthanc = cohort_from_sources(load_task_spec(), [url], labels=synth_root / "site-1" / "labels.csv")
+    from_folder = cohort_from_sources(load_task_spec(), [str(synth_root / "site-1")])
+    assert from_orthanc.report.usable == 3 and from_orthanc.report.rejected == []
+    by_key = {s.key: s for s in from_folder.samples}
+    for sample in from_orthanc.samples:
+        twin = by_key[sample.key]
+        assert sample.label == twin.label
+        assert (sample.lesions == twin.lesions).all()
+        assert (sample.image == twin.image).all()
