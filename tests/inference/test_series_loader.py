@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import highdicom as hd
 import numpy as np
@@ -163,3 +164,30 @@ def test_corrupt_pixel_data_is_named(small_study: SyntheticStudy) -> None:
     datasets[5].PixelData = datasets[5].PixelData[:100]
     error = _expect(VolumeErrorCause.UNDECODABLE_PIXELS, datasets)
     assert datasets[5].SOPInstanceUID in str(error)
+
+
+def test_jpeg_baseline_series(small_study: SyntheticStudy) -> None:
+    """8-bit JPEG baseline (what many secondary exports use), encoded here with Pillow, loads through
+    pydicom's JPEG handler with the geometry of the uncompressed series."""
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    datasets = _t2w(small_study)[:4]
+    plain = volume_from_datasets(datasets)
+    scale = 255.0 / float(plain.array.max())
+    expected = []
+    for ds in datasets:
+        eight_bit = np.clip(ds.pixel_array * scale, 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(eight_bit).save(buffer, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        expected.append(np.asarray(Image.open(io.BytesIO(buffer.getvalue())), dtype=np.float32))
+    volume = volume_from_datasets(datasets)
+    np.testing.assert_allclose(volume.affine, plain.affine)
+    # Two JPEG decoders (libjpeg in pylibjpeg, Pillow's) agree within rounding.
+    assert np.abs(volume.array - np.stack(expected)).max() <= 2
