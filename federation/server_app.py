@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
+from radfed.federation.aggregation import SiteUpdate, aggregate
 from radfed.federation.export import export_artifact
 from radfed.federation.site import arrays_to_model, model_to_arrays
 from radfed.federation.training import new_model
@@ -19,13 +20,6 @@ from radfed.inference.findings import ModelIdentity
 from radfed.inference.taskspec import load_task_spec
 
 app = ServerApp()
-
-
-def weighted_average(updates: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
-    """FedAvg: the mean of the sites' arrays weighted by their number of training studies."""
-    total = sum(weight for _, weight in updates)
-    weights = np.array([weight / total for _, weight in updates])
-    return [np.tensordot(weights, np.stack([a[i] for a, _ in updates]), axes=1) for i in range(len(updates[0][0]))]
 
 
 @app.main()
@@ -67,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
             for n in nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=float(cfg.get("round-timeout", 600))))
-        updates: list[tuple[list[np.ndarray], int]] = []
+        updates: list[SiteUpdate] = []
         round_metrics: dict[str, dict[str, float | str]] = {}
         for reply in replies:
             if reply.has_error():
@@ -75,18 +69,23 @@ def main(grid: Grid, context: Context) -> None:
                 continue
             metrics = records.metrics(reply.content)
             weight = int(metrics.get("num-examples", 1))
-            updates.append((records.arrays(reply.content), weight))
+            updates.append(SiteUpdate(str(reply.metadata.src_node_id), records.arrays(reply.content), weight))
             round_metrics[str(reply.metadata.src_node_id)] = dict(metrics)
             studies_per_site[str(reply.metadata.src_node_id)] = int(metrics.get("studies_usable", weight))
         if len(updates) < min_sites:
             raise RuntimeError(f"round {server_round}: {len(updates)} site update(s), quorum is {min_sites}")
-        arrays = weighted_average(updates)
+        outcome = aggregate(arrays, updates, records.text(cfg, "aggregation", "fedavg"))
+        arrays = outcome.arrays
         np.savez(checkpoint, round=np.array(server_round), **{f"a{i}": a for i, a in enumerate(arrays)})  # type: ignore[arg-type]
         with (out / "metrics.jsonl").open("a") as handle:
-            handle.write(
-                json.dumps({"round": server_round, "seconds": time.perf_counter() - started, "sites": round_metrics})
-                + "\n"
-            )
+            line = {
+                "round": server_round,
+                "seconds": time.perf_counter() - started,
+                "sites": round_metrics,
+                "aggregated": list(outcome.used),
+                "flagged": [{"site": f.site, "reason": f.reason} for f in outcome.flags],
+            }
+            handle.write(json.dumps(line) + "\n")
     model = arrays_to_model(spec, arrays)
     export_artifact(
         model,

@@ -105,6 +105,7 @@ def test_two_sites_two_rounds_with_dp(
     assert [line["round"] for line in lines] == [1, 2]
     for line in lines:
         assert len(line["sites"]) == 2
+        assert len(line["aggregated"]) == 2 and line["flagged"] == []
         for metrics in line["sites"].values():
             assert set(metrics) <= ALLOWED_METRICS  # nothing else left the sites
             assert metrics["studies_usable"] == 3

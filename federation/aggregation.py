@@ -1,0 +1,118 @@
+"""Aggregation of site updates at the coordinator: FedAvg and robust rules, with anomaly flags.
+
+Updates are compared as deltas from the round's global model. A site whose delta has a norm far above
+the others' (median absolute deviation) or points away from them (cosine to the coordinate-wise median)
+is flagged, named, and left out of that round, whatever the rule. Robust rules follow the literature:
+coordinate-wise median and trimmed mean (Yin et al., 2018), multi-Krum (Blanchard et al., 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+Arrays = list[npt.NDArray[np.floating]]
+
+
+class AggregationRule(StrEnum):
+    FEDAVG = "fedavg"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed-mean"
+    MULTI_KRUM = "multi-krum"
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    site: str
+    arrays: Arrays
+    weight: int
+
+
+@dataclass(frozen=True)
+class AnomalyFlag:
+    site: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AggregationOutcome:
+    arrays: Arrays
+    used: tuple[str, ...]
+    flags: tuple[AnomalyFlag, ...]
+
+
+def _flatten(arrays: Sequence[npt.NDArray[np.floating]]) -> npt.NDArray[np.float64]:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+
+
+def _unflatten(vector: npt.NDArray[np.float64], like: Sequence[npt.NDArray[np.floating]]) -> Arrays:
+    out, start = [], 0
+    for array in like:
+        out.append(vector[start : start + array.size].reshape(array.shape).astype(array.dtype))
+        start += array.size
+    return out
+
+
+def detect_anomalies(
+    deltas: dict[str, npt.NDArray[np.float64]], *, norm_mads: float = 6.0, min_cosine: float = 0.0
+) -> list[AnomalyFlag]:
+    """Flag deltas whose norm is far above the others' or whose direction opposes the consensus."""
+    if len(deltas) < 3:
+        return []  # two updates cannot out-vote each other
+    names = list(deltas)
+    norms = np.array([np.linalg.norm(deltas[n]) for n in names])
+    median_norm = float(np.median(norms))
+    mad = float(np.median(np.abs(norms - median_norm))) or 1e-12
+    consensus = np.median(np.stack([deltas[n] for n in names]), axis=0)
+    flags = []
+    for name, norm in zip(names, norms, strict=True):
+        if norm > median_norm + norm_mads * max(mad, 0.05 * median_norm):
+            flags.append(AnomalyFlag(name, f"update norm {norm:.3g} vs median {median_norm:.3g} (scaled update?)"))
+            continue
+        denominator = float(np.linalg.norm(deltas[name]) * np.linalg.norm(consensus)) or 1e-12
+        cosine = float(deltas[name] @ consensus) / denominator
+        if cosine < min_cosine:
+            flags.append(AnomalyFlag(name, f"update direction cosine {cosine:.2f} to the consensus (sign-flipped?)"))
+    return flags
+
+
+def aggregate(
+    global_arrays: Arrays,
+    updates: Sequence[SiteUpdate],
+    rule: AggregationRule | str = AggregationRule.FEDAVG,
+    *,
+    trim: float = 0.2,
+    krum_f: int = 1,
+) -> AggregationOutcome:
+    """The next global model from the sites' updates (anomalous ones excluded)."""
+    rule = AggregationRule(rule)
+    if not updates:
+        raise ValueError("no site update to aggregate")
+    base = _flatten(global_arrays)
+    deltas = {u.site: _flatten(u.arrays) - base for u in updates}
+    flags = detect_anomalies(deltas)
+    flagged = {f.site for f in flags}
+    kept = [u for u in updates if u.site not in flagged]
+    stacked = np.stack([deltas[u.site] for u in kept])
+    if rule is AggregationRule.FEDAVG:
+        weights = np.array([u.weight for u in kept], dtype=np.float64)
+        step = weights @ stacked / weights.sum()
+    elif rule is AggregationRule.MEDIAN:
+        step = np.median(stacked, axis=0)
+    elif rule is AggregationRule.TRIMMED_MEAN:
+        cut = int(np.floor(trim * len(kept)))
+        ordered = np.sort(stacked, axis=0)
+        step = ordered[cut : len(kept) - cut].mean(axis=0) if len(kept) > 2 * cut else np.median(stacked, axis=0)
+    else:
+        # Multi-Krum: score each update by its squared distances to its n - f - 2 nearest others; average the best m.
+        n = len(kept)
+        neighbours = max(1, n - krum_f - 2)
+        distances = ((stacked[:, None, :] - stacked[None, :, :]) ** 2).sum(axis=-1)
+        scores = np.array([np.sort(np.delete(distances[i], i))[:neighbours].sum() for i in range(n)])
+        chosen = np.argsort(scores)[: max(1, n - krum_f)]
+        step = stacked[chosen].mean(axis=0)
+    return AggregationOutcome(_unflatten(base + step, global_arrays), tuple(u.site for u in kept), tuple(flags))
