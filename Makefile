@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client
 STAMPS := .cache/stamps
 
 .PHONY: install install-system install-python install-node lint typecheck imports unit test bench demo clean
