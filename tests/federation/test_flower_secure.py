@@ -4,20 +4,17 @@ by deploy/flower/make-credentials.sh. A registered hospital joins and trains; an
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from radfed.inference.artifact import load_artifact
 from radfed.inference.orthanc.launcher import free_port
 from radfed.inference.synthetic.writer import synthesize_to_folder
-from tests.federation.test_flower_job import _wait_for_port
+from tests.federation.flower_harness import BIN, ProcessGroup, flower_env, wait_for_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "flower"
-BIN = Path(sys.executable).parent
 
 
 def test_tls_and_node_authentication(tmp_path: Path) -> None:
@@ -31,15 +28,7 @@ def test_tls_and_node_authentication(tmp_path: Path) -> None:
     )
     assert made.returncode == 0, made.stderr
     home = tmp_path / "flwr-home"
-    home.mkdir()
-    env = dict(
-        os.environ,
-        PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-        FLWR_HOME=str(home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        ORT_DISABLE_TELEMETRY="1",
-    )
+    env = flower_env(home)
     port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "127.0.0.1:{port}"\n'
@@ -47,16 +36,8 @@ def test_tls_and_node_authentication(tmp_path: Path) -> None:
     )
     data = tmp_path / "data"
     synthesize_to_folder(data, sites=2, studies_per_site=2, seed=7, small=True)
-    processes = []
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    def spawn(name: str, args: list[str]) -> None:
-        with (logs / f"{name}.log").open("wb") as log:
-            processes.append(
-                subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            )
-
+    group = ProcessGroup(tmp_path / "logs", env)
+    spawn = group.spawn
     try:
         spawn(
             "superlink",
@@ -76,7 +57,7 @@ def test_tls_and_node_authentication(tmp_path: Path) -> None:
                 "--disable-runtime-dependency-installation",
             ],
         )
-        _wait_for_port(port)
+        wait_for_port(port)
         registered = subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(credentials / "site-1.pub"), "secure"],
             env=env,
@@ -139,10 +120,4 @@ def test_tls_and_node_authentication(tmp_path: Path) -> None:
         assert len(line["sites"]) == 1 and line["flagged"] == []
         assert load_artifact(out / "artifact").provenance["training"] == "federated"
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        group.stop()
