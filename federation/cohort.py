@@ -18,7 +18,14 @@ import numpy.typing as npt
 
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
-from radfed.inference.preprocess import labels_to_model_grid, landmarks_of, load_study, prepare
+from radfed.inference.preprocess import (
+    labels_to_model_grid,
+    landmarks_of,
+    load_study,
+    model_grid_for,
+    normalize_channels,
+    resample_channels,
+)
 from radfed.inference.segmentation import read_segmentation
 from radfed.inference.study_source import FolderStudy, OrthancStudy, StudySource
 from radfed.inference.taskspec import LabelSource, TaskSpec
@@ -35,6 +42,24 @@ class TrainingSample:
     image: npt.NDArray[np.float16]
     lesions: npt.NDArray[np.uint8]
     label: int
+    voxel_mm3: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class CohortEntry:
+    """What the site caches per study: channels resampled onto the model grid but not yet normalised, so
+    that a federation's harmonisation can be applied later without fetching the study again."""
+
+    key: str
+    raw: npt.NDArray[np.float32]
+    lesions: npt.NDArray[np.uint8]
+    label: int
+    voxel_mm3: float
+    landmarks: dict[str, list[float]]  # per channel, on the model grid
+
+    def sample(self, spec: TaskSpec, harmonisation: Mapping[str, Sequence[float]] | None) -> TrainingSample:
+        image = normalize_channels(self.raw, spec, harmonisation).astype(np.float16)
+        return TrainingSample(self.key, image, self.lesions, self.label, self.voxel_mm3)
 
 
 @dataclass(frozen=True)
@@ -124,22 +149,24 @@ def reference_lesions(
     return mask
 
 
-def build_sample(
-    source: StudySource,
-    spec: TaskSpec,
-    table: Mapping[str, str],
-    harmonisation: Mapping[str, Sequence[float]] | None,
-) -> tuple[TrainingSample, dict[str, list[float]]]:
-    """One study -> training sample (and its intensity landmarks per channel, for harmonisation)."""
-    key = study_key(source.study_instance_uid)
+def build_entry(source: StudySource, spec: TaskSpec, table: Mapping[str, str]) -> CohortEntry:
+    """One study -> its cache entry: model-grid channels, lesion mask, class label, intensity landmarks."""
     label = study_label(source, spec, table)
     loaded = load_study(source, spec)
     reference_uid = loaded.selection.chosen[spec.reference_channel.name].series_instance_uid
     lesions = reference_lesions(source, spec, loaded.reference, reference_uid)
-    prepared = prepare(loaded, spec, harmonisation)
-    on_model = labels_to_model_grid(loaded.reference.with_array(lesions), prepared.model_grid)
-    landmarks = {name: landmarks_of(volume.array).tolist() for name, volume in loaded.channels.items()}
-    return TrainingSample(key, prepared.image.astype(np.float16), on_model, label), landmarks
+    grid = model_grid_for(loaded.reference, spec.preprocessing.spacing_mm)
+    raw = resample_channels(loaded, grid, spec)
+    on_model = labels_to_model_grid(loaded.reference.with_array(lesions), grid)
+    landmarks = {name: landmarks_of(raw[i]).tolist() for i, name in enumerate(spec.channel_names)}
+    voxel_mm3 = abs(float(np.linalg.det(grid.affine[:3, :3])))
+    return CohortEntry(study_key(source.study_instance_uid), raw, on_model, label, voxel_mm3, landmarks)
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """A fixed share of each site's studies, chosen by the study's hash, is never trained on: the
+    federation's evaluation set (pooled over sites, it is the held-out test set of the benchmarks)."""
+    return int(key[:8], 16) % 1000 < fraction * 1000
 
 
 def folder_studies(root: Path) -> Iterator[tuple[FolderStudy | None, Path, Path | None]]:
@@ -161,49 +188,79 @@ def _open_folder(folder: Path) -> FolderStudy | None:
         return None
 
 
+CACHE_FORMAT = "cohort-entry/2"
+
+
 class SiteCohort:
-    """The cohort of one site: build once, cache to disk, report readiness."""
+    """The cohort of one site: build once, cache to disk, report readiness; samples are normalised on
+    demand (with the federation's harmonisation once it is known)."""
 
     def __init__(self, spec: TaskSpec, cache_dir: Path | None = None) -> None:
         self.spec = spec
         self.cache_dir = cache_dir
-        self.samples: list[TrainingSample] = []
+        self.entries: list[CohortEntry] = []
         self.report = ReadinessReport()
-        self.landmarks: list[dict[str, list[float]]] = []
+        self._samples: dict[str, list[TrainingSample]] = {}
 
-    def _cache_path(self, source: StudySource, harmonisation: Mapping[str, Sequence[float]] | None) -> Path | None:
+    def samples_for(self, harmonisation: Mapping[str, Sequence[float]] | None = None) -> list[TrainingSample]:
+        key = json.dumps(harmonisation, sort_keys=True)
+        if key not in self._samples:
+            self._samples[key] = [entry.sample(self.spec, harmonisation) for entry in self.entries]
+        return self._samples[key]
+
+    @property
+    def samples(self) -> list[TrainingSample]:
+        return self.samples_for(None)
+
+    def split(
+        self, held_out_fraction: float, harmonisation: Mapping[str, Sequence[float]] | None = None
+    ) -> tuple[list[TrainingSample], list[TrainingSample]]:
+        """(training, held-out) samples; a cohort too small to spare a study trains on all of it."""
+        samples = self.samples_for(harmonisation)
+        held = [s for s in samples if is_held_out(s.key, held_out_fraction)]
+        train = [s for s in samples if not is_held_out(s.key, held_out_fraction)]
+        return (samples, []) if not train else (train, held)
+
+    def channel_landmarks(self, held_out_fraction: float = 0.0) -> dict[str, list[float]]:
+        """Mean intensity landmarks per channel over the training studies: the only thing harmonisation
+        shares with the coordinator (aggregate percentiles, never an image or a per-study value)."""
+        used = [e for e in self.entries if not is_held_out(e.key, held_out_fraction)] or self.entries
+        return {name: np.mean([e.landmarks[name] for e in used], axis=0).tolist() for name in self.spec.channel_names}
+
+    def _cache_path(self, source: StudySource) -> Path | None:
         if self.cache_dir is None:
             return None
         digest = hashlib.sha256(
-            (source.study_instance_uid + self.spec.source_text + json.dumps(harmonisation, sort_keys=True)).encode()
+            (CACHE_FORMAT + source.study_instance_uid + self.spec.source_text).encode()
         ).hexdigest()[:24]
         return self.cache_dir / f"{digest}.npz"
 
-    def add(
-        self,
-        source: StudySource,
-        table: Mapping[str, str],
-        harmonisation: Mapping[str, Sequence[float]] | None = None,
-    ) -> None:
+    def add(self, source: StudySource, table: Mapping[str, str]) -> None:
         self.report.found += 1
         key = study_key(source.study_instance_uid)
-        cached = self._cache_path(source, harmonisation)
+        cached = self._cache_path(source)
         try:
             if cached is not None and cached.is_file():
                 data = np.load(cached)
-                sample = TrainingSample(key, data["image"], data["lesions"], int(data["label"]))
-                self.landmarks.append(json.loads(str(data["landmarks"])))
+                entry = CohortEntry(
+                    key,
+                    data["raw"],
+                    data["lesions"],
+                    int(data["label"]),
+                    float(data["voxel_mm3"]),
+                    json.loads(str(data["landmarks"])),
+                )
             else:
-                sample, landmarks = build_sample(source, self.spec, table, harmonisation)
-                self.landmarks.append(landmarks)
+                entry = build_entry(source, self.spec, table)
                 if cached is not None:
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     np.savez(
                         cached,
-                        image=sample.image,
-                        lesions=sample.lesions,
-                        label=sample.label,
-                        landmarks=json.dumps(landmarks),
+                        raw=entry.raw,
+                        lesions=entry.lesions,
+                        label=entry.label,
+                        voxel_mm3=entry.voxel_mm3,
+                        landmarks=json.dumps(entry.landmarks),
                     )
         except RadfedError as exc:
             reason = str(exc)
@@ -212,11 +269,12 @@ class SiteCohort:
             self.report.rejected.append(Rejection(key, reason))
             logger.warning("study %s rejected: %s", key, reason)
             return
-        self.samples.append(sample)
+        self.entries.append(entry)
+        self._samples.clear()
         self.report.usable += 1
-        self.report.positives += sample.label
+        self.report.positives += entry.label
 
-    def add_folder(self, root: Path, harmonisation: Mapping[str, Sequence[float]] | None = None) -> None:
+    def add_folder(self, root: Path) -> None:
         tables: dict[Path, dict[str, str]] = {}
         for study, folder, labels in folder_studies(root):
             if study is None:
@@ -225,14 +283,12 @@ class SiteCohort:
                 continue
             if labels is not None and labels not in tables:
                 tables[labels] = read_label_table(labels, self.spec.classification_labels.key)
-            self.add(study, tables.get(labels, {}) if labels else {}, harmonisation)
+            self.add(study, tables.get(labels, {}) if labels else {})
 
-    def add_orthanc(
-        self, client: OrthancClient, labels: Path, harmonisation: Mapping[str, Sequence[float]] | None = None
-    ) -> None:
+    def add_orthanc(self, client: OrthancClient, labels: Path) -> None:
         table = read_label_table(labels, self.spec.classification_labels.key)
         for study_id in client.studies():
-            self.add(OrthancStudy(client, study_id), table, harmonisation)
+            self.add(OrthancStudy(client, study_id), table)
 
 
 def cohort_from_sources(
@@ -241,7 +297,6 @@ def cohort_from_sources(
     *,
     labels: Path | None = None,
     cache_dir: Path | None = None,
-    harmonisation: Mapping[str, Sequence[float]] | None = None,
 ) -> SiteCohort:
     """A cohort from folders and/or Orthanc URLs (``http://user:pw@host:port``; then ``labels`` is needed)."""
     cohort = SiteCohort(spec, cache_dir)
@@ -250,7 +305,7 @@ def cohort_from_sources(
             if labels is None:
                 raise CohortError("an Orthanc source needs a labels CSV (--labels)")
             with OrthancClient(OrthancEndpoint.from_url(source)) as client:
-                cohort.add_orthanc(client, labels, harmonisation)
+                cohort.add_orthanc(client, labels)
         else:
-            cohort.add_folder(Path(source), harmonisation)
+            cohort.add_folder(Path(source))
     return cohort

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from radfed.inference.preprocess import LANDMARK_PERCENTILES
+
 # Counts and aggregate scalars only: never per-study values, UIDs or text.
 ALLOWED_METRICS = frozenset(
     {
@@ -29,18 +31,52 @@ ALLOWED_METRICS = frozenset(
         "specificity",
         "f1",
         "eval_studies",
+        "eval_dice_sum",
+        "eval_dice_studies",
+        "eval_lesions_total",
+        "eval_lesions_found",
+        "eval_tp",
+        "eval_fp",
+        "eval_tn",
+        "eval_fn",
+        "landmark_studies",
+        "model_installed",
+        "eval_seconds",
     }
 )
+# Aggregate vectors: binned study-score counts (evaluation) and mean intensity landmarks per channel
+# (harmonisation). Never per-study values.
+ALLOWED_VECTORS = {"eval_scores_positive": 50, "eval_scores_negative": 50}
+LANDMARK_PREFIX = "landmarks."
+LANDMARK_LENGTH = len(LANDMARK_PERCENTILES)
 
 
 class MetricLeakError(ValueError):
     """A reply tried to carry something outside the allow-list."""
 
 
-def allowed_metrics(values: Mapping[str, float | int]) -> dict[str, float | int]:
-    """Check a metric dict against the allow-list (names and finite scalar values)."""
-    clean: dict[str, float | int] = {}
+MetricValue = float | int | list[int] | list[float]
+
+
+def _allowed_vector(name: str, value: object) -> bool:
+    length = ALLOWED_VECTORS.get(name, LANDMARK_LENGTH if name.startswith(LANDMARK_PREFIX) else None)
+    return (
+        length is not None
+        and isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
+def allowed_metrics(values: Mapping[str, MetricValue]) -> dict[str, MetricValue]:
+    """Check a metric dict against the allow-list (names; finite scalars, or the fixed-length vectors)."""
+    clean: dict[str, MetricValue] = {}
     for name, value in values.items():
+        if isinstance(value, list):
+            if not _allowed_vector(name, value):
+                raise MetricLeakError(f"metric {name!r} is not an allowed aggregate vector")
+            clean[name] = value
+            continue
         if name not in ALLOWED_METRICS:
             raise MetricLeakError(f"metric {name!r} is not on the allow-list")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):

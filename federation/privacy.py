@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from radfed.federation.cohort import TrainingSample
-from radfed.federation.training import TrainingLog, TrainingSettings, loss_fn, random_crop
+from radfed.federation.training import ProximalTerm, TrainingLog, TrainingSettings, loss_fn, random_crop
 from radfed.inference.errors import RadfedError
 from radfed.inference.taskspec import TaskSpec
 
@@ -172,6 +172,7 @@ def train_private(
             poisson_sampling=True,
             grad_sample_mode="functorch",
         )
+    proximal = ProximalTerm(model, settings.proximal_mu, settings.learning_rate)
     log = TrainingLog()
     started = time.perf_counter()
     private_model.train()
@@ -190,6 +191,7 @@ def train_private(
                 loss.backward()
                 private_optimizer.step()
                 log.losses.append(float(loss.detach()))
+            proximal.apply(model)
             done += 1
             if done >= steps:
                 break

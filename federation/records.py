@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 
 def number(record: Mapping[str, Any], key: str, default: float | None = None) -> float:
@@ -34,8 +34,37 @@ def arrays(content: RecordDict, key: str = "arrays") -> list[np.ndarray]:
     return list(record.to_numpy_ndarrays())
 
 
-def metrics(content: RecordDict, key: str = "metrics") -> dict[str, float]:
+def metrics(content: RecordDict, key: str = "metrics") -> dict[str, float | list[float]]:
     record = content[key]
     if not isinstance(record, MetricRecord):
         raise ValueError(f"{key} is not a MetricRecord")
-    return {name: float(value) for name, value in record.items() if isinstance(value, int | float)}
+    values: dict[str, float | list[float]] = {}
+    for name, value in record.items():
+        if isinstance(value, list):
+            values[name] = [float(v) for v in value]
+        elif isinstance(value, int | float):
+            values[name] = float(value)
+    return values
+
+
+HARMONISATION_PREFIX = "harmonisation."
+
+
+def landmarks(config: Mapping[str, Any]) -> dict[str, list[float]] | None:
+    """The federation's reference landmarks per channel (``harmonisation.<channel>``), if the job has them."""
+    found = {
+        key.removeprefix(HARMONISATION_PREFIX): [float(v) for v in value]
+        for key, value in config.items()
+        if key.startswith(HARMONISATION_PREFIX) and isinstance(value, list)
+    }
+    return found or None
+
+
+def files(record: Any) -> dict[str, bytes]:
+    """A ConfigRecord of file name -> bytes (the rolled-out artifact)."""
+    if not isinstance(record, ConfigRecord):
+        raise ValueError("the artifact is not a ConfigRecord")
+    out = {name: value for name, value in record.items() if isinstance(value, bytes)}
+    if not out:
+        raise ValueError("the artifact record holds no file")
+    return out

@@ -1,106 +1,247 @@
-"""The Flower ServerApp: rounds of site training, weighted federated averaging, a checkpoint and a metrics
-line per round, and the final ONNX artifact with its model card. Thin over radfed.federation."""
+"""The Flower ServerApp: harmonisation, rounds of site training with evaluation, robust aggregation, a
+checkpoint and a metrics line per round, then the ONNX artifact, its model card and the rollout to every
+site's model registry. Thin over radfed.federation (the bookkeeping is in coordinator.py)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
 from radfed.federation.aggregation import SiteUpdate, aggregate
+from radfed.federation.coordinator import (
+    JobState,
+    QuorumError,
+    append_metrics,
+    evaluation_line,
+    landmark_metrics,
+    model_card,
+    reference_landmarks,
+)
 from radfed.federation.export import export_artifact
 from radfed.federation.site import arrays_to_model, model_to_arrays
 from radfed.federation.training import new_model
+from radfed.inference.artifact import MANIFEST, MODEL_FILE
 from radfed.inference.findings import ModelIdentity
 from radfed.inference.taskspec import load_task_spec
 
 app = ServerApp()
 
 
+def say(text: str) -> None:
+    """The operator's run log (``flwr run --stream`` / ``flwr log``); never patient data."""
+    print(f"radfed: {text}", flush=True)
+
+
+class Job:
+    def __init__(self, grid: Grid, cfg: Any) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.task = records.text(cfg, "task") or None
+        self.rounds = records.integer(cfg, "num-server-rounds")
+        self.min_sites = records.integer(cfg, "min-sites", 1)
+        self.timeout = records.number(cfg, "round-timeout", 600)
+        self.attempts = records.integer(cfg, "round-attempts", 3)
+        self.out = Path(records.text(cfg, "out-dir"))
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def config(self, server_round: int, state: JobState) -> ConfigRecord:
+        values: dict[str, Any] = {
+            "job": records.text(self.cfg, "job", "radfed-job"),
+            "task": self.task or "",
+            "server-round": server_round,
+            "num-rounds": self.rounds,
+            "local-steps": records.integer(self.cfg, "local-steps"),
+            "epsilon": records.number(self.cfg, "epsilon", 0.0),
+            "delta": records.number(self.cfg, "delta", 1e-5),
+            "proximal-mu": records.number(self.cfg, "proximal-mu", 0.0),
+            "held-out-fraction": records.number(self.cfg, "held-out-fraction", 0.25),
+        }
+        for channel, landmarks in (state.harmonisation or {}).items():
+            values[records.HARMONISATION_PREFIX + channel] = [float(v) for v in landmarks]
+        return ConfigRecord(values)
+
+    def nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.timeout
+        while len(nodes := sorted(self.grid.get_node_ids())) < self.min_sites:
+            if time.monotonic() > deadline:
+                raise QuorumError(f"{len(nodes)} site(s) connected after {self.timeout:.0f} s; quorum {self.min_sites}")
+            time.sleep(1)
+        return nodes
+
+    def exchange(
+        self, message_type: str, content: RecordDict, group: str
+    ) -> tuple[dict[str, tuple[int, dict[str, Any], RecordDict]], dict[str, str]]:
+        """Send to every connected site; a site that fails or times out is reported, never fatal by itself.
+        Below quorum, only the sites that have not answered yet are asked again (a site that already
+        trained must not spend privacy budget twice for one round)."""
+        replies: dict[str, tuple[int, dict[str, Any], RecordDict]] = {}
+        errors: dict[str, str] = {}
+        answered: set[int] = set()
+        for _ in range(self.attempts):
+            pending = [n for n in self.nodes() if n not in answered]
+            messages = [
+                Message(content=content, message_type=message_type, dst_node_id=n, group_id=group) for n in pending
+            ]
+            destination = {m.object_id: m.metadata.dst_node_id for m in messages}  # the id Flower assigns on push
+            heard: set[int] = set()
+            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+                node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                heard.add(node)
+                if reply.has_error():
+                    errors[f"node-{node}"] = str(reply.error.reason)[:300]
+                    continue
+                answered.add(node)
+                errors.pop(f"node-{node}", None)
+                site = str(reply.content["site"]["name"]) if "site" in reply.content else f"node-{node}"
+                replies[site] = (node, records.metrics(reply.content), reply.content)
+            for node in set(pending) - heard:
+                errors[f"node-{node}"] = f"no reply within {self.timeout:.0f} s"
+            if len(replies) >= self.min_sites:
+                return replies, errors
+            say(f"{message_type} {group}: {len(replies)} site(s) answered, quorum {self.min_sites}; errors {errors}")
+        raise QuorumError(
+            f"{message_type} {group}: quorum of {self.min_sites} not reached in {self.attempts} attempts ({errors})"
+        )
+
+    def harmonise(self, state: JobState) -> None:
+        started = time.perf_counter()
+        replies, errors = self.exchange("query.landmarks", RecordDict({"config": self.config(0, state)}), "landmarks")
+        found = {site: landmark_metrics(m) for site, (_, m, _) in replies.items()}
+        weights = {site: int(m.get("landmark_studies", 0)) for site, (_, m, _) in replies.items()}
+        state.harmonisation = reference_landmarks(found, weights)
+        append_metrics(
+            self.out,
+            {
+                "stage": "harmonisation",
+                "seconds": time.perf_counter() - started,
+                "site_landmarks": found,
+                "reference": state.harmonisation,
+                "errors": errors,
+            },
+        )
+        say(f"harmonisation: reference landmarks from {len(found)} site(s)")
+
+    def train_round(self, server_round: int, state: JobState) -> None:
+        started = time.perf_counter()
+        sent = ArrayRecord(state.arrays)
+        content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
+        replies, errors = self.exchange(MessageType.TRAIN, content, str(server_round))
+        down = int(sum(a.nbytes for a in state.arrays))
+        updates = []
+        site_lines: dict[str, dict[str, Any]] = {}
+        for site, (_, metrics, reply) in sorted(replies.items()):
+            arrays = records.arrays(reply)
+            updates.append(SiteUpdate(site, arrays, int(metrics.get("num-examples", 1))))
+            state.studies_per_site[site] = int(metrics.get("num-examples", 0))
+            if "epsilon" in metrics:
+                state.epsilon_per_site[site] = float(metrics["epsilon"])
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
+            site_lines[site] = scalars | {"bytes_down": down, "bytes_up": int(sum(a.nbytes for a in arrays))}
+        outcome = aggregate(state.arrays, updates, records.text(self.cfg, "aggregation", "fedavg"))
+        state.arrays = list(outcome.arrays)
+        state.completed_round = server_round
+        state.save(self.out)
+        seconds = time.perf_counter() - started
+        compute = max((float(m.get("train_seconds", 0)) + float(m.get("eval_seconds", 0))) for m in site_lines.values())
+        append_metrics(
+            self.out,
+            {
+                "round": server_round,
+                "seconds": seconds,
+                "site_compute_seconds": compute,
+                "overhead_seconds": max(0.0, seconds - compute),
+                "sites": site_lines,
+                "errors": errors,
+                "aggregated": list(outcome.used),
+                "flagged": [{"site": f.site, "reason": f.reason} for f in outcome.flags],
+                # the global model of the previous round, evaluated by each site before it trained
+                "evaluation": evaluation_line({s: m for s, (_, m, _) in replies.items()}),
+                "evaluated_round": server_round - 1,
+            },
+        )
+        flagged = "; ".join(f"{f.site}: {f.reason}" for f in outcome.flags) or "none"
+        say(f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}")
+
+    def evaluate_final(self, state: JobState) -> dict[str, Any] | None:
+        content = RecordDict({"arrays": ArrayRecord(state.arrays), "config": self.config(self.rounds, state)})
+        replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
+        evaluation = evaluation_line({s: m for s, (_, m, _) in replies.items()})
+        append_metrics(
+            self.out, {"stage": "final", "evaluated_round": self.rounds, "evaluation": evaluation, "errors": errors}
+        )
+        return evaluation
+
+    def rollout(self, artifact_folder: Path) -> list[str]:
+        files = {name: (artifact_folder / name).read_bytes() for name in (MODEL_FILE, MANIFEST)}
+        content = RecordDict({"artifact": ConfigRecord(files), "config": ConfigRecord({})})  # type: ignore[arg-type]
+        try:
+            replies, errors = self.exchange("query.rollout", content, "rollout")
+        except QuorumError as exc:  # the model exists either way; the operator can roll it out again
+            replies, errors = {}, {"rollout": str(exc)}
+        installed = sorted(replies)
+        append_metrics(self.out, {"stage": "rollout", "installed": installed, "errors": errors})
+        say(f"rollout: model stored at {', '.join(installed)}" + (f"; failed: {errors}" if errors else ""))
+        return installed
+
+
+def _flag(cfg: Any, key: str) -> bool:
+    value = cfg.get(key, False)
+    return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    task = str(cfg.get("task", "")) or None
-    spec = load_task_spec(task)
-    rounds = int(cfg["num-server-rounds"])
-    out = Path(str(cfg["out-dir"]))
-    out.mkdir(parents=True, exist_ok=True)
-    job = str(cfg.get("job", "radfed-job"))
-    min_sites = int(cfg.get("min-sites", 1))
-    arrays = model_to_arrays(new_model(spec))
-    checkpoint = out / "checkpoint.npz"
-    start_round = 1
-    if checkpoint.is_file():  # a restarted coordinator resumes the job
-        saved = np.load(checkpoint)
-        arrays = [saved[f"a{i}"] for i in range(len(arrays))]
-        start_round = int(saved["round"]) + 1
-    studies_per_site: dict[str, int] = {}
-    for server_round in range(start_round, rounds + 1):
-        started = time.perf_counter()
-        while len(nodes := list(grid.get_node_ids())) < min_sites:
-            time.sleep(1)
-        config = ConfigRecord(
-            {
-                "job": job,
-                "task": task or "",
-                "server-round": server_round,
-                "num-rounds": rounds,
-                "local-steps": int(cfg["local-steps"]),
-                "epsilon": float(cfg.get("epsilon", 0.0)),
-                "delta": float(cfg.get("delta", 1e-5)),
-            }
-        )
-        content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
-        messages = [
-            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n, group_id=str(server_round))
-            for n in nodes
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=float(cfg.get("round-timeout", 600))))
-        updates: list[SiteUpdate] = []
-        round_metrics: dict[str, dict[str, float | str]] = {}
-        for reply in replies:
-            if reply.has_error():
-                round_metrics[str(reply.metadata.src_node_id)] = {"error": str(reply.error.reason)[:200]}
-                continue
-            metrics = records.metrics(reply.content)
-            weight = int(metrics.get("num-examples", 1))
-            updates.append(SiteUpdate(str(reply.metadata.src_node_id), records.arrays(reply.content), weight))
-            round_metrics[str(reply.metadata.src_node_id)] = dict(metrics)
-            studies_per_site[str(reply.metadata.src_node_id)] = int(metrics.get("studies_usable", weight))
-        if len(updates) < min_sites:
-            raise RuntimeError(f"round {server_round}: {len(updates)} site update(s), quorum is {min_sites}")
-        outcome = aggregate(arrays, updates, records.text(cfg, "aggregation", "fedavg"))
-        arrays = outcome.arrays
-        np.savez(checkpoint, round=np.array(server_round), **{f"a{i}": a for i, a in enumerate(arrays)})  # type: ignore[arg-type]
-        with (out / "metrics.jsonl").open("a") as handle:
-            line = {
-                "round": server_round,
-                "seconds": time.perf_counter() - started,
-                "sites": round_metrics,
-                "aggregated": list(outcome.used),
-                "flagged": [{"site": f.site, "reason": f.reason} for f in outcome.flags],
-            }
-            handle.write(json.dumps(line) + "\n")
-    model = arrays_to_model(spec, arrays)
-    export_artifact(
-        model,
+    job = Job(grid, cfg)
+    spec = load_task_spec(job.task)
+    state = JobState.load(job.out)
+    if state is None:
+        state = JobState(arrays=model_to_arrays(new_model(spec)))
+    else:
+        say(f"resuming after round {state.completed_round} from {job.out}")
+    if _flag(cfg, "harmonise") and state.harmonisation is None:
+        job.harmonise(state)
+        state.save(job.out)
+    for server_round in range(state.completed_round + 1, job.rounds + 1):
+        job.train_round(server_round, state)
+    final = job.evaluate_final(state)
+    version = records.text(cfg, "model-version", "1.0.0")
+    epsilon, delta = records.number(cfg, "epsilon", 0.0), records.number(cfg, "delta", 1e-5)
+    artifact = export_artifact(
+        arrays_to_model(spec, state.arrays),
         spec,
-        out / "artifact",
-        ModelIdentity(spec.name, str(cfg.get("model-version", "1.0.0"))),
+        job.out / "artifact",
+        ModelIdentity(spec.name, version),
+        harmonisation=state.harmonisation,
         provenance={
             "training": "federated",
-            "rounds": rounds,
-            "studies_per_site": studies_per_site,
-            "differential_privacy": {
-                "epsilon_budget": float(cfg.get("epsilon", 0.0)),
-                "delta": float(cfg.get("delta", 1e-5)),
-            }
-            if float(cfg.get("epsilon", 0.0)) > 0
+            "job": records.text(cfg, "job", "radfed-job"),
+            "rounds": job.rounds,
+            "aggregation": records.text(cfg, "aggregation", "fedavg"),
+            "proximal_mu": records.number(cfg, "proximal-mu", 0.0),
+            "studies_per_site": state.studies_per_site,
+            "differential_privacy": {"epsilon_budget": epsilon, "delta": delta, "epsilon_spent": state.epsilon_per_site}
+            if epsilon > 0
             else None,
+            "validation": final,
         },
     )
+    card = model_card(
+        job=records.text(cfg, "job", "radfed-job"),
+        model_key=artifact.key,
+        rounds=job.rounds,
+        aggregation=records.text(cfg, "aggregation", "fedavg"),
+        state=state,
+        epsilon_budget=epsilon,
+        delta=delta,
+        final_evaluation=final,
+    )
+    (job.out / "model-card.md").write_text(card)
+    say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")
+    if _flag(cfg, "rollout"):
+        job.rollout(artifact.folder)

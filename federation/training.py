@@ -32,6 +32,7 @@ class TrainingSettings:
     classification_weight: float
     seed: int = 0
     steps_per_epoch: int | None = None  # default: one crop per study per epoch
+    proximal_mu: float = 0.0  # FedProx: pull towards the round's global model (0: plain FedAvg training)
 
     @classmethod
     def from_spec(cls, spec: TaskSpec, **overrides: object) -> TrainingSettings:
@@ -117,6 +118,22 @@ def loss_fn(
     return bce + dice + classification_weight * cls
 
 
+class ProximalTerm:
+    """FedProx's proximal term, applied as a decoupled step after each optimiser step:
+    w <- w - lr * mu * (w - w_global). It uses only the global model (public to the site) and the already
+    updated weights, so under DP-SGD it is post-processing and costs no privacy (adding it to the loss
+    would be dropped silently by per-sample gradient hooks)."""
+
+    def __init__(self, model: nn.Module, mu: float, learning_rate: float) -> None:
+        self.factor = learning_rate * mu
+        self.anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        for parameter, anchor in zip(model.parameters(), self.anchor, strict=False):
+            parameter.sub_(self.factor * (parameter - anchor))
+
+
 def train_local(
     model: nn.Module,
     samples: Sequence[TrainingSample],
@@ -131,6 +148,7 @@ def train_local(
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    proximal = ProximalTerm(model, settings.proximal_mu, settings.learning_rate)
     steps_per_epoch = settings.steps_per_epoch or max(1, math.ceil(len(samples) / settings.batch_size))
     total = settings.epochs * steps_per_epoch
     log = TrainingLog()
@@ -142,6 +160,7 @@ def train_local(
         loss = loss_fn(model, images, masks, targets, settings.classification_weight)
         loss.backward()
         optimizer.step()
+        proximal.apply(model)
         log.losses.append(float(loss.detach()))
         if progress is not None:
             progress(step + 1, total, log.losses[-1])

@@ -69,6 +69,11 @@ class TaskCodes:
         if thresholds != sorted(thresholds) or thresholds[0] != 0.0:
             raise ValueError("category thresholds must ascend from 0.0")
 
+    @property
+    def positive_threshold(self) -> float:
+        """The study-level decision threshold: where the second (first suspicious) category starts."""
+        return self.categories[1].min_probability if len(self.categories) > 1 else 0.5
+
     def category_for(self, probability: float) -> CodedTerm:
         chosen = self.categories[0].code
         for category in self.categories:

@@ -123,20 +123,36 @@ def normalize(
     return np.asarray((mapped - target[0]) / scale, dtype=np.float32)
 
 
+def resample_channels(loaded: LoadedStudy, grid: Volume, spec: TaskSpec) -> npt.NDArray[np.float32]:
+    """The spec's channels on the model grid, not yet normalised: (channels, slices, rows, columns)."""
+    return np.stack([resample_to(loaded.channels[name], grid).array for name in spec.channel_names]).astype(np.float32)
+
+
+def normalize_channels(
+    raw: npt.NDArray[np.floating], spec: TaskSpec, harmonisation: Mapping[str, Sequence[float]] | None = None
+) -> npt.NDArray[np.float32]:
+    """The spec's normalisation of each channel of a resampled stack; with harmonisation landmarks, every
+    channel is mapped onto the federation's shared scale instead (training and inference alike)."""
+    method = Normalization.LANDMARKS if harmonisation is not None else spec.preprocessing.normalization
+    return np.stack(
+        [
+            normalize(
+                raw[index],
+                method,
+                spec.preprocessing.percentiles,
+                harmonisation.get(name) if harmonisation is not None else None,
+            )
+            for index, name in enumerate(spec.channel_names)
+        ]
+    ).astype(np.float32)
+
+
 def prepare(
     loaded: LoadedStudy, spec: TaskSpec, harmonisation: Mapping[str, Sequence[float]] | None = None
 ) -> PreparedStudy:
     """Channels on the model grid, normalised, stacked in the spec's channel order."""
     grid = model_grid_for(loaded.reference, spec.preprocessing.spacing_mm)
-    method = spec.preprocessing.normalization
-    if harmonisation is not None:
-        method = Normalization.LANDMARKS
-    stacked = []
-    for name in spec.channel_names:
-        resampled = resample_to(loaded.channels[name], grid).array
-        landmarks = harmonisation.get(name) if harmonisation is not None else None
-        stacked.append(normalize(resampled, method, spec.preprocessing.percentiles, landmarks))
-    return PreparedStudy(loaded, grid, np.stack(stacked).astype(np.float32))
+    return PreparedStudy(loaded, grid, normalize_channels(resample_channels(loaded, grid, spec), spec, harmonisation))
 
 
 def labels_to_model_grid(labels: Volume, grid: Volume) -> npt.NDArray[np.uint8]:

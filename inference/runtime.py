@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,22 +21,11 @@ from radfed.inference.artifact import (
     ArtifactError,
     ModelArtifact,
 )
-from radfed.inference.windows import pad_to, windows
+from radfed.inference.windows import Prediction, predict_windows
 
 logger = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    probability: npt.NDArray[np.float32]  # lesion probability on the model grid (slices, rows, columns)
-    study_probability: float  # the most suspicious window's classification probability
-    windows: int
-
-
-def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(x, -60, 60))), dtype=np.float32)
 
 
 class OnnxModel:
@@ -96,22 +84,7 @@ class OnnxModel:
 
     def predict(self, image: npt.NDArray[np.float32]) -> Prediction:
         """Sliding-window prediction over a (channels, slices, rows, columns) image of any size."""
-        padded, crop = pad_to(image, self.patch)
-        spatial = padded.shape[1:]
-        logits_sum = np.zeros(spatial, dtype=np.float32)
-        weight = np.zeros(spatial, dtype=np.float32)
-        study = 0.0
-        tiles = list(windows(spatial, self.patch, self.overlap))
-        for first in range(0, len(tiles), self.batch_size):
-            chunk = tiles[first : first + self.batch_size]
-            batch = np.stack([padded[(slice(None), *w.slices)] for w in chunk]).astype(np.float32)
-            seg, cls = self.run_batch(batch)
-            for w, seg_logits, cls_logit in zip(chunk, seg[:, 0], cls[:, 0], strict=True):
-                logits_sum[w.slices] += seg_logits
-                weight[w.slices] += 1.0
-                study = max(study, float(1.0 / (1.0 + np.exp(-float(cls_logit)))))
-        probability = _sigmoid((logits_sum / np.maximum(weight, 1.0)).astype(np.float32))[crop]
-        return Prediction(np.ascontiguousarray(probability), study, len(tiles))
+        return predict_windows(image, self.patch, self.run_batch, overlap=self.overlap, batch_size=self.batch_size)
 
 
 def describe_providers() -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import product
 
@@ -48,3 +48,45 @@ def windows(shape: Sequence[int], patch: Sequence[int], overlap: float = 0.5) ->
     starts = [axis_starts(s, p, overlap) for s, p in zip(shape, patch, strict=True)]
     for start in product(*starts):
         yield Window((start[0], start[1], start[2]), (patch[0], patch[1], patch[2]))
+
+
+BatchRunner = Callable[[npt.NDArray[np.float32]], tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: npt.NDArray[np.float32]  # lesion probability on the model grid (slices, rows, columns)
+    study_probability: float  # the most suspicious window's classification probability
+    windows: int
+
+
+def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(x, -60, 60))), dtype=np.float32)
+
+
+def predict_windows(
+    image: npt.NDArray[np.float32],
+    patch: Sequence[int],
+    run_batch: BatchRunner,
+    *,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+) -> Prediction:
+    """Sliding-window prediction with any backend (ONNX Runtime at the node, torch in federated evaluation):
+    segmentation logits averaged where windows overlap, the study probability from the most suspicious window."""
+    padded, crop = pad_to(image, patch)
+    spatial = padded.shape[1:]
+    logits_sum = np.zeros(spatial, dtype=np.float32)
+    weight = np.zeros(spatial, dtype=np.float32)
+    study = 0.0
+    tiles = list(windows(spatial, patch, overlap))
+    for first in range(0, len(tiles), batch_size):
+        chunk = tiles[first : first + batch_size]
+        batch = np.stack([padded[(slice(None), *w.slices)] for w in chunk]).astype(np.float32)
+        seg, cls = run_batch(batch)
+        for w, seg_logits, cls_logit in zip(chunk, seg[:, 0], cls[:, 0], strict=True):
+            logits_sum[w.slices] += seg_logits
+            weight[w.slices] += 1.0
+            study = max(study, float(1.0 / (1.0 + np.exp(-float(cls_logit)))))
+    probability = _sigmoid((logits_sum / np.maximum(weight, 1.0)).astype(np.float32))[crop]
+    return Prediction(np.ascontiguousarray(probability), study, len(tiles))

@@ -292,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("files", type=Path, nargs="+", metavar="FILE")
     validate.set_defaults(handler=_cmd_validate)
+
+    from radfed.plugin import demo, federation_command  # argparse only; handlers import lazily
+
+    federation_command.add_parser(commands)
+    demo.add_parser(commands)
     return parser
 
 

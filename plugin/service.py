@@ -26,6 +26,7 @@ from radfed.inference.errors import (
 from radfed.inference.findings import input_fingerprint
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.pipeline import analyse_study
+from radfed.inference.registry import ModelRegistry
 from radfed.inference.runtime import OnnxModel
 from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, select_series
 from radfed.inference.study_source import OrthancStudy
@@ -33,7 +34,6 @@ from radfed.inference.timing import StageTimer
 from radfed.plugin.config import Destination, NodeConfig
 from radfed.plugin.ledger import Job, JobState, Ledger
 from radfed.plugin.metrics import NodeMetrics
-from radfed.plugin.registry import ModelRegistry
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
 
 logger = logging.getLogger(__name__)

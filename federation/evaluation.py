@@ -1,0 +1,181 @@
+"""Evaluation of a model on held-out studies, as counts that add up across sites.
+
+Each site evaluates the global model on its own held-out studies and sends only the counts below (no
+per-study value): the coordinator sums them for the pooled figures. Lesions are found with the same
+postprocessing as the clinical pipeline (threshold, 26-connected components, minimum volume) on the
+model grid, and the study score is the same classification probability the node writes into the SR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from scipy import ndimage
+from torch import nn
+
+from radfed.federation.cohort import TrainingSample
+from radfed.inference.taskspec import TaskSpec
+from radfed.inference.windows import predict_windows
+
+SCORE_BINS = 50  # study scores are pooled as histograms: AUC to within 1/50 without any per-study value
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass
+class EvaluationCounts:
+    studies: int = 0
+    dice_sum: float = 0.0  # per-study Dice, summed over studies with a reference lesion
+    dice_studies: int = 0
+    lesions_total: int = 0
+    lesions_found: int = 0
+    true_positive: int = 0  # study level, at the task's probability threshold
+    false_positive: int = 0
+    true_negative: int = 0
+    false_negative: int = 0
+    positive_scores: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
+    negative_scores: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
+
+    def __add__(self, other: EvaluationCounts) -> EvaluationCounts:
+        return EvaluationCounts(
+            self.studies + other.studies,
+            self.dice_sum + other.dice_sum,
+            self.dice_studies + other.dice_studies,
+            self.lesions_total + other.lesions_total,
+            self.lesions_found + other.lesions_found,
+            self.true_positive + other.true_positive,
+            self.false_positive + other.false_positive,
+            self.true_negative + other.true_negative,
+            self.false_negative + other.false_negative,
+            [a + b for a, b in zip(self.positive_scores, other.positive_scores, strict=True)],
+            [a + b for a, b in zip(self.negative_scores, other.negative_scores, strict=True)],
+        )
+
+    def as_metrics(self) -> dict[str, float | int | list[int]]:
+        """The counts under the allow-listed ``eval_*`` names (see radfed.federation.messages)."""
+        return {
+            "eval_studies": self.studies,
+            "eval_dice_sum": self.dice_sum,
+            "eval_dice_studies": self.dice_studies,
+            "eval_lesions_total": self.lesions_total,
+            "eval_lesions_found": self.lesions_found,
+            "eval_tp": self.true_positive,
+            "eval_fp": self.false_positive,
+            "eval_tn": self.true_negative,
+            "eval_fn": self.false_negative,
+            "eval_scores_positive": list(self.positive_scores),
+            "eval_scores_negative": list(self.negative_scores),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, object]) -> EvaluationCounts | None:
+        if "eval_studies" not in metrics:
+            return None
+
+        def count(name: str) -> int:
+            return int(float(metrics[name]))  # type: ignore[arg-type]
+
+        def histogram(name: str) -> list[int]:
+            values = metrics[name]
+            assert isinstance(values, list | tuple)
+            return [int(v) for v in values]
+
+        return cls(
+            count("eval_studies"),
+            float(metrics["eval_dice_sum"]),  # type: ignore[arg-type]
+            count("eval_dice_studies"),
+            count("eval_lesions_total"),
+            count("eval_lesions_found"),
+            count("eval_tp"),
+            count("eval_fp"),
+            count("eval_tn"),
+            count("eval_fn"),
+            histogram("eval_scores_positive"),
+            histogram("eval_scores_negative"),
+        )
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Dice, lesion-level sensitivity, AUC, sensitivity, specificity, F1 (None where undefined)."""
+        tp, fp, tn, fn = self.true_positive, self.false_positive, self.true_negative, self.false_negative
+        return {
+            "studies": self.studies,
+            "dice": self.dice_sum / self.dice_studies if self.dice_studies else None,
+            "lesion_sensitivity": self.lesions_found / self.lesions_total if self.lesions_total else None,
+            "auc": histogram_auc(self.positive_scores, self.negative_scores),
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+        }
+
+
+def histogram_auc(positive: Sequence[int], negative: Sequence[int]) -> float | None:
+    """Area under the ROC curve from binned scores (ties within a bin count one half)."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if pos.sum() == 0 or neg.sum() == 0:
+        return None
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])  # negatives in lower bins
+    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+
+
+def roc_points(positive: Sequence[int], negative: Sequence[int]) -> tuple[list[float], list[float]]:
+    """(false positive rates, true positive rates) at every bin edge, for plotting."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    tpr = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]]) / max(pos.sum(), 1.0)
+    fpr = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]]) / max(neg.sum(), 1.0)
+    return fpr.tolist(), tpr.tolist()
+
+
+def score_bin(score: float) -> int:
+    return min(SCORE_BINS - 1, max(0, int(score * SCORE_BINS)))
+
+
+def study_counts(
+    probability: npt.NDArray[np.float32],
+    study_score: float,
+    sample: TrainingSample,
+    spec: TaskSpec,
+) -> EvaluationCounts:
+    """One held-out study's contribution, from the model's lesion probability map on the model grid."""
+    outputs = spec.outputs
+    found, count = ndimage.label(probability >= outputs.lesion_threshold, structure=_CONNECTIVITY)
+    if count:
+        sizes = ndimage.sum_labels(np.ones_like(found), found, np.arange(1, count + 1))
+        small = np.flatnonzero(sizes * sample.voxel_mm3 < outputs.min_lesion_volume_mm3) + 1
+        found[np.isin(found, small)] = 0
+    predicted = found > 0
+    reference = sample.lesions > 0
+    counts = EvaluationCounts(studies=1)
+    if reference.any():
+        overlap = float(np.logical_and(predicted, reference).sum())
+        counts.dice_sum = 2 * overlap / float(predicted.sum() + reference.sum())
+        counts.dice_studies = 1
+        truth, lesions = ndimage.label(reference, structure=_CONNECTIVITY)
+        counts.lesions_total = lesions
+        counts.lesions_found = len(set(np.unique(truth[predicted]).tolist()) - {0})
+    positive_call = study_score >= outputs.codes.positive_threshold
+    if sample.label:
+        counts.true_positive, counts.false_negative = int(positive_call), int(not positive_call)
+        counts.positive_scores[score_bin(study_score)] += 1
+    else:
+        counts.false_positive, counts.true_negative = int(positive_call), int(not positive_call)
+        counts.negative_scores[score_bin(study_score)] += 1
+    return counts
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> EvaluationCounts:
+    """Sliding-window inference of a torch model over whole held-out studies, as the node runs it."""
+    model.eval()
+
+    def run_batch(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        seg, cls = model(torch.from_numpy(batch))
+        return seg.numpy(), cls.numpy()
+
+    total = EvaluationCounts()
+    for sample in samples:
+        prediction = predict_windows(sample.image.astype(np.float32), spec.preprocessing.patch_size, run_batch)
+        total = total + study_counts(prediction.probability, prediction.study_probability, sample, spec)
+    return total

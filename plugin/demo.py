@@ -1,0 +1,289 @@
+"""``radfed demo``: the whole product on this machine. Three hospitals (each a real Orthanc and its radfed
+node), a coordinator, a federated job (TLS, node authentication, DP, harmonisation), the model rolled out
+and activated, new studies sent to hospital 1 until their SEG and SR are stored, then a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radfed.plugin.federation_command import find_app_dir
+
+
+@dataclass
+class Node:
+    """One hospital's ``radfed serve`` process, beside its Orthanc."""
+
+    name: str
+    url: str
+    token: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        import requests
+
+        response = requests.request(
+            method, self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=10, **kwargs
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_node(site: Any, workdir: Path) -> Node:
+    from radfed.inference.orthanc.launcher import free_port
+
+    port = free_port()
+    folder = workdir / site.name / "node"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "node.toml"
+    config.write_text(
+        f'[orthanc]\nurl = "{site.orthanc.url}"\nusername = "{site.orthanc.options.username}"\n\n'
+        f'[node]\nstate_dir = "{folder / "state"}"\nmodels_dir = "{site.models_dir}"\nconcurrency = 2\n\n'
+        f"[api]\nport = {port}\n"
+    )
+    token = secrets.token_urlsafe(16)
+    env = dict(
+        os.environ,
+        RADFED_ORTHANC_PASSWORD=site.orthanc.options.password,
+        RADFED_API_TOKEN=token,
+        ORT_DISABLE_TELEMETRY="1",
+        OMP_NUM_THREADS="1",
+    )
+    log = folder / "node.log"
+    with log.open("ab") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "radfed.plugin", "serve", "--config", str(config)],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    import requests
+
+    node = Node(site.name, f"http://127.0.0.1:{port}", token, process, log)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            node.call("GET", "/health")
+            return node
+        except requests.RequestException:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{site.name}: radfed serve did not start:\n{log.read_text()[-2000:]}") from None
+            time.sleep(0.5)
+
+
+def wait_for_job(out: Path, process: subprocess.Popen[str], rounds: int, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    from radfed.federation.coordinator import read_metrics
+
+    with tqdm(total=rounds + 2, desc="federated job", unit="step", disable=quiet) as bar:
+        while process.poll() is None:
+            lines = read_metrics(out)
+            done = sum(1 for m in lines if "round" in m) + sum(
+                m.get("stage") in ("harmonisation", "final") for m in lines
+            )
+            bar.update(max(0, done - bar.n))
+            time.sleep(1)
+        bar.update(max(0, rounds + 2 - bar.n))
+
+
+def sample_slices(site: Any, study_uids: list[str], limit: int = 3) -> list[Any]:
+    """T2W slices of hospital 1's new studies with the SEG that radfed stored in Orthanc drawn over them."""
+    import numpy as np
+
+    from radfed.inference.orthanc.client import OrthancClient
+    from radfed.inference.preprocess import load_study
+    from radfed.inference.segmentation import read_segmentation
+    from radfed.inference.study_source import OrthancStudy
+    from radfed.inference.taskspec import load_task_spec
+    from radfed.plugin.report import SampleSlice
+
+    spec = load_task_spec(None)
+    samples: list[SampleSlice] = []
+    with OrthancClient(site.orthanc.endpoint) as client:
+        for uid in study_uids[:limit]:
+            study_id = client.find_study(uid)
+            if study_id is None:
+                continue
+            loaded = load_study(OrthancStudy(client, study_id), spec)
+            mask = np.zeros(loaded.reference.shape, dtype=bool)
+            lesions = 0
+            for series_id in client.get_json(f"/studies/{study_id}/series?expand=false") or []:
+                series_id = series_id if isinstance(series_id, str) else series_id["ID"]
+                info = client.series(series_id)
+                if info.get("MainDicomTags", {}).get("Modality") != "SEG":
+                    continue
+                for ds in client.series_datasets(series_id):
+                    seg = read_segmentation(ds, loaded.reference)
+                    for segment in seg.segments:
+                        mask |= seg.masks[segment.segment_number].astype(bool)
+                        lesions += 1
+            index = int(np.argmax(mask.sum(axis=(1, 2)))) if mask.any() else loaded.reference.shape[0] // 2
+            samples.append(
+                SampleSlice(
+                    f"hospital-1, new study {len(samples) + 1}, T2W slice {index + 1}",
+                    loaded.reference.array[index],
+                    mask[index],
+                    f"{lesions} lesion segment(s) in radfed's DICOM SEG as stored in Orthanc (red outline).",
+                )
+            )
+    return samples
+
+
+def harmonisation_view(federation: Any, reference: dict[str, list[float]] | None) -> list[Any]:
+    """Each site's T2W foreground from its cohort cache, with its own scaling vs the federation's."""
+    import numpy as np
+
+    from radfed.inference.preprocess import Normalization, normalize
+    from radfed.plugin.report import SiteIntensities
+
+    views = []
+    for site in federation.sites:
+        before, after = [], []
+        for cached in sorted((site.state_dir / "cache").glob("*.npz"))[:4]:
+            t2w = np.load(cached)["raw"][0]
+            fg = t2w > np.percentile(t2w, 50)
+            before.append(normalize(t2w, Normalization.PERCENTILE)[fg])
+            if reference:
+                after.append(normalize(t2w, Normalization.LANDMARKS, reference_landmarks=reference["t2w"])[fg])
+        if before:
+            views.append(
+                SiteIntensities(site.name, np.concatenate(before), np.concatenate(after or before).astype(np.float32))
+            )
+    return views
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from radfed.federation.launcher import FederationOptions, LocalFederation
+    from radfed.inference.artifact import load_artifact
+    from radfed.inference.orthanc.client import OrthancClient
+    from radfed.inference.synthetic.sites import site_profile
+    from radfed.inference.synthetic.study import render_study
+    from radfed.inference.synthetic.writer import upload_study
+    from radfed.plugin.federation_command import summarise
+    from radfed.plugin.report import write_job_report
+
+    started = time.perf_counter()
+    workdir: Path = args.workdir.resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    say = (lambda _: None) if args.quiet else (lambda text: print(f"radfed demo: {text}", file=sys.stderr, flush=True))
+    federation = LocalFederation(
+        workdir,
+        find_app_dir(None),
+        FederationOptions(sites=3, studies_per_site=args.studies_per_site, seed=args.seed, small=not args.full_size),
+    )
+    nodes: list[Node] = []
+    try:
+        say(f"starting 3 hospitals ({args.studies_per_site} synthetic studies each) and a coordinator")
+        federation.start(progress=lambda step: say(f"  {step}"))
+        out = workdir / "job"
+        config = {
+            "num-server-rounds": args.rounds,
+            "local-steps": args.local_steps,
+            "min-sites": 2,
+            "epsilon": args.epsilon,
+            "harmonise": True,
+            "rollout": True,
+            "job": "radfed-demo",
+            "model-version": "1.0.0",
+            "round-timeout": 600,
+        }
+        say(f"federated job: {args.rounds} rounds, DP epsilon {args.epsilon:g}, TLS + node authentication")
+        process = federation.submit(out, config)
+        wait_for_job(out, process, args.rounds, args.quiet)
+        if not (out / "artifact" / "manifest.json").is_file():
+            print(f"radfed demo: the federated job failed:\n{(out / 'run.log').read_text()[-3000:]}", file=sys.stderr)
+            return 1
+        artifact = load_artifact(out / "artifact")
+        print(summarise(out), file=sys.stderr)
+        say(f"model {artifact.key} rolled out; starting each hospital's radfed node and activating it")
+        for site in federation.sites:
+            node = start_node(site, workdir)
+            nodes.append(node)
+            node.call("POST", f"/models/{artifact.identity.name}/{artifact.identity.version}/activate")
+        hospital = federation.sites[0]
+        new_uids = []
+        with OrthancClient(hospital.orthanc.endpoint) as client:
+            for number in range(1, args.new_studies + 1):
+                study = render_study(site_profile(1, small=not args.full_size), 100 + number, args.seed + 1)
+                upload_study(study, client)
+                new_uids.append(study.identity.study_instance_uid)
+        say(f"sent {len(new_uids)} new studies to hospital-1's Orthanc; waiting for SEG + SR")
+        pending = set(new_uids)
+        deadline = time.monotonic() + 600
+        with tqdm(total=len(new_uids), desc="AI results stored", unit="study", disable=args.quiet) as bar:
+            while pending and time.monotonic() < deadline:
+                for uid in sorted(pending):
+                    jobs = nodes[0].call("GET", "/jobs", params={"study_instance_uid": uid})
+                    if any(j["state"] in ("done", "failed") for j in jobs):
+                        pending.discard(uid)
+                        bar.update(1)
+                time.sleep(1)
+        jobs = [j for uid in new_uids for j in nodes[0].call("GET", "/jobs", params={"study_instance_uid": uid})]
+        done = [j for j in jobs if j["state"] == "done"]
+        report = write_job_report(
+            out,
+            workdir / "report",
+            title="radfed demo: three hospitals, one federated model",
+            intensities=harmonisation_view(federation, artifact.harmonisation),
+            samples=sample_slices(hospital, [j["study_instance_uid"] for j in done]),
+        )
+        print("\n== radfed demo summary ==")
+        for site in federation.sites:
+            print(f"{site.name}: Orthanc {site.orthanc.url}  user {site.orthanc.options.username}  "
+                  f"password {site.orthanc.options.password}")  # fmt: skip
+        print(f"hospital-1: {len(done)} of {len(new_uids)} new studies have radfed SEG + SR in Orthanc")
+        for job in jobs:
+            print(f"  study {job['study_instance_uid'][-12:]}: {job['state']} {job.get('reason') or ''}".rstrip())
+        print(f"model card: {out / 'model-card.md'}")
+        print(f"report:     {report}")
+        print(f"total {time.perf_counter() - started:.0f} s")
+        if len(done) != len(new_uids):
+            return 1
+        if args.keep:
+            print("--keep: hospitals, nodes and coordinator stay up; Ctrl-C stops them", file=sys.stderr)
+            while True:
+                time.sleep(3600)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for node in nodes:
+            node.stop()
+        federation.stop()
+
+
+def add_parser(commands: Any) -> None:
+    demo = commands.add_parser("demo", help="three hospitals, a federated job, rollout and AI results, then a report")
+    demo.add_argument("--studies-per-site", type=int, default=8)
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--local-steps", type=int, default=20)
+    demo.add_argument("--epsilon", type=float, default=8.0)
+    demo.add_argument("--new-studies", type=int, default=3, help="studies sent to hospital 1 after the rollout")
+    demo.add_argument("--full-size", action="store_true", help="full-size studies (slower)")
+    demo.add_argument("--seed", type=int, default=21)
+    demo.add_argument("--workdir", type=Path, default=Path("radfed-demo"))
+    demo.add_argument("--keep", action="store_true", help="leave everything running until Ctrl-C")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(handler=cmd_demo)
