@@ -7,11 +7,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client chromium
 STAMPS := .cache/stamps
 
-.PHONY: install install-system install-python install-node lint typecheck imports unit test bench demo clean
+.PHONY: install install-system install-python install-node install-ohif lint typecheck imports unit test bench demo clean
 
-install: install-system install-python install-node
+OHIF_VERSION := 3.13.2
+install: install-system install-python install-node install-ohif
 
-# Debian packages: Orthanc (the real PACS in tests), its Python and DICOMweb plugins, DCMTK (DIMSE peer).
+# Debian packages: Orthanc (the real PACS in tests), its Python and DICOMweb plugins, DCMTK (DIMSE peer),
+# Chromium (the viewer and report tests drive it headless through Playwright; never a downloaded browser).
 install-system: $(STAMPS)/apt
 $(STAMPS)/apt:
 	@mkdir -p $(STAMPS)
@@ -37,6 +39,12 @@ $(STAMPS)/node: tests/node/package-lock.json
 	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
+
+# The prebuilt OHIF viewer (npm @ohif/app, pinned; npm checks its integrity), for radfed viewer and the viewer tests.
+install-ohif: .cache/ohif/$(OHIF_VERSION)/dist/index.html
+.cache/ohif/$(OHIF_VERSION)/dist/index.html: deploy/ohif/fetch-ohif.sh
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
+	bash deploy/ohif/fetch-ohif.sh $(OHIF_VERSION) .cache/ohif/$(OHIF_VERSION)
 
 lint: install-python
 	$(VENV)/bin/ruff check .

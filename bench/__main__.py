@@ -10,6 +10,8 @@ BENCHMARKS = {
     "fetch": "bench.fetch_study",
     "encode": "bench.encode_results",
     "node": "bench.node_e2e",
+    "federation": "bench.federation",
+    "viewer": "bench.viewer",
 }
 
 

@@ -22,6 +22,17 @@ class SrVariant(StrEnum):
     VOLUMETRIC_ONLY = "volumetric-only"
 
 
+class StudyFindingPlacement(StrEnum):
+    # The study-level probability and category in TID 1500's report-level "Qualitative Evaluations"
+    # container (category as CODE, probability as TEXT). OHIF 3.13.2's SR viewport crashes ("Error
+    # Boundary", blank viewport) on any measurement group without image coordinates, so the default
+    # keeps every measurement group geometric.
+    QUALITATIVE_EVALUATIONS = "qualitative-evaluations"
+    # A TID 1501 measurement group with the probability as NUM: best for machine readers (dcmqi's
+    # tid1500reader tabulates it), but it blanks OHIF 3.13.2's SR viewport. Never the default.
+    MEASUREMENT_GROUP = "measurement-group"
+
+
 def _choice(enum: type[_E], value: str | _E) -> _E:
     try:
         return enum(value)
@@ -40,6 +51,8 @@ class OutputProfile:
         BINARY (default) or LABELMAP (RLE-compressed).
     sr_variant
         ``viewer`` (default) or ``volumetric-only``.
+    study_finding
+        ``qualitative-evaluations`` (default) or ``measurement-group``.
     key_images
         Also write one Secondary Capture per lesion with the outline burned in.
     max_frames_with_empty
@@ -51,6 +64,7 @@ class OutputProfile:
 
     seg_encoding: SegEncoding = SegEncoding.BINARY
     sr_variant: SrVariant = SrVariant.VIEWER
+    study_finding: StudyFindingPlacement = StudyFindingPlacement.QUALITATIVE_EVALUATIONS
     key_images: bool = False
     max_frames_with_empty: int = 2000
     series_number_base: int = 9500
@@ -58,3 +72,4 @@ class OutputProfile:
     def __post_init__(self) -> None:
         object.__setattr__(self, "seg_encoding", _choice(SegEncoding, self.seg_encoding))
         object.__setattr__(self, "sr_variant", _choice(SrVariant, self.sr_variant))
+        object.__setattr__(self, "study_finding", _choice(StudyFindingPlacement, self.study_finding))

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from radfed.dicom_sr import codes, marking
-from radfed.dicom_sr.profile import OutputProfile, SrVariant
+from radfed.dicom_sr.profile import OutputProfile, SrVariant, StudyFindingPlacement
 from radfed.dicom_sr.seg import concept, ordered_sources, result_key
 from radfed.dicom_sr.uids import ResultKey, device_uid
 from radfed.inference.findings import InferenceResult, LesionFinding
@@ -147,6 +147,39 @@ def _study_group(result: InferenceResult, key: ResultKey) -> hd.sr.MeasurementsA
     )
 
 
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+
+
+def _study_evaluations(result: InferenceResult) -> hd.sr.ContainerContentItem:
+    """TID 1500 row "Qualitative Evaluations" (CODE and TEXT items only): the category, "No abnormality"
+    when nothing was found, and the study probability as text a person reads."""
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    finding = result.study_finding
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(concept(result.codes.classification_concept), concept(finding.category), contains)
+    ]
+    if not result.lesions:
+        items.append(hd.sr.CodeContentItem(dcm_codes.DCM.Finding, concept(result.codes.no_finding), contains))
+    probability = f"{finding.probability * 100:.0f} % (model {result.model.name} {result.model.version})"
+    items.append(hd.sr.TextContentItem(concept(result.codes.probability_concept), probability, contains))
+    container = hd.sr.ContainerContentItem(QUALITATIVE_EVALUATIONS, relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
+    return container
+
+
+def _move_study_finding(root: Dataset, result: InferenceResult) -> None:
+    """Take the study group (the first) out of "Imaging Measurements" (dropping the container when no lesion
+    group remains; highdicom insists on one group at construction) and add the qualitative evaluations."""
+    content = root.ContentSequence
+    for index, item in enumerate(content):
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010":  # Imaging Measurements
+            del item.ContentSequence[0]
+            if len(item.ContentSequence) == 0:
+                del content[index]
+            break
+    content.append(_study_evaluations(result))
+
+
 def build_sr(
     result: InferenceResult,
     seg: Dataset | None,
@@ -176,6 +209,8 @@ def build_sr(
         imaging_measurements=groups,
         title=dcm_codes.cid7021.ImagingMeasurementReport,
     )
+    if profile.study_finding is StudyFindingPlacement.QUALITATIVE_EVALUATIONS:
+        _move_study_finding(report[0], result)
     evidence = [*result.source_datasets, *result.evidence_datasets, *([seg] if seg is not None else [])]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,

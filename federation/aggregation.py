@@ -95,14 +95,16 @@ def aggregate(
     *,
     trim: float = 0.2,
     krum_f: int = 1,
+    screen: bool = True,
 ) -> AggregationOutcome:
-    """The next global model from the sites' updates (anomalous ones excluded)."""
+    """The next global model from the sites' updates (anomalous ones excluded unless ``screen`` is off,
+    which only the poisoning experiment does, to show what unscreened FedAvg would do)."""
     rule = AggregationRule(rule)
     if not updates:
         raise ValueError("no site update to aggregate")
     base = _flatten(global_arrays)
     deltas = {u.site: _flatten(u.arrays) - base for u in updates}
-    flags = detect_anomalies(deltas)
+    flags = detect_anomalies(deltas) if screen else []
     flagged = {f.site for f in flags}
     kept = [u for u in updates if u.site not in flagged]
     stacked = np.stack([deltas[u.site] for u in kept])

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from radfed.dicom_sr.outputs import build_results
-from radfed.dicom_sr.profile import OutputProfile, SegEncoding, SrVariant
+from radfed.dicom_sr.profile import OutputProfile, SegEncoding, SrVariant, StudyFindingPlacement
 from radfed.dicom_sr.qa import encoded, verify_seg_geometry
 from radfed.dicom_sr.seg import build_seg
 from radfed.dicom_sr.validation import ObjectKind, check_dciodvfy, check_strict_read, validate_file
@@ -81,18 +81,39 @@ def test_no_lesion_gives_only_an_sr_that_says_so(make_result: ResultFactory) -> 
     result, _ = make_result(0, False)
     objects = build_results(result)
     assert objects.seg is None
-    items = list(_content_items(objects.sr))
+    top = list(objects.sr.ContentSequence)
+    assert not any(
+        item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "126010" for item in top
+    )
+    evaluations = [item for item in top if item.ConceptNameCodeSequence[0].CodeMeaning == "Qualitative Evaluations"]
+    assert len(evaluations) == 1
+    items = list(evaluations[0].ContentSequence)
     codes = {
-        (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodeValue)
-        for item in items
-        if item.ValueType == "CODE"
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
+        for i in items
+        if i.ValueType == "CODE"
     }
     assert ("121071", "111286") in codes  # Finding = No abnormality
-    assert not any(item.ValueType == "SCOORD" for item in items)
-    probabilities = [
-        item for item in items if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == "111047"
-    ]
+    texts = [i.TextValue for i in items if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "111047"]
+    assert texts == [f"{result.study_finding.probability * 100:.0f} % (model prostate-lesions 1.0.0)"]
+    assert not any(item.ValueType == "SCOORD" for item in _content_items(objects.sr))
+
+
+def test_study_finding_as_a_measurement_group_keeps_the_number(make_result: ResultFactory) -> None:
+    """The machine-readable placement (not the default: OHIF 3.13.2 cannot draw an SR holding it)."""
+    result, _ = make_result(0, False)
+    sr = build_results(result, OutputProfile(study_finding=StudyFindingPlacement.MEASUREMENT_GROUP)).sr
+    items = list(_content_items(sr))
+    assert ("121071", "111286") in {
+        (i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
+        for i in items
+        if i.ValueType == "CODE"
+    }
+    probabilities = [i for i in items if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "111047"]
     assert len(probabilities) == 1
+    assert float(probabilities[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        round(100 * result.study_finding.probability, 2), abs=1e-2
+    )
 
 
 def _content_items(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]

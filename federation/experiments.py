@@ -1,0 +1,197 @@
+"""Side-by-side experiments on the same data: centralised vs federated vs local-only, with and without
+harmonisation, DP at several epsilons, one poisoned site under FedAvg vs robust aggregation.
+
+The federated arms run the job's own pieces in one process (the site's training and DP code, the
+coordinator's harmonisation, aggregation and evaluation); only Flower's transport is left out, so every
+arm sees the same studies, the same held-out test set (drawn from all sites) and the same number of
+gradient steps. The transport's cost is measured separately, on real Flower processes (bench federation).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from radfed.federation.aggregation import SiteUpdate, aggregate
+from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources
+from radfed.federation.coordinator import reference_landmarks
+from radfed.federation.evaluation import evaluate_model
+from radfed.federation.privacy import PrivacySettings, train_private
+from radfed.federation.site import arrays_to_model, model_to_arrays
+from radfed.federation.training import TrainingSettings, new_model, train_local
+from radfed.inference.taskspec import TaskSpec
+
+
+class Mode(StrEnum):
+    FEDERATED = "federated"
+    CENTRALISED = "centralised"
+    LOCAL = "local-only"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    mode: Mode = Mode.FEDERATED
+    harmonise: bool = True
+    epsilon: float = 0.0  # 0: no DP
+    aggregation: str = "fedavg"
+    screen: bool = True  # leave flagged updates out (radfed's default)
+    proximal_mu: float = 0.0
+    poisoned_site: str | None = None  # this site sends its update scaled x20
+
+
+EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
+    "centralised-vs-federated": (
+        Arm("centralised", Mode.CENTRALISED),
+        Arm("federated (FedAvg)"),
+        Arm("federated (FedProx mu=0.1)", proximal_mu=0.1),
+        Arm("local-only", Mode.LOCAL),
+    ),
+    "harmonisation": (Arm("federated, harmonised"), Arm("federated, own scaling", harmonise=False)),
+    "privacy": (Arm("no DP"), Arm("DP epsilon 8", epsilon=8.0), Arm("DP epsilon 2", epsilon=2.0)),
+    "poisoning": (
+        Arm("clean, FedAvg"),
+        Arm("poisoned, FedAvg unscreened", poisoned_site="site-3", screen=False),
+        Arm("poisoned, FedAvg + screening", poisoned_site="site-3"),
+        Arm("poisoned, median", poisoned_site="site-3", aggregation="median", screen=False),
+        Arm("poisoned, multi-Krum", poisoned_site="site-3", aggregation="multi-krum", screen=False),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    rounds: int = 5
+    local_steps: int = 30
+    held_out_fraction: float = 0.25
+    seed: int = 0
+
+
+@dataclass
+class ArmResult:
+    arm: Arm
+    pooled: dict[str, float | int | None]
+    per_round: list[dict[str, float | int | None]] = field(default_factory=list)
+    seconds: float = 0.0
+    local_sites: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)
+
+
+def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None) -> dict[str, SiteCohort]:
+    return {
+        name: cohort_from_sources(spec, [str(root)], cache_dir=cache / name if cache else None)
+        for name, root in roots.items()
+    }
+
+
+class Experiment:
+    def __init__(self, spec: TaskSpec, cohorts: Mapping[str, SiteCohort], budget: Budget) -> None:
+        self.spec = spec
+        self.cohorts = dict(cohorts)
+        self.budget = budget
+        self.landmarks = reference_landmarks(
+            {s: c.channel_landmarks(budget.held_out_fraction) for s, c in self.cohorts.items()},
+            {s: len(c.split(budget.held_out_fraction)[0]) for s, c in self.cohorts.items()},
+        )
+
+    def split(self, harmonise: bool) -> tuple[dict[str, list[TrainingSample]], list[TrainingSample]]:
+        harmonisation = self.landmarks if harmonise else None
+        train, test = {}, []
+        for site, cohort in self.cohorts.items():
+            site_train, site_test = cohort.split(self.budget.held_out_fraction, harmonisation)
+            train[site] = site_train
+            test += site_test
+        return train, test
+
+    def _settings(self, seed: int, steps: int, mu: float = 0.0) -> TrainingSettings:
+        return TrainingSettings.from_spec(self.spec, seed=seed, steps_per_epoch=steps, epochs=1, proximal_mu=mu)
+
+    def run(self, arm: Arm, progress: Callable[[str], None] = lambda _: None) -> ArmResult:
+        started = time.perf_counter()
+        train, test = self.split(arm.harmonise)
+        if arm.mode is Mode.CENTRALISED:
+            result = self._centralised(arm, train, test)
+        elif arm.mode is Mode.LOCAL:
+            result = self._local(arm, train, test)
+        else:
+            result = self._federated(arm, train, test, progress)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _centralised(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
+        pooled = [s for samples in train.values() for s in samples]
+        model = new_model(self.spec)
+        steps = self.budget.rounds * self.budget.local_steps * len(train)  # as many steps as the federation
+        train_local(model, pooled, self.spec, self._settings(self.budget.seed, steps))
+        return ArmResult(arm, evaluate_model(model, test, self.spec).summary())
+
+    def _local(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
+        sites = {}
+        for site, samples in train.items():
+            model = new_model(self.spec)
+            steps = self.budget.rounds * self.budget.local_steps
+            train_local(model, samples, self.spec, self._settings(self.budget.seed, steps))
+            sites[site] = evaluate_model(model, test, self.spec).summary()
+        best = max(sites.values(), key=lambda m: (m.get("dice") or 0.0) + (m.get("auc") or 0.0))
+        return ArmResult(arm, dict(best), local_sites=sites)
+
+    def _federated(
+        self,
+        arm: Arm,
+        train: dict[str, list[TrainingSample]],
+        test: list[TrainingSample],
+        progress: Callable[[str], None],
+    ) -> ArmResult:
+        arrays = model_to_arrays(new_model(self.spec))
+        result = ArmResult(arm, {})
+        with tempfile.TemporaryDirectory() as accountants:
+            for server_round in range(1, self.budget.rounds + 1):
+                updates = []
+                for site, samples in train.items():
+                    model = arrays_to_model(self.spec, arrays)
+                    settings = self._settings(self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu)
+                    if arm.epsilon > 0:
+                        privacy = PrivacySettings(
+                            arm.epsilon, 1e-5, planned_steps=self.budget.rounds * self.budget.local_steps
+                        )
+                        accountant = Path(accountants) / f"{site}.json"
+                        train_private(model, samples, self.spec, settings, privacy, accountant, self.budget.local_steps)
+                    else:
+                        train_local(model, samples, self.spec, settings)
+                    sent = model_to_arrays(model)
+                    if site == arm.poisoned_site:
+                        sent = [(g + 20.0 * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]
+                    updates.append(SiteUpdate(site, sent, len(samples)))
+                outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
+                arrays = list(outcome.arrays)
+                result.flagged += [f.site for f in outcome.flags]
+                summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
+                result.per_round.append({"round": server_round, **summary})
+                progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
+        result.pooled = dict(result.per_round[-1])
+        result.pooled.pop("round", None)
+        return result
+
+
+def results_table(results: Sequence[ArmResult]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for r in results:
+        p = r.pooled
+        flagged = ",".join(sorted(set(r.flagged))) or "-"
+        rows.append(
+            [r.arm.name, p.get("studies"), p.get("dice"), p.get("auc"), p.get("lesion_sensitivity"), r.seconds, flagged]
+        )
+    return rows
+
+
+TABLE_HEADER = ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "seconds", "flagged"]
+
+
+def ratio(results: Sequence[ArmResult], numerator: str, denominator: str, key: str) -> float | None:
+    by_name = {r.arm.name: r.pooled.get(key) for r in results}
+    a, b = by_name.get(numerator), by_name.get(denominator)
+    return float(a) / float(b) if isinstance(a, float | int) and isinstance(b, float | int) and b else None
