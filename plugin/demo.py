@@ -171,6 +171,18 @@ def harmonisation_view(federation: Any, reference: dict[str, list[float]] | None
     return views
 
 
+def _start_viewer(site: Any) -> Any:
+    """OHIF for hospital 1 on 127.0.0.1 (when make install fetched it)."""
+    from radfed.plugin.viewer import OrthancTarget, ViewerServer, default_dist
+
+    dist = default_dist(Path(find_app_dir(None)).parents[1])
+    if not (dist / "index.html").is_file():
+        print(f"radfed demo: OHIF not found at {dist} (make install fetches it); no viewer link", file=sys.stderr)
+        return None
+    target = OrthancTarget(site.orthanc.url, site.orthanc.options.username, site.orthanc.options.password)
+    return ViewerServer(dist, target).start()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -194,6 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         FederationOptions(sites=3, studies_per_site=args.studies_per_site, seed=args.seed, small=not args.full_size),
     )
     nodes: list[Node] = []
+    viewer = None
     try:
         say(f"starting 3 hospitals ({args.studies_per_site} synthetic studies each) and a coordinator")
         federation.start(progress=lambda step: say(f"  {step}"))
@@ -258,6 +271,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  study {job['study_instance_uid'][-12:]}: {job['state']} {job.get('reason') or ''}".rstrip())
         print(f"model card: {out / 'model-card.md'}")
         print(f"report:     {report}")
+        viewer = _start_viewer(hospital)
+        if viewer is not None and done:
+            print(
+                f"OHIF:       {viewer.study_url(done[0]['study_instance_uid'])}  (hospital-1, a study with AI results)"
+            )
         print(f"total {time.perf_counter() - started:.0f} s")
         if len(done) != len(new_uids):
             return 1
@@ -269,6 +287,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if viewer is not None:
+            viewer.stop()
         for node in nodes:
             node.stop()
         federation.stop()

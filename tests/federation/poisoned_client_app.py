@@ -1,19 +1,54 @@
-"""A ClientApp for fault injection only: radfed's own handlers, except that a site whose node config says
-``poison='sign-flip'`` or ``poison='scale'`` sends a manipulated update (a malicious or broken hospital).
-The real radfed ClientApp has no such switch; the test swaps this one in for its Flower app copy."""
+"""A ClientApp for the federation test only: radfed's own handlers, plus two test hooks.
+
+- Fault injection: a site whose node config says ``poison='sign-flip'`` or ``poison='scale'`` sends a
+  manipulated update (a malicious or broken hospital). The real radfed ClientApp has no such switch.
+- Inspection: every reply a site sends is described (record names and kinds, metric names, array shapes;
+  never values) in ``<state-dir>/sent.jsonl`` so the test can check what left the site.
+"""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from radfed.federation import client_app, records
 
 app = ClientApp()
+Handler = Callable[[Message, Context], Message]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _describe(reply: Message) -> dict[str, object]:
+    described: dict[str, object] = {}
+    for name, record in reply.content.items():
+        if isinstance(record, ArrayRecord):
+            described[name] = {"kind": "arrays", "shapes": [list(a.shape) for a in record.to_numpy_ndarrays()]}
+        elif isinstance(record, MetricRecord):
+            described[name] = {"kind": "metrics", "keys": sorted(record.keys())}
+        elif isinstance(record, ConfigRecord):
+            described[name] = {"kind": "config", "keys": sorted(record.keys())}
+        else:
+            described[name] = {"kind": type(record).__name__}
+    return described
+
+
+def recorded(handler: Handler) -> Handler:
+    def wrapper(msg: Message, context: Context) -> Message:
+        reply = handler(msg, context)
+        state = Path(str(context.node_config.get("state-dir", ".")))
+        state.mkdir(parents=True, exist_ok=True)
+        with (state / "sent.jsonl").open("a") as log:
+            log.write(json.dumps({"type": msg.metadata.message_type, "records": _describe(reply)}) + "\n")
+        return reply
+
+    return wrapper
+
+
+@recorded
+def _train(msg: Message, context: Context) -> Message:
     reply = client_app.train(msg, context)
     attack = str(context.node_config.get("poison", ""))
     if attack:
@@ -26,6 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-app.evaluate()(client_app.evaluate)
-app.query("landmarks")(client_app.landmarks)
-app.query("rollout")(client_app.rollout)
+app.train()(_train)
+app.evaluate()(recorded(client_app.evaluate))
+app.query("landmarks")(recorded(client_app.landmarks))
+app.query("rollout")(recorded(client_app.rollout))

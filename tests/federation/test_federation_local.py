@@ -9,6 +9,7 @@ updates that are nearly orthogonal, so a flip is not distinguishable there: see 
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import signal
 import time
@@ -18,8 +19,10 @@ import pytest
 
 from radfed.federation.coordinator import read_metrics
 from radfed.federation.launcher import FederationOptions, LocalFederation
-from radfed.federation.messages import ALLOWED_METRICS
+from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS, LANDMARK_PREFIX
+from radfed.federation.training import new_model
 from radfed.inference.artifact import load_artifact
+from radfed.inference.taskspec import load_task_spec
 from tests.plugin.node_harness import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,6 +125,21 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
     assert "hospital-1" in card and "pooled" in card
     rollout = next(m for m in lines if m.get("stage") == "rollout")
     assert {"hospital-1", "hospital-2", "hospital-4"} <= set(rollout["installed"])
+
+    # every reply any site sent: only allow-listed metrics, the site's name, and arrays shaped like the model
+    model_shapes = [list(t.shape) for t in new_model(load_task_spec()).state_dict().values()]
+    replies = [
+        json.loads(x) for site in federation.sites for x in (site.state_dir / "sent.jsonl").read_text().splitlines()
+    ]
+    assert {r["type"] for r in replies} == {"train", "evaluate", "query.landmarks", "query.rollout"}
+    for reply in replies:
+        recs = reply["records"]
+        assert set(recs) <= {"metrics", "site", "arrays"}, recs
+        assert recs["site"] == {"kind": "config", "keys": ["name"]}
+        for key in recs["metrics"]["keys"]:
+            assert key in ALLOWED_METRICS or key in ALLOWED_VECTORS or key.startswith(LANDMARK_PREFIX), key
+        if "arrays" in recs:
+            assert reply["type"] == "train" and recs["arrays"]["shapes"] == model_shapes
 
     # hospital-1's node activates the rolled-out model from its registry
     site = federation.sites[0]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (make install); Playwright never downloads a browser
@@ -138,7 +139,14 @@ class ViewerPage:
     def canvas_pixels(self) -> npt.NDArray[np.float32]:
         from matplotlib import image as mpimg
 
-        shot = self.page.locator("canvas.cornerstone-canvas").first.screenshot()
+        for attempt in range(5):  # OHIF replaces the canvas when a viewport is rebuilt (e.g. as a SEG loads)
+            try:
+                shot = self.page.locator("canvas.cornerstone-canvas").first.screenshot()
+                break
+            except PlaywrightError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2)
         return np.asarray(mpimg.imread(io.BytesIO(shot), format="png"), dtype=np.float32)[..., :3]
 
     def screenshot(self, path: Path) -> None:
