@@ -3,6 +3,9 @@ training, DP, harmonisation, aggregation and evaluation code (mechanics at a tin
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from radfed.federation.experiments import Arm, Budget, Experiment, Mode, load_site_cohorts
@@ -43,3 +46,19 @@ def test_a_scaled_site_is_flagged_only_when_screening(experiment: Experiment) ->
     unscreened = experiment.run(Arm("unscreened", poisoned_site="site-3", screen=False))
     assert screened.flagged == ["site-3", "site-3"]  # named in both rounds
     assert unscreened.flagged == []
+
+
+def test_experiment_command_writes_table_report_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from radfed.plugin.cli import main
+
+    args = ["experiment", "harmonisation", "--studies-per-site", "4", "--rounds", "1", "--local-steps", "2"]
+    assert main([*args, "--workdir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "federated, harmonised" in printed and "federated, own scaling" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [arm["arm"] for arm in results["harmonisation"]] == ["federated, harmonised", "federated, own scaling"]
+    assert {p.name for p in (tmp_path / "report").glob("*.png")} == {
+        "harmonisation_bars.png",
+        "harmonisation_rounds.png",
+    }
+    assert "harmonisation" in (tmp_path / "report" / "index.html").read_text()
