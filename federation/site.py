@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -34,7 +34,7 @@ class SiteConfig:
     """From the SuperNode's ``--node-config`` (set by the hospital's admin, never by the coordinator)."""
 
     name: str
-    data: tuple[str, ...]  # folders and/or Orthanc URLs (credentials via environment)
+    data: tuple[str, ...] = field(repr=False)  # folders and/or Orthanc URLs (the password is injected: never print)
     state_dir: Path
     labels: Path | None = None
     models_dir: Path | None = None  # the node's model registry, where a rolled-out model is stored
