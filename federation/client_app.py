@@ -1,4 +1,6 @@
-"""The Flower ClientApp: thin over radfed.federation.site (which knows nothing of Flower).
+"""The Flower ClientApp: thin on purpose. Flower starts a new process for every message, so this one
+imports only flwr and numpy and forwards each message to the site's long-lived worker
+(radfed.federation.site_worker), where torch, the cohort and the job's state stay warm.
 
 Message types: ``train`` (evaluate the incoming global model on held-out studies, then train),
 ``evaluate`` (the final model), ``query.landmarks`` (harmonisation statistics) and ``query.rollout``
@@ -9,79 +11,54 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from radfed.federation import records
-from radfed.federation.messages import MetricValue, allowed_metrics
-from radfed.federation.privacy import PrivacySettings
-from radfed.federation.site import (
-    RoundPlan,
-    SiteConfig,
-    evaluate_round,
-    install_rollout,
-    intensity_landmarks,
-    train_round,
-)
+from radfed.federation.messages import allowed_metrics
+from radfed.federation.site_worker import Frame, Request, call_site_worker
 
 app = ClientApp()
 
 
-def round_plan(config: Any) -> RoundPlan:
-    epsilon = records.number(config, "epsilon", 0.0)
-    privacy = (
-        PrivacySettings(
-            epsilon=epsilon,
-            delta=records.number(config, "delta"),
-            max_grad_norm=records.number(config, "max-grad-norm", 1.0),
-            planned_steps=records.integer(config, "num-rounds") * records.integer(config, "local-steps"),
-        )
-        if epsilon > 0
-        else None
-    )
-    return RoundPlan(
-        job=records.text(config, "job"),
-        task=records.text(config, "task") or None,
-        local_steps=records.integer(config, "local-steps", 1),
-        seed=records.integer(config, "server-round", 0),
-        privacy=privacy,
-        harmonisation=records.landmarks(config),
-        proximal_mu=records.number(config, "proximal-mu", 0.0),
-        held_out_fraction=records.number(config, "held-out-fraction", 0.25),
-    )
+def _config(msg: Message) -> dict[str, Any]:
+    record = msg.content["config"]
+    if not isinstance(record, ConfigRecord):
+        raise ValueError("the message's config is not a ConfigRecord")
+    return {k: v for k, v in record.items() if not isinstance(v, bytes)}
 
 
-def _reply(msg: Message, site: SiteConfig, metrics: dict[str, MetricValue], arrays: ArrayRecord | None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(allowed_metrics(metrics)), "site": ConfigRecord({"name": site.name})})
-    if arrays is not None:
-        content["arrays"] = arrays
+def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, with_arrays: bool) -> Message:
+    reply = call_site_worker(dict(context.node_config), request, frame)
+    site_name = str(context.node_config.get("site-name", "site"))
+    content = RecordDict(
+        {"metrics": MetricRecord(allowed_metrics(reply.header["metrics"])), "site": ConfigRecord({"name": site_name})}
+    )
+    if with_arrays:
+        content["arrays"] = ArrayRecord(reply.arrays)
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = SiteConfig.from_node_config(dict(context.node_config))
-    arrays, metrics = train_round(site, round_plan(msg.content["config"]), records.arrays(msg.content))
-    return _reply(msg, site, metrics, ArrayRecord(arrays))
+    frame = Frame({"config": _config(msg)}, records.arrays(msg.content))
+    return _forward(msg, context, Request.TRAIN, frame, with_arrays=True)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    site = SiteConfig.from_node_config(dict(context.node_config))
-    metrics = evaluate_round(site, round_plan(msg.content["config"]), records.arrays(msg.content))
-    return _reply(msg, site, metrics, None)
+    frame = Frame({"config": _config(msg)}, records.arrays(msg.content))
+    return _forward(msg, context, Request.EVALUATE, frame, with_arrays=False)
 
 
 @app.query("landmarks")
 def landmarks(msg: Message, context: Context) -> Message:
-    site = SiteConfig.from_node_config(dict(context.node_config))
-    plan = round_plan(msg.content["config"])
-    return _reply(msg, site, intensity_landmarks(site, plan.task, plan.held_out_fraction), None)
+    return _forward(msg, context, Request.LANDMARKS, Frame({"config": _config(msg)}, []), with_arrays=False)
 
 
 @app.query("rollout")
 def rollout(msg: Message, context: Context) -> Message:
-    site = SiteConfig.from_node_config(dict(context.node_config))
     files = records.files(msg.content["artifact"])
-    install_rollout(site, files)
-    return _reply(msg, site, {"model_installed": 1}, None)
+    frame = Frame({"files": list(files)}, [np.frombuffer(content, dtype=np.uint8) for content in files.values()])
+    return _forward(msg, context, Request.ROLLOUT, frame, with_arrays=False)

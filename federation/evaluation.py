@@ -8,6 +8,7 @@ model grid, and the study score is the same classification probability the node 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,10 +19,13 @@ from scipy import ndimage
 from torch import nn
 
 from radfed.federation.cohort import TrainingSample
+from radfed.federation.messages import SCORE_BINS
 from radfed.inference.taskspec import TaskSpec
 from radfed.inference.windows import predict_windows
 
-SCORE_BINS = 50  # study scores are pooled as histograms: AUC to within 1/50 without any per-study value
+# Study scores are pooled as histograms (no per-study value leaves a site). Bins are even in logit space:
+# a trained head puts most studies above 0.99 or below 0.01, where even probability bins would tie them all.
+SCORE_LOGIT_RANGE = 8.0  # bins span logits -8..8 (probabilities 0.0003..0.9997); beyond goes to the end bins
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -129,7 +133,10 @@ def roc_points(positive: Sequence[int], negative: Sequence[int]) -> tuple[list[f
 
 
 def score_bin(score: float) -> int:
-    return min(SCORE_BINS - 1, max(0, int(score * SCORE_BINS)))
+    p = min(max(score, 1e-12), 1.0 - 1e-12)
+    logit = math.log(p / (1.0 - p))
+    position = (logit + SCORE_LOGIT_RANGE) / (2 * SCORE_LOGIT_RANGE)
+    return min(SCORE_BINS - 1, max(0, int(position * SCORE_BINS)))
 
 
 def study_counts(

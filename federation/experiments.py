@@ -22,7 +22,7 @@ from radfed.federation.coordinator import reference_landmarks
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.privacy import PrivacySettings, train_private
 from radfed.federation.site import arrays_to_model, model_to_arrays
-from radfed.federation.training import TrainingSettings, new_model, train_local
+from radfed.federation.training import OptimizerState, TrainingSettings, new_model, train_local
 from radfed.inference.taskspec import TaskSpec
 
 
@@ -148,20 +148,25 @@ class Experiment:
     ) -> ArmResult:
         arrays = model_to_arrays(new_model(self.spec))
         result = ArmResult(arm, {})
+        optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
         with tempfile.TemporaryDirectory() as accountants:
             for server_round in range(1, self.budget.rounds + 1):
                 updates = []
                 for site, samples in train.items():
                     model = arrays_to_model(self.spec, arrays)
                     settings = self._settings(self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu)
+                    state = optimizer_states.get(site)
                     if arm.epsilon > 0:
                         privacy = PrivacySettings(
                             arm.epsilon, 1e-5, planned_steps=self.budget.rounds * self.budget.local_steps
                         )
                         accountant = Path(accountants) / f"{site}.json"
-                        train_private(model, samples, self.spec, settings, privacy, accountant, self.budget.local_steps)
+                        log, _ = train_private(
+                            model, samples, self.spec, settings, privacy, accountant, self.budget.local_steps, state
+                        )
                     else:
-                        train_local(model, samples, self.spec, settings)
+                        log = train_local(model, samples, self.spec, settings, optimizer_state=state)
+                    optimizer_states[site] = log.optimizer_state
                     sent = model_to_arrays(model)
                     if site == arm.poisoned_site:
                         sent = [(g + 20.0 * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from radfed.federation.site_config import ORTHANC_PASSWORD_ENV
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.orthanc.launcher import OrthancOptions, OrthancProcess, free_port, start_orthanc
@@ -28,7 +29,6 @@ from radfed.inference.synthetic.writer import iter_site_studies, label_row, uplo
 logger = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent
-ORTHANC_PASSWORD_ENV = "RADFED_ORTHANC_PASSWORD"  # a site's Orthanc password reaches its SuperNode by env only
 CONNECTION = "radfed-local"
 
 

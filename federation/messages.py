@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from radfed.inference.preprocess import LANDMARK_PERCENTILES
+from radfed.inference.landmarks import LANDMARK_PERCENTILES
 
 # Counts and aggregate scalars only: never per-study values, UIDs or text.
 ALLOWED_METRICS = frozenset(
@@ -46,7 +46,8 @@ ALLOWED_METRICS = frozenset(
 )
 # Aggregate vectors: binned study-score counts (evaluation) and mean intensity landmarks per channel
 # (harmonisation). Never per-study values.
-ALLOWED_VECTORS = {"eval_scores_positive": 50, "eval_scores_negative": 50}
+SCORE_BINS = 64  # study-score histogram bins (federation/evaluation.py)
+ALLOWED_VECTORS = {"eval_scores_positive": SCORE_BINS, "eval_scores_negative": SCORE_BINS}
 LANDMARK_PREFIX = "landmarks."
 LANDMARK_LENGTH = len(LANDMARK_PERCENTILES)
 

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from radfed.federation.cohort import TrainingSample
-from radfed.federation.training import ProximalTerm, TrainingLog, TrainingSettings, loss_fn, random_crop
+from radfed.federation.training import OptimizerState, ProximalTerm, TrainingLog, TrainingSettings, loss_fn, random_crop
 from radfed.inference.errors import RadfedError
 from radfed.inference.taskspec import TaskSpec
 
@@ -138,8 +138,11 @@ def train_private(
     privacy: PrivacySettings,
     accountant_path: Path,
     steps: int,
+    optimizer_state: OptimizerState | None = None,
 ) -> tuple[TrainingLog, float]:
-    """``steps`` DP-SGD steps on ``model`` (modified in place); returns the log and epsilon spent so far."""
+    """``steps`` DP-SGD steps on ``model`` (modified in place); returns the log and epsilon spent so far.
+    The momentum carried between rounds (``optimizer_state``) is computed from noised gradients only, so
+    keeping it is post-processing and costs no privacy."""
     from opacus import PrivacyEngine
     from opacus.validators import ModuleValidator
 
@@ -161,6 +164,8 @@ def train_private(
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant = _rdp_accountant(state)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode (no torchcsprng wheel here)
         private_model, private_optimizer, private_loader = engine.make_private(
@@ -197,6 +202,7 @@ def train_private(
                 break
     log.seconds = time.perf_counter() - started
     log.steps = done
+    log.optimizer_state = optimizer.state_dict()
     save_accountant_state(accountant_path, engine.accountant)
     private_model._close()  # detach Opacus' hooks: the plain model can be trained (or made private) again
     model.eval()

@@ -1,26 +1,27 @@
-"""A site's view of a federated job: where its data is, its state folder, its cohort (built once per
-process and cached on disk between rounds), and one round of local training."""
+"""A site's side of a federated job: its cohort (held in memory for the job by the long-lived site worker,
+and cached on disk between processes), one round of evaluation + local training, harmonisation
+statistics and the rollout. Knows nothing of Flower's message types."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import numpy as np
 import torch
 
+from radfed.federation import records
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.messages import MetricValue
 from radfed.federation.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
-from radfed.federation.training import TrainingSettings, new_model, train_local
+from radfed.federation.site_config import SiteConfig
+from radfed.federation.training import OptimizerState, TrainingSettings, new_model, train_local
 from radfed.inference.registry import ModelRegistry
 from radfed.inference.taskspec import TaskSpec, load_task_spec
 
@@ -29,49 +30,12 @@ Metrics = dict[str, MetricValue]
 _COHORTS: dict[str, SiteCohort] = {}
 
 
-@dataclass(frozen=True)
-class SiteConfig:
-    """From the SuperNode's ``--node-config`` (set by the hospital's admin, never by the coordinator)."""
-
-    name: str
-    data: tuple[str, ...] = field(repr=False)  # folders and/or Orthanc URLs (the password is injected: never print)
-    state_dir: Path
-    labels: Path | None = None
-    models_dir: Path | None = None  # the node's model registry, where a rolled-out model is stored
-
-    @classmethod
-    def from_node_config(cls, node_config: dict[str, Any]) -> SiteConfig:
-        password = os.environ.get("RADFED_ORTHANC_PASSWORD", "")
-        data = tuple(_with_password(s, password) for s in str(node_config.get("data", "")).split(",") if s)
-        if not data:
-            raise ValueError("node-config 'data' (folders or Orthanc URLs, comma separated) is required")
-        labels = node_config.get("labels")
-        models = node_config.get("models-dir")
-        return cls(
-            name=str(node_config.get("site-name", "site")),
-            data=data,
-            state_dir=Path(str(node_config.get("state-dir", "radfed-site-state"))),
-            labels=Path(str(labels)) if labels else None,
-            models_dir=Path(str(models)) if models else None,
-        )
-
-    def job_dir(self, job: str) -> Path:
-        return self.state_dir / "jobs" / hashlib.sha256(job.encode()).hexdigest()[:16]
-
-
-def _with_password(source: str, password: str) -> str:
-    """Orthanc URLs in the node config carry the user only; the password comes from the environment
-    (RADFED_ORTHANC_PASSWORD) so that it never appears in Flower's configuration or logs."""
-    parts = urlsplit(source)
-    if not password or parts.scheme not in ("http", "https") or not parts.username or parts.password:
-        return source
-    netloc = f"{parts.username}:{quote(password, safe='')}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def site_cohort(site: SiteConfig, spec: TaskSpec) -> SiteCohort:
-    key = json.dumps([site.data, spec.source_text])
+def site_cohort(site: SiteConfig, spec: TaskSpec, job: str) -> SiteCohort:
+    """The cohort, listed once per job (a new job sees studies stored since); only the current job's stays
+    in memory."""
+    key = json.dumps([site.data, spec.source_text, job])
     if key not in _COHORTS:
+        _COHORTS.clear()
         _COHORTS[key] = cohort_from_sources(spec, site.data, labels=site.labels, cache_dir=site.state_dir / "cache")
     return _COHORTS[key]
 
@@ -104,12 +68,36 @@ class RoundPlan:
     proximal_mu: float = 0.0
     held_out_fraction: float = 0.25
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundPlan:
+        epsilon = records.number(config, "epsilon", 0.0)
+        privacy = (
+            PrivacySettings(
+                epsilon=epsilon,
+                delta=records.number(config, "delta"),
+                max_grad_norm=records.number(config, "max-grad-norm", 1.0),
+                planned_steps=records.integer(config, "num-rounds") * records.integer(config, "local-steps"),
+            )
+            if epsilon > 0
+            else None
+        )
+        return cls(
+            job=records.text(config, "job"),
+            task=records.text(config, "task") or None,
+            local_steps=records.integer(config, "local-steps", 1),
+            seed=records.integer(config, "server-round", 0),
+            privacy=privacy,
+            harmonisation=records.landmarks(config),
+            proximal_mu=records.number(config, "proximal-mu", 0.0),
+            held_out_fraction=records.number(config, "held-out-fraction", 0.25),
+        )
+
 
 def _cohort_split(
     site: SiteConfig, plan: RoundPlan
 ) -> tuple[TaskSpec, SiteCohort, list[TrainingSample], list[TrainingSample]]:
     spec = load_task_spec(plan.task)
-    cohort = site_cohort(site, spec)
+    cohort = site_cohort(site, spec, plan.job)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     train, held_out = cohort.split(plan.held_out_fraction, plan.harmonisation)
@@ -128,14 +116,17 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     settings = TrainingSettings.from_spec(
         spec, seed=plan.seed, steps_per_epoch=plan.local_steps, epochs=1, proximal_mu=plan.proximal_mu
     )
+    job_dir = site.job_dir(plan.job)
+    state = load_optimizer_state(job_dir)
     if plan.privacy is None:
-        log = train_local(model, train, spec, settings)
+        log = train_local(model, train, spec, settings, optimizer_state=state)
     else:
         log, spent = train_private(
-            model, train, spec, settings, plan.privacy, site.job_dir(plan.job) / "accountant.json", plan.local_steps
+            model, train, spec, settings, plan.privacy, job_dir / "accountant.json", plan.local_steps, state
         )
         metrics["epsilon"] = spent
         metrics["delta"] = plan.privacy.delta
+    save_optimizer_state(job_dir, log.optimizer_state)
     finite = [x for x in log.losses if np.isfinite(x)]
     metrics.update(
         {
@@ -148,6 +139,29 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     return model_to_arrays(model), metrics
 
 
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def load_optimizer_state(job_dir: Path) -> OptimizerState | None:
+    """The site's optimiser state from its previous round of this job. Restarting Adam every round threw
+    away its moment estimates each time: measured on 3 x 12 small synthetic studies, 5 rounds x 30 steps,
+    pooled held-out Dice 0.00 after 4 rounds with a fresh optimiser vs 0.80 after 3 with the state kept."""
+    path = job_dir / OPTIMIZER_STATE
+    if not path.exists():
+        return None
+    state: OptimizerState = torch.load(path, weights_only=True)
+    return state
+
+
+def save_optimizer_state(job_dir: Path, state: OptimizerState | None) -> None:
+    if state is None:
+        return
+    job_dir.mkdir(parents=True, exist_ok=True)
+    partial = job_dir / (OPTIMIZER_STATE + ".partial")
+    torch.save(state, partial)
+    partial.replace(job_dir / OPTIMIZER_STATE)
+
+
 def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> Metrics:
     """Evaluate the (final) global model on the site's held-out studies."""
     spec, cohort, _, held_out = _cohort_split(site, plan)
@@ -156,10 +170,11 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     return metrics
 
 
-def intensity_landmarks(site: SiteConfig, task: str | None, held_out_fraction: float) -> Metrics:
+def intensity_landmarks(site: SiteConfig, plan: RoundPlan) -> Metrics:
     """The site's share of federated harmonisation: mean landmarks per channel over its training studies."""
-    spec = load_task_spec(task)
-    cohort = site_cohort(site, spec)
+    held_out_fraction = plan.held_out_fraction
+    spec = load_task_spec(plan.task)
+    cohort = site_cohort(site, spec, plan.job)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     metrics: Metrics = {f"landmarks.{k}": v for k, v in cohort.channel_landmarks(held_out_fraction).items()}

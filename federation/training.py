@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,11 +47,16 @@ class TrainingSettings:
         return cls(**values)  # type: ignore[arg-type]
 
 
+# An optimiser's state between rounds (Adam's moments, SGD's momentum): torch's own state_dict.
+OptimizerState = dict[str, Any]
+
+
 @dataclass
 class TrainingLog:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
+    optimizer_state: OptimizerState | None = None  # to continue from in the site's next round
 
 
 def new_model(spec: TaskSpec) -> nn.Module:
@@ -141,13 +147,17 @@ def train_local(
     settings: TrainingSettings,
     *,
     progress: Callable[[int, int, float], None] | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> TrainingLog:
-    """Plain (non-private) training of ``model`` on ``samples``; returns the loss history."""
+    """Plain (non-private) training of ``model`` on ``samples``; returns the loss history and the optimiser's
+    state. A federated site passes the state of its previous round back in (see ``site.train_round``)."""
     if not samples:
         raise ValueError("no training samples")
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     proximal = ProximalTerm(model, settings.proximal_mu, settings.learning_rate)
     steps_per_epoch = settings.steps_per_epoch or max(1, math.ceil(len(samples) / settings.batch_size))
     total = settings.epochs * steps_per_epoch
@@ -166,5 +176,6 @@ def train_local(
             progress(step + 1, total, log.losses[-1])
     log.seconds = time.perf_counter() - started
     log.steps = total
+    log.optimizer_state = optimizer.state_dict()
     model.eval()
     return log

@@ -11,7 +11,7 @@ import numpy as np
 
 from radfed.inference.findings import InferenceResult, LesionFinding, StudyFinding
 from radfed.inference.lesions import extract_lesions, measure_lesion
-from radfed.inference.preprocess import LoadedStudy, load_study, prepare
+from radfed.inference.preprocess import LoadedStudy, PreparedStudy, load_study, prepare
 from radfed.inference.resample import resample_to
 from radfed.inference.runtime import OnnxModel
 from radfed.inference.study_source import StudySource
@@ -29,11 +29,24 @@ class StudyAnalysis:
 def analyse_study(source: StudySource, model: OnnxModel, timer: StageTimer | None = None) -> StudyAnalysis:
     """Run the artifact's task on one study; stage times accumulate in ``timer``."""
     timer = timer or StageTimer()
+    return analyse_prepared(prepare_study(source, model, timer), model, timer)
+
+
+def prepare_study(source: StudySource, model: OnnxModel, timer: StageTimer | None = None) -> PreparedStudy:
+    """Selection, loading and the model's exact preprocessing (the part that can run before a study is stable)."""
+    timer = timer or StageTimer()
     spec = model.artifact.spec
     with timer.stage("load"):
         loaded = load_study(source, spec)
     with timer.stage("preprocess"):
-        prepared = prepare(loaded, spec, model.artifact.harmonisation)
+        return prepare(loaded, spec, model.artifact.harmonisation)
+
+
+def analyse_prepared(prepared: PreparedStudy, model: OnnxModel, timer: StageTimer | None = None) -> StudyAnalysis:
+    """The model and postprocessing into lesions and a study finding, on an already prepared study."""
+    timer = timer or StageTimer()
+    spec = model.artifact.spec
+    loaded = prepared.loaded
     with timer.stage("model"):
         prediction = model.predict(prepared.image)
     with timer.stage("postprocess"):

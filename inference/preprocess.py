@@ -12,15 +12,13 @@ import numpy as np
 import numpy.typing as npt
 
 from radfed.inference.findings import input_fingerprint
+from radfed.inference.landmarks import LANDMARK_PERCENTILES
 from radfed.inference.resample import resample_to
 from radfed.inference.selection import SeriesSelection, select_series
 from radfed.inference.series import volume_from_datasets
 from radfed.inference.study_source import StudySource
 from radfed.inference.taskspec import Normalization, TaskSpec
 from radfed.inference.volume import Volume
-
-# Percentiles whose values are the landmarks of federated harmonisation (Nyul & Udupa style).
-LANDMARK_PERCENTILES: tuple[float, ...] = (1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0)
 
 
 @dataclass(frozen=True, eq=False)

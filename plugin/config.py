@@ -57,6 +57,9 @@ class NodeConfig:
     scp_port: int | None = None
     scp_aet: str = "RADFED"
     onnx_threads: int | None = None
+    prefetch: bool = True  # prepare arriving studies before StableStudy (plugin/prefetch.py)
+    prefetch_quiet_s: float = 0.5
+    prefetch_studies: int = 4
 
     @property
     def ledger_path(self) -> Path:
@@ -147,4 +150,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         scp_port=_get(scp, "port", int, None, "scp") if scp.get("enabled", False) else None,
         scp_aet=_get(scp, "aet", str, "RADFED", "scp"),
         onnx_threads=_get(node, "onnx_threads", int, None, "node"),
+        prefetch=_get(node, "prefetch", bool, True, "node"),
+        prefetch_quiet_s=_get(node, "prefetch_quiet_s", float, 0.5, "node"),
+        prefetch_studies=_get(node, "prefetch_studies", int, 4, "node"),
     )

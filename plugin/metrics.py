@@ -27,4 +27,16 @@ class NodeMetrics:
             "radfed_queue_depth", "Jobs queued plus studies waiting in the inbox", registry=self.registry
         )
         self.model_loaded = Gauge("radfed_model_loaded", "1 when a model is active and loaded", registry=self.registry)
+        self.prefetch = Counter(
+            "radfed_prefetch_total",
+            "Jobs by what they found prepared ahead (used, stale, missed)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.prepared_ahead = Counter(
+            "radfed_prepared_ahead_total",
+            "Studies prepared before StableStudy, by whether preparing succeeded",
+            ["ok"],
+            registry=self.registry,
+        )
         self.orthanc_up = Gauge("radfed_orthanc_up", "1 when Orthanc answered the last request", registry=self.registry)

@@ -25,7 +25,7 @@ from radfed.inference.errors import (
 )
 from radfed.inference.findings import input_fingerprint
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.pipeline import analyse_study
+from radfed.inference.pipeline import analyse_prepared, analyse_study
 from radfed.inference.registry import ModelRegistry
 from radfed.inference.runtime import OnnxModel
 from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, select_series
@@ -34,6 +34,7 @@ from radfed.inference.timing import StageTimer
 from radfed.plugin.config import Destination, NodeConfig
 from radfed.plugin.ledger import Job, JobState, Ledger
 from radfed.plugin.metrics import NodeMetrics
+from radfed.plugin.prefetch import PrefetchSettings, PreparedAhead, StudyPrefetcher
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,16 @@ class NodeService:
         self._threads: list[threading.Thread] = []
         self._scp: Any = None
         self.orthanc_reachable = False
+        self.prefetcher = (
+            StudyPrefetcher(
+                OrthancClient(config.orthanc, timeout_s=30.0),
+                lambda: self.model,
+                PrefetchSettings(quiet_s=config.prefetch_quiet_s, max_studies=config.prefetch_studies),
+                on_prepared=lambda ok: self.metrics.prepared_ahead.labels(str(ok).lower()).inc(),
+            )
+            if config.prefetch
+            else None
+        )
 
     def _make_store(self) -> ResultStore:
         if self.config.destination is Destination.DICOMWEB:
@@ -134,6 +145,8 @@ class NodeService:
             self._scp = start_storage_scp(OrthancClient(self.config.orthanc), self.config.scp_port, self.config.scp_aet)
         loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox)]
         loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
+        if self.prefetcher is not None:
+            loops.append(("prefetch", self._prefetch))
         for name, target in loops:
             thread = threading.Thread(target=self._guarded, args=(name, target), name=f"radfed-{name}", daemon=True)
             thread.start()
@@ -149,6 +162,8 @@ class NodeService:
             thread.join(timeout=timeout_s)
         self.ledger.close()
         self.client.close()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     def _guarded(self, name: str, loop: Any) -> None:
         """A loop that must never die: log and continue after anything unexpected."""
@@ -181,6 +196,12 @@ class NodeService:
             self._set_orthanc(True)
             backoff = self.config.retry_base_s
             stable = [(c.resource_id, c.seq) for c in changes if c.change_type == STABLE_STUDY]
+            if self.prefetcher is not None:
+                for change in changes:
+                    if change.change_type == STABLE_STUDY:
+                        self.prefetcher.stable(change.resource_id)
+                    else:
+                        self.prefetcher.notice(change.change_type, change.resource_id)
             if changes or last != since:
                 self.ledger.receive(stable, cursor=last)
                 if stable:
@@ -288,8 +309,13 @@ class NodeService:
                     job.id, JobState.SKIPPED, reason=f"model {job.model_name}:{job.model_version} is no longer active"
                 )
                 return
-            source = _TimedStudy(OrthancStudy(self.client, job.orthanc_study_id), timer)
-            analysis = analyse_study(source, model, timer)
+            ahead = self._prepared_ahead(job, model)
+            if ahead is not None:
+                analysis = analyse_prepared(ahead.prepared, model, timer)
+            else:
+                analysis = analyse_study(
+                    _TimedStudy(OrthancStudy(self.client, job.orthanc_study_id), timer), model, timer
+                )
             if analysis.result.input_fingerprint != job.fingerprint:
                 self.ledger.finish(
                     job.id,
@@ -333,6 +359,8 @@ class NodeService:
             self._fail(job, "internal", f"{type(exc).__name__}: {exc}", timer)
             return
         timings = self._timings(timer, started)
+        if ahead is not None:
+            timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
         result = analysis.result
         self.ledger.finish(
             job.id,
@@ -346,6 +374,7 @@ class NodeService:
                 "study_probability": round(result.study_finding.probability, 4),
                 "category": result.study_finding.category.meaning,
                 "provider": model.provider,
+                "prepared_ahead": ahead is not None,
                 "supersedes": predecessor.SOPInstanceUID if predecessor is not None else None,
             },
         )
@@ -353,6 +382,17 @@ class NodeService:
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         self.metrics.jobs.labels(JobState.DONE.value, "").inc()
         logger.info("job %d done in %.2f s (%d lesions)", job.id, timings["total"], len(result.lesions))
+
+    def _prefetch(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.run(self._stop)
+
+    def _prepared_ahead(self, job: Job, model: OnnxModel) -> PreparedAhead | None:
+        if self.prefetcher is None:
+            return None
+        ahead, outcome = self.prefetcher.take(job.orthanc_study_id, job.fingerprint, model.artifact.key)
+        self.metrics.prefetch.labels(outcome.value).inc()
+        return ahead
 
     def _timings(self, timer: StageTimer, started: float) -> dict[str, float]:
         timings = timer.as_dict()

@@ -58,6 +58,6 @@ def test_metric_allow_list() -> None:
     with pytest.raises(MetricLeakError, match="finite number"):
         allowed_metrics({"dice": float("nan")})
     with pytest.raises(MetricLeakError, match="aggregate vector"):
-        allowed_metrics({"eval_scores_positive": [0.3]})  # a per-study score list is not a 50-bin histogram
+        allowed_metrics({"eval_scores_positive": [0.3]})  # a per-study score list is not a 64-bin histogram
     with pytest.raises(MetricLeakError, match="aggregate vector"):
         allowed_metrics({"pixels": [1, 2, 3]})

@@ -29,6 +29,7 @@ class NodeProcess:
         extra: str = "",
         port: int | None = None,
         poll_interval_s: float = 0.3,
+        prefetch: bool = True,
     ) -> None:
         self.workdir = workdir
         self.orthanc = orthanc
@@ -45,6 +46,7 @@ username = "{orthanc.options.username}"
 state_dir = "{workdir / "state"}"
 concurrency = {concurrency}
 poll_interval_s = {poll_interval_s}
+prefetch = {str(prefetch).lower()}
 retry_base_s = 1.0
 retry_max_s = 4.0
 
@@ -94,6 +96,11 @@ port = {self.port}
         response = requests.get(self.url + path, headers=self.headers, params=params, timeout=10)
         response.raise_for_status()
         return response.json()
+
+    def get_text(self, path: str) -> str:
+        response = requests.get(self.url + path, headers=self.headers, timeout=10)
+        response.raise_for_status()
+        return response.text
 
     def ready(self) -> dict[str, Any]:
         """/ready answers 503 with the same body while not ready."""

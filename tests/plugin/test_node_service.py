@@ -6,11 +6,10 @@ from __future__ import annotations
 import copy
 import io
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
-import pytest
 import requests
 
 from radfed.dicom_sr.validation import check_dciodvfy
@@ -24,20 +23,6 @@ from tests.plugin.node_harness import TOKEN, NodeProcess, wait_until
 
 def _studies(count: int, seed: int = 5) -> list[SyntheticStudy]:
     return [render_study(site_profile(1 + n % 3, small=True), 1 + n // 3, seed) for n in range(count)]
-
-
-@pytest.fixture
-def node_factory(tmp_path: Path, tiny_artifact: Path) -> Iterator[Callable[..., NodeProcess]]:
-    nodes: list[NodeProcess] = []
-
-    def make(orthanc: OrthancProcess, **kwargs: object) -> NodeProcess:
-        node = NodeProcess(tmp_path / f"node-{len(nodes)}", orthanc, tiny_artifact, **kwargs)  # type: ignore[arg-type]
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop()
 
 
 def _results_per_study(client: OrthancClient) -> dict[str, Counter[str]]:
@@ -70,10 +55,11 @@ def test_results_appear_once_and_validate(
     jobs = node.jobs()
     assert [j["state"] for j in jobs] == ["done"] * 3, [j["reason"] for j in jobs]
     for job in jobs:
-        assert set(job["timings_s"]) >= {
-            "fetch",
-            "load",
-            "preprocess",
+        # Fetch, load and preprocess ran in the job, or before StableStudy when the study was prepared ahead.
+        ahead = job["result"]["prepared_ahead"]
+        assert set(job["timings_s"]) >= (
+            {"ahead_load", "ahead_preprocess"} if ahead else {"fetch", "load", "preprocess"}
+        ) | {
             "model",
             "postprocess",
             "encode",
