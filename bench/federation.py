@@ -27,6 +27,10 @@ ARMS = (
     Arm("federated, no harmonisation", harmonise=False),
     Arm("federated, DP eps 8", epsilon=8.0),
     Arm("federated, DP eps 2", epsilon=2.0),
+    Arm("federated, site-3 sends x20, FedAvg + screening", poisoned_site="site-3"),
+    Arm(
+        "federated, site-3 sends x20, median (no screening)", poisoned_site="site-3", aggregation="median", screen=False
+    ),
 )
 
 
@@ -45,62 +49,72 @@ def quality(work: Path, quick: bool) -> None:
             _f(r.pooled.get("auc")),
             _f(r.pooled.get("lesion_sensitivity")),
             f"{r.seconds:.0f}",
+            ",".join(sorted(set(r.flagged))) or "-",
         ]
         for r in results
     ]
     table(
         f"Federated vs centralised vs local-only (3 small synthetic sites x {studies} studies, "
         f"{budget.rounds} rounds x {budget.local_steps} steps; the same held-out studies for every arm)",
-        ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "seconds"],
+        ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "seconds", "flagged"],
         rows,
         "python -m bench federation",
     )
     for key in ("dice", "auc"):
         value = ratio(results, "federated", "centralised", key)
         print(f"federated / centralised {key}: {_f(value)} (goal >= 0.95)")
+    for arm in ARMS:
+        if arm.poisoned_site:
+            print(
+                f"{arm.name} / clean federated Dice: {_f(ratio(results, arm.name, 'federated', 'dice'))} (goal >= 0.95)"
+            )
 
 
 def transport(work: Path, quick: bool) -> None:
+    """Round wall time on real Flower processes, split into the slowest site's compute and the rest, for
+    a light and a heavier round (the overhead is fixed; its share falls as compute grows)."""
     federation = LocalFederation(
         work / "fed", ROOT / "deploy" / "flower", FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True)
     )
     federation.start()
+    rows = []
     try:
-        rounds = 2 if quick else 4
-        outcome = federation.run_job(
-            work / "job",
-            {
-                "num-server-rounds": rounds,
-                "local-steps": 10,
-                "min-sites": 3,
-                "epsilon": 0.0,
-                "harmonise": True,
-                "rollout": False,
-                "job": "bench-transport",
-            },
-        )
-        assert outcome.ok, outcome.log[-2000:]
+        for steps in (3, 10) if quick else (10, 40):
+            job = work / f"job-{steps}"
+            outcome = federation.run_job(
+                job,
+                {
+                    "num-server-rounds": 2 if quick else 4,
+                    "local-steps": steps,
+                    "min-sites": 3,
+                    "epsilon": 0.0,
+                    "harmonise": True,
+                    "rollout": False,
+                    "job": f"bench-transport-{steps}",
+                },
+            )
+            assert outcome.ok, outcome.log[-2000:]
+            for m in (m for m in read_metrics(job) if "round" in m):
+                up = statistics.mean(s["bytes_up"] for s in m["sites"].values())
+                down = statistics.mean(s["bytes_down"] for s in m["sites"].values())
+                rows.append(
+                    [
+                        steps,
+                        m["round"],
+                        f"{m['seconds']:.1f}",
+                        f"{m['site_compute_seconds']:.1f}",
+                        f"{m['overhead_seconds']:.1f}",
+                        f"{m['overhead_seconds'] / max(m['site_compute_seconds'], 1e-9):.0%}",
+                        f"{down / 1e3:.0f}",
+                        f"{up / 1e3:.0f}",
+                    ]
+                )
     finally:
         federation.stop()
-    lines = [m for m in read_metrics(work / "job") if "round" in m]
-    rows = []
-    for m in lines:
-        up = statistics.mean(s["bytes_up"] for s in m["sites"].values())
-        down = statistics.mean(s["bytes_down"] for s in m["sites"].values())
-        rows.append(
-            [
-                m["round"],
-                f"{m['seconds']:.1f}",
-                f"{m['site_compute_seconds']:.1f}",
-                f"{m['overhead_seconds']:.1f}",
-                f"{m['overhead_seconds'] / max(m['site_compute_seconds'], 1e-9):.0%}",
-                f"{down / 1e3:.0f}",
-                f"{up / 1e3:.0f}",
-            ]
-        )
     table(
-        "One federated round on real Flower processes (3 SuperNodes, TLS + node auth, 10 local steps, no DP)",
+        "Federated rounds on real Flower processes (3 SuperNodes with their site workers, TLS + node auth, no DP)",
         [
+            "local steps",
             "round",
             "wall s",
             "site compute s (slowest site)",
@@ -120,9 +134,12 @@ def _f(value: object) -> str:
 
 def main() -> None:
     quick = os.environ.get("RADFED_BENCH_QUICK") == "1"
+    parts = os.environ.get("RADFED_BENCH_FEDERATION", "quality,transport").split(",")
     with tempfile.TemporaryDirectory(prefix="radfed-bench-fed-") as tmp:
-        quality(Path(tmp) / "quality", quick)
-        transport(Path(tmp) / "transport", quick)
+        if "quality" in parts:
+            quality(Path(tmp) / "quality", quick)
+        if "transport" in parts:
+            transport(Path(tmp) / "transport", quick)
 
 
 if __name__ == "__main__":

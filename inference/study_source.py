@@ -102,6 +102,10 @@ class OrthancStudy:
     def accession_number(self) -> str:
         return str(self._study["MainDicomTags"].get("AccessionNumber", ""))
 
+    @property
+    def series_ids(self) -> list[str]:
+        return [str(series_id) for series_id in self._study["Series"]]
+
     def _series_instances(self, series_id: str) -> list[dict[str, object]]:
         if series_id not in self._instances:
             self._instances[series_id] = self.client.get_json(f"/series/{series_id}/instances")

@@ -44,6 +44,7 @@ class PreparedAhead:
     prepared: PreparedStudy
     model_key: str
     instances: int
+    series_ids: frozenset[str]  # every series of the study when it was prepared
     seconds: dict[str, float]  # the stages done ahead: load (downloads included) and preprocess
 
 
@@ -101,6 +102,13 @@ class StudyPrefetcher:
                 del self._studies[study_id]
 
     # -- what a job asks -----------------------------------------------------------------------------
+
+    def peek(self, study_id: str, model_key: str) -> PreparedAhead | None:
+        """The study as prepared for this model, if ready (it stays here for its job to take)."""
+        with self._lock:
+            entry = self._studies.get(study_id)
+            ready = entry.ready if entry is not None and not entry.preparing else None
+        return ready if ready is not None and ready.model_key == model_key else None
 
     def take(
         self, study_id: str, fingerprint: str, model_key: str, wait_s: float = 30.0
@@ -184,8 +192,9 @@ class StudyPrefetcher:
         timer = StageTimer()
         ready: PreparedAhead | None = None
         try:
-            prepared = prepare_study(OrthancStudy(self._client, study_id), model, timer)
-            ready = PreparedAhead(prepared, model.artifact.key, count, timer.as_dict())
+            source = OrthancStudy(self._client, study_id)
+            prepared = prepare_study(source, model, timer)
+            ready = PreparedAhead(prepared, model.artifact.key, count, frozenset(source.series_ids), timer.as_dict())
         except Exception as exc:  # noqa: BLE001 - the study's own job will meet (and report) the problem
             logger.debug("could not prepare study %s ahead: %s", study_id, type(exc).__name__)
         with self._lock:

@@ -23,7 +23,7 @@ from radfed.inference.errors import (
     RadfedError,
     ResultQualityError,
 )
-from radfed.inference.findings import input_fingerprint
+from radfed.inference.findings import ModelIdentity, input_fingerprint
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.pipeline import analyse_prepared, analyse_study
 from radfed.inference.registry import ModelRegistry
@@ -248,9 +248,20 @@ class NodeService:
 
     def examine(self, orthanc_study_id: str, model: OnnxModel) -> Job:
         """Create (or find) the job for the study as it is now."""
+        identity = model.artifact.identity
+        ahead = self.prefetcher.peek(orthanc_study_id, model.artifact.key) if self.prefetcher else None
+        if ahead is not None and self._unchanged_since_prepared(orthanc_study_id, ahead):
+            # One listing instead of a header download per series: the prepared selection still holds.
+            loaded = ahead.prepared.loaded
+            return self._queue_job(
+                str(getattr(loaded.reference_datasets[0], "StudyInstanceUID", "")),
+                orthanc_study_id,
+                identity,
+                loaded.fingerprint,
+                loaded.selection.describe(),
+            )
         study = OrthancStudy(self.client, orthanc_study_id)
         spec = model.artifact.spec
-        identity = model.artifact.identity
         series = study.series()
         try:
             selection = select_series(spec, series)
@@ -274,18 +285,35 @@ class NodeService:
         fingerprint = input_fingerprint(
             uid for info in selection.chosen.values() for uid in study.sop_instance_uids(info)
         )
+        return self._queue_job(study.study_instance_uid, orthanc_study_id, identity, fingerprint, selection.describe())
+
+    def _queue_job(
+        self, study_uid: str, orthanc_study_id: str, identity: ModelIdentity, fingerprint: str, selection: list[str]
+    ) -> Job:
         job, created = self.ledger.create_job(
-            study_instance_uid=study.study_instance_uid,
+            study_instance_uid=study_uid,
             orthanc_study_id=orthanc_study_id,
             model_name=identity.name,
             model_version=identity.version,
             fingerprint=fingerprint,
-            selection=selection.describe(),
+            selection=selection,
         )
         logger.info("study %s: job %d %s", orthanc_study_id, job.id, "queued" if created else f"exists ({job.state})")
         if created:
             self._job_event.set()
         return job
+
+    def _unchanged_since_prepared(self, orthanc_study_id: str, ahead: PreparedAhead) -> bool:
+        """True when the study has the same series and its selected series the same instances as when it was
+        prepared (so the job's key is exactly the prepared copy's)."""
+        instances = self.client.get_json(f"/studies/{orthanc_study_id}/instances")
+        if {str(i["ParentSeries"]) for i in instances} != ahead.series_ids:
+            return False
+        chosen = {info.handle for info in ahead.prepared.loaded.selection.chosen.values()}
+        current = input_fingerprint(
+            str(i["MainDicomTags"]["SOPInstanceUID"]) for i in instances if i["ParentSeries"] in chosen
+        )
+        return current == ahead.prepared.loaded.fingerprint
 
     # -- running jobs ------------------------------------------------------------------------------
 
