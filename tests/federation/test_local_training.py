@@ -92,3 +92,34 @@ def test_cohort_from_an_orthanc_url(orthanc: object, orthanc_client: object, syn
         assert sample.label == twin.label
         assert (sample.lesions == twin.lesions).all()
         assert (sample.image == twin.image).all()
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 8.0])
+def test_a_site_continues_its_optimiser_from_its_previous_round(
+    tmp_path: Path, synth_root: Path, epsilon: float
+) -> None:
+    """Adam's moments (DP-SGD's momentum) carry over between a site's rounds of one job, through a restart
+    (they are on disk), and never into another job."""
+    import torch
+
+    from radfed.federation.site import RoundPlan, SiteConfig, model_to_arrays, train_round
+    from radfed.federation.training import new_model
+
+    site = SiteConfig(name="hospital-1", data=(str(synth_root / "site-1"),), state_dir=tmp_path / "state")
+    config = {"job": "job-a", "local-steps": 2, "num-rounds": 2, "held-out-fraction": 0.25, "epsilon": epsilon}
+    if epsilon:
+        config["delta"] = 1e-5
+    arrays = model_to_arrays(new_model(load_task_spec(None)))
+    for server_round in (1, 2):
+        arrays, _ = train_round(site, RoundPlan.from_config({**config, "server-round": server_round}), arrays)
+        state = torch.load(site.job_dir("job-a") / "optimizer.pt", weights_only=True)
+        buffers = state["state"][0]
+        if epsilon:
+            assert "momentum_buffer" in buffers and torch.count_nonzero(buffers["momentum_buffer"]) > 0
+        else:
+            assert int(buffers["step"]) == 2 * server_round  # the second round went on from the first
+    assert not site.job_dir("job-b").exists()
+    train_round(site, RoundPlan.from_config({**config, "job": "job-b", "server-round": 1}), arrays)
+    fresh = torch.load(site.job_dir("job-b") / "optimizer.pt", weights_only=True)
+    if not epsilon:
+        assert int(fresh["state"][0]["step"]) == 2  # a new job starts its optimiser afresh
