@@ -12,7 +12,7 @@ import numpy as np
 from radfed.inference.findings import InferenceResult, LesionFinding, StudyFinding
 from radfed.inference.lesions import extract_lesions, measure_lesion
 from radfed.inference.preprocess import LoadedStudy, PreparedStudy, load_study, prepare
-from radfed.inference.resample import resample_to
+from radfed.inference.resample import resample_above
 from radfed.inference.runtime import OnnxModel
 from radfed.inference.study_source import StudySource
 from radfed.inference.timing import StageTimer
@@ -51,7 +51,7 @@ def analyse_prepared(prepared: PreparedStudy, model: OnnxModel, timer: StageTime
         prediction = model.predict(prepared.image)
     with timer.stage("postprocess"):
         probability = prepared.model_grid.with_array(prediction.probability)
-        on_reference = resample_to(probability, loaded.reference, "linear").array
+        on_reference = resample_above(probability, loaded.reference, spec.outputs.lesion_threshold).array
         candidates = extract_lesions(
             on_reference,
             loaded.reference,

@@ -82,3 +82,34 @@ def resample_to(
         prefilter=interpolation is Interpolation.CUBIC,
     )
     return Volume(output, reference.affine.copy(), reference.frame_of_reference_uid, reference.slice_sources)
+
+
+def resample_above(moving: Volume, reference: Volume, threshold: float) -> Volume:
+    """Linear resampling of ``moving`` onto ``reference`` wherever the result can reach ``threshold``; 0 elsewhere.
+
+    A linearly interpolated value never exceeds the largest of its neighbours, so a reference voxel can reach
+    the threshold only within one moving voxel of one that does. Only the reference box around those is
+    resampled: a probability map with a few small lesions costs a fraction of the whole grid, with the same
+    values (and so the same lesions) above the threshold.
+    """
+    output = np.zeros(reference.shape, dtype=np.float32)
+    hot = np.argwhere(moving.array >= threshold)
+    if len(hot) == 0:
+        return reference.with_array(output)
+    low, high = hot.min(axis=0) - 1.0, hot.max(axis=0) + 1.0
+    corners = np.array([[(low, high)[k][axis] for axis, k in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
+    inside = reference.lps_to_index(moving.index_to_lps(corners))
+    start = np.clip(np.floor(inside.min(axis=0)).astype(int), 0, reference.shape)
+    stop = np.clip(np.ceil(inside.max(axis=0)).astype(int) + 1, 0, reference.shape)
+    if np.any(stop <= start):
+        return reference.with_array(output)
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    box = Volume(
+        np.zeros(tuple(int(n) for n in stop - start), dtype=np.float32),
+        reference.affine @ shift,
+        reference.frame_of_reference_uid,
+    )
+    window = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+    output[window] = resample_to(moving, box, Interpolation.LINEAR).array
+    return reference.with_array(output)

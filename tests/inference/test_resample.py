@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from radfed.inference.errors import DicomInputError
-from radfed.inference.resample import resample_to
+from radfed.inference.resample import resample_above, resample_to
 from radfed.inference.series import volume_from_datasets
 from radfed.inference.synthetic.sites import Sequence, SeriesGrid
 from radfed.inference.synthetic.study import SyntheticStudy, grid_volume
@@ -66,3 +66,30 @@ def test_refuses_unrelated_frames_of_reference(small_study: SyntheticStudy) -> N
     other = Volume(t2.array, t2.affine, "1.2.3.4", t2.slice_sources)
     with pytest.raises(DicomInputError, match="Frames of Reference"):
         resample_to(other, t2)
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 17.0])
+def test_resampling_above_a_threshold_keeps_every_voxel_that_reaches_it(angle_deg: float) -> None:
+    """The node resamples its probability map only around voxels at or above the lesion threshold: every
+    reference voxel reaching the threshold must come out exactly as with the whole-grid resampling."""
+    rng = np.random.default_rng(3)
+    theta = np.radians(angle_deg)
+    rotation = np.array([[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]])
+    model_affine = np.eye(4)
+    model_affine[:3, :3] = rotation @ np.diag([3.0, 1.5, 1.5])
+    model_affine[:3, 3] = [-30.0, -40.0, -35.0]
+    probability = np.clip(rng.normal(0.1, 0.05, (20, 50, 50)), 0, 1).astype(np.float32)
+    for s, r, c in [(5, 10, 12), (12, 30, 35), (18, 47, 2)]:  # small lesions, one at the edge
+        probability[s - 1 : s + 2, r - 2 : r + 3, c - 2 : c + 3] = rng.uniform(0.6, 0.95, (3, 5, 5))
+    moving = Volume(probability, model_affine)
+    reference_affine = np.eye(4)
+    reference_affine[:3, :3] = np.diag([3.3, 0.7, 0.7])
+    reference_affine[:3, 3] = [-32.0, -45.0, -40.0]
+    reference = Volume(np.zeros((20, 120, 120), np.float32), reference_affine)
+    whole = resample_to(moving, reference, "linear").array
+    boxed = resample_above(moving, reference, 0.5).array
+    above = whole >= 0.5
+    assert above.sum() > 100  # the lesions are on the reference grid
+    np.testing.assert_allclose(boxed[above], whole[above], rtol=0, atol=1e-6)
+    assert not np.any(boxed[~above] >= 0.5)
+    assert not resample_above(moving.with_array(np.zeros_like(probability)), reference, 0.5).array.any()
