@@ -5,6 +5,7 @@ site's model registry. Thin over radfed.federation (the bookkeeping is in coordi
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from radfed.inference.findings import ModelIdentity
 from radfed.inference.taskspec import load_task_spec
 
 app = ServerApp()
+REPLY_POLL_S = 0.25  # between pulls for replies (a cheap request to the SuperLink)
 
 
 def say(text: str) -> None:
@@ -89,7 +91,7 @@ class Job:
             ]
             destination = {m.object_id: m.metadata.dst_node_id for m in messages}  # the id Flower assigns on push
             heard: set[int] = set()
-            for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            for reply in self._send_and_receive(messages):
                 node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 heard.add(node)
                 if reply.has_error():
@@ -107,6 +109,18 @@ class Job:
         raise QuorumError(
             f"{message_type} {group}: quorum of {self.min_sites} not reached in {self.attempts} attempts ({errors})"
         )
+
+    def _send_and_receive(self, messages: list[Message]) -> Iterator[Message]:
+        """Push the messages, then collect replies until all are in or ``round-timeout`` passes. Flower's own
+        ``send_and_receive`` sleeps 3 s between pulls, which every round paid on average 1.5 s of."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(waiting)):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                yield reply
+            if waiting:
+                time.sleep(REPLY_POLL_S)
 
     def harmonise(self, state: JobState) -> None:
         started = time.perf_counter()
