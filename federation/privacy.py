@@ -161,13 +161,13 @@ def train_private(
     loader = DataLoader(
         _StudyCrops(samples, spec.preprocessing.patch_size, settings.seed), batch_size=settings.batch_size
     )
-    engine = PrivacyEngine(accountant="rdp")
-    engine.accountant = _rdp_accountant(state)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode (no torchcsprng wheel here)
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant = _rdp_accountant(state)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -182,24 +182,27 @@ def train_private(
     started = time.perf_counter()
     private_model.train()
     done = 0
-    while done < steps:
-        for images, masks, targets in private_loader:
-            private_optimizer.zero_grad()
-            if images.shape[0] == 0:
-                # An empty Poisson batch still releases a noisy (all-noise) step, as the analysis assumes.
-                for parameter in private_model.parameters():
-                    parameter.grad_sample = torch.zeros((0, *parameter.shape))
-                private_optimizer.step()
-                log.losses.append(math.nan)
-            else:
-                loss = loss_fn(private_model, images, masks, targets, settings.classification_weight)
-                loss.backward()
-                private_optimizer.step()
-                log.losses.append(float(loss.detach()))
-            proximal.apply(model)
-            done += 1
-            if done >= steps:
-                break
+    # The first layer's input needs no gradient; torch says so on every step (harmless with Opacus' hooks).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        while done < steps:
+            for images, masks, targets in private_loader:
+                private_optimizer.zero_grad()
+                if images.shape[0] == 0:
+                    # An empty Poisson batch still releases a noisy (all-noise) step, as the analysis assumes.
+                    for parameter in private_model.parameters():
+                        parameter.grad_sample = torch.zeros((0, *parameter.shape))
+                    private_optimizer.step()
+                    log.losses.append(math.nan)
+                else:
+                    loss = loss_fn(private_model, images, masks, targets, settings.classification_weight)
+                    loss.backward()
+                    private_optimizer.step()
+                    log.losses.append(float(loss.detach()))
+                proximal.apply(model)
+                done += 1
+                if done >= steps:
+                    break
     log.seconds = time.perf_counter() - started
     log.steps = done
     log.optimizer_state = optimizer.state_dict()
