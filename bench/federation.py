@@ -40,7 +40,9 @@ def quality(work: Path, quick: bool) -> None:
     spec = load_task_spec(None)
     cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec)
     experiment = Experiment(spec, cohorts, budget)
-    results = [experiment.run(arm) for arm in ARMS]
+    chosen = os.environ.get("RADFED_BENCH_ARMS")  # e.g. "centralised,federated": a subset, by exact name
+    arms = [a for a in ARMS if not chosen or a.name in chosen.split(",")]
+    results = [experiment.run(arm) for arm in arms]
     rows = [
         [
             r.arm.name,
@@ -63,7 +65,7 @@ def quality(work: Path, quick: bool) -> None:
     for key in ("dice", "auc"):
         value = ratio(results, "federated", "centralised", key)
         print(f"federated / centralised {key}: {_f(value)} (goal >= 0.95)")
-    for arm in ARMS:
+    for arm in arms:
         if arm.poisoned_site:
             print(
                 f"{arm.name} / clean federated Dice: {_f(ratio(results, arm.name, 'federated', 'dice'))} (goal >= 0.95)"

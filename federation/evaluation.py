@@ -25,7 +25,9 @@ from radfed.inference.windows import predict_windows
 
 # Study scores are pooled as histograms (no per-study value leaves a site). Bins are even in logit space:
 # a trained head puts most studies above 0.99 or below 0.01, where even probability bins would tie them all.
-SCORE_LOGIT_RANGE = 8.0  # bins span logits -8..8 (probabilities 0.0003..0.9997); beyond goes to the end bins
+# A trained head put held-out studies of both classes above 0.997 (logit 6) on the synthetic task, ranked
+# only further up: bins span logits -24..24, 0.75 wide (beyond goes to the end bins).
+SCORE_LOGIT_RANGE = 24.0
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -133,7 +135,7 @@ def roc_points(positive: Sequence[int], negative: Sequence[int]) -> tuple[list[f
 
 
 def score_bin(score: float) -> int:
-    p = min(max(score, 1e-12), 1.0 - 1e-12)
+    p = min(max(score, 1e-15), 1.0 - 1e-15)
     logit = math.log(p / (1.0 - p))
     position = (logit + SCORE_LOGIT_RANGE) / (2 * SCORE_LOGIT_RANGE)
     return min(SCORE_BINS - 1, max(0, int(position * SCORE_BINS)))
