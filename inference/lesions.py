@@ -38,16 +38,20 @@ def extract_lesions(
     if count == 0:
         return []
     voxel_mm3 = abs(float(np.linalg.det(grid.affine[:3, :3])))
-    index = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    peaks = ndimage.maximum(probability, labels, index)
-    candidates = [
-        (float(peak), int(label))
-        for label, size, peak in zip(index, sizes, peaks, strict=True)
-        if size * voxel_mm3 >= min_volume_mm3
-    ]
+    # Per-component work within each bounding box (ndimage.maximum over labels sorts the whole volume:
+    # 0.26 s of a 24 x 256 x 256 grid for one lesion).
+    candidates = []
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        inside = labels[box] == label
+        if int(inside.sum()) * voxel_mm3 >= min_volume_mm3:
+            candidates.append((float(probability[box][inside].max()), label, box))
     candidates.sort(key=lambda item: (-item[0], item[1]))
-    return [LesionCandidate(labels == label, peak) for peak, label in candidates[:max_lesions]]
+    lesions = []
+    for peak, label, box in candidates[:max_lesions]:
+        mask = np.zeros(labels.shape, dtype=bool)
+        mask[box] = labels[box] == label
+        lesions.append(LesionCandidate(mask, peak))
+    return lesions
 
 
 def _outline(slice_mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:

@@ -1,0 +1,25 @@
+"""From a probability map to lesion candidates: 26-connected components above a minimum volume, most
+probable first, each with its peak probability and exactly its own voxels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from radfed.inference.lesions import extract_lesions
+from radfed.inference.volume import Volume
+
+
+def test_components_are_kept_whole_ordered_by_peak_and_filtered_by_volume() -> None:
+    grid = Volume(np.zeros((12, 64, 64), np.float32), np.diag([3.0, 0.5, 0.5, 1.0]))  # 0.75 mm3 voxels
+    probability = np.full(grid.shape, 0.1, np.float32)
+    probability[2:4, 5:15, 5:15] = 0.7  # 200 voxels = 150 mm3
+    probability[3, 9, 9] = 0.8
+    probability[6:9, 30:40, 30:40] = 0.9  # 300 voxels, the most probable
+    probability[4, 15, 15] = 0.95  # touches the first lesion's corner diagonally: 26-connected, one lesion
+    probability[10, 50:55, 50:55] = 0.99  # 25 voxels = 18.75 mm3: below the minimum volume
+    lesions = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=40.0)
+    assert [round(lesion.probability, 2) for lesion in lesions] == [0.95, 0.9]
+    assert int(lesions[0].mask.sum()) == 201 and lesions[0].mask[4, 15, 15] and lesions[0].mask[2, 5, 5]
+    assert int(lesions[1].mask.sum()) == 300 and not (lesions[0].mask & lesions[1].mask).any()
+    assert len(extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=40.0, max_lesions=1)) == 1
+    assert extract_lesions(probability, grid, threshold=0.999, min_volume_mm3=0.0) == []
