@@ -72,6 +72,9 @@ def quality(work: Path, quick: bool) -> None:
             )
 
 
+OVERHEAD_PARTS = ("flower_transport", "clientapp_start", "clientapp_forwarding", "site_worker_other")
+
+
 def transport(work: Path, quick: bool) -> None:
     """Round wall time on real Flower processes, split into the slowest site's compute and the rest, for
     a light and a heavier round (the overhead is fixed; its share falls as compute grows)."""
@@ -97,6 +100,7 @@ def transport(work: Path, quick: bool) -> None:
             )
             assert outcome.ok, outcome.log[-2000:]
             for m in (m for m in read_metrics(job) if "round" in m):
+                parts = m.get("overhead_parts", {})
                 up = statistics.mean(s["bytes_up"] for s in m["sites"].values())
                 down = statistics.mean(s["bytes_down"] for s in m["sites"].values())
                 rows.append(
@@ -107,6 +111,7 @@ def transport(work: Path, quick: bool) -> None:
                         f"{m['site_compute_seconds']:.1f}",
                         f"{m['overhead_seconds']:.1f}",
                         f"{m['overhead_seconds'] / max(m['site_compute_seconds'], 1e-9):.0%}",
+                        *(f"{parts.get(k, 0.0):.1f}" for k in OVERHEAD_PARTS),
                         f"{down / 1e3:.0f}",
                         f"{up / 1e3:.0f}",
                     ]
@@ -122,6 +127,10 @@ def transport(work: Path, quick: bool) -> None:
             "site compute s (slowest site)",
             "overhead s",
             "overhead / compute",
+            "of which: Flower transport s",
+            "ClientApp process start s",
+            "forwarding s",
+            "site worker other s",
             "kB down/site",
             "kB up/site",
         ],

@@ -9,6 +9,9 @@ Message types: ``train`` (evaluate the incoming global model on held-out studies
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,12 +32,26 @@ def _config(msg: Message) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not isinstance(v, bytes)}
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux: start time in clock ticks after boot)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, with_arrays: bool) -> Message:
+    started, start_cost = time.perf_counter(), _process_age_s()
     reply = call_site_worker(dict(context.node_config), request, frame)
     site_name = str(context.node_config.get("site-name", "site"))
-    content = RecordDict(
-        {"metrics": MetricRecord(allowed_metrics(reply.header["metrics"])), "site": ConfigRecord({"name": site_name})}
-    )
+    timings = {
+        "site_seconds": float(reply.header.get("worker_seconds", 0.0)),
+        "clientapp_start_seconds": start_cost,  # Flower's new process for this message, up to the handler
+        "clientapp_seconds": time.perf_counter() - started,
+    }
+    metrics = allowed_metrics(reply.header["metrics"] | timings)
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site_name})})
     if with_arrays:
         content["arrays"] = ArrayRecord(reply.arrays)
     return Message(content=content, reply_to=msg)

@@ -41,7 +41,11 @@ ALLOWED_METRICS = frozenset(
         "eval_fn",
         "landmark_studies",
         "model_installed",
-        "eval_seconds",
+        "evaluation_seconds",
+        # where a round's time goes at the site (federation/client_app.py): timings, never data
+        "site_seconds",
+        "clientapp_seconds",
+        "clientapp_start_seconds",
     }
 )
 # Aggregate vectors: binned study-score counts (evaluation) and mean intensity landmarks per channel

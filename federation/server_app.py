@@ -161,7 +161,7 @@ class Job:
         state.completed_round = server_round
         state.save(self.out)
         seconds = time.perf_counter() - started
-        compute = max((float(m.get("train_seconds", 0)) + float(m.get("eval_seconds", 0))) for m in site_lines.values())
+        compute = max(_compute_seconds(m) for m in site_lines.values())
         append_metrics(
             self.out,
             {
@@ -169,6 +169,7 @@ class Job:
                 "seconds": seconds,
                 "site_compute_seconds": compute,
                 "overhead_seconds": max(0.0, seconds - compute),
+                "overhead_parts": overhead_parts(seconds, site_lines),
                 "sites": site_lines,
                 "errors": errors,
                 "aggregated": list(outcome.used),
@@ -201,6 +202,31 @@ class Job:
         append_metrics(self.out, {"stage": "rollout", "installed": installed, "errors": errors})
         say(f"rollout: model stored at {', '.join(installed)}" + (f"; failed: {errors}" if errors else ""))
         return installed
+
+
+def _compute_seconds(site_line: dict[str, Any]) -> float:
+    return float(site_line.get("train_seconds", 0)) + float(site_line.get("evaluation_seconds", 0))
+
+
+def overhead_parts(seconds: float, site_lines: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Where the round's time went outside training, along the site that took longest end to end:
+    Flower moving the messages (push, the SuperNode's pickup, the reply), Flower's new ClientApp process
+    up to our handler, the ClientApp forwarding to the site worker, and the worker's own work around
+    training (cohort split, optimiser state, privacy accounting)."""
+    if not site_lines:
+        return {}
+    line = max(
+        site_lines.values(),
+        key=lambda m: float(m.get("clientapp_start_seconds", 0)) + float(m.get("clientapp_seconds", 0)),
+    )
+    start, clientapp = float(line.get("clientapp_start_seconds", 0)), float(line.get("clientapp_seconds", 0))
+    worker = float(line.get("site_seconds", 0))
+    return {
+        "flower_transport": max(0.0, seconds - start - clientapp),
+        "clientapp_start": start,
+        "clientapp_forwarding": max(0.0, clientapp - worker),
+        "site_worker_other": max(0.0, worker - _compute_seconds(line)),
+    }
 
 
 def _flag(cfg: Any, key: str) -> bool:

@@ -112,7 +112,7 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     model = arrays_to_model(spec, arrays)
     evaluation_started = time.perf_counter()
     metrics.update(evaluate_model(model, held_out, spec).as_metrics())
-    metrics["eval_seconds"] = time.perf_counter() - evaluation_started
+    metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
     settings = TrainingSettings.from_spec(
         spec, seed=plan.seed, steps_per_epoch=plan.local_steps, epochs=1, proximal_mu=plan.proximal_mu
     )

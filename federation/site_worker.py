@@ -214,17 +214,23 @@ def serve(state_dir: Path, supernode: int, idle_exit_s: float = IDLE_EXIT_S) -> 
 
 def _serve_one(connection: Connection) -> None:
     started = time.perf_counter()
+    request, received = "?", started
     try:
         frame = unpack(connection.recv_bytes())
-        request = frame.header.get("request")
+        request, received = frame.header.get("request", "?"), time.perf_counter()
         reply = handle(frame)
     except Exception as exc:  # noqa: BLE001 - the reason goes back to the ClientApp and the coordinator
         logger.error("request failed: %s\n%s", exc, traceback.format_exc(limit=4))
-        reply, request = Frame({"error": f"{type(exc).__name__}: {exc}"}, []), "?"
+        reply = Frame({"error": f"{type(exc).__name__}: {exc}"}, [])
+    handled = time.perf_counter()
     reply.header["worker_pid"] = os.getpid()
+    reply.header["worker_seconds"] = handled - started
     with contextlib.suppress(OSError, EOFError):
         connection.send_bytes(pack(reply))
-    logger.info("%s done in %.2f s", request, time.perf_counter() - started)
+    logger.info(
+        "%s done in %.2f s (receive %.2f, work %.2f, reply %.2f)",
+        request, time.perf_counter() - started, received - started, handled - received, time.perf_counter() - handled,
+    )  # fmt: skip
 
 
 def _warm_up() -> None:
