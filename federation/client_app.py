@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from radfed.federation import records
@@ -53,7 +53,7 @@ def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, 
     metrics = allowed_metrics(reply.header["metrics"] | timings)
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site_name})})
     if with_arrays:
-        content["arrays"] = ArrayRecord(reply.arrays)
+        content["arrays"] = records.pack_arrays(reply.arrays)
     return Message(content=content, reply_to=msg)
 
 

@@ -107,6 +107,7 @@ class FederationOptions:
     small: bool = True  # reduced-size studies (tests, CI); full size for the demo's realism
     secure: bool = True  # TLS + SuperNode authentication, as a real deployment
     persistent_superlink: bool = True  # SuperLink state in SQLite: node registrations survive its restart
+    warm_clientapp: bool = True  # SuperNodes in --isolation process with radfed's warm SuperExec (superexec.py)
 
 
 @dataclass
@@ -265,6 +266,10 @@ class LocalFederation:
             args += ["--auth-supernode-private-key", str(self.credentials / key_name)]
         else:
             args += ["--insecure"]
+        if self.options.warm_clientapp:  # the SuperNode runs as a child of radfed's warm SuperExec
+            runtime_api = f"127.0.0.1:{args[args.index('--port') + 1]}"
+            args = [sys.executable, "-m", "radfed.federation.superexec", "--runtime-api-address", runtime_api,
+                    "--", *args, "--isolation", "process"]  # fmt: skip
         return ManagedProcess(f"supernode-{name}", args, env, self.workdir / "logs" / f"supernode-{name}.log")
 
     def start_supernode(self, site: Site) -> None:

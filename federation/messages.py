@@ -46,6 +46,7 @@ ALLOWED_METRICS = frozenset(
         "site_seconds",
         "clientapp_seconds",
         "clientapp_start_seconds",
+        "round_replayed",  # 1: the site sent its stored reply for a round it had trained (federation/site.py)
     }
 )
 # Aggregate vectors: binned study-score counts (evaluation) and mean intensity landmarks per channel

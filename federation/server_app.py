@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
@@ -142,7 +142,7 @@ class Job:
 
     def train_round(self, server_round: int, state: JobState) -> None:
         started = time.perf_counter()
-        sent = ArrayRecord(state.arrays)
+        sent = records.pack_arrays(state.arrays)
         content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
         replies, errors = self.exchange(MessageType.TRAIN, content, str(server_round))
         down = int(sum(a.nbytes for a in state.arrays))
@@ -183,7 +183,7 @@ class Job:
         say(f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}")
 
     def evaluate_final(self, state: JobState) -> dict[str, Any] | None:
-        content = RecordDict({"arrays": ArrayRecord(state.arrays), "config": self.config(self.rounds, state)})
+        content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": self.config(self.rounds, state)})
         replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
         evaluation = evaluation_line({s: m for s, (_, m, _) in replies.items()})
         append_metrics(

@@ -4,6 +4,7 @@ statistics and the rollout. Knows nothing of Flower's message types."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -106,7 +107,53 @@ def _cohort_split(
 
 def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
     """One round at the site: evaluate the incoming global model on the held-out studies, then train it on
-    the rest; returns the updated arrays and allow-listed metrics."""
+    the rest; returns the updated arrays and allow-listed metrics. Asked again for the round it trained
+    last, from the same global model (a coordinator that restarted and resumed from its checkpoint), the
+    site sends the same reply again instead of training twice: training again would spend privacy budget
+    a second time for one round."""
+    job_dir = site.job_dir(plan.job)
+    incoming = arrays_digest(arrays)
+    replay = load_round_reply(job_dir, plan.seed, incoming)
+    if replay is not None:
+        return replay[0], replay[1] | {"round_replayed": 1}
+    updated, metrics = _train_round(site, plan, arrays)
+    save_round_reply(job_dir, plan.seed, incoming, updated, metrics)
+    return updated, metrics
+
+
+ROUND_REPLY = "last-round.npz"
+
+
+def arrays_digest(arrays: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(str((a.dtype.str, a.shape)).encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def load_round_reply(job_dir: Path, server_round: int, incoming: str) -> tuple[list[np.ndarray], Metrics] | None:
+    path = job_dir / ROUND_REPLY
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as stored:
+        header = json.loads(str(stored["header"]))
+        if header["round"] != server_round or header["incoming"] != incoming:
+            return None
+        return [stored[f"arr_{i}"] for i in range(header["arrays"])], header["metrics"]
+
+
+def save_round_reply(
+    job_dir: Path, server_round: int, incoming: str, arrays: list[np.ndarray], metrics: Metrics
+) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"round": server_round, "incoming": incoming, "arrays": len(arrays), "metrics": metrics})
+    partial = job_dir / (ROUND_REPLY + ".partial.npz")
+    np.savez(partial, *arrays, header=np.asarray(header))
+    partial.replace(job_dir / ROUND_REPLY)
+
+
+def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
     spec, cohort, train, held_out = _cohort_split(site, plan)
     metrics: Metrics = dict(cohort.report.as_metrics())
     model = arrays_to_model(spec, arrays)

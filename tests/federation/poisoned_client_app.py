@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from radfed.federation import client_app, records
@@ -25,7 +25,15 @@ def _describe(reply: Message) -> dict[str, object]:
     described: dict[str, object] = {}
     for name, record in reply.content.items():
         if isinstance(record, ArrayRecord):
-            described[name] = {"kind": "arrays", "shapes": [list(a.shape) for a in record.to_numpy_ndarrays()]}
+            content = RecordDict({name: record})
+            described[name] = {
+                "kind": "arrays",
+                "shapes": [list(a.shape) for a in records.arrays(content, name)],  # the tensors it decodes to
+                "wire": {
+                    key: [str(a.dtype), list(a.shape)]
+                    for key, a in zip(record.keys(), record.to_numpy_ndarrays(), strict=True)
+                },
+            }
         elif isinstance(record, MetricRecord):
             described[name] = {"kind": "metrics", "keys": sorted(record.keys())}
         elif isinstance(record, ConfigRecord):
@@ -55,7 +63,7 @@ def _train(msg: Message, context: Context) -> Message:
         sent = records.arrays(msg.content)
         honest = records.arrays(reply.content)
         factor = -1.0 if attack == "sign-flip" else 20.0
-        reply.content["arrays"] = ArrayRecord(
+        reply.content["arrays"] = records.pack_arrays(
             [(g + factor * (h - g)).astype(h.dtype) for g, h in zip(sent, honest, strict=True)]
         )
     return reply

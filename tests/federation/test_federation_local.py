@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 import signal
 import time
@@ -140,6 +141,10 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
             assert key in ALLOWED_METRICS or key in ALLOWED_VECTORS or key.startswith(LANDMARK_PREFIX), key
         if "arrays" in recs:
             assert reply["type"] == "train" and recs["arrays"]["shapes"] == model_shapes
+            # on the wire: one float32 vector of exactly the model's values, and the shapes header
+            size = sum(math.prod(shape) for shape in model_shapes)
+            header = 1 + sum(1 + len(shape) for shape in model_shapes)
+            assert recs["arrays"]["wire"] == {"model": ["float32", [size]], "shapes": ["int64", [header]]}
 
     # hospital-1's node activates the rolled-out model from its registry
     site = federation.sites[0]

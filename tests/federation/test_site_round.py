@@ -1,0 +1,37 @@
+"""A site asked again for the round it trained last, from the same global model (the coordinator restarted
+and resumed from its checkpoint), sends the same reply and spends no more privacy budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from radfed.federation import site as site_code
+from radfed.federation.site_config import SiteConfig
+from radfed.federation.training import new_model
+from radfed.inference.taskspec import load_task_spec
+
+
+def test_a_repeated_round_is_replayed_not_trained_again(tmp_path: Path, synth_root: Path) -> None:
+    site = SiteConfig.from_node_config(
+        {"data": str(synth_root / "site-1"), "state-dir": str(tmp_path / "state"), "site-name": "site-1"}
+    )
+    config = {"job": "replay", "server-round": 1, "num-rounds": 3, "local-steps": 2, "epsilon": 8.0, "delta": 1e-5}
+    plan = site_code.RoundPlan.from_config(config)
+    start = site_code.model_to_arrays(new_model(load_task_spec()))
+
+    trained, first = site_code.train_round(site, plan, start)
+    spent = site_code.privacy_spent(site, "replay", 1e-5)
+    assert 0 < first["epsilon"] == spent and "round_replayed" not in first
+
+    again, second = site_code.train_round(site, plan, start)
+    assert second["round_replayed"] == 1 and second["epsilon"] == first["epsilon"]
+    assert site_code.privacy_spent(site, "replay", 1e-5) == spent  # nothing spent twice
+    for a, b in zip(trained, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # a different global model for that round is new work: it trains (and spends) again
+    moved = [a + np.float32(0.01) for a in start]
+    _, third = site_code.train_round(site, plan, moved)
+    assert "round_replayed" not in third and site_code.privacy_spent(site, "replay", 1e-5) > spent
