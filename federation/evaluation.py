@@ -186,5 +186,6 @@ def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: Ta
     total = EvaluationCounts()
     for sample in samples:
         prediction = predict_windows(sample.image.astype(np.float32), spec.preprocessing.patch_size, run_batch)
-        total = total + study_counts(prediction.probability, prediction.study_probability, sample, spec)
+        score = prediction.study_score(spec.outputs.study_score)
+        total = total + study_counts(prediction.probability, score, sample, spec)
     return total

@@ -67,7 +67,7 @@ def analyse_prepared(prepared: PreparedStudy, model: OnnxModel, timer: StageTime
             lesions.append(
                 LesionFinding(number, candidate.probability, measure_lesion(candidate.mask, loaded.reference, adc))
             )
-        study_probability = prediction.study_probability
+        study_probability = prediction.study_score(spec.outputs.study_score)
         codes = spec.outputs.codes
         result = InferenceResult(
             grid=loaded.reference,

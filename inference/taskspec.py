@@ -29,6 +29,16 @@ class LabelSource(StrEnum):
     SR = "sr"
 
 
+class StudyScore(StrEnum):
+    """Where the study's probability comes from: the classification head's most suspicious window, the
+    lesion map's most suspicious voxel (as in the PI-CAI challenge's case-level score), or the higher of
+    the two."""
+
+    CLASSIFIER = "classifier"
+    LESION = "lesion"
+    MAX = "max"
+
+
 class Normalization(StrEnum):
     PERCENTILE = "percentile"
     ZSCORE = "zscore"
@@ -97,6 +107,7 @@ class Outputs:
     max_lesions: int
     adc_channel: str | None
     codes: TaskCodes
+    study_score: StudyScore = StudyScore.CLASSIFIER
 
 
 @dataclass(frozen=True)
@@ -301,6 +312,7 @@ def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
             max_lesions=out.get("max_lesions", int, 20),
             adc_channel=adc_channel,
             codes=codes,
+            study_score=out.choice("study_score", StudyScore, StudyScore.CLASSIFIER.value),
         ),
         source_text=text,
     )

@@ -9,6 +9,8 @@ from itertools import product
 import numpy as np
 import numpy.typing as npt
 
+from radfed.inference.taskspec import StudyScore
+
 
 def axis_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Window starts along one axis: the first at 0, the last flush with the end, evenly spaced."""
@@ -58,6 +60,15 @@ class Prediction:
     probability: npt.NDArray[np.float32]  # lesion probability on the model grid (slices, rows, columns)
     study_probability: float  # the most suspicious window's classification probability
     windows: int
+
+    def study_score(self, rule: StudyScore) -> float:
+        """The study's probability under the task's rule (taskspec.StudyScore)."""
+        lesion = float(self.probability.max()) if self.probability.size else 0.0
+        if rule is StudyScore.LESION:
+            return lesion
+        if rule is StudyScore.MAX:
+            return max(lesion, self.study_probability)
+        return self.study_probability
 
 
 def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from radfed.inference.taskspec import TaskSpecError, load_task_spec, parse_task_spec
+from radfed.inference.taskspec import StudyScore, TaskSpecError, load_task_spec, parse_task_spec
+from radfed.inference.windows import Prediction
 
 
 def test_default_spec_is_prostate_mpmri() -> None:
@@ -43,6 +45,7 @@ def _spec_text(**replace: str) -> str:
         ('normalization = "percentile"', 'normalization = "percentil"', "preprocessing.normalization"),
         ("patch_size = [16, 64, 64]", "patch_size = [16, 62, 64]", "patch_size"),
         ('lesion_type = "SCT:108369006:Neoplasm"', 'lesion_type = "108369006"', "outputs.lesion_type"),
+        ('study_score = "max"', 'study_score = "mean"', "outputs.study_score"),
     ],
 )
 def test_errors_name_the_field(old: str, new: str, message: str) -> None:
@@ -53,3 +56,17 @@ def test_errors_name_the_field(old: str, new: str, message: str) -> None:
 def test_unknown_shipped_name_lists_the_shipped_ones() -> None:
     with pytest.raises(TaskSpecError, match="prostate_mpmri"):
         load_task_spec("brain_glioma")
+
+
+def test_study_score_rules() -> None:
+    assert load_task_spec().outputs.study_score is StudyScore.MAX
+    lesion_map = np.zeros((4, 8, 8), np.float32)
+    lesion_map[1, 2, 3] = 0.9
+    prediction = Prediction(lesion_map, study_probability=0.3, windows=1)
+    assert prediction.study_score(StudyScore.CLASSIFIER) == pytest.approx(0.3)
+    assert prediction.study_score(StudyScore.LESION) == pytest.approx(0.9)
+    assert prediction.study_score(StudyScore.MAX) == pytest.approx(0.9)
+    assert Prediction(lesion_map * 0, 0.3, 1).study_score(StudyScore.MAX) == pytest.approx(0.3)
+    # a spec without the key keeps the classification head's probability
+    text = load_task_spec().source_text.replace('study_score = "max"', "")
+    assert parse_task_spec(text).outputs.study_score is StudyScore.CLASSIFIER
