@@ -11,6 +11,7 @@ import os
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.report import table
 from radfed.federation.coordinator import read_metrics
@@ -40,8 +41,8 @@ def quality(work: Path, quick: bool) -> None:
     spec = load_task_spec(None)
     cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec)
     experiment = Experiment(spec, cohorts, budget)
-    chosen = os.environ.get("RADFED_BENCH_ARMS")  # e.g. "centralised,federated": a subset, by exact name
-    arms = [a for a in ARMS if not chosen or a.name in chosen.split(",")]
+    chosen = os.environ.get("RADFED_BENCH_ARMS")  # e.g. "centralised;federated": a subset, by exact name
+    arms = [a for a in ARMS if not chosen or a.name in chosen.split(";")]
     results = [experiment.run(arm) for arm in arms]
     rows = [
         [
@@ -77,50 +78,36 @@ OVERHEAD_PARTS = ("flower_transport", "clientapp_start", "clientapp_forwarding",
 
 def transport(work: Path, quick: bool) -> None:
     """Round wall time on real Flower processes, split into the slowest site's compute and the rest, for
-    a light and a heavier round (the overhead is fixed; its share falls as compute grows)."""
-    federation = LocalFederation(
-        work / "fed", ROOT / "deploy" / "flower", FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True)
-    )
-    federation.start()
+    a light and a heavier round (the overhead is fixed; its share falls as compute grows), with radfed's
+    warm SuperExec and with Flower's own (a new flwr-clientapp process per message), in one run."""
     rows = []
-    try:
-        for steps in (3, 10) if quick else (10, 40):
-            job = work / f"job-{steps}"
-            outcome = federation.run_job(
-                job,
-                {
-                    "num-server-rounds": 2 if quick else 4,
-                    "local-steps": steps,
-                    "min-sites": 3,
-                    "epsilon": 0.0,
-                    "harmonise": True,
-                    "rollout": False,
-                    "job": f"bench-transport-{steps}",
-                },
-            )
-            assert outcome.ok, outcome.log[-2000:]
-            for m in (m for m in read_metrics(job) if "round" in m):
-                parts = m.get("overhead_parts", {})
-                up = statistics.mean(s["bytes_up"] for s in m["sites"].values())
-                down = statistics.mean(s["bytes_down"] for s in m["sites"].values())
-                rows.append(
-                    [
-                        steps,
-                        m["round"],
-                        f"{m['seconds']:.1f}",
-                        f"{m['site_compute_seconds']:.1f}",
-                        f"{m['overhead_seconds']:.1f}",
-                        f"{m['overhead_seconds'] / max(m['site_compute_seconds'], 1e-9):.0%}",
-                        *(f"{parts.get(k, 0.0):.1f}" for k in OVERHEAD_PARTS),
-                        f"{down / 1e3:.0f}",
-                        f"{up / 1e3:.0f}",
-                    ]
+    for label, warm in (("radfed warm SuperExec", True), ("Flower's SuperExec", False)):
+        options = FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True, warm_clientapp=warm)
+        federation = LocalFederation(work / f"fed-{warm}", ROOT / "deploy" / "flower", options)
+        federation.start()
+        try:
+            for steps in (3, 10) if quick else (10, 40):
+                job = work / f"job-{warm}-{steps}"
+                outcome = federation.run_job(
+                    job,
+                    {
+                        "num-server-rounds": 2 if quick else 4,
+                        "local-steps": steps,
+                        "min-sites": 3,
+                        "epsilon": 0.0,
+                        "harmonise": True,
+                        "rollout": False,
+                        "job": f"bench-transport-{warm}-{steps}",
+                    },
                 )
-    finally:
-        federation.stop()
+                assert outcome.ok, outcome.log[-2000:]
+                rows += [[label, steps, *_round_cells(m)] for m in read_metrics(job) if "round" in m]
+        finally:
+            federation.stop()
     table(
         "Federated rounds on real Flower processes (3 SuperNodes with their site workers, TLS + node auth, no DP)",
         [
+            "ClientApp processes",
             "local steps",
             "round",
             "wall s",
@@ -137,6 +124,22 @@ def transport(work: Path, quick: bool) -> None:
         rows,
         "python -m bench federation",
     )
+
+
+def _round_cells(m: dict[str, Any]) -> list[object]:
+    parts = m.get("overhead_parts", {})
+    up = statistics.mean(s["bytes_up"] for s in m["sites"].values())
+    down = statistics.mean(s["bytes_down"] for s in m["sites"].values())
+    return [
+        m["round"],
+        f"{m['seconds']:.1f}",
+        f"{m['site_compute_seconds']:.1f}",
+        f"{m['overhead_seconds']:.1f}",
+        f"{m['overhead_seconds'] / max(m['site_compute_seconds'], 1e-9):.0%}",
+        *(f"{parts.get(k, 0.0):.1f}" for k in OVERHEAD_PARTS),
+        f"{down / 1e3:.0f}",
+        f"{up / 1e3:.0f}",
+    ]
 
 
 def _f(value: object) -> str:

@@ -190,7 +190,7 @@ def serve(state_dir: Path, supernode: int, idle_exit_s: float = IDLE_EXIT_S) -> 
         # The worker must not outlive its SuperNode (a stopped or killed site sends nothing more).
         while True:
             time.sleep(0.5)
-            if not _alive(supernode):
+            if not process_alive(supernode):
                 logger.info("SuperNode %d is gone: exiting", supernode)
                 os._exit(0)
             if time.monotonic() - last_active[0] > idle_exit_s:
@@ -238,7 +238,7 @@ def _warm_up() -> None:
     from radfed.federation import site  # noqa: F401
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (a killed SuperNode not yet reaped is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

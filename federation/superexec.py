@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from radfed.federation.site_worker import process_alive
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 0.1
@@ -42,20 +44,16 @@ LOCAL_PULL_BACKOFF_S = 0.05
 LOCAL_PULL_BACKOFF_CAP_S = 0.5
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def _watch(supernode_pid: int) -> None:
     def watchdog() -> None:
-        while _alive(supernode_pid):
+        while process_alive(supernode_pid):
             time.sleep(0.5)
-        logger.info("SuperNode %d is gone: exiting", supernode_pid)
-        os._exit(0)
+        code = 1  # a SuperNode that went away on its own is a failure (systemd restarts the site)
+        with contextlib.suppress(ChildProcessError):  # our own child: exit with its status
+            _, status = os.waitpid(supernode_pid, os.WNOHANG)
+            code = os.waitstatus_to_exitcode(status) or 1
+        logger.info("SuperNode %d is gone: exiting with %d", supernode_pid, code)
+        os._exit(code if code > 0 else 1)
 
     threading.Thread(target=watchdog, daemon=True).start()
 

@@ -19,9 +19,9 @@ from radfed.federation.site_worker import (
     Request,
     SiteWorkerError,
     _address,
-    _alive,
     call_site_worker,
     pack,
+    process_alive,
     unpack,
 )
 
@@ -58,7 +58,7 @@ def test_one_warm_worker_serves_every_request_and_survives_a_failed_one(synth_ro
         # A process without the site's key is refused, and the worker goes on serving.
         with pytest.raises(AuthenticationError):
             Client(_address(state, os.getppid()), family="AF_UNIX", authkey=b"not the key")
-        assert _alive(first.header["worker_pid"])
+        assert process_alive(first.header["worker_pid"])
     finally:
         os.kill(first.header["worker_pid"], 9)
 
