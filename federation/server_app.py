@@ -210,9 +210,10 @@ def _compute_seconds(site_line: dict[str, Any]) -> float:
 
 def overhead_parts(seconds: float, site_lines: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Where the round's time went outside training, along the site that took longest end to end:
-    Flower moving the messages (push, the SuperNode's pickup, the reply), Flower's new ClientApp process
-    up to our handler, the ClientApp forwarding to the site worker, and the worker's own work around
-    training (cohort split, optimiser state, privacy accounting)."""
+    Flower moving the messages (push, the SuperNode's pickup, the reply), the ClientApp's process from its
+    start (or fork, with the warm SuperExec) to our handler, which includes waiting for the message's
+    objects, the ClientApp forwarding to the site worker, and the worker's own work around training
+    (cohort split, optimiser state, privacy accounting)."""
     if not site_lines:
         return {}
     line = max(

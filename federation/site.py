@@ -113,7 +113,7 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     a second time for one round."""
     job_dir = site.job_dir(plan.job)
     incoming = arrays_digest(arrays)
-    replay = load_round_reply(job_dir, plan.seed, incoming)
+    replay = load_round_reply(job_dir, plan.seed, incoming)  # plan.seed is the server round
     if replay is not None:
         return replay[0], replay[1] | {"round_replayed": 1}
     updated, metrics = _train_round(site, plan, arrays)
