@@ -47,7 +47,7 @@ def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, 
     site_name = str(context.node_config.get("site-name", "site"))
     timings = {
         "site_seconds": float(reply.header.get("worker_seconds", 0.0)),
-        "clientapp_start_seconds": start_cost,  # Flower's new process for this message, up to the handler
+        "clientapp_start_seconds": start_cost,  # this task's process (new or forked) up to the handler
         "clientapp_seconds": time.perf_counter() - started,
     }
     metrics = allowed_metrics(reply.header["metrics"] | timings)

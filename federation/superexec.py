@@ -58,18 +58,16 @@ def _watch(supernode_pid: int) -> None:
     threading.Thread(target=watchdog, daemon=True).start()
 
 
-def _reap(supernode_pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        while True:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
-            if pid == supernode_pid:  # our own child: the site ends with it
-                logger.info("SuperNode %d exited with %d", pid, code)
-                os._exit(code if code > 0 else 1)
-            if code != 0:
+def _reap(tasks: set[int]) -> None:
+    """Collect finished task processes (only those: the SuperNode child is the watchdog's)."""
+    for pid in list(tasks):
+        with contextlib.suppress(ChildProcessError):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == 0:
+                continue
+            if (code := os.waitstatus_to_exitcode(status)) != 0:
                 logger.warning("ClientApp task process %d exited with %d", pid, code)
+        tasks.discard(pid)
 
 
 def _warm_runtime() -> None:
@@ -130,13 +128,15 @@ def serve(address: str, supernode_pid: int, poll_interval_s: float, certificates
     )
     logger.info("warm SuperExec for SuperNode %d polling %s every %.2f s", supernode_pid, address, poll_interval_s)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+    tasks: set[int] = set()
     while True:
-        _reap(supernode_pid)
+        _reap(tasks)
         response = client.AcquireTask(request)
         if response.HasField("task") and response.token:
             logger.info("task %d: starting", response.task.task_id)
-            if os.fork() == 0:
+            if (pid := os.fork()) == 0:
                 _run_task(address, response.token, certificates)
+            tasks.add(pid)
             continue  # another task may be waiting (several runs at once)
         time.sleep(poll_interval_s)
 
