@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench.report import table
 from radfed.federation.coordinator import read_metrics
-from radfed.federation.experiments import Arm, Budget, Experiment, Mode, load_site_cohorts, ratio
+from radfed.federation.experiments import Arm, ArmResult, Budget, Experiment, Mode, load_site_cohorts
 from radfed.federation.launcher import FederationOptions, LocalFederation
 from radfed.inference.synthetic.writer import synthesize_to_folder
 from radfed.inference.taskspec import load_task_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 5
 ARMS = (
     Arm("centralised", Mode.CENTRALISED),
     Arm("federated", Mode.FEDERATED),
@@ -36,41 +38,69 @@ ARMS = (
 
 
 def quality(work: Path, quick: bool) -> None:
-    studies, budget = (6, Budget(rounds=2, local_steps=3)) if quick else (12, Budget(rounds=5, local_steps=30))
+    """Every arm on the same studies and held-out test set, repeated over seeds (the initial weights and
+    the crops drawn): one run decides nothing at 16 test studies, so the table gives mean and spread."""
+    studies, budget = (6, Budget(rounds=2, local_steps=3)) if quick else (12, Budget(rounds=ROUNDS, local_steps=30))
+    seeds = [int(s) for s in os.environ.get("RADFED_BENCH_SEEDS", "0" if quick else "0,1,2").split(",")]
     synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
     spec = load_task_spec(None)
-    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec)
-    experiment = Experiment(spec, cohorts, budget)
+    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
     chosen = os.environ.get("RADFED_BENCH_ARMS")  # e.g. "centralised;federated": a subset, by exact name
     arms = [a for a in ARMS if not chosen or a.name in chosen.split(";")]
-    results = [experiment.run(arm) for arm in arms]
-    rows = [
-        [
-            r.arm.name,
-            r.pooled.get("studies"),
-            _f(r.pooled.get("dice")),
-            _f(r.pooled.get("auc")),
-            _f(r.pooled.get("lesion_sensitivity")),
-            f"{r.seconds:.0f}",
-            ",".join(sorted(set(r.flagged))) or "-",
-        ]
-        for r in results
-    ]
+    runs: dict[str, list[ArmResult]] = {arm.name: [] for arm in arms}
+    for seed in seeds:
+        experiment = Experiment(spec, cohorts, replace(budget, seed=seed))
+        for arm in arms:
+            runs[arm.name].append(experiment.run(arm))
     table(
         f"Federated vs centralised vs local-only (3 small synthetic sites x {studies} studies, "
-        f"{budget.rounds} rounds x {budget.local_steps} steps; the same held-out studies for every arm)",
-        ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "seconds", "flagged"],
-        rows,
+        f"{budget.rounds} rounds x {budget.local_steps} steps; the same held-out studies for every arm; "
+        f"mean (min-max) over seeds {','.join(map(str, seeds))})",
+        ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "Dice per seed", "seconds per run", "flagged"],
+        [
+            [
+                name,
+                results[0].pooled.get("studies"),
+                _spread([r.pooled.get("dice") for r in results]),
+                _spread([r.pooled.get("auc") for r in results]),
+                _spread([r.pooled.get("lesion_sensitivity") for r in results]),
+                " ".join(_f(r.pooled.get("dice")) for r in results),
+                f"{statistics.mean(r.seconds for r in results):.0f}",
+                ",".join(sorted({s for r in results for s in r.flagged})) or "-",
+            ]
+            for name, results in runs.items()
+        ],
         "python -m bench federation",
     )
+    means = {
+        name: {k: _mean([r.pooled.get(k) for r in results]) for k in ("dice", "auc")} for name, results in runs.items()
+    }
     for key in ("dice", "auc"):
-        value = ratio(results, "federated", "centralised", key)
-        print(f"federated / centralised {key}: {_f(value)} (goal >= 0.95)")
+        print(f"federated / centralised {key}: {_f(_ratio(means, 'federated', 'centralised', key))} (goal >= 0.95)")
     for arm in arms:
         if arm.poisoned_site:
             print(
-                f"{arm.name} / clean federated Dice: {_f(ratio(results, arm.name, 'federated', 'dice'))} (goal >= 0.95)"
+                f"{arm.name} / clean federated Dice: {_f(_ratio(means, arm.name, 'federated', 'dice'))} (goal >= 0.95)"
             )
+
+
+def _mean(values: list[object]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, float | int)]
+    return statistics.mean(numbers) if numbers else None
+
+
+def _spread(values: list[object]) -> str:
+    numbers = [float(v) for v in values if isinstance(v, float | int)]
+    if not numbers:
+        return "n/a"
+    if len(numbers) == 1:
+        return f"{numbers[0]:.3f}"
+    return f"{statistics.mean(numbers):.3f} ({min(numbers):.3f}-{max(numbers):.3f})"
+
+
+def _ratio(means: dict[str, dict[str, float | None]], numerator: str, denominator: str, key: str) -> float | None:
+    a, b = means.get(numerator, {}).get(key), means.get(denominator, {}).get(key)
+    return a / b if a is not None and b else None
 
 
 OVERHEAD_PARTS = ("flower_transport", "clientapp_start", "clientapp_forwarding", "site_worker_other")

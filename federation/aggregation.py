@@ -126,3 +126,32 @@ def aggregate(
         chosen = np.argsort(scores)[: max(1, n - krum_f)]
         step = stacked[chosen].mean(axis=0)
     return AggregationOutcome(_unflatten(base + step, global_arrays), tuple(u.site for u in kept), tuple(flags))
+
+
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """How the coordinator applies the aggregated step to the global model. With ``momentum`` > 0 this is
+    FedAvgM (Hsu, Qi & Brown, 2019, arXiv:1909.06335): the step is accumulated in a velocity that carries
+    over rounds, which speeds up directions the sites agree on round after round; with momentum 0 and
+    learning rate 1 it is plain FedAvg (the aggregated model as is)."""
+
+    learning_rate: float = 1.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0 or self.learning_rate <= 0.0:
+            raise ValueError(f"server momentum must be in [0, 1) and its learning rate > 0, got {self}")
+
+    def step(self, global_arrays: Arrays, aggregated: Arrays, velocity: Arrays | None) -> tuple[Arrays, Arrays]:
+        """The next global model and the velocity to keep for the next round (checkpointed with the job)."""
+        deltas = [
+            np.asarray(a, np.float64) - np.asarray(g, np.float64)
+            for g, a in zip(global_arrays, aggregated, strict=True)
+        ]
+        if velocity is not None and self.momentum > 0:
+            deltas = [self.momentum * np.asarray(v, np.float64) + d for v, d in zip(velocity, deltas, strict=True)]
+        updated = [
+            (np.asarray(g, np.float64) + self.learning_rate * d).astype(g.dtype)
+            for g, d in zip(global_arrays, deltas, strict=True)
+        ]
+        return updated, [d.astype(np.float32) for d in deltas]

@@ -27,19 +27,24 @@ class QuorumError(RuntimeError):
 
 @dataclass
 class JobState:
-    """What a restarted coordinator needs to resume: the last finished round, its global model, the
-    federation's harmonisation and what each site has reported so far."""
+    """What a restarted coordinator needs to resume: the last finished round, its global model (and the
+    server optimiser's velocity, with FedAvgM), the federation's harmonisation and what each site has
+    reported so far."""
 
     completed_round: int = 0
     arrays: list[npt.NDArray[Any]] = field(default_factory=list)
     harmonisation: dict[str, list[float]] | None = None
     studies_per_site: dict[str, int] = field(default_factory=dict)
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    velocity: list[npt.NDArray[Any]] | None = None
 
     def save(self, out: Path) -> None:
         """Checkpoint after every round; both files are replaced atomically (arrays first)."""
         partial = out / (CHECKPOINT + ".partial.npz")
-        np.savez(partial, **{f"a{i}": a for i, a in enumerate(self.arrays)})  # type: ignore[arg-type]
+        saved = {f"a{i}": a for i, a in enumerate(self.arrays)} | {
+            f"v{i}": v for i, v in enumerate(self.velocity or [])
+        }
+        np.savez(partial, **saved)  # type: ignore[arg-type]
         partial.replace(out / CHECKPOINT)
         meta = {
             "completed_round": self.completed_round,
@@ -57,13 +62,15 @@ class JobState:
             return None
         meta = json.loads((out / JOB_STATE).read_text())
         saved = np.load(out / CHECKPOINT)
-        arrays = [saved[f"a{i}"] for i in range(len(saved.files))]
+        arrays = [saved[f"a{i}"] for i in range(sum(name.startswith("a") for name in saved.files))]
+        velocity = [saved[f"v{i}"] for i in range(sum(name.startswith("v") for name in saved.files))]
         return cls(
             int(meta["completed_round"]),
             arrays,
             meta.get("harmonisation"),
             dict(meta.get("studies_per_site", {})),
             dict(meta.get("epsilon_per_site", {})),
+            velocity or None,
         )
 
 

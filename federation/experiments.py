@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from radfed.federation.aggregation import SiteUpdate, aggregate
+from radfed.federation.aggregation import Arrays, ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources
 from radfed.federation.coordinator import reference_landmarks
 from radfed.federation.evaluation import evaluate_model
@@ -41,7 +41,9 @@ class Arm:
     aggregation: str = "fedavg"
     screen: bool = True  # leave flagged updates out (radfed's default)
     proximal_mu: float = 0.0
-    poisoned_site: str | None = None  # this site sends its update scaled x20
+    poisoned_site: str | None = None  # this site sends a manipulated update
+    attack: str = "scale"  # scale (x20) or sign-flip
+    server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -124,7 +126,7 @@ class Experiment:
 
     def _centralised(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
         pooled = [s for samples in train.values() for s in samples]
-        model = new_model(self.spec)
+        model = new_model(self.spec, seed=self.budget.seed)
         steps = self.budget.rounds * self.budget.local_steps * len(train)  # as many steps as the federation
         train_local(model, pooled, self.spec, self._settings(self.budget.seed, steps))
         return ArmResult(arm, evaluate_model(model, test, self.spec).summary())
@@ -132,7 +134,7 @@ class Experiment:
     def _local(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
         sites = {}
         for site, samples in train.items():
-            model = new_model(self.spec)
+            model = new_model(self.spec, seed=self.budget.seed)
             steps = self.budget.rounds * self.budget.local_steps
             train_local(model, samples, self.spec, self._settings(self.budget.seed, steps))
             sites[site] = evaluate_model(model, test, self.spec).summary()
@@ -146,9 +148,11 @@ class Experiment:
         test: list[TrainingSample],
         progress: Callable[[str], None],
     ) -> ArmResult:
-        arrays = model_to_arrays(new_model(self.spec))
+        arrays = model_to_arrays(new_model(self.spec, seed=self.budget.seed))
         result = ArmResult(arm, {})
         optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
+        server = ServerOptimizer(momentum=arm.server_momentum)
+        velocity: Arrays | None = None
         with tempfile.TemporaryDirectory() as accountants:
             for server_round in range(1, self.budget.rounds + 1):
                 updates = []
@@ -169,10 +173,11 @@ class Experiment:
                     optimizer_states[site] = log.optimizer_state
                     sent = model_to_arrays(model)
                     if site == arm.poisoned_site:
-                        sent = [(g + 20.0 * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]
+                        factor = -1.0 if arm.attack == "sign-flip" else 20.0
+                        sent = [(g + factor * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]
                     updates.append(SiteUpdate(site, sent, len(samples)))
                 outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
-                arrays = list(outcome.arrays)
+                arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
                 result.flagged += [f.site for f in outcome.flags]
                 summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
                 result.per_round.append({"round": server_round, **summary})
@@ -194,9 +199,3 @@ def results_table(results: Sequence[ArmResult]) -> list[list[object]]:
 
 
 TABLE_HEADER = ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "seconds", "flagged"]
-
-
-def ratio(results: Sequence[ArmResult], numerator: str, denominator: str, key: str) -> float | None:
-    by_name = {r.arm.name: r.pooled.get(key) for r in results}
-    a, b = by_name.get(numerator), by_name.get(denominator)
-    return float(a) / float(b) if isinstance(a, float | int) and isinstance(b, float | int) and b else None

@@ -58,7 +58,7 @@ def train_local_artifact(
     if not cohort.samples:
         reasons = "; ".join(r.reason for r in cohort.report.rejected[:3])
         raise NoTrainingDataError(f"no usable study in {list(sources)} ({reasons or 'nothing found'})")
-    model = new_model(spec)
+    model = new_model(spec, seed=seed)
     settings = TrainingSettings.from_spec(spec, epochs=epochs, seed=seed)
     log = train_local(model, cohort.samples, spec, settings, progress=progress)
     provenance = {

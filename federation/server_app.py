@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
-from radfed.federation.aggregation import SiteUpdate, aggregate
+from radfed.federation.aggregation import ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.coordinator import (
     JobState,
     QuorumError,
@@ -50,6 +50,9 @@ class Job:
         self.attempts = records.integer(cfg, "round-attempts", 3)
         self.out = Path(records.text(cfg, "out-dir"))
         self.out.mkdir(parents=True, exist_ok=True)
+        self.server = ServerOptimizer(
+            records.number(cfg, "server-learning-rate", 1.0), records.number(cfg, "server-momentum", 0.0)
+        )
 
     def config(self, server_round: int, state: JobState) -> ConfigRecord:
         values: dict[str, Any] = {
@@ -157,7 +160,7 @@ class Job:
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
             site_lines[site] = scalars | {"bytes_down": down, "bytes_up": int(sum(a.nbytes for a in arrays))}
         outcome = aggregate(state.arrays, updates, records.text(self.cfg, "aggregation", "fedavg"))
-        state.arrays = list(outcome.arrays)
+        state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
         state.completed_round = server_round
         state.save(self.out)
         seconds = time.perf_counter() - started
@@ -242,7 +245,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = load_task_spec(job.task)
     state = JobState.load(job.out)
     if state is None:
-        state = JobState(arrays=model_to_arrays(new_model(spec)))
+        state = JobState(arrays=model_to_arrays(new_model(spec, seed=records.integer(cfg, "seed", 0))))
     else:
         say(f"resuming after round {state.completed_round} from {job.out}")
     if _flag(cfg, "harmonise") and state.harmonisation is None:
@@ -264,6 +267,7 @@ def main(grid: Grid, context: Context) -> None:
             "job": records.text(cfg, "job", "radfed-job"),
             "rounds": job.rounds,
             "aggregation": records.text(cfg, "aggregation", "fedavg"),
+            "server_momentum": job.server.momentum,
             "proximal_mu": records.number(cfg, "proximal-mu", 0.0),
             "studies_per_site": state.studies_per_site,
             "differential_privacy": {"epsilon_budget": epsilon, "delta": delta, "epsilon_spent": state.epsilon_per_site}

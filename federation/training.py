@@ -59,9 +59,15 @@ class TrainingLog:
     optimizer_state: OptimizerState | None = None  # to continue from in the site's next round
 
 
-def new_model(spec: TaskSpec) -> nn.Module:
+def new_model(spec: TaskSpec, seed: int | None = None) -> nn.Module:
+    """The task's network; with ``seed``, its initial weights are a function of the seed alone (otherwise
+    they depend on whatever used torch's global generator before, which made experiment arms irreproducible)."""
     m = spec.model
-    return build_model(m.architecture, len(spec.channels), m.features, m.groups)
+    if seed is None:
+        return build_model(m.architecture, len(spec.channels), m.features, m.groups)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(m.architecture, len(spec.channels), m.features, m.groups)
 
 
 def random_crop(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from radfed.federation.aggregation import AggregationRule, SiteUpdate, aggregate
+from radfed.federation.aggregation import AggregationRule, ServerOptimizer, SiteUpdate, aggregate
 
 
 def _honest(rng: np.random.Generator, base: list[np.ndarray], step: list[np.ndarray], n: int) -> list[SiteUpdate]:
@@ -53,3 +55,28 @@ def test_fedavg_weights_by_studies() -> None:
     updates = [SiteUpdate("a", [np.array([1.0, 1.0])], 1), SiteUpdate("b", [np.array([4.0, 4.0])], 3)]
     outcome = aggregate(base, updates, "fedavg")
     np.testing.assert_allclose(outcome.arrays[0], [3.25, 3.25])
+
+
+def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) -> None:
+    from radfed.federation.coordinator import JobState
+
+    base = [np.zeros((2, 2), np.float32), np.ones(3, np.float32)]
+    step = [np.full((2, 2), 0.1, np.float32), np.full(3, -0.1, np.float32)]
+
+    def aggregated(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return [a + s for a, s in zip(arrays, step, strict=True)]
+
+    plain, velocity = ServerOptimizer().step(base, aggregated(base), None)
+    assert all(np.allclose(p, a) for p, a in zip(plain, aggregated(base), strict=True))  # FedAvg as is
+    momentum = ServerOptimizer(momentum=0.5)
+    first, velocity = momentum.step(base, aggregated(base), None)
+    # a checkpointed job resumes with the same velocity
+    JobState(completed_round=1, arrays=first, velocity=velocity).save(tmp_path)
+    restored = JobState.load(tmp_path)
+    assert restored is not None and restored.velocity is not None and len(restored.arrays) == 2
+    second, _ = momentum.step(restored.arrays, aggregated(restored.arrays), restored.velocity)
+    # round 2 moves by its own step plus half of round 1's: 0.1 + 0.05
+    assert np.allclose(second[0], 0.1 + 0.15) and np.allclose(second[1], 1 - 0.1 - 0.15)
+    assert second[0].dtype == np.float32
+    with pytest.raises(ValueError, match="momentum"):
+        ServerOptimizer(momentum=1.0)

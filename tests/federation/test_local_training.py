@@ -123,3 +123,20 @@ def test_a_site_continues_its_optimiser_from_its_previous_round(
     fresh = torch.load(site.job_dir("job-b") / "optimizer.pt", weights_only=True)
     if not epsilon:
         assert int(fresh["state"][0]["step"]) == 2  # a new job starts its optimiser afresh
+
+
+def test_a_seed_fixes_the_initial_weights_whatever_ran_before() -> None:
+    import torch
+
+    from radfed.federation.training import new_model
+
+    spec = load_task_spec()
+    first = new_model(spec, seed=3).state_dict()
+    torch.rand(1000)  # other code drawing from torch's global generator in between
+    again = new_model(spec, seed=3).state_dict()
+    other = new_model(spec, seed=4).state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first if first[k].dtype.is_floating_point)
+    state = torch.random.get_rng_state()
+    new_model(spec, seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's generator is left as it was
