@@ -1,7 +1,7 @@
 """Aggregation of site updates at the coordinator: FedAvg and robust rules, with anomaly flags.
 
 Updates are compared as deltas from the round's global model. A site whose delta has a norm far above
-the others' (median absolute deviation) or points away from them (cosine to the coordinate-wise median)
+the others' (median absolute deviation) or points away from them (cosine to the mean of the others)
 is flagged, named, and left out of that round, whatever the rule. Robust rules follow the literature:
 coordinate-wise median and trimmed mean (Yin et al., 2018), multi-Krum (Blanchard et al., 2017).
 """
@@ -64,27 +64,37 @@ def detect_anomalies(
     norm_ratio: float = 5.0,
     min_cosine: float = -0.2,
 ) -> list[AnomalyFlag]:
-    """Flag deltas whose norm is far above the others' or whose direction opposes the consensus.
+    """Flag deltas whose norm is far above the others' or whose direction opposes the others'.
 
     The norm must exceed both the median + ``norm_mads`` MADs and ``norm_ratio`` x the median: with three
     sites the MAD is tiny, and an honest small site under DP-SGD sends a noisier update (measured: 3.0x the
-    median for a 3-study site beside 4-study sites), which must not be thrown away."""
+    median for a 3-study site beside 4-study sites), which must not be thrown away.
+
+    Direction: each update's cosine to the mean of the other (unflagged) updates. Honest sites' updates
+    agree only partly (pairwise cosine 0.27-0.37 measured on the synthetic cohort, 2-30 local steps), so with
+    three sites a sign-flipped one is invisible against the coordinate-wise median of all three (cosine
+    -0.01 to 0.03 measured) but clear against the others' mean (about -2r / sqrt(2 + 2r), -0.4 at r = 0.3),
+    while an honest site scores about 0 there (it agrees with one other and opposes the flipped one)."""
     if len(deltas) < 3:
         return []  # two updates cannot out-vote each other
     names = list(deltas)
     norms = np.array([np.linalg.norm(deltas[n]) for n in names])
     median_norm = float(np.median(norms))
     mad = float(np.median(np.abs(norms - median_norm))) or 1e-12
-    consensus = np.median(np.stack([deltas[n] for n in names]), axis=0)
-    flags = []
-    for name, norm in zip(names, norms, strict=True):
-        if norm > max(median_norm + norm_mads * mad, norm_ratio * median_norm):
-            flags.append(AnomalyFlag(name, f"update norm {norm:.3g} vs median {median_norm:.3g} (scaled update?)"))
-            continue
-        denominator = float(np.linalg.norm(deltas[name]) * np.linalg.norm(consensus)) or 1e-12
-        cosine = float(deltas[name] @ consensus) / denominator
+    flags = [
+        AnomalyFlag(name, f"update norm {norm:.3g} vs median {median_norm:.3g} (scaled update?)")
+        for name, norm in zip(names, norms, strict=True)
+        if norm > max(median_norm + norm_mads * mad, norm_ratio * median_norm)
+    ]
+    remaining = [n for n in names if n not in {f.site for f in flags}]
+    if len(remaining) < 3:
+        return flags
+    for name in remaining:
+        others = np.mean([deltas[o] for o in remaining if o != name], axis=0)
+        denominator = float(np.linalg.norm(deltas[name]) * np.linalg.norm(others)) or 1e-12
+        cosine = float(deltas[name] @ others) / denominator
         if cosine < min_cosine:
-            flags.append(AnomalyFlag(name, f"update direction cosine {cosine:.2f} to the consensus (sign-flipped?)"))
+            flags.append(AnomalyFlag(name, f"update direction cosine {cosine:.2f} to the others' (sign-flipped?)"))
     return flags
 
 

@@ -71,6 +71,7 @@ class Budget:
     local_steps: int = 30
     held_out_fraction: float = 0.25
     seed: int = 0
+    every_round: bool = True  # evaluate the global model after every round (else after the last only)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class ArmResult:
     seconds: float = 0.0
     local_sites: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
+    flag_reasons: list[str] = field(default_factory=list)  # "round N site: reason"
+    seed: int = 0
 
 
 def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None) -> dict[str, SiteCohort]:
@@ -122,6 +125,7 @@ class Experiment:
         else:
             result = self._federated(arm, train, test, progress)
         result.seconds = time.perf_counter() - started
+        result.seed = self.budget.seed
         return result
 
     def _centralised(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
@@ -179,9 +183,11 @@ class Experiment:
                 outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
                 arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
                 result.flagged += [f.site for f in outcome.flags]
-                summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
-                result.per_round.append({"round": server_round, **summary})
-                progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
+                result.flag_reasons += [f"round {server_round} {f.site}: {f.reason}" for f in outcome.flags]
+                if self.budget.every_round or server_round == self.budget.rounds:
+                    summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
+                    result.per_round.append({"round": server_round, **summary})
+                    progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
         result.pooled = dict(result.per_round[-1])
         result.pooled.pop("round", None)
         return result

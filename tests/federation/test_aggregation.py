@@ -80,3 +80,23 @@ def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) ->
     assert second[0].dtype == np.float32
     with pytest.raises(ValueError, match="momentum"):
         ServerOptimizer(momentum=1.0)
+
+
+def _partly_agreeing(rng: np.random.Generator, sites: int, size: int = 20_000) -> dict[str, np.ndarray]:
+    """Deltas like real site updates: a shared direction plus each site's own, pairwise cosine about 0.3."""
+    shared = rng.normal(size=size)
+    return {f"site-{i}": 0.55 * shared + 0.84 * rng.normal(size=size) for i in range(1, sites + 1)}
+
+
+@pytest.mark.parametrize("sites", [3, 4, 6])
+def test_a_sign_flipped_site_is_flagged_among_partly_agreeing_honest_ones(sites: int) -> None:
+    from radfed.federation.aggregation import detect_anomalies
+
+    for seed in range(5):
+        deltas = _partly_agreeing(np.random.default_rng(seed), sites)
+        honest = list(deltas.values())
+        assert 0.2 < float(honest[0] @ honest[1] / np.linalg.norm(honest[0]) / np.linalg.norm(honest[1])) < 0.4
+        assert detect_anomalies(deltas) == []  # no honest site is thrown away
+        deltas["site-2"] = -deltas["site-2"]
+        flags = detect_anomalies(deltas)
+        assert [f.site for f in flags] == ["site-2"] and "direction" in flags[0].reason, flags

@@ -41,10 +41,26 @@ def test_harmonisation_changes_what_the_model_sees(experiment: Experiment) -> No
     assert any(abs(float(a.image.mean()) - float(b.image.mean())) > 1e-3 for a, b in zip(harmonised, own, strict=True))
 
 
-def test_a_scaled_site_is_flagged_only_when_screening(experiment: Experiment) -> None:
-    screened = experiment.run(Arm("screened", poisoned_site="site-3"))
-    unscreened = experiment.run(Arm("unscreened", poisoned_site="site-3", screen=False))
-    assert screened.flagged == ["site-3", "site-3"]  # named in both rounds
+@pytest.fixture(scope="module")
+def agreeing(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
+    """Sites with 6 training studies each: their honest updates agree (pairwise cosine 0.3-0.6 measured).
+    With 3 (the fixture above), two honest sites' first updates can be orthogonal or even opposed, and no
+    rule can then tell which of three sites flipped its sign."""
+    data = tmp_path_factory.mktemp("agreeing-data")
+    synthesize_to_folder(data, sites=3, studies_per_site=8, seed=8, small=True)
+    spec = load_task_spec()
+    cohorts = load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, spec)
+    return Experiment(spec, cohorts, Budget(rounds=2, local_steps=3, every_round=False))
+
+
+@pytest.mark.parametrize("attack", ["scale", "sign-flip"])
+def test_a_manipulated_update_is_flagged_only_when_screening(agreeing: Experiment, attack: str) -> None:
+    experiment = agreeing
+    screened = experiment.run(Arm("screened", poisoned_site="site-3", attack=attack))
+    unscreened = experiment.run(Arm("unscreened", poisoned_site="site-3", attack=attack, screen=False))
+    assert screened.flagged == ["site-3", "site-3"], screened.flag_reasons  # named in both rounds
+    reason = "norm" if attack == "scale" else "direction"
+    assert all(reason in r for r in screened.flag_reasons), screened.flag_reasons
     assert unscreened.flagged == []
 
 
