@@ -152,8 +152,9 @@ class ServerOptimizer:
         if not 0.0 <= self.momentum < 1.0 or self.learning_rate <= 0.0:
             raise ValueError(f"server momentum must be in [0, 1) and its learning rate > 0, got {self}")
 
-    def step(self, global_arrays: Arrays, aggregated: Arrays, velocity: Arrays | None) -> tuple[Arrays, Arrays]:
-        """The next global model and the velocity to keep for the next round (checkpointed with the job)."""
+    def step(self, global_arrays: Arrays, aggregated: Arrays, velocity: Arrays | None) -> tuple[Arrays, Arrays | None]:
+        """The next global model and the velocity to keep for the next round (checkpointed with the job;
+        None without momentum)."""
         deltas = [
             np.asarray(a, np.float64) - np.asarray(g, np.float64)
             for g, a in zip(global_arrays, aggregated, strict=True)
@@ -164,4 +165,4 @@ class ServerOptimizer:
             (np.asarray(g, np.float64) + self.learning_rate * d).astype(g.dtype)
             for g, d in zip(global_arrays, deltas, strict=True)
         ]
-        return updated, [d.astype(np.float32) for d in deltas]
+        return updated, [d.astype(np.float32) for d in deltas] if self.momentum > 0 else None

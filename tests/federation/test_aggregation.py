@@ -68,6 +68,7 @@ def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) ->
 
     plain, velocity = ServerOptimizer().step(base, aggregated(base), None)
     assert all(np.allclose(p, a) for p, a in zip(plain, aggregated(base), strict=True))  # FedAvg as is
+    assert velocity is None  # nothing to checkpoint
     momentum = ServerOptimizer(momentum=0.5)
     first, velocity = momentum.step(base, aggregated(base), None)
     # a checkpointed job resumes with the same velocity

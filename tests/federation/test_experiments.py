@@ -62,6 +62,7 @@ def test_a_manipulated_update_is_flagged_only_when_screening(agreeing: Experimen
     reason = "norm" if attack == "scale" else "direction"
     assert all(reason in r for r in screened.flag_reasons), screened.flag_reasons
     assert unscreened.flagged == []
+    assert [m["round"] for m in screened.per_round] == [2]  # every_round=False: the final model only
 
 
 def test_experiment_command_writes_table_report_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
