@@ -35,6 +35,7 @@ ARMS = (
     Arm("federated, DP eps 2", epsilon=2.0),
     Arm("federated, site-3 sends x20, FedAvg + screening", poisoned_site="site-3"),
     Arm("federated, site-3 sign-flips, FedAvg + screening", poisoned_site="site-3", attack="sign-flip"),
+    Arm("federated without site-3 (what screening leaves)", left_out=("site-3",)),
     Arm(
         "federated, site-3 sends x20, median (no screening)", poisoned_site="site-3", aggregation="median", screen=False
     ),

@@ -44,6 +44,7 @@ class Arm:
     poisoned_site: str | None = None  # this site sends a manipulated update
     attack: str = "scale"  # scale (x20) or sign-flip
     server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
+    left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -84,6 +85,7 @@ class ArmResult:
     flagged: list[str] = field(default_factory=list)
     flag_reasons: list[str] = field(default_factory=list)  # "round N site: reason"
     seed: int = 0
+    final_arrays: Arrays | None = None  # the federated arms' last global model
 
 
 def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None) -> dict[str, SiteCohort]:
@@ -161,6 +163,8 @@ class Experiment:
             for server_round in range(1, self.budget.rounds + 1):
                 updates = []
                 for site, samples in train.items():
+                    if site in arm.left_out:
+                        continue
                     model = arrays_to_model(self.spec, arrays)
                     settings = self._settings(self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu)
                     state = optimizer_states.get(site)
@@ -188,6 +192,7 @@ class Experiment:
                     summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
                     result.per_round.append({"round": server_round, **summary})
                     progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
+        result.final_arrays = arrays
         result.pooled = dict(result.per_round[-1])
         result.pooled.pop("round", None)
         return result

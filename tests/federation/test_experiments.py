@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from radfed.federation.experiments import Arm, Budget, Experiment, Mode, load_site_cohorts
@@ -79,3 +80,15 @@ def test_experiment_command_writes_table_report_and_json(tmp_path: Path, capsys:
         "harmonisation_rounds.png",
     }
     assert "harmonisation" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_a_screened_attacker_has_no_influence_on_the_model(agreeing: Experiment) -> None:
+    """Flagged every round, the attacker's updates never reach the model: the job ends with exactly the
+    model the other two sites train without it (the Dice it costs is that of its honest data, see bench)."""
+    attacked = agreeing.run(Arm("attacked", poisoned_site="site-3", attack="sign-flip"))
+    without = agreeing.run(Arm("without site-3", left_out=("site-3",)))
+    clean = agreeing.run(Arm("clean"))
+    assert attacked.flagged == ["site-3", "site-3"] and without.flagged == [] and clean.flagged == []
+    assert attacked.final_arrays is not None and without.final_arrays is not None and clean.final_arrays is not None
+    assert all(np.array_equal(a, b) for a, b in zip(attacked.final_arrays, without.final_arrays, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(attacked.final_arrays, clean.final_arrays, strict=True))
