@@ -19,7 +19,7 @@ from typing import Any
 from bench.report import table
 from radfed.federation.cohort import SiteCohort
 from radfed.federation.coordinator import read_metrics
-from radfed.federation.experiments import Arm, ArmResult, Budget, Experiment, Mode, load_site_cohorts
+from radfed.federation.experiments import Arm, ArmResult, Attack, Budget, Experiment, Mode, load_site_cohorts
 from radfed.federation.launcher import FederationOptions, LocalFederation
 from radfed.inference.synthetic.writer import synthesize_to_folder
 from radfed.inference.taskspec import TaskSpec, load_task_spec
@@ -34,7 +34,7 @@ ARMS = (
     Arm("federated, DP eps 8", epsilon=8.0),
     Arm("federated, DP eps 2", epsilon=2.0),
     Arm("federated, site-3 sends x20, FedAvg + screening", poisoned_site="site-3"),
-    Arm("federated, site-3 sign-flips, FedAvg + screening", poisoned_site="site-3", attack="sign-flip"),
+    Arm("federated, site-3 sign-flips, FedAvg + screening", poisoned_site="site-3", attack=Attack.SIGN_FLIP),
     Arm("federated without site-3 (what screening leaves)", left_out=("site-3",)),
     Arm(
         "federated, site-3 sends x20, median (no screening)", poisoned_site="site-3", aggregation="median", screen=False

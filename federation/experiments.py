@@ -32,6 +32,11 @@ class Mode(StrEnum):
     LOCAL = "local-only"
 
 
+class Attack(StrEnum):
+    SCALE = "scale"  # the site's honest update x20
+    SIGN_FLIP = "sign-flip"  # the site's honest update, negated
+
+
 @dataclass(frozen=True)
 class Arm:
     name: str
@@ -42,7 +47,7 @@ class Arm:
     screen: bool = True  # leave flagged updates out (radfed's default)
     proximal_mu: float = 0.0
     poisoned_site: str | None = None  # this site sends a manipulated update
-    attack: str = "scale"  # scale (x20) or sign-flip
+    attack: Attack = Attack.SCALE
     server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
     left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
 
@@ -181,7 +186,7 @@ class Experiment:
                     optimizer_states[site] = log.optimizer_state
                     sent = model_to_arrays(model)
                     if site == arm.poisoned_site:
-                        factor = -1.0 if arm.attack == "sign-flip" else 20.0
+                        factor = -1.0 if Attack(arm.attack) is Attack.SIGN_FLIP else 20.0
                         sent = [(g + factor * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]
                     updates.append(SiteUpdate(site, sent, len(samples)))
                 outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)

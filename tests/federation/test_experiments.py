@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.experiments import Arm, Budget, Experiment, Mode, load_site_cohorts
+from radfed.federation.experiments import Arm, Attack, Budget, Experiment, Mode, load_site_cohorts
 from radfed.inference.synthetic.writer import synthesize_to_folder
 from radfed.inference.taskspec import load_task_spec
 
@@ -54,13 +54,13 @@ def agreeing(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     return Experiment(spec, cohorts, Budget(rounds=2, local_steps=3, every_round=False))
 
 
-@pytest.mark.parametrize("attack", ["scale", "sign-flip"])
-def test_a_manipulated_update_is_flagged_only_when_screening(agreeing: Experiment, attack: str) -> None:
+@pytest.mark.parametrize("attack", list(Attack))
+def test_a_manipulated_update_is_flagged_only_when_screening(agreeing: Experiment, attack: Attack) -> None:
     experiment = agreeing
     screened = experiment.run(Arm("screened", poisoned_site="site-3", attack=attack))
     unscreened = experiment.run(Arm("unscreened", poisoned_site="site-3", attack=attack, screen=False))
     assert screened.flagged == ["site-3", "site-3"], screened.flag_reasons  # named in both rounds
-    reason = "norm" if attack == "scale" else "direction"
+    reason = "norm" if attack is Attack.SCALE else "direction"
     assert all(reason in r for r in screened.flag_reasons), screened.flag_reasons
     assert unscreened.flagged == []
     assert [m["round"] for m in screened.per_round] == [2]  # every_round=False: the final model only
@@ -85,7 +85,7 @@ def test_experiment_command_writes_table_report_and_json(tmp_path: Path, capsys:
 def test_a_screened_attacker_has_no_influence_on_the_model(agreeing: Experiment) -> None:
     """Flagged every round, the attacker's updates never reach the model: the job ends with exactly the
     model the other two sites train without it (the Dice it costs is that of its honest data, see bench)."""
-    attacked = agreeing.run(Arm("attacked", poisoned_site="site-3", attack="sign-flip"))
+    attacked = agreeing.run(Arm("attacked", poisoned_site="site-3", attack=Attack.SIGN_FLIP))
     without = agreeing.run(Arm("without site-3", left_out=("site-3",)))
     clean = agreeing.run(Arm("clean"))
     assert attacked.flagged == ["site-3", "site-3"] and without.flagged == [] and clean.flagged == []
