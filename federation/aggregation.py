@@ -155,6 +155,8 @@ class ServerOptimizer:
     def step(self, global_arrays: Arrays, aggregated: Arrays, velocity: Arrays | None) -> tuple[Arrays, Arrays | None]:
         """The next global model and the velocity to keep for the next round (checkpointed with the job;
         None without momentum)."""
+        if self.momentum == 0 and self.learning_rate == 1:
+            return aggregated, None  # plain FedAvg: the aggregated model as is
         deltas = [
             np.asarray(a, np.float64) - np.asarray(g, np.float64)
             for g, a in zip(global_arrays, aggregated, strict=True)
