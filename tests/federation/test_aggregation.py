@@ -101,3 +101,29 @@ def test_a_sign_flipped_site_is_flagged_among_partly_agreeing_honest_ones(sites:
         deltas["site-2"] = -deltas["site-2"]
         flags = detect_anomalies(deltas)
         assert [f.site for f in flags] == ["site-2"] and "direction" in flags[0].reason, flags
+
+
+def _with_cosines(cosines: np.ndarray, norms: list[float], size: int = 5_000) -> dict[str, np.ndarray]:
+    """Deltas with exactly these pairwise cosines and norms (Cholesky factor of the Gram matrix applied to
+    orthonormal random directions)."""
+    basis, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(size, len(norms))))
+    vectors = basis @ np.linalg.cholesky(cosines).T * np.array(norms)
+    return {f"site-{i + 1}": vectors[:, i] for i in range(len(norms))}
+
+
+def test_an_honest_site_opposed_by_one_large_update_is_not_flagged() -> None:
+    """Round 8 of a clean 3-site run (measured): site-3 opposed site-2's 2.5x larger update and was orthogonal
+    to site-1's, so against the others' mean it scored -0.32; leaving it out cost the model 0.4 Dice."""
+    from radfed.federation.aggregation import detect_anomalies
+
+    cosines = np.array([[1.0, 0.163, -0.059], [0.163, 1.0, -0.339], [-0.059, -0.339, 1.0]])
+    deltas = _with_cosines(cosines, [3.55, 8.79, 5.30])
+    mean_of_others = (deltas["site-1"] + deltas["site-2"]) / 2
+    score = deltas["site-3"] @ mean_of_others / np.linalg.norm(deltas["site-3"]) / np.linalg.norm(mean_of_others)
+    assert score < -0.3  # what the mean-only rule flagged
+    assert detect_anomalies(deltas) == []
+    # the same site sign-flipped while it agreed with both others (0.3) is flagged
+    agreeing = np.array([[1.0, 0.163, 0.3], [0.163, 1.0, 0.3], [0.3, 0.3, 1.0]])
+    deltas = _with_cosines(agreeing, [3.55, 8.79, 5.30])
+    deltas["site-3"] = -deltas["site-3"]
+    assert [f.site for f in detect_anomalies(deltas)] == ["site-3"]
