@@ -84,7 +84,9 @@ def quality(work: Path, quick: bool) -> None:
             ]
             for name, results in runs.items()
         ],
-        "RADFED_BENCH_FEDERATION=quality RADFED_BENCH_SEEDS=0,1,2 python -m bench federation",
+        f"RADFED_BENCH_FEDERATION=quality RADFED_BENCH_SEEDS={','.join(map(str, seeds))}"
+        + (f' RADFED_BENCH_ARMS="{chosen}"' if chosen else "")
+        + " python -m bench federation",
     )
     if len(seeds) == 1:
         print("one seed: the final-round Dice of one run moves by about 0.1 between seeds and rounds")
