@@ -79,9 +79,9 @@ def detect_anomalies(
     Near convergence honest sites pull apart, and one large update can dominate the others' mean: in round 8
     of a clean run an honest site scored -0.32 against it only because the second site's update, 2.5x
     larger, opposed it (pairwise cosine -0.34) while the third was orthogonal to it (-0.06); it was left
-    out and the round ended at Dice 0.34 instead of 0.55 (the same run with it kept). A flipped update
-    opposes every honest site it would have agreed with, so a site is flagged only if it also opposes most
-    of the others one by one (pairwise cosine below ``min_pairwise``)."""
+    out and the global Dice fell from 0.74 (round 7) to 0.34. A flipped update opposes every honest site
+    it would have agreed with, so a site is flagged only if it also opposes most of the others one by one
+    (pairwise cosine below ``min_pairwise``)."""
     if len(deltas) < 3:
         return []  # two updates cannot out-vote each other
     names = list(deltas)
