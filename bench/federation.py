@@ -30,6 +30,7 @@ ARMS = (
     Arm("centralised", Mode.CENTRALISED),
     Arm("federated", Mode.FEDERATED),
     Arm("best local-only", Mode.LOCAL),
+    Arm("federated, plain FedAvg (server lr 1)", server_learning_rate=1.0),
     Arm("federated, no harmonisation", harmonise=False),
     Arm("federated, DP eps 8", epsilon=8.0),
     Arm("federated, DP eps 2", epsilon=2.0),
@@ -70,7 +71,17 @@ def quality(work: Path, quick: bool) -> None:
         f"Federated vs centralised vs local-only (3 small synthetic sites x {studies} studies, "
         f"{budget.rounds} rounds x {budget.local_steps} steps; the same held-out studies for every arm; "
         f"mean (min-max) over seeds {','.join(map(str, seeds))})",
-        ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "Dice per seed", "seconds per run", "flagged"],
+        [
+            "arm",
+            "test studies",
+            "Dice",
+            "AUC",
+            "lesion sensitivity",
+            "Dice per seed",
+            "AUC per seed",
+            "seconds per run",
+            "flagged",
+        ],
         [
             [
                 name,
@@ -79,6 +90,7 @@ def quality(work: Path, quick: bool) -> None:
                 _spread([r.pooled.get("auc") for r in results]),
                 _spread([r.pooled.get("lesion_sensitivity") for r in results]),
                 " ".join(_f(r.pooled.get("dice")) for r in results),
+                " ".join(_f(r.pooled.get("auc")) for r in results),
                 f"{statistics.mean(r.seconds for r in results):.0f}",
                 ",".join(sorted({s for r in results for s in r.flagged})) or "-",
             ]

@@ -155,12 +155,20 @@ def aggregate(
     return AggregationOutcome(_unflatten(base + step, global_arrays), tuple(u.site for u in kept), tuple(flags))
 
 
+# The job's default server learning rate. Averaging shrinks the step: sites whose updates agree only in part
+# (pairwise cosine ~0-0.5 here) give a mean about 0.6-0.8 as long as one site's, so with a step of 1 the global
+# model advanced slower than a model trained on the pooled studies with as many steps. Measured over 8 seeds
+# (bench federation, README): Dice 0.686 at 1, 0.758 at 2 (centralised 0.785); 3 diverged (Dice 0.05).
+# Server step sizes above 1: Reddi et al. 2021 (arXiv:2003.00295), Jhunjhunwala et al. 2023 (arXiv:2301.09604).
+DEFAULT_SERVER_LEARNING_RATE = 2.0
+
+
 @dataclass(frozen=True)
 class ServerOptimizer:
-    """How the coordinator applies the aggregated step to the global model. With ``momentum`` > 0 this is
-    FedAvgM (Hsu, Qi & Brown, 2019, arXiv:1909.06335): the step is accumulated in a velocity that carries
-    over rounds, which speeds up directions the sites agree on round after round; with momentum 0 and
-    learning rate 1 it is plain FedAvg (the aggregated model as is)."""
+    """How the coordinator applies the aggregated step to the global model: global + learning rate x (aggregated -
+    global). With ``momentum`` > 0 this is FedAvgM (Hsu, Qi & Brown, 2019, arXiv:1909.06335): the step is accumulated
+    in a velocity that carries over rounds, which speeds up directions the sites agree on round after round; with
+    momentum 0 and learning rate 1 it is plain FedAvg (the aggregated model as is)."""
 
     learning_rate: float = 1.0
     momentum: float = 0.0

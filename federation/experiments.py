@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from radfed.federation.aggregation import Arrays, ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, Arrays, ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources
 from radfed.federation.coordinator import reference_landmarks
 from radfed.federation.evaluation import evaluate_model
@@ -49,6 +49,7 @@ class Arm:
     poisoned_site: str | None = None  # this site sends a manipulated update
     attack: Attack = Attack.SCALE
     server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
+    server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # the coordinator's step (1: plain FedAvg)
     left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
 
 
@@ -162,7 +163,7 @@ class Experiment:
         arrays = model_to_arrays(new_model(self.spec, seed=self.budget.seed))
         result = ArmResult(arm, {})
         optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
-        server = ServerOptimizer(momentum=arm.server_momentum)
+        server = ServerOptimizer(learning_rate=arm.server_learning_rate, momentum=arm.server_momentum)
         velocity: Arrays | None = None
         with tempfile.TemporaryDirectory() as accountants:
             for server_round in range(1, self.budget.rounds + 1):

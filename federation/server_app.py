@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
-from radfed.federation.aggregation import ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.coordinator import (
     JobState,
     QuorumError,
@@ -51,7 +51,8 @@ class Job:
         self.out = Path(records.text(cfg, "out-dir"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.server = ServerOptimizer(
-            records.number(cfg, "server-learning-rate", 1.0), records.number(cfg, "server-momentum", 0.0)
+            records.number(cfg, "server-learning-rate", DEFAULT_SERVER_LEARNING_RATE),
+            records.number(cfg, "server-momentum", 0.0),
         )
 
     def config(self, server_round: int, state: JobState) -> ConfigRecord:
@@ -267,6 +268,7 @@ def main(grid: Grid, context: Context) -> None:
             "job": records.text(cfg, "job", "radfed-job"),
             "rounds": job.rounds,
             "aggregation": records.text(cfg, "aggregation", "fedavg"),
+            "server_learning_rate": job.server.learning_rate,
             "server_momentum": job.server.momentum,
             "proximal_mu": records.number(cfg, "proximal-mu", 0.0),
             "studies_per_site": state.studies_per_site,

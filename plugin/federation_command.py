@@ -24,7 +24,7 @@ def find_app_dir(given: Path | None) -> Path:
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    config: dict[str, Any] = {
         "num-server-rounds": args.rounds,
         "local-steps": args.local_steps,
         "min-sites": args.min_sites or args.sites,
@@ -37,6 +37,9 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "job": args.job,
         "model-version": args.model_version,
     }
+    if args.server_learning_rate is not None:  # else the Flower app's default (deploy/flower/pyproject.toml)
+        config["server-learning-rate"] = args.server_learning_rate
+    return config
 
 
 def summarise(out: Path) -> str:
@@ -112,6 +115,11 @@ def add_parser(commands: Any) -> None:
     local.add_argument("--epsilon", type=float, default=8.0, help="DP budget per site for the job (0: no DP)")
     local.add_argument("--aggregation", default="fedavg", choices=["fedavg", "median", "trimmed-mean", "multi-krum"])
     local.add_argument("--proximal-mu", type=float, default=0.0, help="> 0: FedProx")
+    local.add_argument(
+        "--server-learning-rate",
+        type=float,
+        help="the coordinator's step along the aggregated update (1: plain FedAvg)",
+    )
     local.add_argument("--no-harmonise", action="store_true", help="skip federated intensity harmonisation")
     local.add_argument("--round-timeout", type=float, default=600)
     local.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (never at sites)")

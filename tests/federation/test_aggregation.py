@@ -83,6 +83,33 @@ def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) ->
         ServerOptimizer(momentum=1.0)
 
 
+def test_a_server_learning_rate_scales_the_aggregated_step() -> None:
+    base = [np.zeros((2, 2), np.float32), np.ones(3, np.float32)]
+    aggregated = [np.full((2, 2), 0.1, np.float32), np.full(3, 0.9, np.float32)]
+    doubled, velocity = ServerOptimizer(learning_rate=2.0).step(base, aggregated, None)
+    assert np.allclose(doubled[0], 0.2) and np.allclose(doubled[1], 0.8)  # twice the step, from the global model
+    assert velocity is None and doubled[0].dtype == np.float32
+
+
+def test_the_job_and_the_command_line_default_to_the_measured_server_learning_rate() -> None:
+    """The Flower app's run config (what a real job uses) and the experiments carry the same default; the local
+    launcher passes a chosen rate through and otherwise leaves the app's."""
+    import tomllib
+
+    from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE
+    from radfed.federation.experiments import Arm
+    from radfed.plugin.cli import build_parser
+    from radfed.plugin.federation_command import run_config
+
+    app = tomllib.loads((Path(__file__).parents[2] / "deploy/flower/pyproject.toml").read_text())
+    assert app["tool"]["flwr"]["app"]["config"]["server-learning-rate"] == DEFAULT_SERVER_LEARNING_RATE != 1.0
+    assert Arm("federated").server_learning_rate == DEFAULT_SERVER_LEARNING_RATE
+    parser = build_parser()
+    assert "server-learning-rate" not in run_config(parser.parse_args(["federation", "local"]))
+    chosen = parser.parse_args(["federation", "local", "--server-learning-rate", "1"])
+    assert run_config(chosen)["server-learning-rate"] == 1.0
+
+
 def _partly_agreeing(rng: np.random.Generator, sites: int, size: int = 20_000) -> dict[str, np.ndarray]:
     """Deltas like real site updates: a shared direction plus each site's own, pairwise cosine about 0.3."""
     shared = rng.normal(size=size)
