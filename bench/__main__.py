@@ -12,6 +12,7 @@ BENCHMARKS = {
     "node": "bench.node_e2e",
     "federation": "bench.federation",
     "viewer": "bench.viewer",
+    "quality": "bench.quality",
 }
 
 

@@ -157,7 +157,7 @@ def main() -> None:
         # SEG/SR grow with the number of lesions, so an untrained model's hundreds of blobs would mislead).
         synthesize_to_folder(root / "train", sites=1, studies_per_site=8, seed=1, small=True)
         artifact = train_local_artifact(
-            task=None, sources=[str(root / "train")], out=root / "artifact", epochs=100, version="bench"
+            task=None, sources=[str(root / "train")], out=root / "artifact", steps=200, version="bench"
         ).artifact
         studies = [render_study(site_profile(1 + n % 3), 1 + n // 3, seed=31) for n in range(STUDIES + SEQUENTIAL)]
         runs = {prefetch: run_node(root, artifact.folder, studies, prefetch) for prefetch in (True, False)}

@@ -3,7 +3,8 @@ imports only flwr and numpy and forwards each message to the site's long-lived w
 (radfed.federation.site_worker), where torch, the cohort and the job's state stay warm.
 
 Message types: ``train`` (evaluate the incoming global model on held-out studies, then train),
-``evaluate`` (the final model), ``query.landmarks`` (harmonisation statistics) and ``query.rollout``
+``evaluate`` (the final model), ``query.fingerprint`` (dataset statistics for the job's plan),
+``query.landmarks`` (harmonisation statistics) and ``query.rollout``
 (store the finished artifact in the node's model registry). Every reply's metrics pass the allow-list.
 """
 
@@ -72,6 +73,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("landmarks")
 def landmarks(msg: Message, context: Context) -> Message:
     return _forward(msg, context, Request.LANDMARKS, Frame({"config": _config(msg)}, []), with_arrays=False)
+
+
+@app.query("fingerprint")
+def fingerprint(msg: Message, context: Context) -> Message:
+    return _forward(msg, context, Request.FINGERPRINT, Frame({"config": _config(msg)}, []), with_arrays=False)
 
 
 @app.query("rollout")

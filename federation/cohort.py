@@ -10,22 +10,26 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from radfed.federation.datasets import is_dataset_folder, read_dataset
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
+from radfed.inference.plan import ChannelStatistics, ComputeBudget, DatasetFingerprint, StudyFingerprint, derive_plan
 from radfed.inference.preprocess import (
+    foreground,
     labels_to_model_grid,
     landmarks_of,
     load_study,
     model_grid_for,
     normalize_channels,
-    resample_channels,
 )
+from radfed.inference.resample import resample_to
 from radfed.inference.segmentation import read_segmentation
 from radfed.inference.study_source import FolderStudy, OrthancStudy, StudySource
 from radfed.inference.taskspec import LabelSource, TaskSpec
@@ -34,9 +38,13 @@ from radfed.inference.volume import Volume
 logger = logging.getLogger(__name__)
 
 
+UNKNOWN_LABEL = -1  # no class label for the study: left out of the classification loss and figures
+
+
 @dataclass(frozen=True, eq=False)
 class TrainingSample:
-    """One study in model space: image (C, D, H, W), lesion mask (D, H, W), study label."""
+    """One study in model space: image (C, D, H, W), lesion mask (D, H, W), study label (1, 0 or
+    UNKNOWN_LABEL)."""
 
     key: str  # short hash of the StudyInstanceUID (never the UID itself in logs)
     image: npt.NDArray[np.float16]
@@ -56,6 +64,7 @@ class CohortEntry:
     label: int
     voxel_mm3: float
     landmarks: dict[str, list[float]]  # per channel, on the model grid
+    fingerprint: StudyFingerprint | None = None  # native grid + foreground statistics, for the plan
 
     def sample(self, spec: TaskSpec, harmonisation: Mapping[str, Sequence[float]] | None) -> TrainingSample:
         image = normalize_channels(self.raw, spec, harmonisation).astype(np.float16)
@@ -75,6 +84,7 @@ class ReadinessReport:
     found: int = 0
     usable: int = 0
     positives: int = 0
+    unknown: int = 0  # usable for segmentation, no class label
     rejected: list[Rejection] = field(default_factory=list)
 
     def rejection_counts(self) -> dict[str, int]:
@@ -90,7 +100,8 @@ class ReadinessReport:
             "studies_usable": self.usable,
             "studies_rejected": len(self.rejected),
             "label_positive": self.positives,
-            "label_negative": self.usable - self.positives,
+            "label_negative": self.usable - self.positives - self.unknown,
+            "label_unknown": self.unknown,
         }
 
 
@@ -114,15 +125,18 @@ def read_label_table(path: Path, key_column: str) -> dict[str, str]:
 def study_label(source: StudySource, spec: TaskSpec, table: Mapping[str, str]) -> int:
     labels = spec.classification_labels
     if labels.source is LabelSource.SR:
-        raise CohortError("labels: SR-coded labels are not available for this source")
+        return UNKNOWN_LABEL  # SR-coded labels are not read yet: segmentation only
     key = source.study_instance_uid if labels.key == "StudyInstanceUID" else source.accession_number
     row_json = table.get(key)
     if row_json is None:
-        raise CohortError(f"labels: no row for this study's {labels.key}")
+        return UNKNOWN_LABEL  # a study without a label still teaches segmentation
     row = json.loads(row_json)
     if labels.column not in row:
         raise CohortError(f"labels: column {labels.column!r} missing")
-    return int(str(row[labels.column]).strip().lower() in labels.positive_values)
+    value = str(row[labels.column] or "").strip().lower()
+    if not value:
+        return UNKNOWN_LABEL  # an empty cell is not a negative
+    return int(value in labels.positive_values)
 
 
 def reference_lesions(
@@ -149,18 +163,45 @@ def reference_lesions(
     return mask
 
 
+def study_fingerprint(reference: Volume, channels: Mapping[str, npt.NDArray[np.floating]]) -> StudyFingerprint:
+    """The plan's view of one study: its native reference grid and each channel's foreground voxels."""
+    return StudyFingerprint.of(reference.spacing, reference.shape, {k: foreground(v) for k, v in channels.items()})
+
+
 def build_entry(source: StudySource, spec: TaskSpec, table: Mapping[str, str]) -> CohortEntry:
     """One study -> its cache entry: model-grid channels, lesion mask, class label, intensity landmarks."""
     label = study_label(source, spec, table)
     loaded = load_study(source, spec)
     reference_uid = loaded.selection.chosen[spec.reference_channel.name].series_instance_uid
     lesions = reference_lesions(source, spec, loaded.reference, reference_uid)
-    grid = model_grid_for(loaded.reference, spec.preprocessing.spacing_mm)
-    raw = resample_channels(loaded, grid, spec)
-    on_model = labels_to_model_grid(loaded.reference.with_array(lesions), grid)
+    return entry_on_grid(
+        study_key(source.study_instance_uid),
+        loaded.reference,
+        {name: loaded.channels[name].array for name in spec.channel_names},
+        lesions,
+        label,
+        spec,
+    )
+
+
+def entry_on_grid(
+    key: str,
+    reference: Volume,
+    channels: Mapping[str, npt.NDArray[np.floating]],
+    lesions: npt.NDArray[np.uint8],
+    label: int,
+    spec: TaskSpec,
+) -> CohortEntry:
+    """A study already on its reference grid (channels aligned) -> its cache entry on the model grid."""
+    grid = model_grid_for(reference, spec.spacing_mm)
+    raw = np.stack(
+        [resample_to(reference.with_array(np.asarray(channels[name])), grid).array for name in spec.channel_names]
+    ).astype(np.float32)
+    on_model = labels_to_model_grid(reference.with_array(lesions), grid)
     landmarks = {name: landmarks_of(raw[i]).tolist() for i, name in enumerate(spec.channel_names)}
     voxel_mm3 = abs(float(np.linalg.det(grid.affine[:3, :3])))
-    return CohortEntry(study_key(source.study_instance_uid), raw, on_model, label, voxel_mm3, landmarks)
+    fingerprint = study_fingerprint(reference, channels)
+    return CohortEntry(key, raw, on_model, label, voxel_mm3, landmarks, fingerprint)
 
 
 def is_held_out(key: str, fraction: float) -> bool:
@@ -188,7 +229,7 @@ def _open_folder(folder: Path) -> FolderStudy | None:
         return None
 
 
-CACHE_FORMAT = "cohort-entry/2"
+CACHE_FORMAT = "cohort-entry/3"
 
 
 class SiteCohort:
@@ -227,41 +268,62 @@ class SiteCohort:
         used = [e for e in self.entries if not is_held_out(e.key, held_out_fraction)] or self.entries
         return {name: np.mean([e.landmarks[name] for e in used], axis=0).tolist() for name in self.spec.channel_names}
 
-    def _cache_path(self, source: StudySource) -> Path | None:
+    def fingerprint(self) -> DatasetFingerprint | None:
+        """The training studies' fingerprint (None for an empty cohort)."""
+        prints = [e.fingerprint for e in self.entries if e.fingerprint is not None]
+        return DatasetFingerprint.from_studies(prints) if prints else None
+
+    def _cache_path(self, study_uid: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        digest = hashlib.sha256(
-            (CACHE_FORMAT + source.study_instance_uid + self.spec.source_text).encode()
-        ).hexdigest()[:24]
+        grid = json.dumps(self.spec.spacing_mm)
+        digest = hashlib.sha256((CACHE_FORMAT + study_uid + self.spec.source_text + grid).encode()).hexdigest()[:24]
         return self.cache_dir / f"{digest}.npz"
+
+    def _load_cached(self, key: str, path: Path) -> CohortEntry:
+        with np.load(path) as data:
+            fingerprint = json.loads(str(data["fingerprint"]))
+            return CohortEntry(
+                key,
+                data["raw"],
+                data["lesions"],
+                int(data["label"]),
+                float(data["voxel_mm3"]),
+                json.loads(str(data["landmarks"])),
+                _fingerprint_from(fingerprint),
+            )
+
+    @staticmethod
+    def _save_cached(path: Path, entry: CohortEntry) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            path,
+            raw=entry.raw,
+            lesions=entry.lesions,
+            label=entry.label,
+            voxel_mm3=entry.voxel_mm3,
+            landmarks=json.dumps(entry.landmarks),
+            fingerprint=json.dumps(asdict(entry.fingerprint) if entry.fingerprint else None),
+        )
+
+    def add_entry(self, entry: CohortEntry) -> None:
+        self.entries.append(entry)
+        self._samples.clear()
+        self.report.usable += 1
+        self.report.positives += int(entry.label == 1)
+        self.report.unknown += int(entry.label == UNKNOWN_LABEL)
 
     def add(self, source: StudySource, table: Mapping[str, str]) -> None:
         self.report.found += 1
         key = study_key(source.study_instance_uid)
-        cached = self._cache_path(source)
+        cached = self._cache_path(source.study_instance_uid)
         try:
             if cached is not None and cached.is_file():
-                data = np.load(cached)
-                entry = CohortEntry(
-                    key,
-                    data["raw"],
-                    data["lesions"],
-                    int(data["label"]),
-                    float(data["voxel_mm3"]),
-                    json.loads(str(data["landmarks"])),
-                )
+                entry = self._load_cached(key, cached)
             else:
                 entry = build_entry(source, self.spec, table)
                 if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    np.savez(
-                        cached,
-                        raw=entry.raw,
-                        lesions=entry.lesions,
-                        label=entry.label,
-                        voxel_mm3=entry.voxel_mm3,
-                        landmarks=json.dumps(entry.landmarks),
-                    )
+                    self._save_cached(cached, entry)
         except RadfedError as exc:
             reason = str(exc)
             if not isinstance(exc, CohortError):
@@ -269,10 +331,7 @@ class SiteCohort:
             self.report.rejected.append(Rejection(key, reason))
             logger.warning("study %s rejected: %s", key, reason)
             return
-        self.entries.append(entry)
-        self._samples.clear()
-        self.report.usable += 1
-        self.report.positives += entry.label
+        self.add_entry(entry)
 
     def add_folder(self, root: Path) -> None:
         tables: dict[Path, dict[str, str]] = {}
@@ -285,10 +344,51 @@ class SiteCohort:
                 tables[labels] = read_label_table(labels, self.spec.classification_labels.key)
             self.add(study, tables.get(labels, {}) if labels else {})
 
+    def add_dataset(self, root: Path) -> None:
+        """The cases of an MSD / nnU-Net raw dataset folder (no class labels: "unknown")."""
+        for case in read_dataset(root, self.spec):
+            self.report.found += 1
+            key = study_key(f"{root.name}/{case.case_id}")
+            self.add_entry(entry_on_grid(key, case.reference, case.channels, case.lesions, UNKNOWN_LABEL, self.spec))
+
     def add_orthanc(self, client: OrthancClient, labels: Path) -> None:
         table = read_label_table(labels, self.spec.classification_labels.key)
         for study_id in client.studies():
             self.add(OrthancStudy(client, study_id), table)
+
+
+def _fingerprint_from(data: Mapping[str, Any] | None) -> StudyFingerprint | None:
+    if data is None:
+        return None
+    return StudyFingerprint(
+        tuple(data["spacing_mm"]),
+        tuple(data["shape"]),
+        {k: ChannelStatistics(**v) for k, v in data["channels"].items()},
+    )
+
+
+def source_fingerprints(spec: TaskSpec, sources: Iterable[str], labels: Path | None) -> list[StudyFingerprint]:
+    """First pass for a plan that must choose the grid: each study's native grid and intensities. Loading a
+    DICOM study twice is the price of not holding every native volume in memory."""
+    prints: list[StudyFingerprint] = []
+    for source in sources:
+        if is_dataset_folder(Path(source)):
+            prints += [study_fingerprint(case.reference, case.channels) for case in read_dataset(Path(source), spec)]
+            continue
+        studies: Iterable[StudySource]
+        if source.startswith(("http://", "https://")):
+            client = OrthancClient(OrthancEndpoint.from_url(source))
+            studies = [OrthancStudy(client, study_id) for study_id in client.studies()]
+        else:
+            studies = [study for study, _, _ in folder_studies(Path(source)) if study is not None]
+        for study in studies:
+            try:
+                loaded = load_study(study, spec)
+            except RadfedError as exc:
+                logger.info("fingerprint: study skipped (%s)", type(exc).__name__)
+                continue
+            prints.append(study_fingerprint(loaded.reference, {k: v.array for k, v in loaded.channels.items()}))
+    return prints
 
 
 def cohort_from_sources(
@@ -297,8 +397,16 @@ def cohort_from_sources(
     *,
     labels: Path | None = None,
     cache_dir: Path | None = None,
+    budget: ComputeBudget | None = None,
 ) -> SiteCohort:
-    """A cohort from folders and/or Orthanc URLs (``http://user:pw@host:port``; then ``labels`` is needed)."""
+    """A cohort from folders (radfed synth, DICOM studies, or a Medical Segmentation Decathlon / nnU-Net raw
+    dataset) and/or Orthanc URLs (``http://user:pw@host:port``; then ``labels`` is needed). A spec without a
+    plan gets one here, from this cohort's fingerprint: ``cohort.spec`` is the planned spec."""
+    sources = list(sources)
+    if spec.plan is None and spec.preprocessing.spacing_mm is None:
+        prints = source_fingerprints(spec, sources, labels)
+        if prints:
+            spec = spec.planned(derive_plan(spec.plan_overrides(), DatasetFingerprint.from_studies(prints), budget))
     cohort = SiteCohort(spec, cache_dir)
     for source in sources:
         if source.startswith(("http://", "https://")):
@@ -306,6 +414,10 @@ def cohort_from_sources(
                 raise CohortError("an Orthanc source needs a labels CSV (--labels)")
             with OrthancClient(OrthancEndpoint.from_url(source)) as client:
                 cohort.add_orthanc(client, labels)
+        elif is_dataset_folder(Path(source)):
+            cohort.add_dataset(Path(source))
         else:
             cohort.add_folder(Path(source))
+    if cohort.spec.plan is None and cohort.entries:
+        cohort.spec = cohort.spec.planned(derive_plan(spec.plan_overrides(), cohort.fingerprint(), budget))
     return cohort

@@ -37,6 +37,7 @@ class JobState:
     studies_per_site: dict[str, int] = field(default_factory=dict)
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     velocity: list[npt.NDArray[Any]] | None = None
+    plan: str | None = None  # the job's plan (JSON), fixed before round 1
 
     def save(self, out: Path) -> None:
         """Checkpoint after every round; both files are replaced atomically (arrays first)."""
@@ -51,6 +52,7 @@ class JobState:
             "harmonisation": self.harmonisation,
             "studies_per_site": self.studies_per_site,
             "epsilon_per_site": self.epsilon_per_site,
+            "plan": self.plan,
         }
         temporary = out / (JOB_STATE + ".tmp")
         temporary.write_text(json.dumps(meta, indent=1))
@@ -71,6 +73,7 @@ class JobState:
             dict(meta.get("studies_per_site", {})),
             dict(meta.get("epsilon_per_site", {})),
             velocity or None,
+            meta.get("plan"),
         )
 
 

@@ -9,7 +9,7 @@ model grid, and the study score is the same classification probability the node 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch import nn
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.messages import SCORE_BINS
 from radfed.inference.taskspec import TaskSpec
-from radfed.inference.windows import predict_windows
+from radfed.inference.windows import Prediction, predict_study
 
 # Study scores are pooled as histograms (no per-study value leaves a site). Bins are even in logit space:
 # a trained head puts most studies above 0.99 or below 0.01, where even probability bins would tie them all.
@@ -44,6 +44,9 @@ class EvaluationCounts:
     false_negative: int = 0
     positive_scores: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
     negative_scores: list[int] = field(default_factory=lambda: [0] * SCORE_BINS)
+    false_positive_components: int = 0  # found lesions that touch no reference lesion
+    predicted_voxels: int = 0  # over studies with a reference lesion
+    reference_voxels: int = 0
 
     def __add__(self, other: EvaluationCounts) -> EvaluationCounts:
         return EvaluationCounts(
@@ -58,6 +61,9 @@ class EvaluationCounts:
             self.false_negative + other.false_negative,
             [a + b for a, b in zip(self.positive_scores, other.positive_scores, strict=True)],
             [a + b for a, b in zip(self.negative_scores, other.negative_scores, strict=True)],
+            self.false_positive_components + other.false_positive_components,
+            self.predicted_voxels + other.predicted_voxels,
+            self.reference_voxels + other.reference_voxels,
         )
 
     def as_metrics(self) -> dict[str, float | int | list[int]]:
@@ -74,6 +80,9 @@ class EvaluationCounts:
             "eval_fn": self.false_negative,
             "eval_scores_positive": list(self.positive_scores),
             "eval_scores_negative": list(self.negative_scores),
+            "eval_fp_components": self.false_positive_components,
+            "eval_predicted_voxels": self.predicted_voxels,
+            "eval_reference_voxels": self.reference_voxels,
         }
 
     @classmethod
@@ -101,6 +110,9 @@ class EvaluationCounts:
             count("eval_fn"),
             histogram("eval_scores_positive"),
             histogram("eval_scores_negative"),
+            int(float(metrics.get("eval_fp_components", 0))),  # type: ignore[arg-type]
+            int(float(metrics.get("eval_predicted_voxels", 0))),  # type: ignore[arg-type]
+            int(float(metrics.get("eval_reference_voxels", 0))),  # type: ignore[arg-type]
         )
 
     def summary(self) -> dict[str, float | int | None]:
@@ -114,6 +126,8 @@ class EvaluationCounts:
             "sensitivity": tp / (tp + fn) if tp + fn else None,
             "specificity": tn / (tn + fp) if tn + fp else None,
             "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            "fp_components_per_study": self.false_positive_components / self.studies if self.studies else None,
+            "volume_ratio": self.predicted_voxels / self.reference_voxels if self.reference_voxels else None,
         }
 
 
@@ -141,6 +155,19 @@ def score_bin(score: float) -> int:
     return min(SCORE_BINS - 1, max(0, int(position * SCORE_BINS)))
 
 
+def lesion_components(
+    probability: npt.NDArray[np.float32], threshold: float, min_volume_mm3: float, voxel_mm3: float
+) -> npt.NDArray[np.int32]:
+    """Labelled lesion components at the threshold, those under the minimum volume removed (the clinical
+    pipeline's postprocessing, on the model grid)."""
+    found, count = ndimage.label(probability >= threshold, structure=_CONNECTIVITY)
+    if count:
+        sizes = ndimage.sum_labels(np.ones_like(found), found, np.arange(1, count + 1))
+        small = np.flatnonzero(sizes * voxel_mm3 < min_volume_mm3) + 1
+        found[np.isin(found, small)] = 0
+    return np.asarray(found, dtype=np.int32)
+
+
 def study_counts(
     probability: npt.NDArray[np.float32],
     study_score: float,
@@ -149,15 +176,15 @@ def study_counts(
 ) -> EvaluationCounts:
     """One held-out study's contribution, from the model's lesion probability map on the model grid."""
     outputs = spec.outputs
-    found, count = ndimage.label(probability >= outputs.lesion_threshold, structure=_CONNECTIVITY)
-    if count:
-        sizes = ndimage.sum_labels(np.ones_like(found), found, np.arange(1, count + 1))
-        small = np.flatnonzero(sizes * sample.voxel_mm3 < outputs.min_lesion_volume_mm3) + 1
-        found[np.isin(found, small)] = 0
+    found = lesion_components(probability, outputs.lesion_threshold, outputs.min_lesion_volume_mm3, sample.voxel_mm3)
     predicted = found > 0
     reference = sample.lesions > 0
     counts = EvaluationCounts(studies=1)
+    touched = set(np.unique(found[reference]).tolist()) - {0}
+    counts.false_positive_components = len(set(np.unique(found).tolist()) - {0} - touched)
     if reference.any():
+        counts.predicted_voxels = int(predicted.sum())
+        counts.reference_voxels = int(reference.sum())
         overlap = float(np.logical_and(predicted, reference).sum())
         counts.dice_sum = 2 * overlap / float(predicted.sum() + reference.sum())
         counts.dice_studies = 1
@@ -165,6 +192,8 @@ def study_counts(
         counts.lesions_total = lesions
         counts.lesions_found = len(set(np.unique(truth[predicted]).tolist()) - {0})
     positive_call = study_score >= outputs.codes.positive_threshold
+    if sample.label < 0:  # unknown: counted nowhere in the study-level figures
+        return counts
     if sample.label:
         counts.true_positive, counts.false_negative = int(positive_call), int(not positive_call)
         counts.positive_scores[score_bin(study_score)] += 1
@@ -175,17 +204,24 @@ def study_counts(
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> EvaluationCounts:
-    """Sliding-window inference of a torch model over whole held-out studies, as the node runs it."""
+def predict_samples(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> Iterator[Prediction]:
+    """Sliding-window inference of a torch model over whole studies, as the node runs it."""
     model.eval()
+    device = next(model.parameters()).device
 
     def run_batch(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        seg, cls = model(torch.from_numpy(batch))
-        return seg.numpy(), cls.numpy()
+        seg, cls = model(torch.from_numpy(batch).to(device))
+        return seg.float().cpu().numpy(), cls.float().cpu().numpy()
 
-    total = EvaluationCounts()
+    windows_per_run = max(4, spec.plan.batch_size if spec.plan is not None else 4)
     for sample in samples:
-        prediction = predict_windows(sample.image.astype(np.float32), spec.preprocessing.patch_size, run_batch)
+        yield predict_study(sample.image.astype(np.float32), spec, run_batch, batch_size=windows_per_run)
+
+
+def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> EvaluationCounts:
+    """The evaluation counts of a torch model over whole held-out studies."""
+    total = EvaluationCounts()
+    for sample, prediction in zip(samples, predict_samples(model, samples, spec), strict=True):
         score = prediction.study_score(spec.outputs.study_score)
         total = total + study_counts(prediction.probability, score, sample, spec)
     return total

@@ -17,12 +17,14 @@ from enum import StrEnum
 from pathlib import Path
 
 from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, Arrays, ServerOptimizer, SiteUpdate, aggregate
-from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources
+from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.coordinator import reference_landmarks
 from radfed.federation.evaluation import evaluate_model
+from radfed.federation.planning import job_plan, needs_fingerprint
 from radfed.federation.privacy import PrivacySettings, train_private
 from radfed.federation.site import arrays_to_model, model_to_arrays
 from radfed.federation.training import OptimizerState, TrainingSettings, new_model, train_local
+from radfed.inference.plan import DatasetFingerprint
 from radfed.inference.taskspec import TaskSpec
 
 
@@ -95,6 +97,16 @@ class ArmResult:
 
 
 def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None) -> dict[str, SiteCohort]:
+    """Every site's cohort under one plan, made as the coordinator makes it (from the sites' merged
+    fingerprint summaries where the spec leaves the grid or patch open)."""
+    if spec.plan is None:
+        prints = None
+        if needs_fingerprint(spec):
+            prints = {
+                name: DatasetFingerprint.from_studies(source_fingerprints(spec, [str(root)], None))
+                for name, root in roots.items()
+            }
+        spec = spec.planned(job_plan(spec, prints))
     return {
         name: cohort_from_sources(spec, [str(root)], cache_dir=cache / name if cache else None)
         for name, root in roots.items()
@@ -103,8 +115,9 @@ def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | N
 
 class Experiment:
     def __init__(self, spec: TaskSpec, cohorts: Mapping[str, SiteCohort], budget: Budget) -> None:
-        self.spec = spec
         self.cohorts = dict(cohorts)
+        # the cohorts carry the job's plan (load_site_cohorts); the spec given may be the unplanned one
+        self.spec = next(iter(self.cohorts.values())).spec if self.cohorts else spec
         self.budget = budget
         self.landmarks = reference_landmarks(
             {s: c.channel_landmarks(budget.held_out_fraction) for s, c in self.cohorts.items()},
@@ -120,8 +133,18 @@ class Experiment:
             test += site_test
         return train, test
 
-    def _settings(self, seed: int, steps: int, mu: float = 0.0) -> TrainingSettings:
-        return TrainingSettings.from_spec(self.spec, seed=seed, steps_per_epoch=steps, epochs=1, proximal_mu=mu)
+    def _settings(self, seed: int, steps: int, mu: float = 0.0, server_round: int | None = None) -> TrainingSettings:
+        """``steps`` of the recipe; in a federated arm, round ``server_round``'s slice of the job's schedule."""
+        if server_round is None:
+            return TrainingSettings.from_spec(self.spec, seed=seed, steps=steps, proximal_mu=mu)
+        return TrainingSettings.from_spec(
+            self.spec,
+            seed=seed,
+            steps=steps,
+            proximal_mu=mu,
+            schedule_offset=(server_round - 1) * steps,
+            schedule_total=self.budget.rounds * steps,
+        )
 
     def run(self, arm: Arm, progress: Callable[[str], None] = lambda _: None) -> ArmResult:
         started = time.perf_counter()
@@ -172,7 +195,9 @@ class Experiment:
                     if site in arm.left_out:
                         continue
                     model = arrays_to_model(self.spec, arrays)
-                    settings = self._settings(self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu)
+                    settings = self._settings(
+                        self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu, server_round
+                    )
                     state = optimizer_states.get(site)
                     if arm.epsilon > 0:
                         privacy = PrivacySettings(

@@ -28,7 +28,7 @@ PARITY_TOLERANCE = 1e-3  # max |torch - onnxruntime| on logits
 
 def export_onnx(model: nn.Module, spec: TaskSpec, path: Path) -> None:
     model.eval()
-    d, h, w = spec.preprocessing.patch_size
+    d, h, w = spec.patch_size
     example = torch.zeros(1, len(spec.channels), d, h, w)
     torch.onnx.export(
         model,
@@ -52,7 +52,7 @@ def parity_error(model: nn.Module, spec: TaskSpec, onnx_path: Path, batch: int =
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
-    d, h, w = spec.preprocessing.patch_size
+    d, h, w = spec.patch_size
     x = rng.standard_normal((batch, len(spec.channels), d, h, w)).astype(np.float32)
     with torch.no_grad():
         seg, cls = model(torch.from_numpy(x))

@@ -1,25 +1,112 @@
-"""``radfed train --local``: cohort -> training -> ONNX artifact, on one machine."""
+"""``radfed train --local``: cohort -> fingerprint and plan -> training with validation -> calibration on the
+validation studies -> ONNX artifact, on one machine."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from radfed.federation.cohort import ReadinessReport, cohort_from_sources
+from radfed.federation.calibration import Calibration, calibrate
+from radfed.federation.cohort import ReadinessReport, SiteCohort, TrainingSample, cohort_from_sources, is_held_out
+from radfed.federation.evaluation import evaluate_model, predict_samples
 from radfed.federation.export import export_artifact
-from radfed.federation.training import TrainingSettings, new_model, train_local
+from radfed.federation.training import TrainingLog, TrainingSettings, new_model, train_local
 from radfed.inference.artifact import ModelArtifact
 from radfed.inference.errors import RadfedError
 from radfed.inference.findings import ModelIdentity
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.plan import ComputeBudget, Device
+from radfed.inference.taskspec import TaskSpec, load_task_spec
+
+# Validation studies are chosen by study hash with a salt of their own, so they never coincide with the
+# federation's held-out test studies by construction (both take a share of the same hash space).
+_VALIDATION_SALT = "v"
 
 
 class NoTrainingDataError(RadfedError, ValueError):
     """No usable study in the given sources."""
+
+
+def set_threads(threads: int) -> None:
+    """Torch's intra-op threads for this process, and for the processes it starts (OpenMP). On 2 shared
+    cores 2 threads ran ~8x slower than 1 while other work ran (SETUP.md)."""
+    torch.set_num_threads(max(1, threads))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+
+
+def validation_split(
+    samples: Sequence[TrainingSample], fraction: float
+) -> tuple[list[TrainingSample], list[TrainingSample]]:
+    """(training, validation) by study hash; at least one study each way when there are two or more."""
+    if fraction <= 0 or len(samples) < 2:
+        return list(samples), []
+    salted = [(s, is_held_out(_salted(s.key), fraction)) for s in samples]
+    validation = [s for s, held in salted if held]
+    if not validation:
+        validation = [min(samples, key=lambda s: _salted(s.key))]
+    if len(validation) == len(samples):
+        validation = validation[:1]
+    return [s for s in samples if s not in validation], validation
+
+
+def _salted(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256((_VALIDATION_SALT + key).encode()).hexdigest()
+
+
+def validation_dice(spec: TaskSpec, validation: Sequence[TrainingSample]) -> Callable[[torch.nn.Module], float]:
+    """Mean per-study Dice on the validation studies: the score best-checkpoint selection maximises."""
+
+    def score(model: torch.nn.Module) -> float:
+        return float(evaluate_model(model, validation, spec).summary()["dice"] or 0.0)
+
+    return score
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained network with the spec it was planned, trained and calibrated under."""
+
+    model: torch.nn.Module
+    spec: TaskSpec
+    log: TrainingLog
+    calibration: Calibration | None
+    training_studies: int
+    validation_studies: int
+
+
+def fit(
+    spec: TaskSpec,
+    samples: Sequence[TrainingSample],
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainedModel:
+    """Train on ``samples`` with the planned spec's recipe: validation split, best checkpoint, calibration."""
+    recipe = spec.training
+    train, validation = validation_split(samples, recipe.validation_fraction)
+    model = new_model(spec, seed=seed)
+    settings = TrainingSettings.from_spec(spec, steps=steps, seed=seed)
+    validate = validation_dice(spec, validation) if validation else None
+    log = train_local(model, train, spec, settings, progress=progress, validate=validate)
+    calibration = None
+    if validation and recipe.calibrate:
+        predictions = list(predict_samples(model, validation, spec))
+        calibration = calibrate(predictions, validation, spec.outputs.min_lesion_volume_mm3)
+        spec = spec.with_outputs(
+            lesion_threshold=calibration.lesion_threshold,
+            min_lesion_volume_mm3=calibration.min_lesion_volume_mm3,
+            study_temperature=calibration.study_temperature,
+        )
+    return TrainedModel(model, spec, log, calibration, len(train), len(validation))
 
 
 @dataclass(frozen=True)
@@ -28,15 +115,32 @@ class LocalTrainingOutcome:
     report: ReadinessReport
     seconds: float
     final_loss: float
+    trained: TrainedModel
 
     def summary(self) -> str:
-        r = self.report
-        return (
-            f"artifact {self.artifact.key} -> {self.artifact.folder}\n"
-            f"studies: {r.found} found, {r.usable} usable ({r.positives} positive), {len(r.rejected)} rejected "
-            f"{r.rejection_counts() or ''}\n"
-            f"trained in {self.seconds:.0f} s, final loss {self.final_loss:.3f}"
+        r, t = self.report, self.trained
+        plan = t.spec.plan
+        lines = [
+            f"artifact {self.artifact.key} -> {self.artifact.folder}",
+            f"studies: {r.found} found, {r.usable} usable ({r.positives} positive, {r.unknown} unlabelled), "
+            f"{len(r.rejected)} rejected {r.rejection_counts() or ''}",
+        ]
+        if plan is not None:
+            lines.append(
+                f"plan: {plan.network.spatial_dims}-D {plan.network.architecture.value}, spacing "
+                f"{list(plan.spacing_mm)} mm, patch {list(plan.patch_size)}, batch {plan.batch_size}"
+            )
+        lines.append(
+            f"trained {t.log.steps} steps on {t.training_studies} studies in {self.seconds:.0f} s, "
+            f"final loss {self.final_loss:.3f}"
         )
+        if t.calibration is not None:
+            c = t.calibration
+            lines.append(
+                f"validation ({c.studies} studies): Dice {c.validation_dice:.3f} at threshold {c.lesion_threshold}, "
+                f"min volume {c.min_lesion_volume_mm3:g} mm3 (best step {t.log.best_step})"
+            )
+        return "\n".join(lines)
 
 
 def train_local_artifact(
@@ -45,30 +149,44 @@ def train_local_artifact(
     sources: Sequence[str],
     out: Path,
     labels: Path | None = None,
-    epochs: int | None = None,
+    steps: int | None = None,
+    threads: int | None = None,
     version: str = "0.1.0",
     cache_dir: Path | None = None,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    spec: TaskSpec | None = None,
 ) -> LocalTrainingOutcome:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec = load_task_spec(task)
+    spec = spec or load_task_spec(task)
+    if threads is not None:
+        spec = replace(spec, training=replace(spec.training, threads=threads))
+    set_threads(spec.training.threads)
     started = time.perf_counter()
-    cohort = cohort_from_sources(spec, sources, labels=labels, cache_dir=cache_dir)
+    budget = ComputeBudget.for_device(Device.GPU if torch.cuda.is_available() else Device.CPU)
+    cohort: SiteCohort = cohort_from_sources(spec, sources, labels=labels, cache_dir=cache_dir, budget=budget)
     if not cohort.samples:
         reasons = "; ".join(r.reason for r in cohort.report.rejected[:3])
         raise NoTrainingDataError(f"no usable study in {list(sources)} ({reasons or 'nothing found'})")
-    model = new_model(spec, seed=seed)
-    settings = TrainingSettings.from_spec(spec, epochs=epochs, seed=seed)
-    log = train_local(model, cohort.samples, spec, settings, progress=progress)
-    provenance = {
+    trained = fit(cohort.spec, cohort.samples, seed=seed, steps=steps, progress=progress)
+    final = [x for x in trained.log.losses if np.isfinite(x)]
+    fingerprint = cohort.fingerprint()
+    provenance: dict[str, Any] = {
         "training": "local",
         "studies_per_site": {"local": cohort.report.usable},
         "readiness": cohort.report.as_metrics(),
-        "epochs": settings.epochs,
-        "steps": log.steps,
-        "final_loss": log.losses[-1],
+        "steps": trained.log.steps,
+        "training_seconds": round(trained.log.seconds, 1),
+        "stopped_by_time_limit": trained.log.stopped_by_time_limit,
+        "validation": [[step, round(score, 4)] for step, score in trained.log.validation],
+        "best_step": trained.log.best_step,
+        "calibration": trained.calibration.as_dict() if trained.calibration else None,
+        "fingerprint": fingerprint.as_dict() if fingerprint else None,
+        "final_loss": final[-1] if final else None,
         "differential_privacy": None,
     }
-    artifact = export_artifact(model, spec, out, ModelIdentity(spec.name, version), provenance=provenance)
-    return LocalTrainingOutcome(artifact, cohort.report, time.perf_counter() - started, log.losses[-1])
+    artifact = export_artifact(
+        trained.model, trained.spec, out, ModelIdentity(spec.name, version), provenance=provenance
+    )
+    return LocalTrainingOutcome(
+        artifact, cohort.report, time.perf_counter() - started, final[-1] if final else float("nan"), trained
+    )

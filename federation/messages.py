@@ -39,7 +39,12 @@ ALLOWED_METRICS = frozenset(
         "eval_fp",
         "eval_tn",
         "eval_fn",
+        "eval_fp_components",
+        "eval_predicted_voxels",
+        "eval_reference_voxels",
+        "label_unknown",
         "landmark_studies",
+        "fingerprint_studies",
         "model_installed",
         "evaluation_seconds",
         # where a round's time goes at the site (federation/client_app.py): timings, never data
@@ -55,6 +60,10 @@ SCORE_BINS = 64  # study-score histogram bins (federation/evaluation.py)
 ALLOWED_VECTORS = {"eval_scores_positive": SCORE_BINS, "eval_scores_negative": SCORE_BINS}
 LANDMARK_PREFIX = "landmarks."
 LANDMARK_LENGTH = len(LANDMARK_PERCENTILES)
+# A site's dataset fingerprint for the job's plan (federation/planning.py): median and 10th-percentile
+# spacing, median shape (3 each), and per channel the pooled foreground voxels, mean, std, 0.5/99.5 %.
+FINGERPRINT_PREFIX = "fingerprint."
+FINGERPRINT_LENGTHS = {"spacing": 3, "low_spacing": 3, "shape": 3, "channel": 5}
 
 
 class MetricLeakError(ValueError):
@@ -64,8 +73,16 @@ class MetricLeakError(ValueError):
 MetricValue = float | int | list[int] | list[float]
 
 
+def _vector_length(name: str) -> int | None:
+    if name.startswith(LANDMARK_PREFIX):
+        return LANDMARK_LENGTH
+    if name.startswith(FINGERPRINT_PREFIX):
+        return FINGERPRINT_LENGTHS.get(name.removeprefix(FINGERPRINT_PREFIX).split(".")[0])
+    return ALLOWED_VECTORS.get(name)
+
+
 def _allowed_vector(name: str, value: object) -> bool:
-    length = ALLOWED_VECTORS.get(name, LANDMARK_LENGTH if name.startswith(LANDMARK_PREFIX) else None)
+    length = _vector_length(name)
     return (
         length is not None
         and isinstance(value, list)

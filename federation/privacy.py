@@ -19,13 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from radfed.federation.cohort import TrainingSample
-from radfed.federation.training import OptimizerState, ProximalTerm, TrainingLog, TrainingSettings, loss_fn, random_crop
+from radfed.federation.training import (
+    OptimizerState,
+    PatchSampler,
+    ProximalTerm,
+    TrainingLog,
+    TrainingSettings,
+    loss_fn,
+    make_optimizer,
+)
 from radfed.inference.errors import RadfedError
 from radfed.inference.taskspec import TaskSpec
 
@@ -58,18 +65,20 @@ class PrivacySettings:
 
 
 class _StudyCrops(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """One random crop of study ``i`` per access (the privacy unit is the study)."""
+    """One augmented patch of study ``i`` per access (the privacy unit is the study); a study with lesions
+    gives a lesion-centred patch with the recipe's foreground probability."""
 
-    def __init__(self, samples: Sequence[TrainingSample], patch: Sequence[int], seed: int) -> None:
+    def __init__(self, samples: Sequence[TrainingSample], spec: TaskSpec, settings: TrainingSettings) -> None:
         self.samples = samples
-        self.patch = patch
-        self.rng = np.random.default_rng(seed)
+        self.sampler = PatchSampler(spec, settings.recipe, settings.seed)
+        self.fraction = settings.recipe.foreground_fraction
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image, mask, target = random_crop(self.samples[index], self.patch, self.rng)
+        force = bool(self.sampler.rng.random() < self.fraction)
+        image, mask, target = self.sampler.crop(self.samples[index], force)
         return torch.from_numpy(image), torch.from_numpy(mask)[None], torch.tensor([target], dtype=torch.float32)
 
 
@@ -158,10 +167,8 @@ def train_private(
     state = load_accountant_state(accountant_path)
     check_budget(state, privacy, noise, sample_rate, steps)
     torch.manual_seed(settings.seed)
-    loader = DataLoader(
-        _StudyCrops(samples, spec.preprocessing.patch_size, settings.seed), batch_size=settings.batch_size
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.learning_rate, momentum=0.9)
+    loader = DataLoader(_StudyCrops(samples, spec, settings), batch_size=settings.batch_size)
+    optimizer = make_optimizer(model, settings)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     with warnings.catch_warnings():
@@ -177,7 +184,8 @@ def train_private(
             poisson_sampling=True,
             grad_sample_mode="functorch",
         )
-    proximal = ProximalTerm(model, settings.proximal_mu, settings.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(private_optimizer, settings.learning_rate_factor)
+    proximal = ProximalTerm(model, settings.proximal_mu, settings.recipe.learning_rate)
     log = TrainingLog()
     started = time.perf_counter()
     private_model.train()
@@ -195,10 +203,11 @@ def train_private(
                     private_optimizer.step()
                     log.losses.append(math.nan)
                 else:
-                    loss = loss_fn(private_model, images, masks, targets, settings.classification_weight)
+                    loss = loss_fn(private_model, images, masks, targets, settings.recipe)
                     loss.backward()
                     private_optimizer.step()
                     log.losses.append(float(loss.detach()))
+                scheduler.step()
                 proximal.apply(model)
                 done += 1
                 if done >= steps:

@@ -4,6 +4,7 @@ site's model registry. Thin over radfed.federation (the bookkeeping is in coordi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +25,18 @@ from radfed.federation.coordinator import (
     reference_landmarks,
 )
 from radfed.federation.export import export_artifact
+from radfed.federation.planning import (
+    PLAN_CONFIG_KEY,
+    fingerprint_from_metrics,
+    job_plan,
+    needs_fingerprint,
+    planned_spec,
+)
 from radfed.federation.site import arrays_to_model, model_to_arrays
 from radfed.federation.training import new_model
 from radfed.inference.artifact import MANIFEST, MODEL_FILE
 from radfed.inference.findings import ModelIdentity
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.taskspec import TaskSpec, load_task_spec
 
 app = ServerApp()
 REPLY_POLL_S = 0.25  # between pulls for replies (a cheap request to the SuperLink)
@@ -67,6 +75,8 @@ class Job:
             "proximal-mu": records.number(self.cfg, "proximal-mu", 0.0),
             "held-out-fraction": records.number(self.cfg, "held-out-fraction", 0.25),
         }
+        if state.plan:
+            values[PLAN_CONFIG_KEY] = state.plan
         for channel, landmarks in (state.harmonisation or {}).items():
             values[records.HARMONISATION_PREFIX + channel] = [float(v) for v in landmarks]
         return ConfigRecord(values)
@@ -125,6 +135,32 @@ class Job:
                 yield reply
             if waiting:
                 time.sleep(REPLY_POLL_S)
+
+    def plan(self, spec: TaskSpec, state: JobState) -> TaskSpec:
+        """Fix the job's plan before round 1: from the spec alone when it fixes the grid and patch, otherwise
+        from the sites' fingerprint summaries (merged, study-weighted)."""
+        started = time.perf_counter()
+        site_prints = None
+        errors: dict[str, str] = {}
+        if needs_fingerprint(spec):
+            replies, errors = self.exchange(
+                "query.fingerprint", RecordDict({"config": self.config(0, state)}), "fingerprint"
+            )
+            site_prints = {site: fingerprint_from_metrics(m) for site, (_, m, _) in replies.items()}
+        plan = job_plan(spec, site_prints)
+        state.plan = plan.to_json()
+        append_metrics(
+            self.out,
+            {
+                "stage": "plan",
+                "seconds": time.perf_counter() - started,
+                "sites": sorted(site_prints or {}),
+                "plan": json.loads(state.plan),
+                "errors": errors,
+            },
+        )
+        say(f"plan: {plan.reasons[-1] if plan.reasons else 'from the task spec'}; patch {list(plan.patch_size)}")
+        return spec.planned(plan)
 
     def harmonise(self, state: JobState) -> None:
         started = time.perf_counter()
@@ -245,9 +281,13 @@ def main(grid: Grid, context: Context) -> None:
     job = Job(grid, cfg)
     spec = load_task_spec(job.task)
     state = JobState.load(job.out)
-    if state is None:
-        state = JobState(arrays=model_to_arrays(new_model(spec, seed=records.integer(cfg, "seed", 0))))
+    if state is None or state.plan is None:
+        state = JobState()
+        spec = job.plan(spec, state)
+        state.arrays = model_to_arrays(new_model(spec, seed=records.integer(cfg, "seed", 0)))
+        state.save(job.out)
     else:
+        spec = planned_spec(spec, {PLAN_CONFIG_KEY: state.plan})
         say(f"resuming after round {state.completed_round} from {job.out}")
     if _flag(cfg, "harmonise") and state.harmonisation is None:
         job.harmonise(state)

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from radfed.federation import records
-from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources
+from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.messages import MetricValue
+from radfed.federation.planning import PLAN_CONFIG_KEY, fingerprint_metrics, planned_spec
 from radfed.federation.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
 from radfed.federation.site_config import SiteConfig
 from radfed.federation.training import OptimizerState, TrainingSettings, new_model, train_local
+from radfed.inference.plan import DatasetFingerprint
 from radfed.inference.registry import ModelRegistry
 from radfed.inference.taskspec import TaskSpec, load_task_spec
 
@@ -64,6 +66,8 @@ class RoundPlan:
     task: str | None
     local_steps: int
     seed: int
+    rounds: int = 1
+    plan_json: str | None = None  # the job's plan (federation/planning.py)
     privacy: PrivacySettings | None = None
     harmonisation: dict[str, list[float]] | None = None
     proximal_mu: float = 0.0
@@ -87,6 +91,8 @@ class RoundPlan:
             task=records.text(config, "task") or None,
             local_steps=records.integer(config, "local-steps", 1),
             seed=records.integer(config, "server-round", 0),
+            rounds=records.integer(config, "num-rounds", 1),
+            plan_json=records.text(config, PLAN_CONFIG_KEY) or None,
             privacy=privacy,
             harmonisation=records.landmarks(config),
             proximal_mu=records.number(config, "proximal-mu", 0.0),
@@ -97,12 +103,17 @@ class RoundPlan:
 def _cohort_split(
     site: SiteConfig, plan: RoundPlan
 ) -> tuple[TaskSpec, SiteCohort, list[TrainingSample], list[TrainingSample]]:
-    spec = load_task_spec(plan.task)
+    spec = job_spec(plan)
     cohort = site_cohort(site, spec, plan.job)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     train, held_out = cohort.split(plan.held_out_fraction, plan.harmonisation)
     return spec, cohort, train, held_out
+
+
+def job_spec(plan: RoundPlan) -> TaskSpec:
+    """The job's task spec with the coordinator's plan."""
+    return planned_spec(load_task_spec(plan.task), {PLAN_CONFIG_KEY: plan.plan_json or ""})
 
 
 def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
@@ -161,7 +172,13 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     metrics.update(evaluate_model(model, held_out, spec).as_metrics())
     metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
     settings = TrainingSettings.from_spec(
-        spec, seed=plan.seed, steps_per_epoch=plan.local_steps, epochs=1, proximal_mu=plan.proximal_mu
+        spec,
+        seed=plan.seed,
+        steps=plan.local_steps,
+        proximal_mu=plan.proximal_mu,
+        # the recipe's schedule runs over the whole job: this round is one slice of it
+        schedule_offset=(plan.seed - 1) * plan.local_steps,
+        schedule_total=plan.rounds * plan.local_steps,
     )
     job_dir = site.job_dir(plan.job)
     state = load_optimizer_state(job_dir)
@@ -220,13 +237,22 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
 def intensity_landmarks(site: SiteConfig, plan: RoundPlan) -> Metrics:
     """The site's share of federated harmonisation: mean landmarks per channel over its training studies."""
     held_out_fraction = plan.held_out_fraction
-    spec = load_task_spec(plan.task)
+    spec = job_spec(plan)
     cohort = site_cohort(site, spec, plan.job)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     metrics: Metrics = {f"landmarks.{k}": v for k, v in cohort.channel_landmarks(held_out_fraction).items()}
     metrics["landmark_studies"] = len(cohort.split(held_out_fraction)[0])
     return metrics
+
+
+def site_fingerprint(site: SiteConfig, plan: RoundPlan) -> Metrics:
+    """The site's share of the job's plan: its dataset fingerprint as aggregate statistics."""
+    spec = load_task_spec(plan.task)
+    prints = source_fingerprints(spec, site.data, site.labels)
+    if not prints:
+        raise ValueError(f"site {site.name} has no usable study")
+    return fingerprint_metrics(DatasetFingerprint.from_studies(prints))
 
 
 def install_rollout(site: SiteConfig, files: dict[str, bytes]) -> str:

@@ -54,6 +54,7 @@ class Request(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     LANDMARKS = "landmarks"
+    FINGERPRINT = "fingerprint"
     ROLLOUT = "rollout"
 
 
@@ -179,6 +180,8 @@ def handle(frame: Frame) -> Frame:
         return Frame({"metrics": metrics}, arrays)
     if request is Request.EVALUATE:
         return Frame({"metrics": site_code.evaluate_round(config, plan, frame.arrays)}, [])
+    if request is Request.FINGERPRINT:
+        return Frame({"metrics": site_code.site_fingerprint(config, plan)}, [])
     return Frame({"metrics": site_code.intensity_landmarks(config, plan)}, [])
 
 

@@ -1,5 +1,6 @@
-"""Model artifacts: an ONNX file plus a manifest (identity, checksum, task spec, tensor contract,
-thresholds, harmonisation landmarks, provenance). Loading verifies the checksum and the spec."""
+"""Model artifacts: an ONNX file plus a manifest (identity, checksum, task spec, plan, tensor contract,
+calibrated output settings, harmonisation landmarks, provenance). Loading verifies the model file's
+checksum and the manifest's own: an edited threshold, spec, plan or harmonisation is refused, not used."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Any
 
 from radfed.inference.errors import RadfedError
 from radfed.inference.findings import ModelIdentity
+from radfed.inference.plan import Plan, PlanError
 from radfed.inference.taskspec import TaskSpec, parse_task_spec
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
-FORMAT = "radfed-model/1"
+FORMAT = "radfed-model/2"
 
 # The tensor contract every radfed segmentation+classification model honours.
 INPUT_NAME = "image"  # (batch, channels, slices, rows, columns) float32
@@ -64,8 +66,14 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON, its own ``manifest_sha256`` left out."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def standard_contract(spec: TaskSpec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    d, h, w = spec.preprocessing.patch_size
+    d, h, w = spec.patch_size
     channels = len(spec.channels)
     return (
         (TensorSpec(INPUT_NAME, (None, channels, d, h, w)),),
@@ -95,6 +103,7 @@ def write_artifact(
         "onnx": {"file": MODEL_FILE, "sha256": sha256_of(target), "bytes": target.stat().st_size},
         "task_name": spec.name,
         "task_spec": spec.source_text,
+        "plan": json.loads(spec.plan.to_json()) if spec.plan is not None else None,
         "contract": {
             "inputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in inputs],
             "outputs": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in outputs],
@@ -102,6 +111,7 @@ def write_artifact(
         "thresholds": {
             "lesion_probability": spec.outputs.lesion_threshold,
             "min_lesion_volume_mm3": spec.outputs.min_lesion_volume_mm3,
+            "study_temperature": spec.outputs.study_temperature,
             "categories": [
                 {
                     "code": f"{c.code.scheme_designator}:{c.code.value}:{c.code.meaning}",
@@ -113,6 +123,7 @@ def write_artifact(
         "harmonisation": {k: [float(v) for v in vs] for k, vs in harmonisation.items()} if harmonisation else None,
         "provenance": dict(provenance or {}),
     }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return load_artifact(folder)
 
@@ -134,7 +145,16 @@ def load_artifact(folder: Path) -> ModelArtifact:
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{manifest_path}: not JSON ({exc})") from exc
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+        raise ArtifactError(
+            f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT}; "
+            "artifacts from before the planned models must be trained again"
+        )
+    recorded = manifest.get("manifest_sha256")
+    if recorded != manifest_digest(manifest):
+        raise ArtifactError(
+            f"{manifest_path} was changed after export (its checksum does not match its content): "
+            "thresholds, task spec, plan and harmonisation are refused unless they are exactly as trained"
+        )
     onnx_path = folder / str(manifest["onnx"]["file"])
     if not onnx_path.is_file():
         raise ArtifactError(f"{onnx_path} missing")
@@ -146,6 +166,16 @@ def load_artifact(folder: Path) -> ModelArtifact:
             "the model file was changed or corrupted"
         )
     spec = parse_task_spec(manifest["task_spec"], f"{manifest_path}:task_spec")
+    try:
+        spec = spec.planned(Plan.from_json(json.dumps(manifest["plan"])))
+    except (KeyError, PlanError) as exc:
+        raise ArtifactError(f"{manifest_path}: no valid plan ({exc})") from exc
+    thresholds = manifest["thresholds"]
+    spec = spec.with_outputs(
+        lesion_threshold=float(thresholds["lesion_probability"]),
+        min_lesion_volume_mm3=float(thresholds["min_lesion_volume_mm3"]),
+        study_temperature=float(thresholds.get("study_temperature", 1.0)),
+    )
     inputs = _tensors(manifest["contract"]["inputs"], "contract.inputs")
     outputs = _tensors(manifest["contract"]["outputs"], "contract.outputs")
     expected_inputs, expected_outputs = standard_contract(spec)

@@ -13,11 +13,12 @@ import numpy.typing as npt
 
 from radfed.inference.findings import input_fingerprint
 from radfed.inference.landmarks import LANDMARK_PERCENTILES
+from radfed.inference.plan import ChannelStatistics, Normalization
 from radfed.inference.resample import resample_to
 from radfed.inference.selection import SeriesSelection, select_series
 from radfed.inference.series import volume_from_datasets
 from radfed.inference.study_source import StudySource
-from radfed.inference.taskspec import Normalization, TaskSpec
+from radfed.inference.taskspec import TaskSpec
 from radfed.inference.volume import Volume
 
 
@@ -75,7 +76,7 @@ def model_grid_for(reference: Volume, spacing_mm: Sequence[float]) -> Volume:
     return Volume(np.zeros(shape, dtype=np.uint8), affine, reference.frame_of_reference_uid)
 
 
-def _foreground(values: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
+def foreground(values: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
     """Voxels above background (air): at least 5 % of the 99th percentile."""
     high = float(np.percentile(values, 99.0))
     selected = values[values > 0.05 * high]
@@ -84,7 +85,7 @@ def _foreground(values: npt.NDArray[np.floating]) -> npt.NDArray[np.floating]:
 
 def landmarks_of(values: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     """The intensity landmarks (at :data:`LANDMARK_PERCENTILES`) of one channel's foreground."""
-    return np.asarray(np.percentile(_foreground(values), LANDMARK_PERCENTILES), dtype=np.float64)
+    return np.asarray(np.percentile(foreground(values), LANDMARK_PERCENTILES), dtype=np.float64)
 
 
 def normalize(
@@ -92,31 +93,40 @@ def normalize(
     method: Normalization,
     percentiles: tuple[float, float] = (1.0, 99.0),
     reference_landmarks: Sequence[float] | None = None,
+    statistics: ChannelStatistics | None = None,
 ) -> npt.NDArray[np.float32]:
     """Intensity normalisation of one channel.
 
     ``percentile`` maps the foreground's low..high percentiles to 0..1; ``zscore`` standardises the
-    foreground; ``landmarks`` maps this image's landmarks piecewise-linearly onto shared reference
-    landmarks (federated harmonisation), then scales the reference range to 0..1.
+    foreground; ``ct`` clips to the training set's foreground 0.5 / 99.5 percentiles and standardises with
+    its foreground mean and deviation (``statistics``, from the plan); ``landmarks`` maps this image's
+    landmarks piecewise-linearly onto shared reference landmarks (federated harmonisation), then scales the
+    reference range to 0..1.
     """
     values = values.astype(np.float32, copy=False)
+    if method is Normalization.CT:
+        if statistics is None:
+            raise ValueError("CT normalisation needs the training set's intensity statistics (the plan's)")
+        clipped = np.clip(values, statistics.percentile_00_5, statistics.percentile_99_5)
+        return np.asarray((clipped - statistics.mean) / max(statistics.std, 1e-6), dtype=np.float32)
     if method is Normalization.PERCENTILE:
-        low, high = np.percentile(_foreground(values), percentiles)
+        low, high = np.percentile(foreground(values), percentiles)
         return np.asarray((values - low) / max(float(high - low), 1e-6), dtype=np.float32)
     if method is Normalization.ZSCORE:
-        fg = _foreground(values)
+        fg = foreground(values)
         return np.asarray((values - fg.mean()) / max(float(fg.std()), 1e-6), dtype=np.float32)
     if reference_landmarks is None:
         raise ValueError("landmark normalisation needs the federation's reference landmarks")
     own = landmarks_of(values)
     target = np.asarray(reference_landmarks, dtype=np.float64)
     own = np.maximum.accumulate(own + np.arange(len(own)) * 1e-6)  # strictly increasing for np.interp
-    # np.interp clamps outside the first/last landmark; extend linearly with the end segments' slopes.
+    # np.interp clamps outside the first/last landmark. Beyond them the map continues with the slope of the
+    # whole landmark range: the end segments' own slopes (90th..99th percentile) can be many times steeper
+    # and stretched one site's brightest voxels to 4.5 on the 0..1 scale (kurtosis 11 -> 107, issue 17).
     mapped = np.interp(values, own, target)
-    low_slope = (target[1] - target[0]) / max(own[1] - own[0], 1e-6)
-    high_slope = (target[-1] - target[-2]) / max(own[-1] - own[-2], 1e-6)
-    mapped = np.where(values < own[0], target[0] + (values - own[0]) * low_slope, mapped)
-    mapped = np.where(values > own[-1], target[-1] + (values - own[-1]) * high_slope, mapped)
+    slope = (target[-1] - target[0]) / max(own[-1] - own[0], 1e-6)
+    mapped = np.where(values < own[0], target[0] + (values - own[0]) * slope, mapped)
+    mapped = np.where(values > own[-1], target[-1] + (values - own[-1]) * slope, mapped)
     scale = max(float(target[-1] - target[0]), 1e-6)
     return np.asarray((mapped - target[0]) / scale, dtype=np.float32)
 
@@ -131,14 +141,15 @@ def normalize_channels(
 ) -> npt.NDArray[np.float32]:
     """The spec's normalisation of each channel of a resampled stack; with harmonisation landmarks, every
     channel is mapped onto the federation's shared scale instead (training and inference alike)."""
-    method = Normalization.LANDMARKS if harmonisation is not None else spec.preprocessing.normalization
+    intensity = spec.plan.intensity if spec.plan is not None else {}
     return np.stack(
         [
             normalize(
                 raw[index],
-                method,
+                Normalization.LANDMARKS if harmonisation is not None else spec.normalization_of(name),
                 spec.preprocessing.percentiles,
                 harmonisation.get(name) if harmonisation is not None else None,
+                intensity.get(name),
             )
             for index, name in enumerate(spec.channel_names)
         ]
@@ -149,7 +160,7 @@ def prepare(
     loaded: LoadedStudy, spec: TaskSpec, harmonisation: Mapping[str, Sequence[float]] | None = None
 ) -> PreparedStudy:
     """Channels on the model grid, normalised, stacked in the spec's channel order."""
-    grid = model_grid_for(loaded.reference, spec.preprocessing.spacing_mm)
+    grid = model_grid_for(loaded.reference, spec.spacing_mm)
     return PreparedStudy(loaded, grid, normalize_channels(resample_channels(loaded, grid, spec), spec, harmonisation))
 
 

@@ -21,7 +21,7 @@ from radfed.inference.artifact import (
     ArtifactError,
     ModelArtifact,
 )
-from radfed.inference.windows import Prediction, predict_windows
+from radfed.inference.windows import Prediction, predict_study
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +38,12 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         batch_size: int = 4,
-        overlap: float = 0.25,
     ) -> None:
         os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
 
         self.artifact = artifact
         self.batch_size = batch_size
-        self.overlap = overlap
         available = ort.get_available_providers()
         wanted = [p for p in (providers or PREFERRED_PROVIDERS) if p in available]
         if not wanted:
@@ -76,7 +74,7 @@ class OnnxModel:
 
     @property
     def patch(self) -> tuple[int, int, int]:
-        return self.artifact.spec.preprocessing.patch_size
+        return self.artifact.spec.patch_size
 
     def run_batch(self, batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         seg, cls = self.session.run([SEGMENTATION_OUTPUT, CLASSIFICATION_OUTPUT], {INPUT_NAME: batch})
@@ -84,7 +82,7 @@ class OnnxModel:
 
     def predict(self, image: npt.NDArray[np.float32]) -> Prediction:
         """Sliding-window prediction over a (channels, slices, rows, columns) image of any size."""
-        return predict_windows(image, self.patch, self.run_batch, overlap=self.overlap, batch_size=self.batch_size)
+        return predict_study(image, self.artifact.spec, self.run_batch, batch_size=self.batch_size)
 
 
 def describe_providers() -> dict[str, Any]:

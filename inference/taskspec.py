@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -16,6 +16,8 @@ from typing import Any
 from radfed.inference.coding import CodedTerm
 from radfed.inference.errors import RadfedError
 from radfed.inference.findings import ClassCategory, TaskCodes
+from radfed.inference.plan import Architecture, Normalization, Plan, PlanError, PlanOverrides
+from radfed.inference.recipe import Augmentation, Optimizer, Schedule, TrainingRecipe
 
 DEFAULT_TASK = "prostate_mpmri"
 
@@ -39,10 +41,19 @@ class StudyScore(StrEnum):
     MAX = "max"
 
 
-class Normalization(StrEnum):
-    PERCENTILE = "percentile"
-    ZSCORE = "zscore"
-    LANDMARKS = "landmarks"  # federated harmonisation: piecewise-linear onto shared landmarks
+__all__ = ["Normalization", "StudyScore", "TaskSpec", "TaskSpecError", "load_task_spec", "parse_task_spec"]
+
+# Generic SR codes for a task that names none (any lesion task, not only prostate).
+GENERIC_CODES = {
+    "procedure": "DCM:113014:Study",
+    "lesion_category": "SCT:49755003:Morphologically Abnormal Structure",
+    "lesion_type": "SCT:52988006:Lesion",
+    "lesion_finding_type": "SCT:52988006:Lesion",
+    "study_finding_type": "DCM:121071:Finding",
+    "probability_concept": "DCM:111047:Probability of cancer",
+    "classification_concept": "DCM:121071:Finding",
+    "no_finding": "DCM:111286:No abnormality",
+}
 
 
 @dataclass(frozen=True)
@@ -83,21 +94,35 @@ class ClassificationLabels:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    spacing_mm: tuple[float, float, float]
-    patch_size: tuple[int, int, int]
-    normalization: Normalization
+    """What the spec fixes; ``None`` means "derived by the plan from the training data"."""
+
+    spacing_mm: tuple[float, float, float] | None
+    patch_size: tuple[int, int, int] | None
+    normalization: Normalization | None
     percentiles: tuple[float, float]
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    architecture: str
-    features: tuple[int, ...]
+    """The network the spec asks for; unset parts come from the plan."""
+
+    architecture: Architecture
+    spatial_dims: int | None
+    features: tuple[int, ...] | None
     groups: int
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    classification_weight: float
+    norm: str
+    batch_size: int | None
+    deep_supervision: int | None
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Sliding window: overlap between windows, Gaussian importance weighting, mirroring test-time
+    augmentation along the recipe's flip axes."""
+
+    overlap: float = 0.5
+    gaussian: bool = True
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +133,7 @@ class Outputs:
     adc_channel: str | None
     codes: TaskCodes
     study_score: StudyScore = StudyScore.CLASSIFIER
+    study_temperature: float = 1.0  # divides the classification logit (calibrated on validation data)
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,56 @@ class TaskSpec:
     model: ModelSettings
     outputs: Outputs
     source_text: str  # the TOML as written (embedded in model artifacts)
+    training: TrainingRecipe = field(default_factory=TrainingRecipe)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    plan: Plan | None = None  # set once derived (training) or read back (artifact)
+
+    def plan_overrides(self) -> PlanOverrides:
+        """What the spec fixes of the plan."""
+        pre, model = self.preprocessing, self.model
+        return PlanOverrides(
+            modalities={c.name: c.modality for c in self.channels},
+            spacing_mm=pre.spacing_mm,
+            patch_size=pre.patch_size,
+            spatial_dims=model.spatial_dims,
+            batch_size=model.batch_size,
+            normalization=pre.normalization,
+            architecture=model.architecture,
+            filters=model.features,
+            norm=model.norm,
+            groups=model.groups,
+            deep_supervision=model.deep_supervision,
+        )
+
+    def planned(self, plan: Plan) -> TaskSpec:
+        """This spec with its plan (and so its grid, patch, normalisation and network) fixed."""
+        return replace(self, plan=plan)
+
+    def with_outputs(self, **changes: object) -> TaskSpec:
+        """This spec with output settings replaced (thresholds calibrated on validation data)."""
+        return replace(self, outputs=replace(self.outputs, **changes))  # type: ignore[arg-type]
+
+    def _require_plan(self, what: str) -> Plan:
+        if self.plan is None:
+            raise PlanError(f"task {self.name!r}: {what} is known only once the plan is derived")
+        return self.plan
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """The model grid's voxel spacing (slice, row, column)."""
+        if self.plan is None and self.preprocessing.spacing_mm is not None:
+            return self.preprocessing.spacing_mm
+        return self._require_plan("the model grid").spacing_mm
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """The model input's spatial size (slice, row, column); (1, rows, columns) for a 2-D network."""
+        return self._require_plan("the patch size").patch_size
+
+    def normalization_of(self, channel: str) -> Normalization:
+        if self.plan is None and self.preprocessing.normalization is not None:
+            return self.preprocessing.normalization
+        return self._require_plan("the normalisation").normalization[channel]
 
     @property
     def reference_channel(self) -> ChannelRule:
@@ -220,6 +296,92 @@ def _channel(r: _Reader) -> ChannelRule:
     )
 
 
+def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
+    architecture = r.choice("architecture", Architecture, Architecture.DYNUNET.value)
+    dims_text = r.get("spatial_dims", (int, str), "auto")
+    if dims_text not in ("auto", 2, 3):
+        raise TaskSpecError(f'model.spatial_dims must be 2, 3 or "auto", got {dims_text!r}')
+    features = r.get("features", list, None)
+    if architecture is Architecture.UNET3D:
+        if patch is None or any(p % 4 for p in patch[1:]) or patch[0] % 2:
+            raise TaskSpecError(f"preprocessing.patch_size {patch} must be divisible by the U-Net's pooling")
+        if features is None or len(features) != 3:
+            raise TaskSpecError("model.features must name three levels for unet3d")
+    norm = r.get("norm", str, "instance")
+    if norm not in ("instance", "group"):
+        raise TaskSpecError(f"model.norm must be instance or group (DP-SGD forbids batch norm), got {norm!r}")
+    return ModelSettings(
+        architecture=architecture,
+        spatial_dims=None if dims_text == "auto" else int(dims_text),
+        features=tuple(int(f) for f in features) if features is not None else None,
+        groups=r.get("groups", int, 8),
+        norm=norm,
+        batch_size=r.get("batch_size", int, None),
+        deep_supervision=r.get("deep_supervision", int, None),
+    )
+
+
+def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
+    if r is None:
+        return TrainingRecipe()
+    default = TrainingRecipe()
+    augmentations = r.get("augmentations", list, [a.value for a in default.augmentations])
+    try:
+        augmentation = tuple(Augmentation(a) for a in augmentations)
+    except ValueError:
+        raise TaskSpecError(
+            f"training.augmentations {augmentations!r}: each one of {', '.join(a.value for a in Augmentation)}"
+        ) from None
+    flip_axes = tuple(int(a) for a in r.get("flip_axes", list, list(default.flip_axes)))
+    if any(a not in (0, 1, 2) for a in flip_axes):
+        raise TaskSpecError(f"training.flip_axes must name axes 0 (slice), 1 (row), 2 (column), got {flip_axes}")
+    fraction = r.get("foreground_fraction", float, default.foreground_fraction)
+    validation = r.get("validation_fraction", float, default.validation_fraction)
+    if not 0 <= fraction <= 1 or not 0 <= validation < 1:
+        raise TaskSpecError("training.foreground_fraction must be in [0, 1] and validation_fraction in [0, 1)")
+    scale = r.numbers("scale_range", 2, float, default.scale_range)
+    recipe = TrainingRecipe(
+        steps=r.get("steps", int, default.steps),
+        learning_rate=r.get("learning_rate", float, default.learning_rate),
+        optimizer=r.choice("optimizer", Optimizer, default.optimizer.value),
+        schedule=r.choice("schedule", Schedule, default.schedule.value),
+        weight_decay=r.get("weight_decay", float, default.weight_decay),
+        momentum=r.get("momentum", float, default.momentum),
+        warmup_steps=r.get("warmup_steps", int, default.warmup_steps),
+        dice_weight=r.get("dice_weight", float, default.dice_weight),
+        ce_weight=r.get("ce_weight", float, default.ce_weight),
+        ce_positive_weight=r.get("ce_positive_weight", float, default.ce_positive_weight),
+        classification_weight=r.get("classification_weight", float, default.classification_weight),
+        foreground_fraction=fraction,
+        foreground_jitter=r.get("foreground_jitter", float, default.foreground_jitter),
+        augmentations=augmentation,
+        flip_axes=flip_axes,
+        rotation_deg=r.get("rotation_deg", float, default.rotation_deg),
+        scale_range=(scale[0], scale[1]),
+        augmentation_probability=r.get("augmentation_probability", float, default.augmentation_probability),
+        validation_fraction=validation,
+        validate_every=r.get("validate_every", int, default.validate_every),
+        time_limit_minutes=r.get("time_limit_minutes", float, default.time_limit_minutes),
+        threads=r.get("threads", int, default.threads),
+        mixed_precision=r.get("mixed_precision", bool, default.mixed_precision),
+        calibrate=r.get("calibrate", bool, default.calibrate),
+    )
+    if recipe.steps < 1 or recipe.learning_rate <= 0 or recipe.threads < 1 or recipe.validate_every < 1:
+        raise TaskSpecError("training.steps, learning_rate, threads and validate_every must be positive")
+    return recipe
+
+
+def _inference(r: _Reader | None) -> InferenceSettings:
+    if r is None:
+        return InferenceSettings()
+    overlap = r.get("overlap", float, 0.5)
+    if not 0 <= overlap < 1:
+        raise TaskSpecError(f"inference.overlap must be in [0, 1), got {overlap}")
+    return InferenceSettings(
+        overlap=overlap, gaussian=r.get("gaussian", bool, True), mirror=r.get("mirror", bool, False)
+    )
+
+
 def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
     """Parse and validate a task spec's TOML text."""
     try:
@@ -247,29 +409,41 @@ def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
         lesion_types.append((scheme.strip(), value.split(":")[0].strip()))
     cls = labels.section("classification")
     pre = root.section("preprocessing")
-    spacing = pre.numbers("spacing_mm", 3, float)
-    patch = pre.numbers("patch_size", 3, int)
-    if any(p % 4 for p in patch[1:]) or patch[0] % 2:
-        raise TaskSpecError(f"preprocessing.patch_size {list(patch)} must be divisible by the U-Net's pooling")
-    model = root.section("model")
-    out = root.section("outputs")
-    categories = tuple(
-        ClassCategory(c.code("code"), c.get("min_probability", float))  # type: ignore[arg-type]
-        for c in out.sections("categories")
+    spacing = (
+        pre.numbers("spacing_mm", 3, float, None) if pre.get("spacing_mm", (list, str), "auto") != "auto" else None
     )
+    patch = pre.numbers("patch_size", 3, int, None) if pre.get("patch_size", (list, str), "auto") != "auto" else None
+    normalization_text = pre.get("normalization", str, "auto")
+    normalization = None if normalization_text == "auto" else pre.choice("normalization", Normalization)
+    model_settings = _model(root.section("model"), patch)
+    out = root.section("outputs")
+    if out._data.get("categories"):
+        categories = tuple(
+            ClassCategory(c.code("code"), c.get("min_probability", float))  # type: ignore[arg-type]
+            for c in out.sections("categories")
+        )
+    else:
+        categories = (
+            ClassCategory(CodedTerm.parse("99RADFED:FINDING-UNLIKELY:Finding unlikely"), 0.0),
+            ClassCategory(CodedTerm.parse("99RADFED:FINDING-LIKELY:Finding likely"), 0.5),
+        )
     try:
+
+        def code(key: str) -> CodedTerm:
+            return out.code(key, GENERIC_CODES[key])  # type: ignore[return-value]
+
         codes = TaskCodes(
-            procedure=out.code("procedure"),  # type: ignore[arg-type]
+            procedure=code("procedure"),
             finding_site=out.code("finding_site", None),
-            lesion_label=out.get("lesion_label", str),
-            lesion_category=out.code("lesion_category"),  # type: ignore[arg-type]
-            lesion_type=out.code("lesion_type"),  # type: ignore[arg-type]
-            lesion_finding_type=out.code("lesion_finding_type"),  # type: ignore[arg-type]
-            study_finding_type=out.code("study_finding_type"),  # type: ignore[arg-type]
-            probability_concept=out.code("probability_concept"),  # type: ignore[arg-type]
-            classification_concept=out.code("classification_concept"),  # type: ignore[arg-type]
+            lesion_label=out.get("lesion_label", str, "Lesion"),
+            lesion_category=code("lesion_category"),
+            lesion_type=code("lesion_type"),
+            lesion_finding_type=code("lesion_finding_type"),
+            study_finding_type=code("study_finding_type"),
+            probability_concept=code("probability_concept"),
+            classification_concept=code("classification_concept"),
             categories=categories,
-            no_finding=out.code("no_finding"),  # type: ignore[arg-type]
+            no_finding=code("no_finding"),
         )
     except ValueError as exc:
         raise TaskSpecError(f"outputs: {exc}") from exc
@@ -292,20 +466,14 @@ def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
             positive_values=tuple(str(v).lower() for v in cls.get("positive_values", list)),
         ),
         preprocessing=Preprocessing(
-            spacing_mm=(spacing[0], spacing[1], spacing[2]),
-            patch_size=(patch[0], patch[1], patch[2]),
-            normalization=pre.choice("normalization", Normalization, "percentile"),
+            spacing_mm=(spacing[0], spacing[1], spacing[2]) if spacing else None,
+            patch_size=(patch[0], patch[1], patch[2]) if patch else None,
+            normalization=normalization,
             percentiles=pre.numbers("percentiles", 2, float, (1.0, 99.0)),
         ),
-        model=ModelSettings(
-            architecture=model.get("architecture", str),
-            features=tuple(int(f) for f in model.get("features", list)),
-            groups=model.get("groups", int),
-            epochs=model.get("epochs", int),
-            batch_size=model.get("batch_size", int),
-            learning_rate=model.get("learning_rate", float),
-            classification_weight=model.get("classification_weight", float, 0.5),
-        ),
+        model=model_settings,
+        training=_training(root._data.get("training") and root.section("training"), len(channels)),
+        inference=_inference(root._data.get("inference") and root.section("inference")),
         outputs=Outputs(
             lesion_threshold=out.get("lesion_threshold", float),
             min_lesion_volume_mm3=out.get("min_lesion_volume_mm3", float),

@@ -9,7 +9,7 @@ from itertools import product
 import numpy as np
 import numpy.typing as npt
 
-from radfed.inference.taskspec import StudyScore
+from radfed.inference.taskspec import StudyScore, TaskSpec
 
 
 def axis_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -75,29 +75,94 @@ def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.asarray(1.0 / (1.0 + np.exp(-np.clip(x, -60, 60))), dtype=np.float32)
 
 
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = 0.125) -> npt.NDArray[np.float32]:
+    """Window weights that fall off from the centre (sigma = patch / 8 per axis, as nnU-Net): a window's
+    border, where the network sees the least context, counts least where windows overlap."""
+    weight = np.ones(tuple(int(p) for p in patch), dtype=np.float64)
+    for axis, size in enumerate(patch):
+        if size <= 1:
+            continue
+        position = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+        profile = np.exp(-0.5 * (position / (size * sigma_scale)) ** 2)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        weight = weight * profile.reshape(shape)
+    weight /= weight.max()
+    return np.asarray(np.maximum(weight, 1e-3), dtype=np.float32)  # never zero: every voxel gets a vote
+
+
+def _mirrored(run_batch: BatchRunner, axes: Sequence[int]) -> BatchRunner:
+    """Test-time mirroring: the mean of the logits over every combination of flips along ``axes``
+    (spatial axes of the patch, 0 = slice)."""
+    combos: list[tuple[int, ...]] = [()]
+    for axis in axes:
+        combos += [c + (axis,) for c in combos]
+
+    def run(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        seg_total: npt.NDArray[np.float32] | None = None
+        cls_total: npt.NDArray[np.float32] | None = None
+        for combo in combos:
+            flip = tuple(2 + a for a in combo)
+            seg, cls = run_batch(np.ascontiguousarray(np.flip(batch, flip)) if flip else batch)
+            seg = np.flip(seg, flip) if flip else seg
+            seg_total = seg if seg_total is None else seg_total + seg
+            cls_total = cls if cls_total is None else cls_total + cls
+        assert seg_total is not None and cls_total is not None
+        return (seg_total / len(combos)).astype(np.float32), (cls_total / len(combos)).astype(np.float32)
+
+    return run
+
+
 def predict_windows(
     image: npt.NDArray[np.float32],
     patch: Sequence[int],
     run_batch: BatchRunner,
     *,
-    overlap: float = 0.25,
+    overlap: float = 0.5,
     batch_size: int = 4,
+    gaussian: bool = True,
+    mirror_axes: Sequence[int] = (),
+    temperature: float = 1.0,
 ) -> Prediction:
     """Sliding-window prediction with any backend (ONNX Runtime at the node, torch in federated evaluation):
-    segmentation logits averaged where windows overlap, the study probability from the most suspicious window."""
+    segmentation logits blended where windows overlap (Gaussian importance weights, or a plain mean), optional
+    mirroring test-time augmentation, the study probability from the most suspicious window's classification
+    logit divided by ``temperature`` (calibrated on validation data)."""
+    if mirror_axes:
+        run_batch = _mirrored(run_batch, [a for a in mirror_axes if patch[a] > 1])
     padded, crop = pad_to(image, patch)
     spatial = padded.shape[1:]
     logits_sum = np.zeros(spatial, dtype=np.float32)
     weight = np.zeros(spatial, dtype=np.float32)
-    study = 0.0
+    importance = gaussian_importance(patch) if gaussian else np.ones(tuple(patch), dtype=np.float32)
+    study_logit = -np.inf
     tiles = list(windows(spatial, patch, overlap))
     for first in range(0, len(tiles), batch_size):
         chunk = tiles[first : first + batch_size]
         batch = np.stack([padded[(slice(None), *w.slices)] for w in chunk]).astype(np.float32)
         seg, cls = run_batch(batch)
         for w, seg_logits, cls_logit in zip(chunk, seg[:, 0], cls[:, 0], strict=True):
-            logits_sum[w.slices] += seg_logits
-            weight[w.slices] += 1.0
-            study = max(study, float(1.0 / (1.0 + np.exp(-float(cls_logit)))))
-    probability = _sigmoid((logits_sum / np.maximum(weight, 1.0)).astype(np.float32))[crop]
+            logits_sum[w.slices] += seg_logits * importance
+            weight[w.slices] += importance
+            study_logit = max(study_logit, float(cls_logit))
+    probability = _sigmoid((logits_sum / np.maximum(weight, 1e-6)).astype(np.float32))[crop]
+    study = float(1.0 / (1.0 + np.exp(-np.clip(study_logit / max(temperature, 1e-3), -60, 60))))
     return Prediction(np.ascontiguousarray(probability), study, len(tiles))
+
+
+def predict_study(
+    image: npt.NDArray[np.float32], spec: TaskSpec, run_batch: BatchRunner, *, batch_size: int = 4
+) -> Prediction:
+    """Sliding-window prediction as the task's inference settings and calibration say (the node and the
+    federation's evaluation run exactly this)."""
+    settings = spec.inference
+    return predict_windows(
+        image,
+        spec.patch_size,
+        run_batch,
+        overlap=settings.overlap,
+        batch_size=batch_size,
+        gaussian=settings.gaussian,
+        mirror_axes=spec.training.flip_axes if settings.mirror else (),
+        temperature=spec.outputs.study_temperature,
+    )

@@ -137,7 +137,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             sources=args.data,
             out=args.out,
             labels=args.labels,
-            epochs=args.epochs,
+            steps=args.steps,
+            threads=args.threads,
             version=args.version,
             cache_dir=args.cache,
             seed=args.seed,
@@ -261,10 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local", action="store_true", help="train here, without the federation")
     train.add_argument("--task", help="task spec file or shipped name (default: prostate_mpmri)")
     train.add_argument("--data", action="append", required=True, metavar="DIR_OR_ORTHANC_URL",
-                       help="synth folder (root, site or study) or Orthanc URL; repeatable")  # fmt: skip
+                       help="synth folder (root, site or study), an MSD / nnU-Net raw dataset folder "
+                            "(dataset.json, imagesTr/, labelsTr/) or an Orthanc URL; repeatable")  # fmt: skip
     train.add_argument("--labels", type=Path, help="labels CSV for Orthanc sources")
     train.add_argument("--out", type=Path, required=True, help="artifact folder to write")
-    train.add_argument("--epochs", type=int, help="override the spec's epochs")
+    train.add_argument("--steps", type=int, help="override the recipe's training steps")
+    train.add_argument("--threads", type=int, help="torch threads for training (default: the recipe's, 1)")
     train.add_argument("--version", default="0.1.0", help="model version written in the artifact")
     train.add_argument("--cache", type=Path, help="preprocessed-tensor cache folder")
     train.add_argument("--seed", type=int, default=0)

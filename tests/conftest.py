@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,10 +78,19 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def planned_spec(synth_root: Path) -> Any:
+    """The shipped prostate spec with the plan its training data give (the synthetic sites)."""
+    from radfed.federation.cohort import cohort_from_sources
+    from radfed.inference.taskspec import load_task_spec
+
+    return cohort_from_sources(load_task_spec(), [str(synth_root)]).spec
+
+
+@pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
     """A model artifact trained for a few steps (mechanics, not accuracy)."""
     from radfed.federation.local import train_local_artifact
 
     out = tmp_path_factory.mktemp("artifact")
-    train_local_artifact(task=None, sources=[str(synth_root)], out=out, epochs=2, version="0.0.1")
+    train_local_artifact(task=None, sources=[str(synth_root)], out=out, steps=6, version="0.0.1")
     return out

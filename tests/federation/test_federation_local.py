@@ -23,7 +23,6 @@ from radfed.federation.launcher import FederationOptions, LocalFederation
 from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS, LANDMARK_PREFIX
 from radfed.federation.training import new_model
 from radfed.inference.artifact import load_artifact
-from radfed.inference.taskspec import load_task_spec
 from tests.plugin.node_harness import NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,11 +127,18 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
     assert {"hospital-1", "hospital-2", "hospital-4"} <= set(rollout["installed"])
 
     # every reply any site sent: only allow-listed metrics, the site's name, and arrays shaped like the model
-    model_shapes = [list(t.shape) for t in new_model(load_task_spec()).state_dict().values()]
+    job_spec = load_artifact(out / "artifact").spec  # planned by the coordinator from the sites' fingerprints
+    model_shapes = [list(t.shape) for t in new_model(job_spec).state_dict().values()]
     replies = [
         json.loads(x) for site in federation.sites for x in (site.state_dir / "sent.jsonl").read_text().splitlines()
     ]
-    assert {r["type"] for r in replies} == {"train", "evaluate", "query.landmarks", "query.rollout"}
+    assert {r["type"] for r in replies} == {
+        "train",
+        "evaluate",
+        "query.fingerprint",
+        "query.landmarks",
+        "query.rollout",
+    }
     for reply in replies:
         recs = reply["records"]
         assert set(recs) <= {"metrics", "site", "arrays"}, recs

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from radfed.federation.cohort import cohort_from_sources
-from radfed.inference.artifact import ArtifactError, load_artifact
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.artifact import ArtifactError, load_artifact, manifest_digest
+from radfed.inference.taskspec import TaskSpec, load_task_spec
 
 
 def test_artifact_is_complete_and_verified(tiny_artifact: Path) -> None:
     artifact = load_artifact(tiny_artifact)
     assert artifact.identity.name == "prostate-mpmri" and artifact.identity.version == "0.0.1"
     assert artifact.spec.channel_names == ("t2w", "adc", "dwi")
-    assert artifact.inputs[0].shape == (None, 3, 16, 64, 64)
+    assert artifact.spec.plan is not None
+    assert artifact.inputs[0].shape == (None, 3, *artifact.spec.plan.patch_size)
     provenance = artifact.provenance
     assert provenance["training"] == "local"
     assert provenance["studies_per_site"] == {"local": 6}
@@ -37,10 +40,62 @@ def test_contract_mismatch_is_refused(tmp_path: Path, tiny_artifact: Path) -> No
     copy = tmp_path / "copy"
     shutil.copytree(tiny_artifact, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["contract"]["inputs"][0]["shape"] = [None, 2, 16, 64, 64]
+    manifest["contract"]["inputs"][0]["shape"][1] = 2
+    manifest["manifest_sha256"] = manifest_digest(manifest)  # a consistent manifest, but a wrong contract
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="contract"):
         load_artifact(copy)
+
+
+@pytest.mark.parametrize(
+    ("field", "edit"),
+    [
+        ("thresholds", lambda m: m["thresholds"].update(lesion_probability=0.05)),
+        ("task spec", lambda m: m.update(task_spec=m["task_spec"].replace("max_lesions = 20", "max_lesions = 2"))),
+        ("plan", lambda m: m["plan"].update(batch_size=m["plan"]["batch_size"] + 1)),
+        ("harmonisation", lambda m: m.update(harmonisation={"t2w": [0.0] * 11, "adc": [0.0] * 11, "dwi": [0.0] * 11})),
+    ],
+)
+def test_a_manifest_edited_after_export_is_refused(
+    tmp_path: Path, tiny_artifact: Path, field: str, edit: Callable[[dict[str, Any]], None]
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ArtifactError, match="changed after export"):
+        load_artifact(copy)
+
+
+def test_calibrated_outputs_travel_in_the_artifact(tiny_artifact: Path) -> None:
+    """The threshold and minimum volume chosen on validation studies are what inference uses."""
+    artifact = load_artifact(tiny_artifact)
+    calibration = artifact.provenance["calibration"]
+    assert calibration is not None and calibration["validation_studies"] >= 1
+    assert artifact.spec.outputs.lesion_threshold == calibration["lesion_threshold"]
+    assert artifact.spec.outputs.min_lesion_volume_mm3 == calibration["min_lesion_volume_mm3"]
+    assert artifact.spec.outputs.study_temperature == calibration["study_temperature"]
+
+
+def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> None:
+    """``radfed train --threads N`` sets torch's intra-op threads for the training (and OMP for children)."""
+    import os
+
+    import torch
+
+    from radfed.federation.local import train_local_artifact
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            train_local_artifact(
+                task=None, sources=[str(synth_root / "site-1")], out=tmp_path / str(threads), steps=1, threads=threads
+            )
+            assert torch.get_num_threads() == threads
+            assert os.environ["OMP_NUM_THREADS"] == str(threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bad_studies_are_skipped_with_a_reason(tmp_path: Path, synth_root: Path) -> None:
@@ -59,6 +114,7 @@ def test_bad_studies_are_skipped_with_a_reason(tmp_path: Path, synth_root: Path)
         "studies_rejected",
         "label_positive",
         "label_negative",
+        "label_unknown",
     }
 
 
@@ -96,7 +152,7 @@ def test_cohort_from_an_orthanc_url(orthanc: object, orthanc_client: object, syn
 
 @pytest.mark.parametrize("epsilon", [0.0, 8.0])
 def test_a_site_continues_its_optimiser_from_its_previous_round(
-    tmp_path: Path, synth_root: Path, epsilon: float
+    tmp_path: Path, synth_root: Path, epsilon: float, planned_spec: TaskSpec
 ) -> None:
     """Adam's moments (DP-SGD's momentum) carry over between a site's rounds of one job, through a restart
     (they are on disk), and never into another job."""
@@ -106,31 +162,30 @@ def test_a_site_continues_its_optimiser_from_its_previous_round(
     from radfed.federation.training import new_model
 
     site = SiteConfig(name="hospital-1", data=(str(synth_root / "site-1"),), state_dir=tmp_path / "state")
+    assert planned_spec.plan is not None
     config = {"job": "job-a", "local-steps": 2, "num-rounds": 2, "held-out-fraction": 0.25, "epsilon": epsilon}
+    config["plan"] = planned_spec.plan.to_json()
     if epsilon:
         config["delta"] = 1e-5
-    arrays = model_to_arrays(new_model(load_task_spec(None)))
+    arrays = model_to_arrays(new_model(planned_spec))
     for server_round in (1, 2):
         arrays, _ = train_round(site, RoundPlan.from_config({**config, "server-round": server_round}), arrays)
         state = torch.load(site.job_dir("job-a") / "optimizer.pt", weights_only=True)
         buffers = state["state"][0]
-        if epsilon:
-            assert "momentum_buffer" in buffers and torch.count_nonzero(buffers["momentum_buffer"]) > 0
-        else:
-            assert int(buffers["step"]) == 2 * server_round  # the second round went on from the first
+        assert int(buffers["step"]) == 2 * server_round  # the second round went on from the first
+        assert torch.count_nonzero(buffers["exp_avg"]) > 0  # the recipe AdamW (under DP: noised gradients)
     assert not site.job_dir("job-b").exists()
     train_round(site, RoundPlan.from_config({**config, "job": "job-b", "server-round": 1}), arrays)
     fresh = torch.load(site.job_dir("job-b") / "optimizer.pt", weights_only=True)
-    if not epsilon:
-        assert int(fresh["state"][0]["step"]) == 2  # a new job starts its optimiser afresh
+    assert int(fresh["state"][0]["step"]) == 2  # a new job starts its optimiser afresh
 
 
-def test_a_seed_fixes_the_initial_weights_whatever_ran_before() -> None:
+def test_a_seed_fixes_the_initial_weights_whatever_ran_before(planned_spec: TaskSpec) -> None:
     import torch
 
     from radfed.federation.training import new_model
 
-    spec = load_task_spec()
+    spec = planned_spec
     first = new_model(spec, seed=3).state_dict()
     torch.rand(1000)  # other code drawing from torch's global generator in between
     again = new_model(spec, seed=3).state_dict()

@@ -17,7 +17,7 @@ from radfed.federation.privacy import (
     train_private,
 )
 from radfed.federation.training import TrainingSettings, new_model
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.taskspec import TaskSpec, load_task_spec
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,25 @@ def samples(synth_root: Path) -> list[TrainingSample]:
     return cohort_from_sources(load_task_spec(), [str(synth_root)]).samples
 
 
-def _settings() -> TrainingSettings:
-    return TrainingSettings(epochs=1, batch_size=2, learning_rate=0.01, classification_weight=0.5)
+@pytest.fixture(scope="module")
+def spec(planned_spec: TaskSpec) -> TaskSpec:
+    return planned_spec
 
 
-def test_budget_adds_up_across_rounds_and_is_persisted(tmp_path: Path, samples: list[TrainingSample]) -> None:
-    spec = load_task_spec()
+def _settings(spec: TaskSpec) -> TrainingSettings:
+    return TrainingSettings.from_spec(spec, steps=2, batch_size=2)
+
+
+def test_budget_adds_up_across_rounds_and_is_persisted(
+    tmp_path: Path, samples: list[TrainingSample], spec: TaskSpec
+) -> None:
     privacy = PrivacySettings(epsilon=4.0, delta=1e-5, planned_steps=6)
     state_file = tmp_path / "accountant.json"
     model = new_model(spec)
     before = [p.detach().clone() for p in model.parameters()]
     spent = []
     for _ in range(3):
-        _log, epsilon = train_private(model, samples, spec, _settings(), privacy, state_file, steps=2)
+        _log, epsilon = train_private(model, samples, spec, _settings(spec), privacy, state_file, steps=2)
         spent.append(epsilon)
     assert spent[0] < spent[1] < spent[2] <= privacy.epsilon
     assert spent[2] > 0.8 * privacy.epsilon  # the noise was calibrated to spend the budget over the job
@@ -51,15 +57,14 @@ def test_budget_adds_up_across_rounds_and_is_persisted(tmp_path: Path, samples: 
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_site_refuses_to_overspend(tmp_path: Path, samples: list[TrainingSample]) -> None:
-    spec = load_task_spec()
+def test_site_refuses_to_overspend(tmp_path: Path, samples: list[TrainingSample], spec: TaskSpec) -> None:
     privacy = PrivacySettings(epsilon=2.0, delta=1e-5, planned_steps=2)
     state_file = tmp_path / "accountant.json"
     model = new_model(spec)
-    train_private(model, samples, spec, _settings(), privacy, state_file, steps=2)
+    train_private(model, samples, spec, _settings(spec), privacy, state_file, steps=2)
     saved = state_file.read_text()
     with pytest.raises(PrivacyBudgetExceededError, match="refusing to train") as info:
-        train_private(model, samples, spec, _settings(), privacy, state_file, steps=2)
+        train_private(model, samples, spec, _settings(spec), privacy, state_file, steps=2)
     assert "budget is 2.00" in str(info.value)
     assert state_file.read_text() == saved  # nothing was spent
 

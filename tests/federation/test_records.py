@@ -9,11 +9,11 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from radfed.federation import records
 from radfed.federation.site import model_to_arrays
 from radfed.federation.training import new_model
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.taskspec import TaskSpec
 
 
-def test_the_model_round_trips_through_two_arrays() -> None:
-    tensors = model_to_arrays(new_model(load_task_spec()))
+def test_the_model_round_trips_through_two_arrays(planned_spec: TaskSpec) -> None:
+    tensors = model_to_arrays(new_model(planned_spec))
     packed = records.pack_arrays(tensors)
     assert list(packed.keys()) == ["model", "shapes"]  # 2 objects in Flower's store, not one per tensor
     decoded = records.arrays(RecordDict({"arrays": packed}))

@@ -10,16 +10,19 @@ import numpy as np
 from radfed.federation import site as site_code
 from radfed.federation.site_config import SiteConfig
 from radfed.federation.training import new_model
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.taskspec import TaskSpec
 
 
-def test_a_repeated_round_is_replayed_not_trained_again(tmp_path: Path, synth_root: Path) -> None:
+def test_a_repeated_round_is_replayed_not_trained_again(
+    tmp_path: Path, synth_root: Path, planned_spec: TaskSpec
+) -> None:
     site = SiteConfig.from_node_config(
         {"data": str(synth_root / "site-1"), "state-dir": str(tmp_path / "state"), "site-name": "site-1"}
     )
     config = {"job": "replay", "server-round": 1, "num-rounds": 3, "local-steps": 2, "epsilon": 8.0, "delta": 1e-5}
-    plan = site_code.RoundPlan.from_config(config)
-    start = site_code.model_to_arrays(new_model(load_task_spec()))
+    assert planned_spec.plan is not None
+    plan = site_code.RoundPlan.from_config(config | {"plan": planned_spec.plan.to_json()})
+    start = site_code.model_to_arrays(new_model(planned_spec))
 
     trained, first = site_code.train_round(site, plan, start)
     spent = site_code.privacy_spent(site, "replay", 1e-5)

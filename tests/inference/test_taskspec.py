@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from radfed.inference.plan import PlanError
 from radfed.inference.taskspec import StudyScore, TaskSpecError, load_task_spec, parse_task_spec
 from radfed.inference.windows import Prediction
 
@@ -42,8 +43,11 @@ def _spec_text(**replace: str) -> str:
             "channels[1].description_regex",
         ),
         ('key = "StudyInstanceUID"', 'key = "PatientID"', "labels.classification.key"),
-        ('normalization = "percentile"', 'normalization = "percentil"', "preprocessing.normalization"),
-        ("patch_size = [16, 64, 64]", "patch_size = [16, 62, 64]", "patch_size"),
+        ('architecture = "dynunet"', 'architecture = "dynunett"', "model.architecture"),
+        ('norm = "instance"', 'norm = "batch"', "model.norm"),
+        ("steps = 1500", "steps = 0", "training.steps"),
+        ("flip_axes = [2]", "flip_axes = [3]", "training.flip_axes"),
+        ("overlap = 0.5 ", "overlap = 1.5 ", "inference.overlap"),
         ('lesion_type = "SCT:108369006:Neoplasm"', 'lesion_type = "108369006"', "outputs.lesion_type"),
         ('study_score = "max"', 'study_score = "mean"', "outputs.study_score"),
     ],
@@ -70,3 +74,29 @@ def test_study_score_rules() -> None:
     # a spec without the key keeps the classification head's probability
     text = load_task_spec().source_text.replace('study_score = "max"', "")
     assert parse_task_spec(text).outputs.study_score is StudyScore.CLASSIFIER
+
+
+def test_a_spec_without_sr_codes_gets_generic_ones() -> None:
+    """Any lesion task, not only prostate: the SR codes are optional."""
+    text = _spec_text()
+    start, end = text.index("procedure = "), text.index("adc_channel = ")
+    text = text[:start] + text[end:]
+    text = text[: text.index("[[outputs.categories]]")]
+    codes = parse_task_spec(text).outputs.codes
+    assert codes.lesion_finding_type.meaning == "Lesion" and codes.procedure.value == "113014"
+    assert [c.code.value for c in codes.categories] == ["FINDING-UNLIKELY", "FINDING-LIKELY"]
+
+
+def test_the_shipped_spec_leaves_the_grid_to_the_plan() -> None:
+    spec = load_task_spec()
+    assert spec.plan is None and spec.preprocessing.spacing_mm is None and spec.preprocessing.patch_size is None
+    with pytest.raises(PlanError, match="patch size"):
+        _ = spec.patch_size
+    assert spec.training.optimizer.value == "adamw" and spec.training.flip_axes == (2,)
+    assert spec.inference.overlap == 0.5 and spec.inference.gaussian
+
+
+def test_a_fixed_grid_and_the_first_waves_network_still_parse() -> None:
+    spec = load_task_spec("prostate_bpmri_highgrade")
+    assert spec.preprocessing.spacing_mm == (3.5, 1.0, 1.0) and spec.preprocessing.patch_size == (12, 64, 64)
+    assert spec.model.architecture.value == "unet3d"

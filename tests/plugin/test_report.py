@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.cohort import cohort_from_sources
 from radfed.federation.coordinator import JobState, append_metrics, evaluation_line, model_card
 from radfed.federation.evaluation import EvaluationCounts, evaluate_model, histogram_auc
+from radfed.federation.experiments import load_site_cohorts
 from radfed.federation.training import TrainingSettings, new_model, train_local
 from radfed.inference.taskspec import load_task_spec
 from radfed.plugin.report import SampleSlice, SiteIntensities, write_job_report
@@ -42,19 +42,17 @@ def test_counts_add_up_across_sites() -> None:
 
 def _job_folder(tmp_path: Path, synth_root: Path) -> Path:
     """Two 'rounds' of real training and evaluation per site, written as the coordinator writes them."""
-    spec = load_task_spec()
     out = tmp_path / "job"
     out.mkdir()
-    model = new_model(spec)
     state = JobState()
-    cohorts = {site.name: cohort_from_sources(spec, [str(site)]) for site in sorted(synth_root.glob("site-*"))}
+    cohorts = load_site_cohorts({site.name: site for site in sorted(synth_root.glob("site-*"))}, load_task_spec())
+    spec = next(iter(cohorts.values())).spec  # one plan for every site, as the coordinator makes it
+    model = new_model(spec)
     for round_number in (1, 2):
         site_metrics = {}
         for name, cohort in cohorts.items():
             counts = evaluate_model(model, cohort.samples, spec)
-            log = train_local(
-                model, cohort.samples, spec, TrainingSettings.from_spec(spec, epochs=1, seed=round_number)
-            )
+            log = train_local(model, cohort.samples, spec, TrainingSettings.from_spec(spec, steps=2, seed=round_number))
             site_metrics[name] = {**counts.as_metrics(), "train_loss": log.losses[-1], "epsilon": 1.5 * round_number}
             state.studies_per_site[name] = len(cohort.samples)
         scalars = {s: {k: v for k, v in m.items() if not isinstance(v, list)} for s, m in site_metrics.items()}

@@ -1,0 +1,268 @@
+"""Model quality on real data, by patient-level k-fold: the planned default recipe beside the first wave's
+default, in one run, on the same folds.
+
+Data: ``../shared/data/brain_tumor_progression`` (22 real post-contrast T1 brain MRIs of 11 glioblastoma
+patients with expert tumour masks, TCIA "Brain-Tumor-Progression"; both scans of a patient stay in one fold),
+read through radfed's MSD / nnU-Net raw dataset reader, and synthetic prostate mp-MRI sites (radfed synth).
+
+    python -m bench quality
+    RADFED_BENCH_QUALITY_STEPS=300 RADFED_BENCH_QUALITY_SETS=brain python -m bench quality   # shorter
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.report import table
+
+ROOT = Path(__file__).resolve().parents[1]
+BRAIN = ROOT.parent / "shared" / "data" / "brain_tumor_progression"
+FOLDS = 3
+STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_STEPS", "1500"))
+SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
+ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
+
+# Published reference figures (README): a 2-D U-Net on single-sequence glioma MRI reaches mean Dice ~0.8
+# (Buda et al., Computers in Biology and Medicine 2019: 0.82 on FLAIR of 110 lower-grade glioma patients).
+PUBLISHED = {"brain": "~0.82 (2-D U-Net, LGG FLAIR, Buda 2019)", "prostate": "n/a (synthetic)"}
+
+# One channel of a T1 brain MRI; everything else is the planned default.
+BRAIN_SPEC = """
+[task]
+name = "brain-tumour-t1"
+title = "Brain tumour segmentation on post-contrast T1"
+
+[[channels]]
+name = "t1"
+reference = true
+modality = "MR"
+description_regex = '(?i)t1'
+
+[labels.segmentation]
+lesion_property_types = ["SCT:108369006"]
+
+[labels.classification]
+source = "csv"
+key = "StudyInstanceUID"
+column = "label"
+positive_values = ["1"]
+
+[preprocessing]
+
+[model]
+
+[outputs]
+lesion_threshold = 0.5
+min_lesion_volume_mm3 = 10.0
+"""
+
+# The first wave's default, as data: the compact 3-D U-Net, BCE weighted 10x on lesion voxels + Dice, 60 %
+# lesion-centred crops jittered +-8 voxels, left-right flips only, Adam at 0.01, no validation or calibration.
+FIRST_WAVE = """
+[preprocessing]
+patch_size = [16, 64, 64]
+normalization = "percentile"
+
+[model]
+architecture = "unet3d"
+features = [8, 16, 32]
+groups = 4
+norm = "group"
+batch_size = 4
+
+[training]
+optimizer = "adam"
+learning_rate = 0.01
+schedule = "constant"
+weight_decay = 0.0
+ce_positive_weight = 10.0
+foreground_fraction = 0.6
+foreground_jitter = 0.25
+augmentations = ["flip"]
+validation_fraction = 0.0
+calibrate = false
+"""
+
+
+def _first_wave(spec_text: str, spacing: str) -> str:
+    """A spec with its [preprocessing] and [model] replaced by the first wave's."""
+    head = spec_text.split("[preprocessing]")[0]
+    tail = spec_text.split("[outputs]")[1]
+    first = FIRST_WAVE.replace("[preprocessing]\n", f"[preprocessing]\nspacing_mm = {spacing}\n")
+    return head + first + "\n[outputs]" + tail
+
+
+@dataclass(frozen=True)
+class Job:
+    dataset: str
+    arm: str
+    fold: int
+    spec_text: str
+    sources: tuple[str, ...]
+    test_keys: tuple[str, ...]  # study keys of this fold's test studies
+    cache: str
+
+
+def _brain_dataset(work: Path) -> tuple[Path, dict[str, int]]:
+    """The brain set as an nnU-Net raw dataset (links, no copies); returns case -> patient."""
+    root = work / "brain"
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(exist_ok=True)
+    patients = {}
+    for folder in sorted(p for p in BRAIN.iterdir() if p.is_dir()):
+        for when in ("Pre", "Post"):
+            case = f"brain_{folder.name}_{when.lower()}"
+            for link, target in (
+                (root / "imagesTr" / f"{case}_0000.nii.gz", folder / f"{when}_Scan_T1.nii.gz"),
+                (root / "labelsTr" / f"{case}.nii.gz", folder / f"{when}_Mask.nii.gz"),
+            ):
+                if not link.exists():
+                    link.symlink_to(target)
+            patients[case] = int(folder.name)
+    (root / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "tumour": 1}, "file_ending": ".nii.gz"})
+    )
+    return root, patients
+
+
+def _jobs(work: Path) -> list[Job]:
+    from radfed.federation.cohort import study_key
+
+    jobs = []
+    if "brain" in SETS and BRAIN.is_dir():
+        root, patients = _brain_dataset(work)
+        for fold in range(FOLDS):
+            test = tuple(study_key(f"brain/{c}") for c, p in patients.items() if (p - 1) % FOLDS == fold)
+            for arm in ARMS:
+                text = BRAIN_SPEC if arm == "planned" else _first_wave(BRAIN_SPEC, "[1.0, 1.0, 1.0]")
+                jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache")))
+    if "prostate" in SETS:
+        from radfed.inference.synthetic.writer import synthesize_to_folder
+        from radfed.inference.taskspec import load_task_spec
+
+        synthesize_to_folder(work / "prostate", sites=3, studies_per_site=12, seed=11, small=True)
+        shipped = load_task_spec(None).source_text
+        for fold in range(FOLDS):  # the sites are the folds: train on two hospitals, test on the third
+            site = f"site-{fold + 1}"
+            train = tuple(str(p) for p in sorted((work / "prostate").glob("site-*")) if p.name != site)
+            for arm in ARMS:
+                text = shipped if arm == "planned" else _first_wave(shipped, "[3.0, 1.0, 1.0]")
+                jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
+                                str(work / "cache")))  # fmt: skip
+    return jobs
+
+
+def _run(job: Job) -> dict[str, Any]:
+    from radfed.federation.local import fit, set_threads
+
+    set_threads(1)  # one torch thread per process, processes side by side on the cores
+    from radfed.federation.cohort import SiteCohort, cohort_from_sources
+    from radfed.federation.evaluation import evaluate_model
+    from radfed.inference.taskspec import parse_task_spec
+
+    spec = parse_task_spec(job.spec_text, f"{job.dataset}/{job.arm}")
+    if job.dataset == "prostate":
+        test_site = job.test_keys[0]
+        train_cohort = cohort_from_sources(spec, [s for s in job.sources if not s.endswith(test_site)])
+        test_cohort = SiteCohort(train_cohort.spec)
+        test_cohort.add_folder(Path(next(s for s in job.sources if s.endswith(test_site))))
+        train, test = train_cohort.samples, test_cohort.samples
+        spec = train_cohort.spec
+    else:
+        cohort = cohort_from_sources(spec, job.sources)
+        train = [s for s in cohort.samples if s.key not in job.test_keys]
+        test = [s for s in cohort.samples if s.key in job.test_keys]
+        # the plan must see only the training folds: derive it again from them
+        from radfed.inference.plan import DatasetFingerprint, derive_plan
+
+        prints = [e.fingerprint for e in cohort.entries if e.key not in job.test_keys and e.fingerprint]
+        spec = cohort.spec
+        if spec.preprocessing.patch_size is None:
+            spec = spec.planned(derive_plan(spec.plan_overrides(), DatasetFingerprint.from_studies(prints)))
+            if spec.spacing_mm != cohort.spec.spacing_mm:
+                raise RuntimeError("the training folds alone plan another grid than the whole set: rebuild needed")
+    trained = fit(spec, train, seed=job.fold, steps=STEPS)
+    summary = evaluate_model(trained.model, test, trained.spec).summary()
+    return {
+        "dataset": job.dataset,
+        "arm": job.arm,
+        "fold": job.fold,
+        "train": trained.training_studies,
+        "test": len(test),
+        "steps": trained.log.steps,
+        "seconds_per_step": trained.log.seconds / max(trained.log.steps, 1),
+        "plan": trained.spec.plan.reasons[-1] if trained.spec.plan else "",
+        **summary,
+    }
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="radfed-quality-") as tmp:
+        jobs = _jobs(Path(tmp))
+        workers = max(1, min(len(jobs), os.cpu_count() or 1))
+        print(f"bench quality: {len(jobs)} trainings ({STEPS} steps each), {workers} side by side", flush=True)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = list(pool.map(_run, jobs))
+    for row in results:
+        print(json.dumps(row), flush=True)
+    rows = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        for arm in ARMS:
+            mine = [r for r in results if r["dataset"] == dataset and r["arm"] == arm]
+            if not mine:
+                continue
+            rows.append(
+                [
+                    dataset,
+                    arm,
+                    f"{len(mine)} folds, {sum(r['test'] for r in mine)} test",
+                    _mean(mine, "dice"),
+                    _mean(mine, "lesion_sensitivity"),
+                    _mean(mine, "fp_components_per_study"),
+                    _mean(mine, "volume_ratio"),
+                    _mean(mine, "auc"),
+                    f"{sum(r['seconds_per_step'] for r in mine) / len(mine):.2f}",
+                    PUBLISHED[dataset],
+                ]
+            )
+    print(
+        table(
+            [
+                "data",
+                "recipe",
+                "studies",
+                "mean Dice",
+                "lesion sens.",
+                "FP comp./study",
+                "pred/true vol",
+                "AUC",
+                "s/step",
+                "published",
+            ],
+            rows,
+        )
+    )
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k.startswith("RADFED_BENCH_QUALITY"))
+    print(f"reproduce: {env + ' ' if env else ''}{shlex.quote(sys.executable)} -m bench quality")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The training recipe as data: loss, patch sampling, augmentation, optimiser, schedule, validation. The same
+recipe drives ``radfed train --local``, every site's federated rounds and the experiments; it is read from the
+task spec's ``[training]`` table and recorded in the model artifact. Defaults follow nnU-Net's published
+recipe (Dice + cross-entropy, a third of the patches on foreground, rotation/scaling/elastic/intensity
+augmentation), shortened to a CPU step budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Optimizer(StrEnum):
+    SGD = "sgd"  # Nesterov momentum (nnU-Net)
+    ADAMW = "adamw"
+    ADAM = "adam"  # the first wave's optimiser
+
+
+class Schedule(StrEnum):
+    POLY = "poly"  # (1 - step / steps) ** 0.9 (nnU-Net)
+    COSINE = "cosine"
+    CONSTANT = "constant"
+
+
+class Augmentation(StrEnum):
+    ROTATE = "rotate"
+    SCALE = "scale"
+    ELASTIC = "elastic"
+    FLIP = "flip"  # along the axes the task declares symmetric (flip_axes)
+    GAMMA = "gamma"
+    NOISE = "noise"
+    BLUR = "blur"
+    BRIGHTNESS = "brightness"
+    CONTRAST = "contrast"
+    LOWRES = "lowres"
+
+
+ALL_AUGMENTATIONS = tuple(Augmentation)
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a network is trained. ``steps`` counts optimiser steps of a whole training run (a federated
+    job's rounds share it: the schedule runs over rounds x local steps)."""
+
+    steps: int = 1500
+    learning_rate: float = 1e-3
+    optimizer: Optimizer = Optimizer.ADAMW
+    schedule: Schedule = Schedule.COSINE
+    weight_decay: float = 1e-4
+    momentum: float = 0.99  # SGD only
+    warmup_steps: int = 0
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    ce_positive_weight: float = 1.0  # > 1 up-weights lesion voxels in the cross-entropy
+    classification_weight: float = 0.5
+    foreground_fraction: float = 0.33  # share of each batch forced to contain lesion voxels
+    foreground_jitter: float = 0.5  # where in the patch the forced lesion voxel may fall (0: centre, 1: anywhere)
+    augmentations: tuple[Augmentation, ...] = ALL_AUGMENTATIONS
+    flip_axes: tuple[int, ...] = (2,)  # (slice, row, column) axes along which anatomy is symmetric
+    rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.25)
+    augmentation_probability: float = 0.2  # per transform and patch, as in nnU-Net
+    validation_fraction: float = 0.2  # of the training studies, by study hash; 0 disables validation
+    validate_every: int = 250  # steps between validation passes (keeps the best checkpoint)
+    time_limit_minutes: float = 0.0  # 0: none; otherwise training stops there and keeps the best checkpoint
+    threads: int = 1  # torch intra-op threads per training process
+    mixed_precision: bool = True  # on CUDA only
+    calibrate: bool = True  # lesion threshold, minimum size and study temperature from validation data
+    extra: dict[str, float] = field(default_factory=dict)
