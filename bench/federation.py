@@ -3,6 +3,7 @@ DP at two epsilons, on one held-out test set drawn from all sites) and the cost 
 round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopback).
 
     python -m bench federation            # RADFED_BENCH_QUICK=1 for a smoke-sized run
+    RADFED_BENCH_FEDERATION=privacy python -m bench federation   # the privacy curve (long: 15 arms)
 """
 
 from __future__ import annotations
@@ -117,6 +118,47 @@ def quality(work: Path, quick: bool) -> None:
             )
 
 
+PRIVACY_EPSILONS = (1.0, 2.0, 4.0, 8.0)
+PRIVACY_COHORTS = (12, 40, 100)
+
+
+def privacy_curve(work: Path, quick: bool) -> None:
+    """What a privacy budget costs at a given cohort size: Dice of the federated model at epsilon 1, 2, 4, 8
+    and without DP, for 12, 40 and 100 studies per site (3 synthetic sites, same rounds and steps). DP noise is
+    calibrated to the sampling rate, so more studies per site means less noise per step for the same epsilon."""
+    sizes = (6,) if quick else tuple(int(s) for s in os.environ.get("RADFED_BENCH_PRIVACY_STUDIES", "").split(",") if s)
+    sizes = sizes or PRIVACY_COHORTS
+    budget = Budget(rounds=2, local_steps=3) if quick else Budget(rounds=8, local_steps=30, every_round=False)
+    arms = [Arm("no DP")] + [Arm(f"DP epsilon {e:g}", epsilon=e) for e in PRIVACY_EPSILONS]
+    plan = []
+    for size in sizes:
+        data = work / f"data-{size}"
+        synthesize_to_folder(data, sites=3, studies_per_site=size, seed=5, small=True)
+        cohorts = load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, load_task_spec(None))
+        spec = next(iter(cohorts.values())).spec
+        plan += [(size, spec, cohorts, arm) for arm in arms]
+    jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(plan), os.cpu_count() or 1)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
+        futures = [pool.submit(_run_arm, spec, cohorts, budget, arm) for _, spec, cohorts, arm in plan]
+        results = {(size, arm.name): f.result() for (size, _, _, arm), f in zip(plan, futures, strict=True)}
+    rows = []
+    for size in sizes:
+        clean = results[(size, "no DP")].pooled.get("dice")
+        for arm in arms:
+            dice = results[(size, arm.name)].pooled.get("dice")
+            ratio = dice / clean if isinstance(dice, float) and isinstance(clean, float) and clean else None
+            rows.append([size, arm.name, _f(dice), _f(ratio), _f(results[(size, arm.name)].pooled.get("auc"))])
+    table(
+        f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
+        f"{budget.local_steps} steps, delta 1e-5 per site)",
+        ["studies per site", "arm", "Dice", "Dice / no DP (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
+        rows,
+        f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
+        "python -m bench federation",
+    )
+
+
 def _run_arm(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, arm: Arm) -> ArmResult:
     return Experiment(spec, cohorts, budget).run(arm)
 
@@ -227,6 +269,8 @@ def main() -> None:
             quality(Path(tmp) / "quality", quick)
         if "transport" in parts:
             transport(Path(tmp) / "transport", quick)
+        if "privacy" in parts:
+            privacy_curve(Path(tmp) / "privacy", quick)
 
 
 if __name__ == "__main__":

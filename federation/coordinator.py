@@ -137,6 +137,7 @@ def model_card(
     epsilon_budget: float,
     delta: float,
     final_evaluation: Mapping[str, Any] | None,
+    base_model: str | None = None,
 ) -> str:
     """The model card a federation operator hands to the hospitals (Markdown)."""
 
@@ -147,6 +148,7 @@ def model_card(
         f"# Model card: {model_key}",
         "",
         f"- Federated job `{job}`: {rounds} rounds, aggregation `{aggregation}`.",
+        "- Starting model: " + (f"fine-tuned from base model {base_model}" if base_model else "random initial weights"),
         "- Harmonisation: " + ("shared intensity landmarks per channel" if state.harmonisation else "none"),
         "- Differential privacy: "
         + (f"DP-SGD, budget epsilon {epsilon_budget:g} at delta {delta:g} per site" if epsilon_budget > 0 else "off"),

@@ -79,4 +79,8 @@ def export_artifact(
             raise ArtifactError(f"ONNX export differs from torch by {error:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
         details = dict(provenance or {})
         details["onnx_parity_max_abs_error"] = error
-        return write_artifact(folder, onnx_path, identity, spec, harmonisation=harmonisation, provenance=details)
+        weights = Path(tmp) / "weights.npz"
+        np.savez(weights, *[t.detach().cpu().numpy() for t in model.state_dict().values()])
+        return write_artifact(
+            folder, onnx_path, identity, spec, harmonisation=harmonisation, provenance=details, weights_file=weights
+        )

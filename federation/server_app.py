@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -34,7 +35,7 @@ from radfed.federation.planning import (
 )
 from radfed.federation.site import arrays_to_model, model_to_arrays
 from radfed.federation.training import new_model
-from radfed.inference.artifact import MANIFEST, MODEL_FILE
+from radfed.inference.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
 from radfed.inference.findings import ModelIdentity
 from radfed.inference.taskspec import TaskSpec, load_task_spec
 
@@ -74,6 +75,7 @@ class Job:
             "delta": records.number(self.cfg, "delta", 1e-5),
             "proximal-mu": records.number(self.cfg, "proximal-mu", 0.0),
             "held-out-fraction": records.number(self.cfg, "held-out-fraction", 0.25),
+            "learning-rate": records.number(self.cfg, "learning-rate", 0.0),  # 0: the recipe's
         }
         if state.plan:
             values[PLAN_CONFIG_KEY] = state.plan
@@ -161,6 +163,21 @@ class Job:
         )
         say(f"plan: {plan.reasons[-1] if plan.reasons else 'from the task spec'}; patch {list(plan.patch_size)}")
         return spec.planned(plan)
+
+    def start_from(self, base: ModelArtifact, spec: TaskSpec, state: JobState) -> TaskSpec:
+        """Fine-tune a base model: its plan and weights start the job (the sites' fingerprints are not asked)."""
+        if base.spec.name != spec.name or base.spec.plan is None or base.weights_path is None:
+            raise ValueError(f"base model {base.key} is not a {spec.name} model with a plan and torch weights")
+        state.plan = base.spec.plan.to_json()
+        with np.load(base.weights_path) as saved:
+            state.arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        planned = spec.planned(base.spec.plan)
+        expected = [tuple(t.shape) for t in new_model(planned).state_dict().values()]
+        if [a.shape for a in state.arrays] != expected:
+            raise ValueError(f"base model {base.key}'s weights do not fit its plan's network")
+        append_metrics(self.out, {"stage": "plan", "base_model": base.key, "plan": json.loads(state.plan)})
+        say(f"fine-tuning base model {base.key} ({base.provenance.get('steps')} steps on public data)")
+        return planned
 
     def harmonise(self, state: JobState) -> None:
         started = time.perf_counter()
@@ -281,10 +298,14 @@ def main(grid: Grid, context: Context) -> None:
     job = Job(grid, cfg)
     spec = load_task_spec(job.task)
     state = JobState.load(job.out)
+    base = load_artifact(Path(records.text(cfg, "base-model"))) if records.text(cfg, "base-model") else None
     if state is None or state.plan is None:
         state = JobState()
-        spec = job.plan(spec, state)
-        state.arrays = model_to_arrays(new_model(spec, seed=records.integer(cfg, "seed", 0)))
+        if base is not None:
+            spec = job.start_from(base, spec, state)
+        else:
+            spec = job.plan(spec, state)
+            state.arrays = model_to_arrays(new_model(spec, seed=records.integer(cfg, "seed", 0)))
         state.save(job.out)
     else:
         spec = planned_spec(spec, {PLAN_CONFIG_KEY: state.plan})
@@ -311,6 +332,9 @@ def main(grid: Grid, context: Context) -> None:
             "server_learning_rate": job.server.learning_rate,
             "server_momentum": job.server.momentum,
             "proximal_mu": records.number(cfg, "proximal-mu", 0.0),
+            "base_model": {"key": base.key, **{k: base.provenance.get(k) for k in ("steps", "studies_per_site")}}
+            if base is not None
+            else None,
             "studies_per_site": state.studies_per_site,
             "differential_privacy": {"epsilon_budget": epsilon, "delta": delta, "epsilon_spent": state.epsilon_per_site}
             if epsilon > 0
@@ -327,6 +351,10 @@ def main(grid: Grid, context: Context) -> None:
         epsilon_budget=epsilon,
         delta=delta,
         final_evaluation=final,
+        base_model=f"{base.key}, trained {base.provenance.get('steps')} steps on "
+        f"{sum((base.provenance.get('studies_per_site') or {}).values())} public studies"
+        if base is not None
+        else None,
     )
     (job.out / "model-card.md").write_text(card)
     say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")

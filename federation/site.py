@@ -9,7 +9,7 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class RoundPlan:
     seed: int
     rounds: int = 1
     plan_json: str | None = None  # the job's plan (federation/planning.py)
+    learning_rate: float | None = None  # the job's override of the recipe's (e.g. lower to fine-tune a base)
     privacy: PrivacySettings | None = None
     harmonisation: dict[str, list[float]] | None = None
     proximal_mu: float = 0.0
@@ -93,6 +94,7 @@ class RoundPlan:
             seed=records.integer(config, "server-round", 0),
             rounds=records.integer(config, "num-rounds", 1),
             plan_json=records.text(config, PLAN_CONFIG_KEY) or None,
+            learning_rate=records.number(config, "learning-rate", 0.0) or None,
             privacy=privacy,
             harmonisation=records.landmarks(config),
             proximal_mu=records.number(config, "proximal-mu", 0.0),
@@ -171,8 +173,10 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     evaluation_started = time.perf_counter()
     metrics.update(evaluate_model(model, held_out, spec).as_metrics())
     metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
+    recipe = spec.training if plan.learning_rate is None else replace(spec.training, learning_rate=plan.learning_rate)
     settings = TrainingSettings.from_spec(
         spec,
+        recipe=recipe,
         seed=plan.seed,
         steps=plan.local_steps,
         proximal_mu=plan.proximal_mu,

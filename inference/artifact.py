@@ -19,6 +19,7 @@ from radfed.inference.taskspec import TaskSpec, parse_task_spec
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "weights.npz"  # the network's tensors in state-dict order: a base for federated fine-tuning
 FORMAT = "radfed-model/2"
 
 # The tensor contract every radfed segmentation+classification model honours.
@@ -52,6 +53,12 @@ class ModelArtifact:
     @property
     def onnx_path(self) -> Path:
         return self.folder / MODEL_FILE
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The torch weights (``.npz``, state-dict order), when the artifact carries them."""
+        path = self.folder / WEIGHTS_FILE
+        return path if path.is_file() else None
 
     @property
     def key(self) -> str:
@@ -89,18 +96,24 @@ def write_artifact(
     *,
     harmonisation: Mapping[str, Sequence[float]] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    weights_file: Path | None = None,
 ) -> ModelArtifact:
-    """Copy ``onnx_file`` into ``folder`` and write its manifest."""
+    """Copy ``onnx_file`` (and the torch weights, when given) into ``folder`` and write its manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / MODEL_FILE
     if onnx_file.resolve() != target.resolve():
         shutil.copyfile(onnx_file, target)
+    weights = None
+    if weights_file is not None:
+        shutil.copyfile(weights_file, folder / WEIGHTS_FILE)
+        weights = {"file": WEIGHTS_FILE, "sha256": sha256_of(folder / WEIGHTS_FILE)}
     inputs, outputs = standard_contract(spec)
     manifest = {
         "format": FORMAT,
         "name": identity.name,
         "version": identity.version,
         "onnx": {"file": MODEL_FILE, "sha256": sha256_of(target), "bytes": target.stat().st_size},
+        "weights": weights,
         "task_name": spec.name,
         "task_spec": spec.source_text,
         "plan": json.loads(spec.plan.to_json()) if spec.plan is not None else None,
@@ -165,6 +178,11 @@ def load_artifact(folder: Path) -> ModelArtifact:
             f"{manifest['onnx']['sha256'][:12]}...: "
             "the model file was changed or corrupted"
         )
+    weights = manifest.get("weights")
+    # The weights are optional for inference (a rollout sends the ONNX model only); when present they must match.
+    present = weights is not None and (folder / weights["file"]).is_file()
+    if present and sha256_of(folder / weights["file"]) != weights["sha256"]:
+        raise ArtifactError(f"{folder / weights['file']} does not match the manifest's checksum")
     spec = parse_task_spec(manifest["task_spec"], f"{manifest_path}:task_spec")
     try:
         spec = spec.planned(Plan.from_json(json.dumps(manifest["plan"])))

@@ -63,7 +63,7 @@ class TrainingRecipe:
     augmentation_probability: float = 0.2  # per transform and patch, as in nnU-Net
     validation_fraction: float = 0.2  # of the training studies, by study hash; 0 disables validation
     validate_every: int = 250  # steps between validation passes (keeps the best checkpoint)
-    time_limit_minutes: float = 0.0  # 0: none; otherwise training stops there and keeps the best checkpoint
+    time_limit_minutes: float = 40.0  # 0: none; training stops there and keeps the best checkpoint (CPU budget)
     threads: int = 1  # torch intra-op threads per training process
     mixed_precision: bool = True  # on CUDA only
     calibrate: bool = True  # lesion threshold, minimum size and study temperature from validation data

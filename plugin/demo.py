@@ -105,9 +105,44 @@ def wait_for_job(out: Path, process: subprocess.Popen[str], rounds: int, quiet: 
         bar.update(max(0, rounds + 2 - bar.n))
 
 
-def sample_slices(site: Any, study_uids: list[str], limit: int = 3) -> list[Any]:
-    """T2W slices of hospital 1's new studies with the SEG that radfed stored in Orthanc drawn over them."""
+@dataclass(frozen=True)
+class NewStudyResult:
+    """One of hospital 1's new studies: radfed's SEG as stored in Orthanc against the synthetic truth."""
+
+    study: str  # the last digits of the StudyInstanceUID
+    dice: float
+    lesions_true: int
+    lesions_found: int
+    false_positive_components: int
+    largest_false_positive_mm3: float
+    smallest_true_lesion_mm3: float
+
+    def row(self) -> list[object]:
+        return [
+            self.study,
+            round(self.dice, 3),
+            f"{self.lesions_found} / {self.lesions_true}",
+            self.false_positive_components,
+            round(self.largest_false_positive_mm3, 1),
+            round(self.smallest_true_lesion_mm3, 1),
+        ]
+
+
+NEW_STUDY_HEADER = (
+    "study",
+    "Dice",
+    "lesions found / true",
+    "false-positive components",
+    "largest false positive (mm3)",
+    "smallest true lesion (mm3)",
+)
+
+
+def assess_new_studies(site: Any, studies: list[Any], limit: int = 3) -> tuple[list[NewStudyResult], list[Any]]:
+    """Each new study's Dice and false positives (radfed's stored SEG against the study's synthetic truth, on
+    the T2W grid), and T2W slices with radfed's SEG drawn over them for the first ``limit``."""
     import numpy as np
+    from scipy import ndimage
 
     from radfed.inference.orthanc.client import OrthancClient
     from radfed.inference.preprocess import load_study
@@ -117,35 +152,80 @@ def sample_slices(site: Any, study_uids: list[str], limit: int = 3) -> list[Any]
     from radfed.plugin.report import SampleSlice
 
     spec = load_task_spec(None)
+    connectivity = np.ones((3, 3, 3), dtype=bool)
+    results: list[NewStudyResult] = []
     samples: list[SampleSlice] = []
     with OrthancClient(site.orthanc.endpoint) as client:
-        for uid in study_uids[:limit]:
+        for study in studies:
+            uid = study.identity.study_instance_uid
             study_id = client.find_study(uid)
             if study_id is None:
                 continue
             loaded = load_study(OrthancStudy(client, study_id), spec)
-            mask = np.zeros(loaded.reference.shape, dtype=bool)
-            lesions = 0
+            truth_seg = read_segmentation(study.reference_seg, loaded.reference)
+            truth = np.zeros(loaded.reference.shape, dtype=bool)
+            for segment in truth_seg.segments:
+                if spec.segmentation_labels.is_lesion(segment.property_type):
+                    truth |= truth_seg.masks[segment.segment_number]
+            predicted = np.zeros_like(truth)
             for series_id in client.get_json(f"/studies/{study_id}/series?expand=false") or []:
                 series_id = series_id if isinstance(series_id, str) else series_id["ID"]
-                info = client.series(series_id)
-                if info.get("MainDicomTags", {}).get("Modality") != "SEG":
-                    continue
+                tags = client.series(series_id).get("MainDicomTags", {})
+                if tags.get("Modality") != "SEG" or not str(tags.get("SeriesDescription", "")).startswith("AI "):
+                    continue  # the radiologist's reference SEG is the truth, not a result
                 for ds in client.series_datasets(series_id):
                     seg = read_segmentation(ds, loaded.reference)
                     for segment in seg.segments:
-                        mask |= seg.masks[segment.segment_number].astype(bool)
-                        lesions += 1
-            index = int(np.argmax(mask.sum(axis=(1, 2)))) if mask.any() else loaded.reference.shape[0] // 2
-            samples.append(
-                SampleSlice(
-                    f"hospital-1, new study {len(samples) + 1}, T2W slice {index + 1}",
-                    loaded.reference.array[index],
-                    mask[index],
-                    f"{lesions} lesion segment(s) in radfed's DICOM SEG as stored in Orthanc (red outline).",
+                        predicted |= seg.masks[segment.segment_number]
+            voxel_mm3 = float(np.prod(loaded.reference.spacing))
+            found, count = ndimage.label(predicted, structure=connectivity)
+            true_lesions, true_count = ndimage.label(truth, structure=connectivity)
+            touched = set(np.unique(found[truth]).tolist()) - {0}
+            false_sizes = [int((found == c).sum()) for c in range(1, count + 1) if c not in touched]
+            true_sizes = [int((true_lesions == c).sum()) for c in range(1, true_count + 1)]
+            overlap = float(np.logical_and(predicted, truth).sum())
+            total = float(predicted.sum() + truth.sum())
+            results.append(
+                NewStudyResult(
+                    uid[-12:],
+                    2 * overlap / total if total else 1.0,
+                    true_count,
+                    len(set(np.unique(true_lesions[predicted]).tolist()) - {0}),
+                    len(false_sizes),
+                    max(false_sizes, default=0) * voxel_mm3,
+                    min(true_sizes, default=0) * voxel_mm3,
                 )
             )
-    return samples
+            if len(samples) < limit:
+                index = int(np.argmax(truth.sum(axis=(1, 2)))) if truth.any() else loaded.reference.shape[0] // 2
+                samples.append(
+                    SampleSlice(
+                        f"hospital-1, new study {len(samples) + 1}, T2W slice {index + 1}",
+                        loaded.reference.array[index],
+                        predicted[index],
+                        f"radfed's DICOM SEG as stored in Orthanc (red outline); Dice {results[-1].dice:.2f} against "
+                        f"the synthetic truth, {results[-1].false_positive_components} false-positive component(s).",
+                    )
+                )
+    return results, samples
+
+
+def train_base_model(workdir: Path, args: argparse.Namespace, say: Any) -> Path:
+    """A base model trained centrally on public studies (synthetic, other patients than the hospitals'):
+    with a few studies per hospital, DP-SGD from random weights learns nothing a radiologist could use, so
+    the federation fine-tunes this model (the report and the model card say so)."""
+    from radfed.federation.local import train_local_artifact
+    from radfed.inference.synthetic.writer import synthesize_to_folder
+
+    data = workdir / "public-data"
+    per_site = max(2, args.base_studies // 2)
+    synthesize_to_folder(data, sites=2, studies_per_site=per_site, seed=args.seed + 1000, small=not args.full_size)
+    say(f"base model: training {args.base_steps} steps on {2 * per_site} public synthetic studies")
+    outcome = train_local_artifact(
+        task=None, sources=[str(data)], out=workdir / "base-model", steps=args.base_steps, threads=2, seed=args.seed
+    )
+    say(outcome.summary().replace("\n", "\n  "))
+    return outcome.artifact.folder
 
 
 def harmonisation_view(federation: Any, reference: dict[str, list[float]] | None) -> list[Any]:
@@ -209,6 +289,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     viewer = None
     try:
         say(f"starting 3 hospitals ({args.studies_per_site} synthetic studies each) and a coordinator")
+        base = train_base_model(workdir, args, say) if args.base_steps > 0 else None
         federation.start(progress=lambda step: say(f"  {step}"))
         out = workdir / "job"
         config = {
@@ -222,6 +303,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "model-version": "1.0.0",
             "round-timeout": 600,
         }
+        if base is not None:
+            config |= {"base-model": str(base), "learning-rate": args.fine_tune_learning_rate}
         say(f"federated job: {args.rounds} rounds, DP epsilon {args.epsilon:g}, TLS + node authentication")
         process = federation.submit(out, config)
         wait_for_job(out, process, args.rounds, args.quiet)
@@ -236,12 +319,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             nodes.append(node)
             node.call("POST", f"/models/{artifact.identity.name}/{artifact.identity.version}/activate")
         hospital = federation.sites[0]
-        new_uids = []
+        new_studies = []
         with OrthancClient(hospital.orthanc.endpoint) as client:
             for number in range(1, args.new_studies + 1):
                 study = render_study(site_profile(1, small=not args.full_size), 100 + number, args.seed + 1)
                 upload_study(study, client)
-                new_uids.append(study.identity.study_instance_uid)
+                new_studies.append(study)
+        new_uids = [study.identity.study_instance_uid for study in new_studies]
         say(f"sent {len(new_uids)} new studies to hospital-1's Orthanc; waiting for SEG + SR")
         pending = set(new_uids)
         deadline = time.monotonic() + 600
@@ -255,18 +339,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 time.sleep(1)
         jobs = [j for uid in new_uids for j in nodes[0].call("GET", "/jobs", params={"study_instance_uid": uid})]
         done = [j for j in jobs if j["state"] == "done"]
+        done_uids = {j["study_instance_uid"] for j in done}
+        assessed, samples = assess_new_studies(
+            hospital, [s for s in new_studies if s.identity.study_instance_uid in done_uids]
+        )
         report = write_job_report(
             out,
             workdir / "report",
             title="radfed demo: three hospitals, one federated model",
             intensities=harmonisation_view(federation, artifact.harmonisation),
-            samples=sample_slices(hospital, [j["study_instance_uid"] for j in done]),
+            samples=samples,
+            new_studies=(NEW_STUDY_HEADER, [r.row() for r in assessed]),
+            base_model=artifact.provenance.get("base_model"),
         )
         print("\n== radfed demo summary ==")
         for site in federation.sites:
             print(f"{site.name}: Orthanc {site.orthanc.url}  user {site.orthanc.options.username}  "
                   f"password {site.orthanc.options.password}")  # fmt: skip
         print(f"hospital-1: {len(done)} of {len(new_uids)} new studies have radfed SEG + SR in Orthanc")
+        for result in assessed:
+            print(
+                f"  study {result.study}: Dice {result.dice:.2f} against the synthetic truth, lesions found "
+                f"{result.lesions_found}/{result.lesions_true}, {result.false_positive_components} false-positive "
+                f"component(s) (largest {result.largest_false_positive_mm3:.0f} mm3)"
+            )
+        if assessed:
+            print(f"  mean Dice {sum(r.dice for r in assessed) / len(assessed):.2f}")
         for job in jobs:
             print(f"  study {job['study_instance_uid'][-12:]}: {job['state']} {job.get('reason') or ''}".rstrip())
         print(f"model card: {out / 'model-card.md'}")
@@ -300,6 +398,15 @@ def add_parser(commands: Any) -> None:
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--local-steps", type=int, default=20)
     demo.add_argument("--epsilon", type=float, default=8.0)
+    demo.add_argument(
+        "--base-steps",
+        type=int,
+        default=400,
+        help="train a base model this many steps on public synthetic studies first (0: start at random)",
+    )
+    demo.add_argument("--base-studies", type=int, default=16, help="public synthetic studies for the base model")
+    demo.add_argument("--fine-tune-learning-rate", type=float, default=1e-4,
+                      help="the sites' learning rate when fine-tuning the base model")  # fmt: skip
     demo.add_argument("--new-studies", type=int, default=3, help="studies sent to hospital 1 after the rollout")
     demo.add_argument("--full-size", action="store_true", help="full-size studies (slower)")
     demo.add_argument("--seed", type=int, default=21)

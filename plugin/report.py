@@ -123,8 +123,11 @@ def write_job_report(
     title: str = "radfed federated job",
     intensities: Sequence[SiteIntensities] = (),
     samples: Sequence[SampleSlice] = (),
+    new_studies: tuple[Sequence[str], Sequence[Sequence[object]]] | None = None,
+    base_model: Mapping[str, Any] | None = None,
 ) -> Path:
-    """The report of one job folder (metrics.jsonl, model card, artifact) with optional extra figures."""
+    """The report of one job folder (metrics.jsonl, model card, artifact) with optional extra figures: new
+    studies' results against their truth (``new_studies``: header and rows) and the base model fine-tuned."""
     from radfed.federation.evaluation import roc_points
 
     lines = [json.loads(x) for x in (job_out / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -155,6 +158,23 @@ def write_job_report(
         "Loss as each site trained; Dice and AUC of the global model on each site's held-out studies "
         "(evaluated by the site before the next round) and pooled over all sites.",
     )
+
+    _, pooled_dice = _metric_series(lines, "dice")
+    if pooled_dice:
+        start = (
+            f"fine-tuned from base model {base_model.get('key')} ({base_model.get('steps')} steps on public studies)"
+            if base_model
+            else "random initial weights"
+        )
+        report.table(
+            f"Pooled held-out Dice of the global model by round (start: {start})",
+            ["after round", "pooled Dice"],
+            [[r, round(d, 3)] for r, d in pooled_dice],
+        )
+    if new_studies is not None:
+        report.table(
+            "New studies at hospital 1: radfed's stored SEG against the synthetic truth", new_studies[0], new_studies[1]
+        )
 
     if final:
         fig, ax = plt.subplots(figsize=(8, 3.4))

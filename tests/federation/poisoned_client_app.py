@@ -71,5 +71,6 @@ def _train(msg: Message, context: Context) -> Message:
 
 app.train()(_train)
 app.evaluate()(recorded(client_app.evaluate))
+app.query("fingerprint")(recorded(client_app.fingerprint))
 app.query("landmarks")(recorded(client_app.landmarks))
 app.query("rollout")(recorded(client_app.rollout))
