@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import shlex
-import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -190,7 +189,12 @@ def _run(job: Job) -> dict[str, Any]:
             spec = spec.planned(derive_plan(spec.plan_overrides(), DatasetFingerprint.from_studies(prints)))
             if spec.spacing_mm != cohort.spec.spacing_mm:
                 raise RuntimeError("the training folds alone plan another grid than the whole set: rebuild needed")
-    trained = fit(spec, train, seed=job.fold, steps=STEPS)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % 250 == 0 or step == total:
+            print(f"  {job.dataset} {job.arm} fold {job.fold}: step {step}/{total}, loss {loss:.3f}", flush=True)
+
+    trained = fit(spec, train, seed=job.fold, steps=STEPS, progress=progress)
     summary = evaluate_model(trained.model, test, trained.spec).summary()
     return {
         "dataset": job.dataset,
@@ -216,7 +220,7 @@ def _mean(rows: list[dict[str, Any]], key: str) -> str:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="radfed-quality-") as tmp:
         jobs = _jobs(Path(tmp))
-        workers = max(1, min(len(jobs), os.cpu_count() or 1))
+        workers = int(os.environ.get("RADFED_BENCH_JOBS", max(1, min(len(jobs), os.cpu_count() or 1))))
         print(f"bench quality: {len(jobs)} trainings ({STEPS} steps each), {workers} side by side", flush=True)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -243,26 +247,22 @@ def main() -> None:
                     PUBLISHED[dataset],
                 ]
             )
-    print(
-        table(
-            [
-                "data",
-                "recipe",
-                "studies",
-                "mean Dice",
-                "lesion sens.",
-                "FP comp./study",
-                "pred/true vol",
-                "AUC",
-                "s/step",
-                "published",
-            ],
-            rows,
-        )
-    )
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k.startswith("RADFED_BENCH_QUALITY"))
-    print(f"reproduce: {env + ' ' if env else ''}{shlex.quote(sys.executable)} -m bench quality")
-
-
-if __name__ == "__main__":
-    main()
+    table(
+        f"Segmentation quality by patient-level {FOLDS}-fold cross-validation ({STEPS} training steps per fold; "
+        "mean (min-max) over folds)",
+        [
+            "data",
+            "recipe",
+            "studies",
+            "mean Dice",
+            "lesion sens.",
+            "FP comp./study",
+            "pred/true vol",
+            "AUC",
+            "s/step",
+            "published",
+        ],
+        rows,
+        f"{env + ' ' if env else ''}python -m bench quality",
+    )

@@ -19,6 +19,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 # Minimum volumes tried, as multiples of the spec's own (0 keeps every component).
 VOLUME_FACTORS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 16.0, 25))
+MIN_GAIN = 0.01  # mean validation Dice a setting must add over the spec's own to replace it
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def calibrate(
     if not samples:
         raise ValueError("calibration needs validation studies")
     volumes = sorted({f * default_min_volume_mm3 for f in VOLUME_FACTORS} | {0.0})
-    best: tuple[float, float, float] | None = None
+    scores_by_setting: dict[tuple[float, float], float] = {}
     for threshold in THRESHOLDS:
         components = [
             lesion_components(p.probability, threshold, 0.0, s.voxel_mm3)
@@ -83,11 +84,26 @@ def calibrate(
             for found, size, sample in zip(components, sizes, samples, strict=True):
                 kept = np.flatnonzero(size >= volume)
                 scores.append(_study_dice(np.isin(found, kept[kept > 0]), sample.lesions > 0))
-            score = float(np.mean(scores))
-            # Ties go to the larger minimum volume and the threshold nearest 0.5 (fewer spurious lesions).
-            key = (score, volume, -abs(threshold - 0.5))
-            if best is None or key > (best[0], best[2], -abs(best[1] - 0.5)):
-                best = (score, threshold, volume)
-    assert best is not None
+            scores_by_setting[(threshold, volume)] = float(np.mean(scores))
+    # A few validation studies decide little: leave the spec's settings only for a clear gain, and among equal
+    # scores take the setting nearest to them (a minimum volume fitted to three studies would delete any
+    # smaller true lesion in the next).
+    default = (0.5, default_min_volume_mm3)
+    baseline = scores_by_setting.get(default, -1.0)
+
+    def distance(setting: tuple[float, float]) -> float:
+        threshold, volume = setting
+        return abs(threshold - 0.5) + abs(math.log((volume + 1.0) / (default_min_volume_mm3 + 1.0)))
+
+    best_score = max(scores_by_setting.values())
+    chosen = default
+    if best_score > baseline + MIN_GAIN:
+        chosen = min((s for s, v in scores_by_setting.items() if v >= best_score - 1e-9), key=distance)
     temperature = _temperature(predictions, samples)
-    return Calibration(best[1], best[2], temperature if math.isfinite(temperature) else 1.0, best[0], len(samples))
+    return Calibration(
+        chosen[0],
+        chosen[1],
+        temperature if math.isfinite(temperature) else 1.0,
+        scores_by_setting[chosen],
+        len(samples),
+    )

@@ -62,6 +62,7 @@ class TrainingRecipe:
     scale_range: tuple[float, float] = (0.85, 1.25)
     augmentation_probability: float = 0.2  # per transform and patch, as in nnU-Net
     validation_fraction: float = 0.2  # of the training studies, by study hash; 0 disables validation
+    min_validation_cohort: int = 25  # fewer studies: train on every one, keep the spec's thresholds
     validate_every: int = 250  # steps between validation passes (keeps the best checkpoint)
     time_limit_minutes: float = 40.0  # 0: none; training stops there and keeps the best checkpoint (CPU budget)
     threads: int = 1  # torch intra-op threads per training process

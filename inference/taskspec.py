@@ -360,6 +360,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         scale_range=(scale[0], scale[1]),
         augmentation_probability=r.get("augmentation_probability", float, default.augmentation_probability),
         validation_fraction=validation,
+        min_validation_cohort=r.get("min_validation_cohort", int, default.min_validation_cohort),
         validate_every=r.get("validate_every", int, default.validate_every),
         time_limit_minutes=r.get("time_limit_minutes", float, default.time_limit_minutes),
         threads=r.get("threads", int, default.threads),

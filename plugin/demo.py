@@ -321,10 +321,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         hospital = federation.sites[0]
         new_studies = []
         with OrthancClient(hospital.orthanc.endpoint) as client:
-            for number in range(1, args.new_studies + 1):
-                study = render_study(site_profile(1, small=not args.full_size), 100 + number, args.seed + 1)
-                upload_study(study, client)
-                new_studies.append(study)
+            number = 100
+            while len(new_studies) < args.new_studies:  # new patients with lesions: something for the AI to find
+                number += 1
+                study = render_study(site_profile(1, small=not args.full_size), number, args.seed + 1)
+                if study.phantom.lesions or number > 200:
+                    upload_study(study, client)
+                    new_studies.append(study)
         new_uids = [study.identity.study_instance_uid for study in new_studies]
         say(f"sent {len(new_uids)} new studies to hospital-1's Orthanc; waiting for SEG + SR")
         pending = set(new_uids)

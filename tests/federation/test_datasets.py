@@ -44,6 +44,7 @@ positive_values = ["1"]
 [training]
 steps = 4
 validate_every = 2
+min_validation_cohort = 2   # validate and calibrate even on this tiny set
 
 [outputs]
 lesion_threshold = 0.5
@@ -120,7 +121,14 @@ def test_training_on_a_dataset_folder_makes_a_planned_artifact(tmp_path: Path) -
     plan = artifact.spec.plan
     assert plan is not None and plan.network.spatial_dims == 2  # 4 mm slices, 1 mm pixels
     assert plan.spacing_mm == pytest.approx((4.0, 1.0, 1.0))
-    assert artifact.provenance["steps"] == 4 and artifact.provenance["calibration"] is not None
+    assert artifact.provenance["steps"] == 4
+    # checkpoints were scored on the validation studies; their calibrated settings are what inference uses
+    assert [step for step, _ in artifact.provenance["validation"]] == [2, 4]
+    calibration = artifact.provenance["calibration"]
+    assert calibration is not None and calibration["validation_studies"] >= 1
+    assert artifact.spec.outputs.lesion_threshold == calibration["lesion_threshold"]
+    assert artifact.spec.outputs.min_lesion_volume_mm3 == calibration["min_lesion_volume_mm3"]
+    assert artifact.spec.outputs.study_temperature == calibration["study_temperature"]
     assert artifact.provenance["fingerprint"]["studies"] == 5
     cohort = cohort_from_sources(artifact.spec, [str(root)])
     assert cohort.report.usable == 5 and cohort.samples[0].image.shape[0] == 2

@@ -20,7 +20,7 @@ import pytest
 
 from radfed.federation.coordinator import read_metrics
 from radfed.federation.launcher import FederationOptions, LocalFederation
-from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS, LANDMARK_PREFIX
+from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS, FINGERPRINT_PREFIX, LANDMARK_PREFIX
 from radfed.federation.training import new_model
 from radfed.inference.artifact import load_artifact
 from tests.plugin.node_harness import NodeProcess
@@ -144,7 +144,11 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
         assert set(recs) <= {"metrics", "site", "arrays"}, recs
         assert recs["site"] == {"kind": "config", "keys": ["name"]}
         for key in recs["metrics"]["keys"]:
-            assert key in ALLOWED_METRICS or key in ALLOWED_VECTORS or key.startswith(LANDMARK_PREFIX), key
+            assert (
+                key in ALLOWED_METRICS
+                or key in ALLOWED_VECTORS
+                or key.startswith((LANDMARK_PREFIX, FINGERPRINT_PREFIX))
+            ), key
         if "arrays" in recs:
             assert reply["type"] == "train" and recs["arrays"]["shapes"] == model_shapes
             # on the wire: one float32 vector of exactly the model's values, and the shapes header
