@@ -319,7 +319,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             nodes.append(node)
             node.call("POST", f"/models/{artifact.identity.name}/{artifact.identity.version}/activate")
         hospital = federation.sites[0]
-        new_studies = []
+        new_studies: list[Any] = []
         with OrthancClient(hospital.orthanc.endpoint) as client:
             number = 100
             while len(new_studies) < args.new_studies:  # new patients with lesions: something for the AI to find
