@@ -10,6 +10,7 @@ import sys
 import time
 from multiprocessing.connection import AuthenticationError, Client
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,9 +39,11 @@ def _node_config(data: Path, state: Path) -> dict[str, str]:
     return {"data": str(data), "state-dir": str(state), "site-name": "hospital-x"}
 
 
-def test_one_warm_worker_serves_every_request_and_survives_a_failed_one(synth_root: Path, tmp_path: Path) -> None:
+def test_one_warm_worker_serves_every_request_and_survives_a_failed_one(
+    synth_root: Path, tmp_path: Path, planned_spec: Any
+) -> None:
     state = tmp_path / "state"
-    config = {"job": "job-1", "task": "", "held-out-fraction": 0.25}
+    config = {"job": "job-1", "task": "", "held-out-fraction": 0.25, "plan": planned_spec.plan.to_json()}
     first = call_site_worker(
         _node_config(synth_root / "site-1", state), Request.LANDMARKS, Frame({"config": config}, [])
     )
