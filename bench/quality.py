@@ -249,8 +249,8 @@ def main() -> None:
             )
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k.startswith("RADFED_BENCH_QUALITY"))
     table(
-        f"Segmentation quality by patient-level {FOLDS}-fold cross-validation ({STEPS} training steps per fold; "
-        "mean (min-max) over folds)",
+        f"Segmentation quality, {FOLDS}-fold cross-validation: brain by patient, prostate by hospital (train on two, "
+        f"test on the third); {STEPS} training steps per fold; mean (min-max) over folds",
         [
             "data",
             "recipe",
