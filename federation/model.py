@@ -1,5 +1,5 @@
-"""The default network: a compact 3-D U-Net with a classification head (GroupNorm, not BatchNorm, so
-that Opacus' DP-SGD can compute per-sample gradients)."""
+"""The first wave's network (``model.architecture = "unet3d"``): a compact 3-D U-Net with a classification head
+(GroupNorm, not BatchNorm, so that Opacus' DP-SGD can compute per-sample gradients). Built by networks.py."""
 
 from __future__ import annotations
 
@@ -52,9 +52,3 @@ class UNet3D(nn.Module):
         d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
         pooled = torch.cat([b.mean(dim=(2, 3, 4)), b.amax(dim=(2, 3, 4))], dim=1)
         return self.segmentation(d1), self.classifier(pooled)
-
-
-def build_model(architecture: str, in_channels: int, features: Sequence[int], groups: int) -> nn.Module:
-    if architecture != "unet3d":
-        raise ValueError(f"unknown architecture {architecture!r}; available: unet3d")
-    return UNet3D(in_channels, features, groups)
