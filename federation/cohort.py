@@ -367,6 +367,18 @@ def _fingerprint_from(data: Mapping[str, Any] | None) -> StudyFingerprint | None
     )
 
 
+def _fingerprints(spec: TaskSpec, studies: Iterable[StudySource]) -> list[StudyFingerprint]:
+    prints = []
+    for study in studies:
+        try:
+            loaded = load_study(study, spec)
+        except RadfedError as exc:
+            logger.info("fingerprint: study skipped (%s)", type(exc).__name__)
+            continue
+        prints.append(study_fingerprint(loaded.reference, {k: v.array for k, v in loaded.channels.items()}))
+    return prints
+
+
 def source_fingerprints(spec: TaskSpec, sources: Iterable[str], labels: Path | None) -> list[StudyFingerprint]:
     """First pass for a plan that must choose the grid: each study's native grid and intensities. Loading a
     DICOM study twice is the price of not holding every native volume in memory."""
@@ -375,19 +387,11 @@ def source_fingerprints(spec: TaskSpec, sources: Iterable[str], labels: Path | N
         if is_dataset_folder(Path(source)):
             prints += [study_fingerprint(case.reference, case.channels) for case in read_dataset(Path(source), spec)]
             continue
-        studies: Iterable[StudySource]
         if source.startswith(("http://", "https://")):
-            client = OrthancClient(OrthancEndpoint.from_url(source))
-            studies = [OrthancStudy(client, study_id) for study_id in client.studies()]
+            with OrthancClient(OrthancEndpoint.from_url(source)) as client:
+                prints += _fingerprints(spec, [OrthancStudy(client, study_id) for study_id in client.studies()])
         else:
-            studies = [study for study, _, _ in folder_studies(Path(source)) if study is not None]
-        for study in studies:
-            try:
-                loaded = load_study(study, spec)
-            except RadfedError as exc:
-                logger.info("fingerprint: study skipped (%s)", type(exc).__name__)
-                continue
-            prints.append(study_fingerprint(loaded.reference, {k: v.array for k, v in loaded.channels.items()}))
+            prints += _fingerprints(spec, [s for s, _, _ in folder_studies(Path(source)) if s is not None])
     return prints
 
 
