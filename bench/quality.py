@@ -4,6 +4,8 @@ default, in one run, on the same folds.
 Data: ``../shared/data/brain_tumor_progression`` (22 real post-contrast T1 brain MRIs of 11 glioblastoma
 patients with expert tumour masks, TCIA "Brain-Tumor-Progression"; both scans of a patient stay in one fold),
 read through radfed's MSD / nnU-Net raw dataset reader, and synthetic prostate mp-MRI sites (radfed synth).
+A reference lesion is a component of the expert mask of at least the task's minimum lesion volume (smaller
+specks count in Dice, not as lesions to find); planned rows also show postprocessing / TTA variants of the same model.
 
     python -m bench quality
     RADFED_BENCH_QUALITY_STEPS=300 RADFED_BENCH_QUALITY_SETS=brain python -m bench quality   # shorter
@@ -17,7 +19,7 @@ import os
 import shlex
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,18 +197,31 @@ def _run(job: Job) -> dict[str, Any]:
             print(f"  {job.dataset} {job.arm} fold {job.fold}: step {step}/{total}, loss {loss:.3f}", flush=True)
 
     trained = fit(spec, train, seed=job.fold, steps=STEPS, progress=progress)
-    summary = evaluate_model(trained.model, test, trained.spec).summary()
-    return {
-        "dataset": job.dataset,
-        "arm": job.arm,
-        "fold": job.fold,
-        "train": trained.training_studies,
-        "test": len(test),
-        "steps": trained.log.steps,
-        "seconds_per_step": trained.log.seconds / max(trained.log.steps, 1),
-        "plan": trained.spec.plan.reasons[-1] if trained.spec.plan else "",
-        **summary,
-    }
+    # Postprocessing and test-time variants of the same trained model (free of training noise).
+    variants = {job.arm: trained.spec}
+    if job.arm == "planned":
+        variants["planned, no share-of-largest rule"] = trained.spec.with_outputs(min_lesion_fraction=0.0)
+        variants["planned + mirroring TTA"] = replace(
+            trained.spec, inference=replace(trained.spec.inference, mirror=True)
+        )
+    rows = []
+    for name, variant in variants.items():
+        summary = evaluate_model(trained.model, test, variant).summary()
+        rows.append(
+            {
+                "dataset": job.dataset,
+                "arm": name,
+                "fold": job.fold,
+                "train": trained.training_studies,
+                "test": len(test),
+                "steps": trained.log.steps,
+                "seconds_per_step": trained.log.seconds / max(trained.log.steps, 1),
+                "min_lesion_fraction": variant.outputs.lesion_fraction,
+                "plan": trained.spec.plan.reasons[-1] if trained.spec.plan else "",
+                **summary,
+            }
+        )
+    return rows
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> str:
@@ -224,12 +239,12 @@ def main() -> None:
         print(f"bench quality: {len(jobs)} trainings ({STEPS} steps each), {workers} side by side", flush=True)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = list(pool.map(_run, jobs))
+            results = [row for rows in pool.map(_run, jobs) for row in rows]
     for row in results:
         print(json.dumps(row), flush=True)
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
-        for arm in ARMS:
+        for arm in dict.fromkeys(r["arm"] for r in results):
             mine = [r for r in results if r["dataset"] == dataset and r["arm"] == arm]
             if not mine:
                 continue

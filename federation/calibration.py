@@ -1,7 +1,9 @@
-"""Output settings chosen on validation studies, never on the test set: the lesion probability threshold
-and minimum lesion volume that give the best mean per-study Dice (a study without reference lesions scores
-1 when nothing is found, 0 otherwise), and a temperature for the study probability (minimum negative
-log-likelihood of the known labels). They are stored in the artifact's manifest and used by every node."""
+"""Output settings chosen on validation studies, never on the test set: the lesion probability threshold,
+minimum lesion volume and minimum share of the study's largest lesion that give the best mean per-study Dice
+(a study without reference lesions scores 1 when nothing is found, 0 otherwise), and a temperature for the
+study probability (minimum negative log-likelihood of the known labels). Without validation studies the
+share comes from the training masks alone (``reference_fraction``). They are stored in the artifact's
+manifest and used by every node."""
 
 from __future__ import annotations
 
@@ -10,22 +12,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.evaluation import lesion_components
+from radfed.inference.lesions import kept_components
 from radfed.inference.windows import Prediction
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 # Minimum volumes tried, as multiples of the spec's own (0 keeps every component).
 VOLUME_FACTORS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 16.0, 25))
+# Shares of the study's largest component under which a component is dropped (nnU-Net's "largest component
+# only" decision, graded).
+FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2)
+# Without validation studies: the largest share that keeps this much of the reference lesion volume of a
+# training study on average (a perfect prediction would lose ~1 % Dice).
+KEPT_REFERENCE = 0.98
 MIN_GAIN = 0.01  # mean validation Dice a setting must add over the spec's own to replace it
+
+Setting = tuple[float, float, float]  # threshold, minimum volume, minimum share of the largest
 
 
 @dataclass(frozen=True)
 class Calibration:
     lesion_threshold: float
     min_lesion_volume_mm3: float
+    min_lesion_fraction: float
     study_temperature: float
     validation_dice: float
     studies: int
@@ -34,6 +47,7 @@ class Calibration:
         return {
             "lesion_threshold": self.lesion_threshold,
             "min_lesion_volume_mm3": self.min_lesion_volume_mm3,
+            "min_lesion_fraction": self.min_lesion_fraction,
             "study_temperature": self.study_temperature,
             "validation_dice": self.validation_dice,
             "validation_studies": self.studies,
@@ -63,37 +77,61 @@ def _temperature(predictions: Sequence[Prediction], samples: Sequence[TrainingSa
     return min(TEMPERATURES, key=nll)
 
 
+def reference_fraction(samples: Sequence[TrainingSample]) -> float:
+    """The largest share in ``FRACTIONS`` that, applied to the training studies' own reference masks, keeps
+    on average ``KEPT_REFERENCE`` of their lesion voxels: one large lesion with specks around it allows a
+    high share, several lesions of similar size a low one, lesions of every size none."""
+    kept: list[list[float]] = []
+    for sample in samples:
+        found, count = ndimage.label(sample.lesions > 0, structure=np.ones((3, 3, 3), dtype=bool))
+        if not count:
+            continue
+        sizes = np.bincount(found.ravel())[1:]
+        kept.append([float(sizes[sizes >= f * sizes.max()].sum() / sizes.sum()) for f in FRACTIONS])
+    if not kept:
+        return 0.0
+    share = np.mean(kept, axis=0)
+    return max(f for f, k in zip(FRACTIONS, share, strict=True) if k >= KEPT_REFERENCE)
+
+
 def calibrate(
     predictions: Sequence[Prediction],
     samples: Sequence[TrainingSample],
     default_min_volume_mm3: float,
+    default_fraction: float = 0.0,
 ) -> Calibration:
     """The output settings that do best on these validation studies (made with temperature 1)."""
     if not samples:
         raise ValueError("calibration needs validation studies")
     volumes = sorted({f * default_min_volume_mm3 for f in VOLUME_FACTORS} | {0.0})
-    scores_by_setting: dict[tuple[float, float], float] = {}
+    fractions = sorted(set(FRACTIONS) | {default_fraction})
+    scores_by_setting: dict[Setting, float] = {}
     for threshold in THRESHOLDS:
         components = [
             lesion_components(p.probability, threshold, 0.0, s.voxel_mm3)
             for p, s in zip(predictions, samples, strict=True)
         ]
-        sizes = [np.bincount(c.ravel()) * s.voxel_mm3 for c, s in zip(components, samples, strict=True)]
+        sizes = [np.bincount(c.ravel())[1:] for c in components]
         for volume in volumes:
-            scores = []
-            for found, size, sample in zip(components, sizes, samples, strict=True):
-                kept = np.flatnonzero(size >= volume)
-                scores.append(_study_dice(np.isin(found, kept[kept > 0]), sample.lesions > 0))
-            scores_by_setting[(threshold, volume)] = float(np.mean(scores))
-    # A few validation studies decide little: leave the spec's settings only for a clear gain, and among equal
-    # scores take the setting nearest to them (a minimum volume fitted to three studies would delete any
-    # smaller true lesion in the next).
-    default = (0.5, default_min_volume_mm3)
+            for fraction in fractions:
+                scores = []
+                for found, size, sample in zip(components, sizes, samples, strict=True):
+                    kept = np.flatnonzero(kept_components(size, sample.voxel_mm3, volume, fraction)) + 1
+                    scores.append(_study_dice(np.isin(found, kept), sample.lesions > 0))
+                scores_by_setting[(threshold, volume, fraction)] = float(np.mean(scores))
+    # A few validation studies decide little: leave the default settings only for a clear gain, and among
+    # equal scores take the setting nearest to them (a minimum volume fitted to three studies would delete
+    # any smaller true lesion in the next).
+    default = (0.5, default_min_volume_mm3, default_fraction)
     baseline = scores_by_setting.get(default, -1.0)
 
-    def distance(setting: tuple[float, float]) -> float:
-        threshold, volume = setting
-        return abs(threshold - 0.5) + abs(math.log((volume + 1.0) / (default_min_volume_mm3 + 1.0)))
+    def distance(setting: Setting) -> float:
+        threshold, volume, fraction = setting
+        return (
+            abs(threshold - 0.5)
+            + abs(math.log((volume + 1.0) / (default_min_volume_mm3 + 1.0)))
+            + abs(fraction - default_fraction) * 10
+        )
 
     best_score = max(scores_by_setting.values())
     chosen = default
@@ -103,6 +141,7 @@ def calibrate(
     return Calibration(
         chosen[0],
         chosen[1],
+        chosen[2],
         temperature if math.isfinite(temperature) else 1.0,
         scores_by_setting[chosen],
         len(samples),

@@ -20,6 +20,7 @@ from torch import nn
 
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.messages import SCORE_BINS
+from radfed.inference.lesions import kept_components
 from radfed.inference.taskspec import TaskSpec
 from radfed.inference.windows import Prediction, predict_study
 
@@ -156,16 +157,29 @@ def score_bin(score: float) -> int:
 
 
 def lesion_components(
-    probability: npt.NDArray[np.float32], threshold: float, min_volume_mm3: float, voxel_mm3: float
+    probability: npt.NDArray[np.float32],
+    threshold: float,
+    min_volume_mm3: float,
+    voxel_mm3: float,
+    min_fraction: float = 0.0,
 ) -> npt.NDArray[np.int32]:
-    """Labelled lesion components at the threshold, those under the minimum volume removed (the clinical
-    pipeline's postprocessing, on the model grid)."""
+    """Labelled lesion components at the threshold, those under the minimum volume or the minimum share of
+    the largest removed (the clinical pipeline's postprocessing, on the model grid)."""
     found, count = ndimage.label(probability >= threshold, structure=_CONNECTIVITY)
     if count:
-        sizes = ndimage.sum_labels(np.ones_like(found), found, np.arange(1, count + 1))
-        small = np.flatnonzero(sizes * voxel_mm3 < min_volume_mm3) + 1
-        found[np.isin(found, small)] = 0
+        sizes = np.bincount(found.ravel(), minlength=count + 1)[1:]
+        dropped = np.flatnonzero(~kept_components(sizes, voxel_mm3, min_volume_mm3, min_fraction)) + 1
+        found[np.isin(found, dropped)] = 0
     return np.asarray(found, dtype=np.int32)
+
+
+def reference_lesions(
+    reference: npt.NDArray[np.bool_], min_volume_mm3: float, voxel_mm3: float
+) -> npt.NDArray[np.int32]:
+    """The reference mask's lesions: components of at least the task's minimum lesion volume. Smaller
+    specks of a drawn mask (a brain set's masks have 1-64 of 1-30 voxels beside each tumour) are below
+    what the task reports; they count in Dice, not as lesions to find."""
+    return lesion_components(reference.astype(np.float32), 0.5, min_volume_mm3, voxel_mm3)
 
 
 def study_counts(
@@ -176,7 +190,9 @@ def study_counts(
 ) -> EvaluationCounts:
     """One held-out study's contribution, from the model's lesion probability map on the model grid."""
     outputs = spec.outputs
-    found = lesion_components(probability, outputs.lesion_threshold, outputs.min_lesion_volume_mm3, sample.voxel_mm3)
+    found = lesion_components(
+        probability, outputs.lesion_threshold, outputs.min_lesion_volume_mm3, sample.voxel_mm3, outputs.lesion_fraction
+    )
     predicted = found > 0
     reference = sample.lesions > 0
     counts = EvaluationCounts(studies=1)
@@ -188,8 +204,8 @@ def study_counts(
         overlap = float(np.logical_and(predicted, reference).sum())
         counts.dice_sum = 2 * overlap / float(predicted.sum() + reference.sum())
         counts.dice_studies = 1
-        truth, lesions = ndimage.label(reference, structure=_CONNECTIVITY)
-        counts.lesions_total = lesions
+        truth = reference_lesions(reference, outputs.min_lesion_volume_mm3, sample.voxel_mm3)
+        counts.lesions_total = len(set(np.unique(truth).tolist()) - {0})
         counts.lesions_found = len(set(np.unique(truth[predicted]).tolist()) - {0})
     positive_call = study_score >= outputs.codes.positive_threshold
     if sample.label < 0:  # unknown: counted nowhere in the study-level figures

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radfed.federation.calibration import Calibration, calibrate
+from radfed.federation.calibration import Calibration, calibrate, reference_fraction
 from radfed.federation.cohort import ReadinessReport, SiteCohort, TrainingSample, cohort_from_sources, is_held_out
 from radfed.federation.evaluation import evaluate_model, predict_samples
 from radfed.federation.export import export_artifact
@@ -101,12 +101,17 @@ def fit(
     validate = validation_dice(spec, validation) if validation else None
     log = train_local(model, train, spec, settings, progress=progress, validate=validate)
     calibration = None
+    if spec.outputs.min_lesion_fraction is None:  # the spec leaves it to the data
+        spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train) if recipe.calibrate else 0.0)
     if validation and recipe.calibrate:
         predictions = list(predict_samples(model, validation, spec))
-        calibration = calibrate(predictions, validation, spec.outputs.min_lesion_volume_mm3)
+        calibration = calibrate(
+            predictions, validation, spec.outputs.min_lesion_volume_mm3, spec.outputs.lesion_fraction
+        )
         spec = spec.with_outputs(
             lesion_threshold=calibration.lesion_threshold,
             min_lesion_volume_mm3=calibration.min_lesion_volume_mm3,
+            min_lesion_fraction=calibration.min_lesion_fraction,
             study_temperature=calibration.study_temperature,
         )
     return TrainedModel(model, spec, log, calibration, len(train), len(validation))
@@ -141,7 +146,8 @@ class LocalTrainingOutcome:
             c = t.calibration
             lines.append(
                 f"validation ({c.studies} studies): Dice {c.validation_dice:.3f} at threshold {c.lesion_threshold}, "
-                f"min volume {c.min_lesion_volume_mm3:g} mm3 (best step {t.log.best_step})"
+                f"min volume {c.min_lesion_volume_mm3:g} mm3, min share of largest {c.min_lesion_fraction:g} "
+                f"(best step {t.log.best_step})"
             )
         return "\n".join(lines)
 

@@ -124,6 +124,7 @@ def write_artifact(
         "thresholds": {
             "lesion_probability": spec.outputs.lesion_threshold,
             "min_lesion_volume_mm3": spec.outputs.min_lesion_volume_mm3,
+            "min_lesion_fraction": spec.outputs.lesion_fraction,
             "study_temperature": spec.outputs.study_temperature,
             "categories": [
                 {
@@ -192,6 +193,7 @@ def load_artifact(folder: Path) -> ModelArtifact:
     spec = spec.with_outputs(
         lesion_threshold=float(thresholds["lesion_probability"]),
         min_lesion_volume_mm3=float(thresholds["min_lesion_volume_mm3"]),
+        min_lesion_fraction=float(thresholds.get("min_lesion_fraction", 0.0)),
         study_temperature=float(thresholds.get("study_temperature", 1.0)),
     )
     inputs = _tensors(manifest["contract"]["inputs"], "contract.inputs")

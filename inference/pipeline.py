@@ -57,6 +57,7 @@ def analyse_prepared(prepared: PreparedStudy, model: OnnxModel, timer: StageTime
             loaded.reference,
             threshold=spec.outputs.lesion_threshold,
             min_volume_mm3=spec.outputs.min_lesion_volume_mm3,
+            min_fraction=spec.outputs.lesion_fraction,
             max_lesions=spec.outputs.max_lesions,
         )
         labels = np.zeros(loaded.reference.shape, dtype=np.uint16)

@@ -134,6 +134,13 @@ class Outputs:
     codes: TaskCodes
     study_score: StudyScore = StudyScore.CLASSIFIER
     study_temperature: float = 1.0  # divides the classification logit (calibrated on validation data)
+    # Components smaller than this share of a study's largest are dropped; None: chosen in training from the
+    # reference masks or validation studies (0 where nothing chose it, e.g. a federated job).
+    min_lesion_fraction: float | None = None
+
+    @property
+    def lesion_fraction(self) -> float:
+        return self.min_lesion_fraction or 0.0
 
 
 @dataclass(frozen=True)
@@ -383,6 +390,12 @@ def _inference(r: _Reader | None) -> InferenceSettings:
     )
 
 
+def _lesion_fraction(value: float | None) -> float | None:
+    if value is not None and not 0 <= value < 1:
+        raise TaskSpecError(f"outputs.min_lesion_fraction must be in [0, 1), got {value}")
+    return value
+
+
 def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
     """Parse and validate a task spec's TOML text."""
     try:
@@ -479,6 +492,7 @@ def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
             lesion_threshold=out.get("lesion_threshold", float),
             min_lesion_volume_mm3=out.get("min_lesion_volume_mm3", float),
             max_lesions=out.get("max_lesions", int, 20),
+            min_lesion_fraction=_lesion_fraction(out.get("min_lesion_fraction", float, None)),
             adc_channel=adc_channel,
             codes=codes,
             study_score=out.choice("study_score", StudyScore, StudyScore.CLASSIFIER.value),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.federation.calibration import calibrate
+from radfed.federation.calibration import FRACTIONS, calibrate, reference_fraction
 from radfed.federation.cohort import UNKNOWN_LABEL, TrainingSample
 from radfed.inference.windows import Prediction
 
@@ -37,3 +37,39 @@ def test_unknown_labels_do_not_calibrate_the_study_probability() -> None:
     pairs = [_study(f"s{i}", UNKNOWN_LABEL, lesion=True, speck=False, score=0.7) for i in range(3)]
     calibration = calibrate([p[1] for p in pairs], [p[0] for p in pairs], default_min_volume_mm3=1.0)
     assert calibration.study_temperature == 1.0
+
+
+def _masked(key: str, sizes: list[int]) -> TrainingSample:
+    """A study whose reference mask holds separate cubes-ish blocks of the given voxel counts."""
+    truth = np.zeros((8, 64, 64), np.uint8)
+    for i, size in enumerate(sizes):
+        rows = -(-size // 8)  # 8 columns wide, as many rows as needed, on one slice
+        block = np.zeros(rows * 8, np.uint8)
+        block[:size] = 1
+        truth[2 * i, 2 : 2 + rows, 2:10] = block.reshape(rows, 8)  # every other slice: not connected
+    return TrainingSample(key, np.zeros((1, 8, 64, 64), np.float16), truth, 1, voxel_mm3=1.0)
+
+
+def test_the_share_of_the_largest_lesion_follows_the_reference_masks() -> None:
+    # one tumour with specks around it (specks 0.5 % of its volume): the highest share keeps 99 % of it
+    assert reference_fraction([_masked("a", [400, 2, 2]), _masked("b", [300, 1])]) == max(FRACTIONS)
+    # lesions of every size: a share above 2 % would lose more than 2 % of the reference volume
+    assert reference_fraction([_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])]) <= 0.02
+    # no reference lesions: no rule
+    assert reference_fraction([_masked("e", [])]) == 0.0
+
+
+def test_calibration_drops_specks_beside_a_large_lesion_by_their_share() -> None:
+    samples, predictions = [], []
+    for i in range(4):
+        truth = np.zeros((4, 64, 64), np.uint8)
+        truth[1:3, 8:40, 8:40] = 1  # 2048 voxels
+        probability = truth.astype(np.float32) * 0.9
+        probability[0, 48 + i : 56 + i, 48:64] = 0.9  # a 128-voxel false positive: above any minimum volume tried
+        samples.append(TrainingSample(f"s{i}", np.zeros((1, 4, 64, 64), np.float16), truth, 1, voxel_mm3=1.0))
+        predictions.append(Prediction(probability, 0.9, 1))
+    calibration = calibrate(predictions, samples, default_min_volume_mm3=1.0)
+    assert calibration.min_lesion_fraction > 128 / 2048 and calibration.validation_dice == pytest.approx(1.0)
+    # the same studies with the spec's share already high enough: nothing to gain, the default stays
+    kept = calibrate(predictions, samples, default_min_volume_mm3=1.0, default_fraction=0.1)
+    assert kept.min_lesion_fraction == 0.1 and kept.min_lesion_volume_mm3 == 1.0

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from radfed.federation.calibration import FRACTIONS
 from radfed.federation.cohort import cohort_from_sources
 from radfed.inference.artifact import ArtifactError, load_artifact, manifest_digest
 from radfed.inference.taskspec import TaskSpec, load_task_spec
@@ -74,6 +75,8 @@ def test_a_small_cohort_trains_on_every_study_and_keeps_the_spec_thresholds(tiny
     shipped = load_task_spec().outputs
     assert artifact.spec.outputs.lesion_threshold == shipped.lesion_threshold
     assert artifact.spec.outputs.min_lesion_volume_mm3 == shipped.min_lesion_volume_mm3
+    # the share-of-the-largest rule the spec leaves open comes from the training masks
+    assert shipped.min_lesion_fraction is None and artifact.spec.outputs.min_lesion_fraction in FRACTIONS
 
 
 def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from radfed.inference.lesions import extract_lesions
+from radfed.inference.lesions import extract_lesions, kept_components
 from radfed.inference.volume import Volume
 
 
@@ -23,3 +23,16 @@ def test_components_are_kept_whole_ordered_by_peak_and_filtered_by_volume() -> N
     assert int(lesions[1].mask.sum()) == 300 and not (lesions[0].mask & lesions[1].mask).any()
     assert len(extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=40.0, max_lesions=1)) == 1
     assert extract_lesions(probability, grid, threshold=0.999, min_volume_mm3=0.0) == []
+
+
+def test_specks_beside_a_large_lesion_are_dropped_by_their_share_of_it() -> None:
+    grid = Volume(np.zeros((6, 64, 64), np.float32), np.eye(4))
+    probability = np.zeros(grid.shape, np.float32)
+    probability[1:4, 10:30, 10:30] = 0.9  # 1200 voxels
+    probability[5, 50:54, 50:54] = 0.99  # 16 voxels: 1.3 % of the largest
+    probability[5, 40:48, 5:15] = 0.8  # 80 voxels: 6.7 %
+    every = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=1.0)
+    assert sorted(int(c.mask.sum()) for c in every) == [16, 80, 1200]
+    shared = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=1.0, min_fraction=0.05)
+    assert sorted(int(c.mask.sum()) for c in shared) == [80, 1200]
+    assert kept_components(np.array([]), 1.0, 0.0, 0.5).size == 0

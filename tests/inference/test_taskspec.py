@@ -50,11 +50,19 @@ def _spec_text(**replace: str) -> str:
         ("overlap = 0.5 ", "overlap = 1.5 ", "inference.overlap"),
         ('lesion_type = "SCT:108369006:Neoplasm"', 'lesion_type = "108369006"', "outputs.lesion_type"),
         ('study_score = "max"', 'study_score = "mean"', "outputs.study_score"),
+        ("max_lesions = 20", "max_lesions = 20\nmin_lesion_fraction = 1.0", "outputs.min_lesion_fraction"),
     ],
 )
 def test_errors_name_the_field(old: str, new: str, message: str) -> None:
     with pytest.raises(TaskSpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_task_spec(_spec_text(**{old: new}))
+
+
+def test_the_share_of_the_largest_lesion_is_left_to_the_data_unless_the_spec_sets_it() -> None:
+    assert load_task_spec().outputs.min_lesion_fraction is None
+    assert load_task_spec().outputs.lesion_fraction == 0.0  # nothing chose it: every size kept
+    fixed = parse_task_spec(_spec_text(**{"max_lesions = 20": "max_lesions = 20\nmin_lesion_fraction = 0.1"}))
+    assert fixed.outputs.min_lesion_fraction == fixed.outputs.lesion_fraction == 0.1
 
 
 def test_unknown_shipped_name_lists_the_shipped_ones() -> None:
