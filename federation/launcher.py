@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from radfed.federation.run_config import RunConfig
 from radfed.federation.site_config import ORTHANC_PASSWORD_ENV
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient
@@ -324,6 +325,7 @@ class LocalFederation:
             shutil.copytree(self.app_dir, app, ignore=shutil.ignore_patterns("*.sh", "README*"))
         out_dir.mkdir(parents=True, exist_ok=True)
         values = {"out-dir": str(out_dir), **run_config}
+        RunConfig.from_run_config(values)  # an unknown key or a wrong type fails here, not in the ServerApp
         config = " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
         log = (out_dir / "run.log").open("a")
         return subprocess.Popen(

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
-from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.aggregation import ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.coordinator import (
     JobState,
     QuorumError,
@@ -33,6 +33,7 @@ from radfed.federation.planning import (
     needs_fingerprint,
     planned_spec,
 )
+from radfed.federation.run_config import RoundConfig, RunConfig
 from radfed.federation.site import arrays_to_model, model_to_arrays
 from radfed.federation.training import new_model
 from radfed.inference.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
@@ -49,38 +50,21 @@ def say(text: str) -> None:
 
 
 class Job:
-    def __init__(self, grid: Grid, cfg: Any) -> None:
+    def __init__(self, grid: Grid, run: RunConfig) -> None:
         self.grid = grid
-        self.cfg = cfg
-        self.task = records.text(cfg, "task") or None
-        self.rounds = records.integer(cfg, "num-server-rounds")
-        self.min_sites = records.integer(cfg, "min-sites", 1)
-        self.timeout = records.number(cfg, "round-timeout", 600)
-        self.attempts = records.integer(cfg, "round-attempts", 3)
-        self.out = Path(records.text(cfg, "out-dir"))
+        self.run = run
+        self.rounds = run.num_server_rounds
+        self.min_sites = run.min_sites
+        self.timeout = run.round_timeout
+        self.attempts = run.round_attempts
+        self.out = Path(run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.server = ServerOptimizer(
-            records.number(cfg, "server-learning-rate", DEFAULT_SERVER_LEARNING_RATE),
-            records.number(cfg, "server-momentum", 0.0),
-        )
+        self.server = ServerOptimizer(run.server_learning_rate, run.server_momentum)
 
     def config(self, server_round: int, state: JobState) -> ConfigRecord:
-        values: dict[str, Any] = {
-            "job": records.text(self.cfg, "job", "radfed-job"),
-            "task": self.task or "",
-            "server-round": server_round,
-            "num-rounds": self.rounds,
-            "local-steps": records.integer(self.cfg, "local-steps"),
-            "epsilon": records.number(self.cfg, "epsilon", 0.0),
-            "delta": records.number(self.cfg, "delta", 1e-5),
-            "proximal-mu": records.number(self.cfg, "proximal-mu", 0.0),
-            "held-out-fraction": records.number(self.cfg, "held-out-fraction", 0.25),
-            "learning-rate": records.number(self.cfg, "learning-rate", 0.0),  # 0: the recipe's
-        }
-        if state.plan:
-            values[PLAN_CONFIG_KEY] = state.plan
-        for channel, landmarks in (state.harmonisation or {}).items():
-            values[records.HARMONISATION_PREFIX + channel] = [float(v) for v in landmarks]
+        """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
+        round, and the plan and reference landmarks once fixed."""
+        values: dict[str, Any] = RoundConfig(self.run, server_round, state.plan, state.harmonisation).to_record()
         return ConfigRecord(values)
 
     def nodes(self) -> list[int]:
@@ -213,7 +197,7 @@ class Job:
                 state.epsilon_per_site[site] = float(metrics["epsilon"])
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
             site_lines[site] = scalars | {"bytes_down": down, "bytes_up": int(sum(a.nbytes for a in arrays))}
-        outcome = aggregate(state.arrays, updates, records.text(self.cfg, "aggregation", "fedavg"))
+        outcome = aggregate(state.arrays, updates, self.run.aggregation)
         state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
         state.completed_round = server_round
         state.save(self.out)
@@ -287,51 +271,45 @@ def overhead_parts(seconds: float, site_lines: dict[str, dict[str, Any]]) -> dic
     }
 
 
-def _flag(cfg: Any, key: str) -> bool:
-    value = cfg.get(key, False)
-    return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
-    job = Job(grid, cfg)
-    spec = load_task_spec(job.task)
+    run = RunConfig.from_run_config(context.run_config)
+    job = Job(grid, run)
+    spec = load_task_spec(run.task or None)
     state = JobState.load(job.out)
-    base = load_artifact(Path(records.text(cfg, "base-model"))) if records.text(cfg, "base-model") else None
+    base = load_artifact(Path(run.base_model)) if run.base_model else None
     if state is None or state.plan is None:
         state = JobState()
         if base is not None:
             spec = job.start_from(base, spec, state)
         else:
             spec = job.plan(spec, state)
-            state.arrays = model_to_arrays(new_model(spec, seed=records.integer(cfg, "seed", 0)))
+            state.arrays = model_to_arrays(new_model(spec, seed=run.seed))
         state.save(job.out)
     else:
         spec = planned_spec(spec, {PLAN_CONFIG_KEY: state.plan})
         say(f"resuming after round {state.completed_round} from {job.out}")
-    if _flag(cfg, "harmonise") and state.harmonisation is None:
+    if run.harmonise and state.harmonisation is None:
         job.harmonise(state)
         state.save(job.out)
     for server_round in range(state.completed_round + 1, job.rounds + 1):
         job.train_round(server_round, state)
     final = job.evaluate_final(state)
-    version = records.text(cfg, "model-version", "1.0.0")
-    epsilon, delta = records.number(cfg, "epsilon", 0.0), records.number(cfg, "delta", 1e-5)
+    epsilon, delta = run.epsilon, run.delta
     artifact = export_artifact(
         arrays_to_model(spec, state.arrays),
         spec,
         job.out / "artifact",
-        ModelIdentity(spec.name, version),
+        ModelIdentity(spec.name, run.model_version),
         harmonisation=state.harmonisation,
         provenance={
             "training": "federated",
-            "job": records.text(cfg, "job", "radfed-job"),
-            "rounds": job.rounds,
-            "aggregation": records.text(cfg, "aggregation", "fedavg"),
-            "server_learning_rate": job.server.learning_rate,
-            "server_momentum": job.server.momentum,
-            "proximal_mu": records.number(cfg, "proximal-mu", 0.0),
+            "job": run.job,
+            "rounds": run.num_server_rounds,
+            "aggregation": str(run.aggregation),
+            "server_learning_rate": run.server_learning_rate,
+            "server_momentum": run.server_momentum,
+            "proximal_mu": run.proximal_mu,
             "base_model": {"key": base.key, **{k: base.provenance.get(k) for k in ("steps", "studies_per_site")}}
             if base is not None
             else None,
@@ -343,10 +321,10 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     card = model_card(
-        job=records.text(cfg, "job", "radfed-job"),
+        job=run.job,
         model_key=artifact.key,
-        rounds=job.rounds,
-        aggregation=records.text(cfg, "aggregation", "fedavg"),
+        rounds=run.num_server_rounds,
+        aggregation=str(run.aggregation),
         state=state,
         epsilon_budget=epsilon,
         delta=delta,
@@ -358,5 +336,5 @@ def main(grid: Grid, context: Context) -> None:
     )
     (job.out / "model-card.md").write_text(card)
     say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")
-    if _flag(cfg, "rollout"):
+    if run.rollout:
         job.rollout(artifact.folder)

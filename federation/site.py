@@ -9,19 +9,19 @@ import json
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from radfed.federation import records
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.messages import MetricValue
 from radfed.federation.planning import PLAN_CONFIG_KEY, fingerprint_metrics, planned_spec
 from radfed.federation.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
+from radfed.federation.run_config import RoundConfig
 from radfed.federation.site_config import SiteConfig
 from radfed.federation.training import OptimizerState, TrainingSettings, new_model, train_local
 from radfed.inference.plan import DatasetFingerprint
@@ -58,47 +58,25 @@ def model_to_arrays(model: torch.nn.Module) -> list[np.ndarray]:
     return [t.detach().cpu().numpy() for t in model.state_dict().values()]
 
 
-@dataclass(frozen=True)
-class RoundPlan:
-    """What the coordinator asks of a site for one round (from the message's config)."""
-
-    job: str
-    task: str | None
-    local_steps: int
-    seed: int
-    rounds: int = 1
-    plan_json: str | None = None  # the job's plan (federation/planning.py)
-    learning_rate: float | None = None  # the job's override of the recipe's (e.g. lower to fine-tune a base)
-    privacy: PrivacySettings | None = None
-    harmonisation: dict[str, list[float]] | None = None
-    proximal_mu: float = 0.0
-    held_out_fraction: float = 0.25
+class RoundPlan(RoundConfig):
+    """What the coordinator asks of a site for one round: the message's config, parsed once
+    (``RoundConfig``: the job's run config, the server round, the plan, the reference landmarks)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RoundPlan:
-        epsilon = records.number(config, "epsilon", 0.0)
-        privacy = (
-            PrivacySettings(
-                epsilon=epsilon,
-                delta=records.number(config, "delta"),
-                max_grad_norm=records.number(config, "max-grad-norm", 1.0),
-                planned_steps=records.integer(config, "num-rounds") * records.integer(config, "local-steps"),
-            )
-            if epsilon > 0
-            else None
-        )
-        return cls(
-            job=records.text(config, "job"),
-            task=records.text(config, "task") or None,
-            local_steps=records.integer(config, "local-steps", 1),
-            seed=records.integer(config, "server-round", 0),
-            rounds=records.integer(config, "num-rounds", 1),
-            plan_json=records.text(config, PLAN_CONFIG_KEY) or None,
-            learning_rate=records.number(config, "learning-rate", 0.0) or None,
-            privacy=privacy,
-            harmonisation=records.landmarks(config),
-            proximal_mu=records.number(config, "proximal-mu", 0.0),
-            held_out_fraction=records.number(config, "held-out-fraction", 0.25),
+        return cls.from_record(config)
+
+    @property
+    def privacy(self) -> PrivacySettings | None:
+        """DP-SGD for the job (None without a budget); the noise is calibrated to all rounds' steps."""
+        run = self.run
+        if run.epsilon <= 0:
+            return None
+        return PrivacySettings(
+            epsilon=run.epsilon,
+            delta=run.delta,
+            max_grad_norm=run.max_grad_norm,
+            planned_steps=run.num_server_rounds * run.local_steps,
         )
 
 
@@ -106,16 +84,16 @@ def _cohort_split(
     site: SiteConfig, plan: RoundPlan
 ) -> tuple[TaskSpec, SiteCohort, list[TrainingSample], list[TrainingSample]]:
     spec = job_spec(plan)
-    cohort = site_cohort(site, spec, plan.job)
+    cohort = site_cohort(site, spec, plan.run.job)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
-    train, held_out = cohort.split(plan.held_out_fraction, plan.harmonisation)
+    train, held_out = cohort.split(plan.run.held_out_fraction, plan.harmonisation)
     return spec, cohort, train, held_out
 
 
 def job_spec(plan: RoundPlan) -> TaskSpec:
     """The job's task spec with the coordinator's plan."""
-    return planned_spec(load_task_spec(plan.task), {PLAN_CONFIG_KEY: plan.plan_json or ""})
+    return planned_spec(load_task_spec(plan.run.task or None), {PLAN_CONFIG_KEY: plan.plan or ""})
 
 
 def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
@@ -124,13 +102,13 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     last, from the same global model (a coordinator that restarted and resumed from its checkpoint), the
     site sends the same reply again instead of training twice: training again would spend privacy budget
     a second time for one round."""
-    job_dir = site.job_dir(plan.job)
+    job_dir = site.job_dir(plan.run.job)
     incoming = arrays_digest(arrays)
-    replay = load_round_reply(job_dir, plan.seed, incoming)  # plan.seed is the server round
+    replay = load_round_reply(job_dir, plan.server_round, incoming)
     if replay is not None:
         return replay[0], replay[1] | {"round_replayed": 1}
     updated, metrics = _train_round(site, plan, arrays)
-    save_round_reply(job_dir, plan.seed, incoming, updated, metrics)
+    save_round_reply(job_dir, plan.server_round, incoming, updated, metrics)
     return updated, metrics
 
 
@@ -173,27 +151,30 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     evaluation_started = time.perf_counter()
     metrics.update(evaluate_model(model, held_out, spec).as_metrics())
     metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
-    recipe = spec.training if plan.learning_rate is None else replace(spec.training, learning_rate=plan.learning_rate)
+    run = plan.run
+    # learning-rate 0: the recipe's
+    recipe = replace(spec.training, learning_rate=run.learning_rate) if run.learning_rate else spec.training
     settings = TrainingSettings.from_spec(
         spec,
         recipe=recipe,
-        seed=plan.seed,
-        steps=plan.local_steps,
-        proximal_mu=plan.proximal_mu,
+        seed=plan.server_round,
+        steps=run.local_steps,
+        proximal_mu=run.proximal_mu,
         # the recipe's schedule runs over the whole job: this round is one slice of it
-        schedule_offset=(plan.seed - 1) * plan.local_steps,
-        schedule_total=plan.rounds * plan.local_steps,
+        schedule_offset=(plan.server_round - 1) * run.local_steps,
+        schedule_total=run.num_server_rounds * run.local_steps,
     )
-    job_dir = site.job_dir(plan.job)
+    job_dir = site.job_dir(run.job)
     state = load_optimizer_state(job_dir)
-    if plan.privacy is None:
+    privacy = plan.privacy
+    if privacy is None:
         log = train_local(model, train, spec, settings, optimizer_state=state)
     else:
         log, spent = train_private(
-            model, train, spec, settings, plan.privacy, job_dir / "accountant.json", plan.local_steps, state
+            model, train, spec, settings, privacy, job_dir / "accountant.json", run.local_steps, state
         )
         metrics["epsilon"] = spent
-        metrics["delta"] = plan.privacy.delta
+        metrics["delta"] = privacy.delta
     save_optimizer_state(job_dir, log.optimizer_state)
     finite = [x for x in log.losses if np.isfinite(x)]
     metrics.update(
@@ -240,9 +221,9 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
 
 def intensity_landmarks(site: SiteConfig, plan: RoundPlan) -> Metrics:
     """The site's share of federated harmonisation: mean landmarks per channel over its training studies."""
-    held_out_fraction = plan.held_out_fraction
+    held_out_fraction = plan.run.held_out_fraction
     spec = job_spec(plan)
-    cohort = site_cohort(site, spec, plan.job)
+    cohort = site_cohort(site, spec, plan.run.job)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     metrics: Metrics = {f"landmarks.{k}": v for k, v in cohort.channel_landmarks(held_out_fraction).items()}
@@ -252,7 +233,7 @@ def intensity_landmarks(site: SiteConfig, plan: RoundPlan) -> Metrics:
 
 def site_fingerprint(site: SiteConfig, plan: RoundPlan) -> Metrics:
     """The site's share of the job's plan: its dataset fingerprint as aggregate statistics."""
-    spec = load_task_spec(plan.task)
+    spec = load_task_spec(plan.run.task or None)
     prints = source_fingerprints(spec, site.data, site.labels)
     if not prints:
         raise ValueError(f"site {site.name} has no usable study")

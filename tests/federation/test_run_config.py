@@ -1,0 +1,142 @@
+"""Every run-config key has one default, the Flower app declares the same ones, and every key an operator sets
+reaches the site unchanged (through the ServerApp's round config, Flower's wire format, the ClientApp and the
+site worker's frame)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from flwr.app import Message, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.serverapp import Grid
+
+from radfed.federation import client_app, site_worker
+from radfed.federation.aggregation import AggregationRule
+from radfed.federation.coordinator import JobState
+from radfed.federation.run_config import RoundConfig, RunConfig, RunConfigError
+from radfed.federation.server_app import Job
+from radfed.federation.site import RoundPlan
+
+APP = Path(__file__).parents[2] / "deploy" / "flower" / "pyproject.toml"
+
+
+@pytest.fixture(scope="module")
+def app_config() -> dict[str, Any]:
+    config: dict[str, Any] = tomllib.loads(APP.read_text())["tool"]["flwr"]["app"]["config"]
+    return config
+
+
+def site_plan(run: RunConfig, server_round: int, state: JobState, out_dir: Path) -> RoundPlan:
+    """What the site parses from the config the ServerApp sends for ``server_round``."""
+    job = Job(cast(Grid, None), replace(run, out_dir=str(out_dir)))
+    sent = RecordDict({"config": job.config(server_round, state)})
+    wire = ProtoRecordDict.FromString(recorddict_to_proto(sent).SerializeToString())
+    message = cast(Message, SimpleNamespace(content=recorddict_from_proto(wire)))  # what _config reads
+    frame = site_worker.unpack(site_worker.pack(site_worker.Frame({"config": client_app._config(message)}, [])))
+    return RoundPlan.from_config(frame.header["config"])
+
+
+def every_key_changed(out_dir: Path) -> RunConfig:
+    run = RunConfig(
+        num_server_rounds=7,
+        local_steps=4,
+        min_sites=3,
+        epsilon=2.5,
+        delta=1e-6,
+        max_grad_norm=0.5,
+        task="prostate-lesions",
+        job="job-under-test",
+        out_dir=str(out_dir),
+        model_version="2.1.0",
+        round_timeout=45.5,
+        aggregation=AggregationRule.MULTI_KRUM,
+        server_momentum=0.9,
+        server_learning_rate=1.5,
+        proximal_mu=0.01,
+        harmonise=False,
+        held_out_fraction=0.4,
+        round_attempts=5,
+        rollout=False,
+        seed=11,
+        base_model="/srv/base-model",
+        learning_rate=3e-4,
+    )
+    default = RunConfig()
+    assert [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)] == []
+    return run
+
+
+def test_the_flower_app_declares_every_key_with_its_default(app_config: dict[str, Any]) -> None:
+    assert list(app_config) == list(RunConfig.keys())
+    assert RunConfig.from_run_config(app_config) == RunConfig()
+    defaults = RunConfig().to_record()
+    assert {k: type(v) for k, v in app_config.items()} == {k: type(v) for k, v in defaults.items()}
+
+
+def test_every_key_reaches_the_site(tmp_path: Path) -> None:
+    run = every_key_changed(tmp_path / "job")
+    state = JobState(plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]})
+    plan = site_plan(run, 4, state, tmp_path / "job")
+    assert plan.run == run
+    assert (plan.server_round, plan.plan, plan.harmonisation) == (4, state.plan, state.harmonisation)
+
+
+def test_max_grad_norm_reaches_the_sites_dp_settings(tmp_path: Path) -> None:
+    run = replace(RunConfig.from_run_config({"max-grad-norm": 0.5, "epsilon": 4.0}), num_server_rounds=5)
+    privacy = site_plan(run, 1, JobState(), tmp_path).privacy
+    assert privacy is not None
+    assert (privacy.max_grad_norm, privacy.epsilon, privacy.delta) == (0.5, 4.0, 1e-5)
+    assert privacy.planned_steps == 5 * RunConfig().local_steps
+
+
+def test_without_a_budget_the_site_trains_without_dp(tmp_path: Path) -> None:
+    assert site_plan(RunConfig(epsilon=0.0), 1, JobState(), tmp_path).privacy is None
+
+
+def test_an_unknown_key_is_named() -> None:
+    with pytest.raises(RunConfigError, match="epsylon, max-grad-nrom"):
+        RunConfig.from_run_config({"max-grad-nrom": 0.5, "epsylon": 1.0, "epsilon": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("local-steps", "10"), ("local-steps", 2.5), ("epsilon", True), ("harmonise", "yes"), ("job", 3)],
+)
+def test_a_wrong_type_is_named(key: str, value: object) -> None:
+    with pytest.raises(RunConfigError, match=f"run-config key {key} must be"):
+        RunConfig.from_run_config({key: value})
+
+
+def test_an_integer_is_a_valid_number() -> None:
+    timeout = RunConfig.from_run_config({"round-timeout": 90}).round_timeout
+    assert timeout == 90.0 and isinstance(timeout, float)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("delta", 1.5), ("max-grad-norm", 0.0), ("num-server-rounds", 0), ("held-out-fraction", 1.0)]
+)
+def test_a_value_out_of_range_is_named(key: str, value: object) -> None:
+    with pytest.raises(RunConfigError, match=f"run-config key {key} must be"):
+        RunConfig.from_run_config({key: value})
+
+
+def test_an_unknown_aggregation_rule_lists_the_rules() -> None:
+    with pytest.raises(RunConfigError, match="fedavg, median, trimmed-mean, multi-krum"):
+        RunConfig.from_run_config({"aggregation": "krum"})
+
+
+def test_the_round_count_under_its_former_name_is_read() -> None:
+    assert RoundConfig.from_record({"num-rounds": 6}).run.num_server_rounds == 6
+    with pytest.raises(RunConfigError, match="num-rounds"):
+        RoundConfig.from_record({"num-rounds": 6, "num-server-rounds": 2})
+
+
+def test_a_site_refuses_a_round_config_key_it_does_not_know() -> None:
+    with pytest.raises(RunConfigError, match="round config: clip-norm"):
+        RoundPlan.from_config(RunConfig().to_record() | {"clip-norm": 0.5})
