@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,10 @@ from radfed.inference.recipe import Optimizer, Schedule, TrainingRecipe
 from radfed.inference.taskspec import TaskSpec
 
 logger = logging.getLogger(__name__)
+
+FIT_FIRST = (5, 10, 20)  # early checks of the pace against the time limit (a slow machine shows at once)
+FIT_EVERY = 50  # then every so many steps
+TIME_MARGIN = 0.9  # of the time left, what the steps may use (validation and the last checkpoint need the rest)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class TrainingLog:
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation Dice)
     best_step: int | None = None
     stopped_by_time_limit: bool = False
+    shortened_to: int | None = None  # steps the time limit left, when it shortened the run and its schedule
 
 
 def new_model(spec: TaskSpec, seed: int | None = None) -> nn.Module:
@@ -254,7 +259,9 @@ def train_local(
     optimizer = make_optimizer(model, settings)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, settings.learning_rate_factor)
+    # The schedule a time limit may shorten (see below): the scheduler reads the current one.
+    schedule = settings
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.learning_rate_factor(step))
     proximal = ProximalTerm(model, settings.proximal_mu, recipe.learning_rate)
     autocast = device.type == "cuda" and recipe.mixed_precision
     log = TrainingLog()
@@ -275,7 +282,10 @@ def train_local(
         logger.info("step %d: validation score %.3f", step, score)
 
     model.train()
+    planned = settings.steps
     for step in range(settings.steps):
+        if step >= planned:
+            break
         images, masks, targets = (t.to(device) for t in sampler.batch(samples, settings.batch_size))
         optimizer.zero_grad()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -289,10 +299,23 @@ def train_local(
         log.losses.append(float(loss.detach()))
         log.steps = step + 1
         if progress is not None:
-            progress(step + 1, settings.steps, log.losses[-1])
-        if validate is not None and (step + 1) % recipe.validate_every == 0 and step + 1 < settings.steps:
+            progress(step + 1, planned, log.losses[-1])
+        if validate is not None and (step + 1) % recipe.validate_every == 0 and step + 1 < planned:
             checkpoint(step + 1)
-        if time.perf_counter() > deadline:
+        # A whole run (not one federated round) that would overrun its time limit is shortened once the pace
+        # is known, and its schedule with it, so that it still ends with the learning rate decayed instead of
+        # being cut off at a high one (a slower machine trains fewer steps, not a worse schedule).
+        paced = step + 1 in FIT_FIRST or (step + 1) % FIT_EVERY == 0
+        if paced and math.isfinite(deadline) and settings.schedule_total is None:
+            now = time.perf_counter()
+            pace = (now - started) / (step + 1)
+            fits = step + 1 + int(TIME_MARGIN * (deadline - now) / pace)
+            if fits < planned:
+                planned = max(step + 2, fits)
+                schedule = replace(settings, steps=planned)
+                log.shortened_to = planned
+                logger.info("at %.2f s per step the time limit allows %d of %d steps", pace, planned, settings.steps)
+        if time.perf_counter() > deadline and step + 1 < planned:
             log.stopped_by_time_limit = True
             logger.warning("training stopped by its time limit after %d of %d steps", step + 1, settings.steps)
             break

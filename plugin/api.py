@@ -9,21 +9,27 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from radfed.inference.errors import DicomInputError, OrthancUnavailableError, RadfedError
 from radfed.plugin.ledger import JobState
-from radfed.plugin.service import NodeService
+from radfed.plugin.service import ORTHANC_ID, NodeService
 
 _bearer = HTTPBearer(auto_error=False)
 
 
+# What the edge accepts, so that a bad argument is a 422 naming it, never a 500 or an upstream error text.
+_UID = r"^[0-9]+(\.[0-9]+)*$"  # DICOM UI: digits and dots, at most 64 characters, no wildcards
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"  # model names and versions: no path separators, no ".."
+_JOB_ID = Path(ge=1, le=2**63 - 1)  # SQLite's integer range
+
+
 class StableStudyNotice(BaseModel):
-    orthanc_study_id: str
+    orthanc_study_id: str = Field(pattern=f"^{ORTHANC_ID.pattern}$")
 
 
 def create_app(service: NodeService) -> FastAPI:
@@ -55,7 +61,11 @@ def create_app(service: NodeService) -> FastAPI:
             if isinstance(exc, OrthancUnavailableError)
             else 500
         )
-        return JSONResponse(status_code=status, content={"error": type(exc).__name__, "detail": str(exc)})
+        # The node's own folders are nobody's business over HTTP: name them, do not show them.
+        detail = str(exc)
+        for folder, name in ((service.config.models_dir, "<models>"), (service.config.state_dir, "<state>")):
+            detail = detail.replace(str(folder), name)
+        return JSONResponse(status_code=status, content={"error": type(exc).__name__, "detail": detail})
 
     @app.get("/health", dependencies=guarded)
     def health() -> dict[str, str]:
@@ -71,7 +81,7 @@ def create_app(service: NodeService) -> FastAPI:
     @app.get("/jobs", dependencies=guarded)
     def jobs(
         state: Annotated[JobState | None, Query()] = None,
-        study_instance_uid: Annotated[str | None, Query()] = None,
+        study_instance_uid: Annotated[str | None, Query(pattern=_UID, max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
         return [
@@ -80,14 +90,14 @@ def create_app(service: NodeService) -> FastAPI:
         ]
 
     @app.get("/jobs/{job_id}", dependencies=guarded)
-    def job(job_id: int) -> dict[str, Any]:
+    def job(job_id: Annotated[int, _JOB_ID]) -> dict[str, Any]:
         found = service.ledger.job(job_id)
         if found is None:
             raise HTTPException(404, f"no job {job_id}")
         return found.as_dict()
 
     @app.post("/jobs/{job_id}/retry", dependencies=guarded)
-    def retry(job_id: int) -> dict[str, Any]:
+    def retry(job_id: Annotated[int, _JOB_ID]) -> dict[str, Any]:
         found = service.ledger.retry(job_id)
         if found is None:
             raise HTTPException(404, f"no job {job_id}")
@@ -113,13 +123,15 @@ def create_app(service: NodeService) -> FastAPI:
         }
 
     @app.post("/models/{name}/{version}/activate", dependencies=guarded)
-    def activate(name: str, version: str) -> dict[str, Any]:
+    def activate(
+        name: Annotated[str, Path(pattern=_NAME)], version: Annotated[str, Path(pattern=_NAME)]
+    ) -> dict[str, Any]:
         artifact = service.registry.activate(name, version)
         service.load_active_model()
         return {"active": artifact.key}
 
     @app.post("/studies/{study_instance_uid}/run", dependencies=guarded)
-    def run_study(study_instance_uid: str) -> dict[str, Any]:
+    def run_study(study_instance_uid: Annotated[str, Path(pattern=_UID, max_length=64)]) -> dict[str, Any]:
         study_id = service.client.find_study(study_instance_uid)
         if study_id is None:
             raise HTTPException(404, "study not found in Orthanc")

@@ -60,10 +60,16 @@ class NodeConfig:
     prefetch: bool = True  # prepare arriving studies before StableStudy (plugin/prefetch.py)
     prefetch_quiet_s: float = 0.5
     prefetch_studies: int = 4
+    ledger_backup_interval_s: float = 3600.0  # online copies of the ledger (0: none)
+    ledger_backups: int = 24  # how many copies stay
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.state_dir / "backups"
 
 
 def _get(table: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
@@ -153,4 +159,6 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         prefetch=_get(node, "prefetch", bool, True, "node"),
         prefetch_quiet_s=_get(node, "prefetch_quiet_s", float, 0.5, "node"),
         prefetch_studies=_get(node, "prefetch_studies", int, 4, "node"),
+        ledger_backup_interval_s=_get(node, "ledger_backup_interval_s", float, 3600.0, "node"),
+        ledger_backups=_get(node, "ledger_backups", int, 24, "node"),
     )

@@ -20,6 +20,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from radfed.inference.errors import RadfedError
+
+
+class LedgerError(RadfedError, RuntimeError):
+    """The ledger file cannot be used; the message names the file and what to do."""
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cursor (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS inbox (
@@ -50,6 +57,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, not_before);
 """
+
+
+_RECOVERY = (
+    "Stop the node, then either copy the newest backup (state folder, backups/ledger-*.sqlite) over it, or move "
+    "it aside to start with an empty ledger (the node then starts from Orthanc's current changes; use "
+    "`radfed serve --reprocess-since DATE` to run older studies again)."
+)
 
 
 class JobState(StrEnum):
@@ -122,12 +136,60 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                self._db.close()
+                raise LedgerError(f"{path} is damaged ({'; '.join(problems)}). {_RECOVERY}")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{path} cannot be opened as a ledger ({exc}). {_RECOVERY}") from exc
+
+    def probe_write(self) -> None:
+        """A small write transaction (readiness: a full disk or a read-only file shows here)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO cursor (name, seq) VALUES ('readiness-probe', ?) "
+                "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+                (int(time.time()),),
+            )
+
+    def backup(self, folder: Path, keep: int) -> Path:
+        """An online copy (SQLite's backup API: consistent while the node writes) named by UTC time; only the
+        newest ``keep`` copies stay."""
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / time.strftime("ledger-%Y%m%dT%H%M%SZ.sqlite", time.gmtime())
+        partial = target.with_suffix(".partial")
+        copy = sqlite3.connect(partial)
+        try:
+            with self._lock:
+                self._db.backup(copy)
+        finally:
+            copy.close()
+        partial.replace(target)
+        for old in sorted(folder.glob("ledger-*.sqlite"))[:-keep] if keep > 0 else []:
+            old.unlink(missing_ok=True)
+        return target
+
+    def is_new(self) -> bool:
+        """True when the ledger has never followed Orthanc (no cursor, no job): a fresh or lost ledger."""
+        with self._lock:
+            cursors = self._db.execute("SELECT COUNT(*) FROM cursor WHERE name = 'orthanc-changes'").fetchone()[0]
+            jobs = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return not cursors and not jobs
+
+    def set_cursor(self, seq: int, name: str = "orthanc-changes") -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO cursor (name, seq) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+                (name, seq),
+            )
 
     def close(self) -> None:
         with self._lock:

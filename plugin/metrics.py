@@ -40,3 +40,8 @@ class NodeMetrics:
             registry=self.registry,
         )
         self.orthanc_up = Gauge("radfed_orthanc_up", "1 when Orthanc answered the last request", registry=self.registry)
+        self.ready = Gauge("radfed_ready", "1 when /ready last said ready", registry=self.registry)
+        self.loop_healthy = Gauge(
+            "radfed_loop_healthy", "1 when the loop goes round (0: failing, stalled or stopped)", ["loop"],
+            registry=self.registry,
+        )  # fmt: skip

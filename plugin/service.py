@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -17,11 +19,9 @@ from pydicom.dataset import Dataset
 from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile, SegEncoding
 from radfed.inference.errors import (
-    DicomInputError,
     OrthancRequestError,
     OrthancUnavailableError,
     RadfedError,
-    ResultQualityError,
 )
 from radfed.inference.findings import ModelIdentity, input_fingerprint
 from radfed.inference.orthanc.client import OrthancClient
@@ -32,7 +32,9 @@ from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, select
 from radfed.inference.study_source import OrthancStudy
 from radfed.inference.timing import StageTimer
 from radfed.plugin.config import Destination, NodeConfig
-from radfed.plugin.ledger import Job, JobState, Ledger
+from radfed.plugin.failures import FailureKind, failure_label
+from radfed.plugin.health import LoopMonitor, LoopStatus
+from radfed.plugin.ledger import Job, JobState, Ledger, LedgerError
 from radfed.plugin.metrics import NodeMetrics
 from radfed.plugin.prefetch import PrefetchSettings, PreparedAhead, StudyPrefetcher
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 STABLE_STUDY = "StableStudy"
 # The examiner and workers poll the local ledger (cheap); only the /changes follower polls Orthanc.
 LEDGER_POLL_S = 0.25
+# Orthanc's resource ids: the SHA-1 of the DICOM identifiers in five dash-separated groups of 8 hex digits.
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 
 
 class _TimedStudy:
@@ -93,6 +97,7 @@ class NodeService:
         self._inbox_event = threading.Event()
         self._job_event = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.health = LoopMonitor()
         self._scp: Any = None
         self.orthanc_reachable = False
         self.prefetcher = (
@@ -147,8 +152,11 @@ class NodeService:
         loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
             loops.append(("prefetch", self._prefetch))
+        if self.config.ledger_backup_interval_s > 0:
+            loops.append(("ledger-backup", self._back_up_ledger))
         for name, target in loops:
             thread = threading.Thread(target=self._guarded, args=(name, target), name=f"radfed-{name}", daemon=True)
+            self.health.register(name, thread, beats=name != "prefetch")
             thread.start()
             self._threads.append(thread)
 
@@ -166,23 +174,26 @@ class NodeService:
             self.prefetcher.close()
 
     def _guarded(self, name: str, loop: Any) -> None:
-        """A loop that must never die: log and continue after anything unexpected."""
+        """A loop that must never die: log, tell the health monitor and continue after anything unexpected."""
         while not self._stop.is_set():
             try:
-                loop()
+                loop(name)
                 return
-            except Exception:
+            except Exception as exc:
+                self.health.failed(name, exc)
                 logger.exception("%s loop failed; restarting it in 1 s", name)
                 self._stop.wait(1.0)
 
     def notify_stable_study(self, orthanc_study_id: str) -> None:
         """A push from the Orthanc plugin (or the API): examine this study soon."""
+        if not ORTHANC_ID.fullmatch(orthanc_study_id):
+            raise ValueError("not an Orthanc study id")
         self.ledger.receive([(orthanc_study_id, -1)], cursor=None)
         self._inbox_event.set()
 
     # -- following Orthanc -------------------------------------------------------------------------
 
-    def _follow_changes(self) -> None:
+    def _follow_changes(self, name: str) -> None:
         backoff = self.config.retry_base_s
         while not self._stop.is_set():
             since = self.ledger.cursor()
@@ -190,6 +201,7 @@ class NodeService:
                 changes, last, done = self.client.changes(since, limit=200)
             except OrthancUnavailableError:
                 self._set_orthanc(False)
+                self.health.beat(name)  # waiting for Orthanc is this loop's job (readiness reports Orthanc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.retry_max_s)
                 continue
@@ -207,6 +219,7 @@ class NodeService:
                 if stable:
                     self._inbox_event.set()
             self._update_queue_depth()
+            self.health.beat(name)
             if done:
                 self._stop.wait(self.config.poll_interval_s)
 
@@ -221,30 +234,66 @@ class NodeService:
 
     # -- from stable study to job ------------------------------------------------------------------
 
-    def _examine_inbox(self) -> None:
+    def _examine_inbox(self, name: str) -> None:
         while not self._stop.is_set():
             item = self.ledger.next_inbox()
             model = self.model if item is not None else None
             if item is None or model is None:
                 if item is not None:
                     self.load_active_model()
+                self.health.beat(name)
                 self._inbox_event.wait(LEDGER_POLL_S)
                 self._inbox_event.clear()
                 continue
             study_id, seq = item
+            self.health.busy(name)
             try:
                 self.examine(study_id, model)
             except OrthancUnavailableError:
                 self._set_orthanc(False)
                 self.ledger.inbox_retry(study_id, self.config.retry_base_s)
+                self.health.beat(name)
                 continue
             except OrthancRequestError as exc:
                 if exc.status == 404:
                     logger.info("study %s left Orthanc before it was examined", study_id)
-                else:
+                elif exc.status >= 500 or exc.status == 429:
                     self.ledger.inbox_retry(study_id, self.config.retry_base_s)
+                    self.health.beat(name)
                     continue
+                else:
+                    self._unexaminable(study_id, model, exc)
+            except (LedgerError, sqlite3.Error):
+                raise  # the ledger itself (a full disk): the loop fails and /ready says so
+            except Exception as exc:  # noqa: BLE001 - one study's headers must never stop the others' examination
+                self._unexaminable(study_id, model, exc)
             self.ledger.inbox_done(study_id, seq)
+            self.health.beat(name)
+
+    def _unexaminable(self, orthanc_study_id: str, model: OnnxModel, error: Exception) -> None:
+        """A failed job, with the reason, for a study that could not even be examined. It is keyed on the
+        study's instances, so the same content fails once and new instances get a new try."""
+        logger.warning("study %s could not be examined: %s", orthanc_study_id, type(error).__name__)
+        try:
+            instances = self.client.get_json(f"/studies/{orthanc_study_id}/instances")
+            uids = [str(i.get("MainDicomTags", {}).get("SOPInstanceUID", i.get("ID", ""))) for i in instances]
+            study_uid = str(self.client.get_json(f"/studies/{orthanc_study_id}")["MainDicomTags"]["StudyInstanceUID"])
+        except (RadfedError, KeyError, TypeError):
+            uids, study_uid = [orthanc_study_id], ""
+        identity = model.artifact.identity
+        kind = failure_label(error, examining=True)
+        _, created = self.ledger.create_job(
+            study_instance_uid=study_uid or f"orthanc:{orthanc_study_id}",
+            orthanc_study_id=orthanc_study_id,
+            model_name=identity.name,
+            model_version=identity.version,
+            fingerprint=input_fingerprint(uids),
+            state=JobState.FAILED,
+            reason=f"the study could not be examined: {type(error).__name__}: {error}"[:500],
+            failure_kind=kind,
+        )
+        if created:
+            self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
 
     def examine(self, orthanc_study_id: str, model: OnnxModel) -> Job:
         """Create (or find) the job for the study as it is now."""
@@ -277,10 +326,10 @@ class NodeService:
                 fingerprint=fingerprint,
                 state=JobState.FAILED,
                 reason=str(exc),
-                failure_kind="no-matching-series",
+                failure_kind=FailureKind.NO_MATCHING_SERIES.value,
             )
             if created:
-                self.metrics.jobs.labels(JobState.FAILED.value, "no-matching-series").inc()
+                self.metrics.jobs.labels(JobState.FAILED.value, FailureKind.NO_MATCHING_SERIES.value).inc()
             return job
         fingerprint = input_fingerprint(
             uid for info in selection.chosen.values() for uid in study.sop_instance_uids(info)
@@ -317,16 +366,19 @@ class NodeService:
 
     # -- running jobs ------------------------------------------------------------------------------
 
-    def _work(self) -> None:
+    def _work(self, name: str) -> None:
         while not self._stop.is_set():
             model = self.model
             job = self.ledger.claim() if model is not None else None
             if job is None or model is None:
+                self.health.beat(name)
                 self._job_event.wait(LEDGER_POLL_S)
                 self._job_event.clear()
                 continue
+            self.health.busy(name)
             self.run_job(job, model)
             self._update_queue_depth()
+            self.health.beat(name)
 
     def run_job(self, job: Job, model: OnnxModel) -> None:
         timer = StageTimer()
@@ -360,31 +412,20 @@ class NodeService:
             self._set_orthanc(False)
             if job.attempts >= self.config.max_attempts:
                 self._fail(
-                    job, "orthanc-unavailable", f"Orthanc unreachable after {job.attempts} attempts: {exc}", timer
+                    job,
+                    FailureKind.ORTHANC_UNAVAILABLE.value,
+                    f"Orthanc unreachable after {job.attempts} attempts: {exc}",
+                    timer,
                 )
             else:
                 delay = min(self.config.retry_base_s * 2 ** (job.attempts - 1), self.config.retry_max_s)
                 self.ledger.requeue(job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s")
             return
-        except NoMatchingSeriesError as exc:
-            self._fail(job, "no-matching-series", str(exc), timer)
-            return
-        except DicomInputError as exc:
-            cause = getattr(exc, "cause", None)
-            self._fail(job, f"bad-input:{cause}" if cause else "bad-input", str(exc), timer)
-            return
-        except ResultQualityError as exc:
-            self._fail(job, "result-qa", str(exc), timer)
-            return
-        except OrthancRequestError as exc:
-            self._fail(job, f"orthanc-http-{exc.status}", str(exc), timer)
-            return
-        except RadfedError as exc:
-            self._fail(job, type(exc).__name__, str(exc), timer)
-            return
         except Exception as exc:
-            logger.exception("job %d failed unexpectedly", job.id)
-            self._fail(job, "internal", f"{type(exc).__name__}: {exc}", timer)
+            if FailureKind.of(exc) is FailureKind.INTERNAL:
+                logger.exception("job %d failed unexpectedly", job.id)
+            reason = str(exc) if isinstance(exc, RadfedError) else f"{type(exc).__name__}: {exc}"
+            self._fail(job, failure_label(exc), reason, timer)
             return
         timings = self._timings(timer, started)
         if ahead is not None:
@@ -411,7 +452,18 @@ class NodeService:
         self.metrics.jobs.labels(JobState.DONE.value, "").inc()
         logger.info("job %d done in %.2f s (%d lesions)", job.id, timings["total"], len(result.lesions))
 
-    def _prefetch(self) -> None:
+    def _back_up_ledger(self, name: str) -> None:
+        """An online copy of the ledger at start and then every interval, the newest few kept."""
+        while not self._stop.is_set():
+            copy = self.ledger.backup(self.config.backup_dir, self.config.ledger_backups)
+            logger.info("ledger backed up to %s", copy.name)
+            self.health.beat(name)
+            deadline = time.monotonic() + self.config.ledger_backup_interval_s
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                self.health.beat(name)  # waiting is this loop's work
+                self._stop.wait(min(10.0, self.config.ledger_backup_interval_s))
+
+    def _prefetch(self, name: str) -> None:
         if self.prefetcher is not None:
             self.prefetcher.run(self._stop)
 
@@ -448,17 +500,44 @@ class NodeService:
     # -- status --------------------------------------------------------------------------------------
 
     def readiness(self) -> dict[str, Any]:
+        """Ready only when Orthanc answers, a model is loaded, the ledger can be read and written and every
+        loop is going round; ``problems`` says what is wrong, in words."""
+        problems: list[str] = []
         try:
             self.client.system()
             self._set_orthanc(True)
         except RadfedError:
             self._set_orthanc(False)
+            problems.append("Orthanc does not answer")
         model = self.model
+        if model is None:
+            problems.append("no active model")
+        jobs: dict[str, int] | None = None
+        inbox: int | None = None
+        try:
+            self.ledger.probe_write()
+            jobs, inbox = self.ledger.counts(), self.ledger.inbox_depth()
+            ledger = "ok"
+        except (LedgerError, sqlite3.Error) as exc:
+            ledger = f"{type(exc).__name__}: {exc}"
+            problems.append(f"the ledger cannot be written or read ({ledger})")
+        loops = {}
+        for report in self.health.report():
+            loops[report.name] = report.as_dict()
+            healthy = report.status is LoopStatus.OK
+            self.metrics.loop_healthy.labels(report.name).set(1 if healthy else 0)
+            if not healthy:
+                problems.append(f"loop {report.name} {report.status.value}: {report.reason}")
+        ready = not problems
+        self.metrics.ready.set(1 if ready else 0)
         return {
-            "ready": bool(self.orthanc_reachable and model is not None),
+            "ready": ready,
+            "problems": problems,
             "orthanc_reachable": self.orthanc_reachable,
             "model": model.artifact.key if model else None,
             "provider": model.provider if model else None,
-            "jobs": self.ledger.counts(),
-            "inbox": self.ledger.inbox_depth(),
+            "ledger": ledger,
+            "loops": loops,
+            "jobs": jobs,
+            "inbox": inbox,
         }

@@ -149,7 +149,13 @@ def test_malformed_studies_fail_their_own_jobs(
     node = node_factory(orthanc)
     node.start()
     good = _studies(2, seed=10)
-    missing, corrupt, wrong = (render_study(site_profile(2, small=True), n, 11) for n in (1, 2, 3))
+    missing, corrupt, wrong, poison = (render_study(site_profile(2, small=True), n, 11) for n in (1, 2, 3, 4))
+    # Headers that break series examination itself (seen: the examiner raised once a second, forever).
+    poisoned = [copy.deepcopy(ds) for ds in study_datasets(poison)]
+    for ds in poisoned:
+        if ds.Modality == "MR":
+            ds.ImageOrientationPatient = [1.0]
+    _upload(poisoned, orthanc_client)
     _upload(
         [
             ds
@@ -168,7 +174,7 @@ def test_malformed_studies_fail_their_own_jobs(
     _upload(as_ct, orthanc_client)
     for study in good:
         upload_study(study, orthanc_client)
-    wait_until(_finished(node, 5), 180, "5 jobs", node.log_tail)
+    wait_until(_finished(node, 6), 180, "6 jobs", node.log_tail)
     by_study = {j["study_instance_uid"]: j for j in node.jobs()}
     assert by_study[missing.identity.study_instance_uid]["state"] == "failed"
     assert "no series matched rule dwi" in by_study[missing.identity.study_instance_uid]["reason"]
@@ -176,13 +182,23 @@ def test_malformed_studies_fail_their_own_jobs(
     assert failed_corrupt["state"] == "failed" and failed_corrupt["failure_kind"] == "bad-input:undecodable-pixels"
     assert victim.SOPInstanceUID in failed_corrupt["reason"]
     assert "modality CT is not MR" in by_study[wrong.identity.study_instance_uid]["reason"]
-    for study in good:
+    failed_poison = by_study[poison.identity.study_instance_uid]
+    assert failed_poison["state"] == "failed" and failed_poison["reason"], failed_poison
+    for study in good:  # uploaded after the poisoned study: examined and done all the same
         assert by_study[study.identity.study_instance_uid]["state"] == "done"
     # Metrics count the failures by kind; the node is still ready.
     metrics = requests.get(node.url + "/metrics", headers=node.headers, timeout=10).text
     assert 'radfed_jobs_total{failure_kind="no-matching-series",state="failed"} 2.0' in metrics
     assert "radfed_stage_seconds_bucket" in metrics
-    assert node.ready()["ready"] is True
+    ready = node.ready()
+    assert ready["ready"] is True and ready["problems"] == [], ready
+    assert {name: loop["status"] for name, loop in ready["loops"].items()} == dict.fromkeys(
+        ("examiner", "follower", "ledger-backup", "prefetch", "worker-0", "worker-1"), "ok"
+    )
+    assert (
+        'radfed_loop_healthy{loop="examiner"} 1.0'
+        in requests.get(node.url + "/metrics", headers=node.headers, timeout=10).text
+    )
 
 
 def test_late_instance_supersedes(
@@ -226,6 +242,22 @@ def test_api_requires_the_token_and_manages_models(
     response = requests.post(node.url + "/models/prostate-mpmri/9.9.9/activate", headers=node.headers, timeout=5)
     assert response.status_code == 400 and "not installed" in response.json()["detail"]
     assert "/jobs/{job_id}/retry" in node.get("/openapi.json")["paths"]
+    # Bad arguments are refused at the edge (422), never a server error or Orthanc's own text.
+    bad = [
+        ("post", "/orthanc/stable-study", {"orthanc_study_id": ""}),
+        ("post", "/orthanc/stable-study", {"orthanc_study_id": "../../system"}),
+        ("post", "/studies/1.2.*/run", None),
+        ("post", "/studies/" + "1." * 40 + "1/run", None),
+        ("get", f"/jobs/{2**63}", None),
+        ("post", f"/jobs/{2**64}/retry", None),
+        ("post", "/models/..%2F..%2Fetc/1/activate", None),
+        ("post", "/models/prostate-mpmri/" + "9" * 300 + "/activate", None),
+    ]
+    for method, path, body in bad:
+        answer = requests.request(method, node.url + path, headers=node.headers, json=body, timeout=5)
+        assert answer.status_code in (404, 422), (path, answer.status_code, answer.text)
+        assert str(node.workdir) not in answer.text
+    assert node.ready()["inbox"] == 0  # nothing malformed reached the examiner
     assert TOKEN not in node.log_tail(200)
 
 

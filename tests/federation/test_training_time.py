@@ -1,0 +1,50 @@
+"""A run that would overrun its time limit is shortened with its schedule, so it ends decayed, not cut off."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from radfed.federation.cohort import TrainingSample
+from radfed.federation.networks import build_network
+from radfed.federation.training import TrainingSettings, train_local
+from radfed.inference.plan import Normalization, PlanOverrides, derive_plan
+from radfed.inference.taskspec import load_task_spec
+
+
+def test_a_time_limited_run_is_shortened_and_still_ends_with_a_decayed_learning_rate() -> None:
+    shipped = load_task_spec()
+    overrides = PlanOverrides(
+        {c.name: c.modality for c in shipped.channels},
+        spacing_mm=(3.0, 1.0, 1.0),
+        patch_size=(1, 32, 32),
+        spatial_dims=2,
+        batch_size=2,
+        normalization=Normalization.ZSCORE,
+        filters=(8, 16, 32),
+    )
+    spec = shipped.planned(derive_plan(overrides, None))
+    spec = replace(spec, training=replace(spec.training, time_limit_minutes=0.5, augmentations=(), warmup_steps=0))
+    rng = np.random.default_rng(0)
+    samples = []
+    for n in range(3):
+        lesions = np.zeros((4, 48, 48), np.uint8)
+        lesions[1:3, 10:20, 10:20] = 1
+        image = rng.normal(size=(3, 4, 48, 48)).astype(np.float16) + lesions
+        samples.append(TrainingSample(f"s{n}", image, lesions, n % 2, voxel_mm3=3.0))
+    assert spec.plan is not None
+    model = build_network(spec.plan.network, len(spec.channels))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recipe's default; more threads than free cores crawl on a shared machine
+    try:
+        log = train_local(model, samples, spec, TrainingSettings.from_spec(spec, steps=1_000_000))
+    finally:
+        torch.set_num_threads(threads)
+    assert log.shortened_to is not None and log.steps == log.shortened_to < 1_000_000
+    assert not log.stopped_by_time_limit
+    assert log.seconds < 0.5 * 60 + 10  # within the limit (plus the final checkpoint)
+    assert log.optimizer_state is not None
+    final_rate = log.optimizer_state["param_groups"][0]["lr"]
+    assert final_rate < 0.05 * spec.training.learning_rate  # the cosine schedule ran to its end
