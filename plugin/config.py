@@ -62,6 +62,10 @@ class NodeConfig:
     prefetch_studies: int = 4
     ledger_backup_interval_s: float = 3600.0  # online copies of the ledger (0: none)
     ledger_backups: int = 24  # how many copies stay
+    # A study that changed and then stayed quiet this long without StableStudy is examined (Orthanc's StableAge
+    # defaults to 60 s; its stability events are lost when it crashes).
+    reconcile_quiet_s: float = 180.0
+    reconcile_interval_s: float = 30.0
 
     @property
     def ledger_path(self) -> Path:
@@ -161,4 +165,6 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         prefetch_studies=_get(node, "prefetch_studies", int, 4, "node"),
         ledger_backup_interval_s=_get(node, "ledger_backup_interval_s", float, 3600.0, "node"),
         ledger_backups=_get(node, "ledger_backups", int, 24, "node"),
+        reconcile_quiet_s=_get(node, "reconcile_quiet_s", float, 180.0, "node"),
+        reconcile_interval_s=_get(node, "reconcile_interval_s", float, 30.0, "node"),
     )

@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (study_instance_uid, model_name, model_version, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, not_before);
+CREATE TABLE IF NOT EXISTS pending (
+    orthanc_study_id TEXT PRIMARY KEY,
+    last_seen REAL NOT NULL
+);
 """
 
 
@@ -214,11 +218,25 @@ class Ledger:
         return int(row["seq"]) if row else 0
 
     def receive(
-        self, orthanc_study_ids: list[tuple[str, int]], cursor: int | None, name: str = "orthanc-changes"
+        self,
+        orthanc_study_ids: list[tuple[str, int]],
+        cursor: int | None,
+        name: str = "orthanc-changes",
+        *,
+        changed: list[str] | None = None,
     ) -> None:
-        """Put stable studies in the inbox and advance the cursor, atomically (nothing is missed)."""
+        """Put stable studies in the inbox and advance the cursor, atomically (nothing is missed). Studies
+        that ``changed`` (new study or series) wait in ``pending`` until their StableStudy arrives."""
         now = time.time()
         with self._transaction() as db:
+            for study_id in changed or ():
+                db.execute(
+                    "INSERT INTO pending (orthanc_study_id, last_seen) VALUES (?, ?) "
+                    "ON CONFLICT (orthanc_study_id) DO UPDATE SET last_seen = excluded.last_seen",
+                    (study_id, now),
+                )
+            for study_id, _ in orthanc_study_ids:
+                db.execute("DELETE FROM pending WHERE orthanc_study_id = ?", (study_id,))
             for study_id, seq in orthanc_study_ids:
                 db.execute(
                     "INSERT INTO inbox (orthanc_study_id, last_seq, received) VALUES (?, ?, ?) "
@@ -230,6 +248,30 @@ class Ledger:
                     "INSERT INTO cursor (name, seq) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
                     (name, cursor),
                 )
+
+    def quiet_pending(self, quiet_s: float) -> list[str]:
+        """Studies that changed and then stayed quiet for ``quiet_s`` without a StableStudy (Orthanc computes
+        stability in memory: a crash inside StableAge loses the event)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT orthanc_study_id FROM pending WHERE last_seen <= ? ORDER BY last_seen", (time.time() - quiet_s,)
+            ).fetchall()
+        return [str(row["orthanc_study_id"]) for row in rows]
+
+    def settle_pending(self, examine: list[str], forget: list[str], wait: list[str]) -> None:
+        """Pending studies to examine (into the inbox), to forget (gone), or to wait for again."""
+        now = time.time()
+        with self._transaction() as db:
+            for study_id in examine:
+                db.execute(
+                    "INSERT INTO inbox (orthanc_study_id, last_seq, received) VALUES (?, -1, ?) "
+                    "ON CONFLICT (orthanc_study_id) DO NOTHING",
+                    (study_id, now),
+                )
+            for study_id in [*examine, *forget]:
+                db.execute("DELETE FROM pending WHERE orthanc_study_id = ?", (study_id,))
+            for study_id in wait:
+                db.execute("UPDATE pending SET last_seen = ? WHERE orthanc_study_id = ?", (now, study_id))
 
     def next_inbox(self) -> tuple[str, int] | None:
         """The oldest inbox study that may be examined now (its row stays until ``inbox_done``)."""

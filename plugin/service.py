@@ -148,7 +148,7 @@ class NodeService:
             from radfed.plugin.scp import start_storage_scp
 
             self._scp = start_storage_scp(OrthancClient(self.config.orthanc), self.config.scp_port, self.config.scp_aet)
-        loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox)]
+        loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox), ("reconciler", self._reconcile)]
         loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
             loops.append(("prefetch", self._prefetch))
@@ -208,6 +208,7 @@ class NodeService:
             self._set_orthanc(True)
             backoff = self.config.retry_base_s
             stable = [(c.resource_id, c.seq) for c in changes if c.change_type == STABLE_STUDY]
+            changed = self._changed_studies(changes)
             if self.prefetcher is not None:
                 for change in changes:
                     if change.change_type == STABLE_STUDY:
@@ -215,13 +216,48 @@ class NodeService:
                     else:
                         self.prefetcher.notice(change.change_type, change.resource_id)
             if changes or last != since:
-                self.ledger.receive(stable, cursor=last)
+                self.ledger.receive(stable, cursor=last, changed=changed)
                 if stable:
                     self._inbox_event.set()
             self._update_queue_depth()
             self.health.beat(name)
             if done:
                 self._stop.wait(self.config.poll_interval_s)
+
+    def _changed_studies(self, changes: list[Any]) -> list[str]:
+        """The studies a batch of changes created or added a series to (reconciled if no StableStudy follows)."""
+        studies = {c.resource_id for c in changes if c.change_type == "NewStudy"}
+        for change in changes:
+            if change.change_type == "NewSeries":
+                try:
+                    studies.add(str(self.client.get_json(f"/series/{change.resource_id}")["ParentStudy"]))
+                except (OrthancRequestError, KeyError, TypeError):
+                    continue  # the series is gone again: nothing to reconcile
+        return sorted(studies)
+
+    def _reconcile(self, name: str) -> None:
+        """Studies left without StableStudy (an Orthanc crash inside StableAge) are examined once quiet and
+        stable in Orthanc's eyes; one still receiving instances waits."""
+        while not self._stop.is_set():
+            examine: list[str] = []
+            forget: list[str] = []
+            wait: list[str] = []
+            for study_id in self.ledger.quiet_pending(self.config.reconcile_quiet_s):
+                try:
+                    stable = bool(self.client.get_json(f"/studies/{study_id}").get("IsStable", True))
+                except OrthancUnavailableError:
+                    break  # the follower reports the outage; try again next round
+                except OrthancRequestError as exc:
+                    if exc.status == 404:
+                        forget.append(study_id)
+                    continue
+                (examine if stable else wait).append(study_id)
+            self.ledger.settle_pending(examine, forget, wait)
+            if examine:
+                logger.warning("%d study(ies) changed but never got StableStudy (Orthanc restarted?)", len(examine))
+                self._inbox_event.set()
+            self.health.beat(name)
+            self._stop.wait(self.config.reconcile_interval_s)
 
     def _set_orthanc(self, up: bool) -> None:
         if up != self.orthanc_reachable:

@@ -30,6 +30,7 @@ class NodeProcess:
         port: int | None = None,
         poll_interval_s: float = 0.3,
         prefetch: bool = True,
+        node_settings: str = "",
     ) -> None:
         self.workdir = workdir
         self.orthanc = orthanc
@@ -49,6 +50,7 @@ poll_interval_s = {poll_interval_s}
 prefetch = {str(prefetch).lower()}
 retry_base_s = 1.0
 retry_max_s = 4.0
+{node_settings}
 
 [api]
 port = {self.port}

@@ -131,3 +131,20 @@ def test_failure_kinds_are_one_vocabulary() -> None:
     assert failure_label(OrthancRequestError("POST", "/instances", 409, "refused")) == "orthanc-http:409"
     assert failure_label(ValueError("ImageOrientationPatient"), examining=True) == FailureKind.UNEXAMINABLE
     assert failure_label(ZeroDivisionError()) == FailureKind.INTERNAL
+
+
+def test_changed_studies_wait_for_stable_study_and_quiet_ones_are_examined(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    try:
+        ledger.receive([], cursor=10, changed=["study-a", "study-b", "study-c"])
+        ledger.receive([("study-a", 11)], cursor=11)  # a's StableStudy came: nothing to reconcile
+        assert ledger.quiet_pending(quiet_s=3600) == []
+        assert sorted(ledger.quiet_pending(quiet_s=0)) == ["study-b", "study-c"]
+        ledger.settle_pending(examine=["study-b"], forget=[], wait=["study-c"])
+        assert ledger.next_inbox() == ("study-a", 11)
+        ledger.inbox_done("study-a", 11)
+        assert ledger.next_inbox() == ("study-b", -1)
+        assert ledger.quiet_pending(quiet_s=3600) == []  # c waits again from now
+        assert ledger.quiet_pending(quiet_s=0) == ["study-c"]
+    finally:
+        ledger.close()

@@ -138,6 +138,26 @@ def test_orthanc_outage_mid_batch(
     assert all(r["SR"] == 1 for r in results.values()) and len(results) == 6
 
 
+def test_a_study_whose_stable_event_died_with_orthanc_is_still_processed(
+    orthanc: OrthancProcess, orthanc_client: OrthancClient, node_factory: Callable[..., NodeProcess]
+) -> None:
+    """Orthanc computes StableStudy in memory: SIGKILL inside StableAge loses it for good. The node remembers
+    which studies changed and examines those that stay quiet without one."""
+    node = node_factory(orthanc, node_settings="reconcile_quiet_s = 4.0\nreconcile_interval_s = 1.0")
+    node.start()
+    first, lost = _studies(2, seed=14)
+    upload_study(first, orthanc_client)
+    wait_until(_finished(node, 1), 120, "the first job", node.log_tail)
+    upload_study(lost, orthanc_client)
+    orthanc.kill()  # at once: well inside the test Orthanc's StableAge of 2 s
+    orthanc.restart()
+    wait_until(_finished(node, 2), 120, "the study that never became stable", node.log_tail)
+    by_study = {j["study_instance_uid"]: j for j in node.jobs()}
+    assert by_study[lost.identity.study_instance_uid]["state"] == "done"
+    assert "never got StableStudy" in node.log_tail(200)
+    assert node.ready()["loops"]["reconciler"]["status"] == "ok"
+
+
 def _upload(datasets: list[pydicom.Dataset], client: OrthancClient) -> None:
     for ds in datasets:
         client.upload_dataset(ds)
