@@ -34,6 +34,9 @@ class VolumeErrorCause(StrEnum):
     DUPLICATE_POSITIONS = "duplicate-positions"
     IRREGULAR_SPACING = "irregular-spacing"
     NOT_GRAYSCALE = "not-grayscale"
+    MULTIPLE_ECHOES = "multiple-echoes"
+    MIXED_IMAGE_TYPES = "mixed-image-types"
+    MULTIPLE_B_VALUES = "multiple-b-values"
 
 
 class NotAVolumeError(DicomInputError):

@@ -12,16 +12,18 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radfed.inference.errors import DicomInputError
+from radfed.inference.frames import NON_IMAGE_MODALITIES, FrameFacts, float_or_none, frame_facts, is_enhanced
+from radfed.inference.series import FramePick
 from radfed.inference.taskspec import ChannelRule, TaskSpec
-
-_NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC", "REG", "OT_SR"})
 
 
 @dataclass(frozen=True)
 class SeriesInfo:
-    """What selection needs to know of a series (from one header plus the instance count).
+    """What selection needs to know of a series (from one image header plus the slice count).
 
-    ``handle`` locates the series in its source: a folder path or an Orthanc series id.
+    ``handle`` locates the series in its source: a folder path or an Orthanc series id. ``slices`` counts
+    the slice positions of one volume (0: the series holds no image); ``non_image_instances`` says what
+    each instance without an image is (a Raw Data object beside the images is skipped when loading).
     """
 
     series_instance_uid: str
@@ -34,25 +36,36 @@ class SeriesInfo:
     b_value: float | None
     slices: int
     handle: str
+    non_image_instances: tuple[str, ...] = ()
 
     @classmethod
-    def from_header(cls, ds: Dataset, slices: int, handle: str) -> SeriesInfo:
+    def from_header(
+        cls, ds: Dataset, slices: int, handle: str, *, non_image_instances: Sequence[str] = ()
+    ) -> SeriesInfo:
+        """Facts of the series whose image ``ds`` is (an enhanced image's from its functional groups)."""
+        frames = frame_facts(ds) if is_enhanced(ds) else []
+        first: FrameFacts | None = frames[0] if frames else None
         orientation = ds.get("ImageOrientationPatient")
-        if orientation is None and "SharedFunctionalGroupsSequence" in ds:
-            shared = ds.SharedFunctionalGroupsSequence[0]
-            if "PlaneOrientationSequence" in shared:
-                orientation = shared.PlaneOrientationSequence[0].get("ImageOrientationPatient")
+        if first is not None:
+            thickness = first.slice_thickness_mm
+            b_values = [f.b_value for f in frames if f.b_value is not None]
+            b_value = max(b_values) if b_values else float_or_none(ds.get("DiffusionBValue"))
+            orientation = first.orientation
+        else:
+            thickness = float_or_none(ds.get("SliceThickness"))
+            b_value = float_or_none(ds.get("DiffusionBValue"))
         return cls(
             series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
             modality=str(ds.get("Modality", "")),
             series_description=str(ds.get("SeriesDescription", "")),
             series_number=_int_or_none(ds.get("SeriesNumber")),
             image_type=tuple(str(v).upper() for v in ds.get("ImageType", [])),
-            orientation=tuple(float(v) for v in orientation) if orientation else None,
-            slice_thickness_mm=_float_or_none(ds.get("SliceThickness")),
-            b_value=_float_or_none(ds.get("DiffusionBValue")),
+            orientation=_orientation_or_none(orientation),
+            slice_thickness_mm=thickness,
+            b_value=b_value,
             slices=slices,
             handle=handle,
+            non_image_instances=tuple(non_image_instances),
         )
 
 
@@ -63,11 +76,17 @@ def _int_or_none(value: object) -> int | None:
         return None
 
 
-def _float_or_none(value: object) -> float | None:
+def _orientation_or_none(values: object) -> tuple[float, ...] | None:
     try:
-        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+        orientation = tuple(float(v) for v in values)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return None
+    return orientation if len(orientation) == 6 else None
+
+
+def frame_pick(rule: ChannelRule) -> FramePick:
+    """What ``rule`` picks in a series that holds several kinds of image at each position."""
+    return FramePick(image_type_any=rule.image_type_any, min_b_value=rule.min_b_value)
 
 
 @dataclass(frozen=True)
@@ -107,8 +126,10 @@ def obliquity_deg(orientation: Sequence[float]) -> float:
 
 def rule_verdict(rule: ChannelRule, series: SeriesInfo) -> tuple[bool, str]:
     """Whether ``series`` can feed ``rule``'s channel, and why (one sentence)."""
-    if series.modality.upper() in _NON_IMAGE_MODALITIES:
+    if series.modality.upper() in NON_IMAGE_MODALITIES:
         return False, f"{series.modality} object, not an image series"
+    if series.slices == 0 and series.non_image_instances:
+        return False, f"no image among its instances ({_non_image_summary(series)})"
     if series.modality.upper() != rule.modality.upper():
         return False, f"modality {series.modality} is not {rule.modality}"
     description = series.series_description
@@ -137,6 +158,13 @@ def rule_verdict(rule: ChannelRule, series: SeriesInfo) -> tuple[bool, str]:
     return True, f"matches by {how}"
 
 
+def _non_image_summary(series: SeriesInfo) -> str:
+    counts: dict[str, int] = {}
+    for what in series.non_image_instances:
+        counts[what] = counts.get(what, 0) + 1
+    return ", ".join(what if n == 1 else f"{what} (x{n})" for what, n in sorted(counts.items()))
+
+
 def select_series(spec: TaskSpec, series: Sequence[SeriesInfo]) -> SeriesSelection:
     """Assign one series to every channel of ``spec`` (each series to at most one channel).
 
@@ -145,6 +173,9 @@ def select_series(spec: TaskSpec, series: Sequence[SeriesInfo]) -> SeriesSelecti
     why each series was rejected for it.
     """
     reasons: dict[str, list[str]] = {s.series_instance_uid: [] for s in series}
+    for s in series:
+        if s.non_image_instances and s.slices > 0:
+            reasons[s.series_instance_uid].append(f"instances without an image skipped: {_non_image_summary(s)}")
     chosen: dict[str, SeriesInfo] = {}
     for rule in spec.channels:
         candidates = []

@@ -1,8 +1,11 @@
 """DICOM series -> :class:`~radfed.inference.volume.Volume` with an exact affine.
 
 Handles single-frame images, enhanced multi-frame MR/CT (per-frame functional groups), Siemens mosaics,
-4-D series (the first volume is returned) and every transfer syntax pydicom's pixel handlers decode.
-What cannot be one regular 3-D grid raises :class:`NotAVolumeError` naming the cause.
+4-D series (the first time point is returned) and every transfer syntax pydicom's pixel handlers decode.
+Instances without an image (a Philips Raw Data object beside its images) are skipped. Several images per
+position that are not time points (echoes, magnitude and phase, b-values) are refused unless a
+:class:`FramePick` chooses one kind. What cannot be one regular 3-D grid raises :class:`NotAVolumeError`
+naming the cause.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from pydicom.errors import InvalidDicomError
 
 from radfed.inference import siemens_csa
 from radfed.inference.errors import DicomInputError, NotAVolumeError, VolumeErrorCause
+from radfed.inference.frames import (
+    POSITION_TOLERANCE_MM,
+    FrameKind,
+    frame_facts,
+    functional_group,
+    is_enhanced,
+    non_image_reason,
+)
 from radfed.inference.volume import Volume
 
 logger = logging.getLogger(__name__)
 
 # Direction cosines of real scanners agree to ~1e-6; 1e-4 still separates a 0.006 degree tilt.
 _ORIENTATION_TOLERANCE = 1e-4
-# Slice positions may jitter by float rounding in the DICOM DS strings (16 characters).
-_POSITION_TOLERANCE_MM = 1e-2
 _RELATIVE_SPACING_TOLERANCE = 0.01
 
 
@@ -43,6 +52,21 @@ class _Frame:
     pixels: Callable[[], np.ndarray]
     source: tuple[str, int]  # (SOP Instance UID, frame number)
     temporal_key: tuple[float, ...]  # orders frames sharing a position (4-D series)
+    kind: FrameKind  # frames of one kind at one position are time points of one image
+
+
+@dataclass(frozen=True)
+class FramePick:
+    """Which kind of image a channel wants where a series holds several at each slice position.
+
+    ``image_type_any``: keep the frames whose ImageType (FrameType) has one of these values;
+    ``min_b_value``: keep the highest b-value if it is at least this; ``echo_time_ms``: keep that echo.
+    A criterion that matches every frame, or none, picks nothing.
+    """
+
+    image_type_any: tuple[str, ...] = ()
+    min_b_value: float | None = None
+    echo_time_ms: float | None = None
 
 
 def read_series_files(paths: Iterable[Path]) -> list[Dataset]:
@@ -75,40 +99,52 @@ def load_series_folder(folder: Path, *, allow_single_slice: bool = False) -> Vol
     return volume_from_datasets(read_series_files(paths), allow_single_slice=allow_single_slice)
 
 
-def volume_from_datasets(datasets: Sequence[Dataset], *, allow_single_slice: bool = False) -> Volume:
+def volume_from_datasets(
+    datasets: Sequence[Dataset], *, allow_single_slice: bool = False, pick: FramePick | None = None
+) -> Volume:
     """Assemble the instances of one series into a volume.
 
     Parameters
     ----------
     datasets
-        All instances of one series, in any order.
+        All instances of one series, in any order. Instances that hold no image are skipped.
     allow_single_slice
         Accept a single plane (a volume of one slice whose thickness is SliceThickness).
+    pick
+        Which kind of image to keep where each position holds several (echoes, image types, b-values).
     """
     if not datasets:
         raise NotAVolumeError(VolumeErrorCause.EMPTY, "no instances")
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series_uids) > 1:
         raise NotAVolumeError(VolumeErrorCause.MULTIPLE_SERIES, f"{len(series_uids)} series mixed")
-    frames = [frame for ds in datasets for frame in _frames_of(ds)]
-    frames = _first_volume(frames)
-    return _assemble(frames, datasets[0], allow_single_slice=allow_single_slice)
+    images = image_instances(datasets)
+    frames = [frame for ds in images for frame in _frames_of(ds)]
+    frames = _one_volume(frames, pick or FramePick())
+    return _assemble(frames, images[0], allow_single_slice=allow_single_slice)
 
 
-# Objects that carry pixels but are not images of the patient.
-_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTDOSE", "SR", "PR", "KO", "DOC", "REG"})
+def image_instances(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The instances that hold an image; raises NOT_AN_IMAGE when none does."""
+    images, skipped = [], []
+    for ds in datasets:
+        reason = non_image_reason(ds)
+        if reason is None:
+            images.append(ds)
+        else:
+            skipped.append(f"instance {_sop(ds)}: {reason}")
+    if not images:
+        raise NotAVolumeError(
+            VolumeErrorCause.NOT_AN_IMAGE, f"no image among {len(datasets)} instance(s): {'; '.join(skipped[:3])}"
+        )
+    if skipped:
+        logger.info("skipping %d of %d instances that hold no image", len(skipped), len(datasets))
+    return images
 
 
 def _frames_of(ds: Dataset) -> list[_Frame]:
-    modality = str(ds.get("Modality", "")).upper()
-    if modality in _NON_IMAGE_MODALITIES:
-        raise NotAVolumeError(
-            VolumeErrorCause.NOT_AN_IMAGE, f"instance {_sop(ds)} is a {modality} object, not an image series"
-        )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        kind = "an image" if "Rows" in ds else "not an image (no Rows/Columns)"
-        cause = VolumeErrorCause.NO_PIXEL_DATA if "Rows" in ds else VolumeErrorCause.NOT_AN_IMAGE
-        raise NotAVolumeError(cause, f"instance {_sop(ds)} is {kind} without pixel data")
+        raise NotAVolumeError(VolumeErrorCause.NO_PIXEL_DATA, f"instance {_sop(ds)} is an image without pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise NotAVolumeError(
             VolumeErrorCause.NOT_GRAYSCALE,
@@ -118,7 +154,7 @@ def _frames_of(ds: Dataset) -> list[_Frame]:
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     if "LOCALIZER" in image_type:
         raise NotAVolumeError(VolumeErrorCause.LOCALIZER, f"instance {_sop(ds)} is a localizer")
-    if "PerFrameFunctionalGroupsSequence" in ds:
+    if is_enhanced(ds):
         return _enhanced_frames(ds)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise NotAVolumeError(
@@ -201,6 +237,7 @@ def _classic_frame(ds: Dataset) -> _Frame:
         pixels=lambda: _rescaled(_decode(ds), slope, intercept),
         source=(_sop(ds), 1),
         temporal_key=_temporal_key(ds),
+        kind=frame_facts(ds)[0].kind,
     )
 
 
@@ -243,23 +280,10 @@ def _mosaic_frames(ds: Dataset) -> list[_Frame]:
             pixels=lambda index=index: tile(index),  # type: ignore[misc]
             source=(mosaic.source[0], 1),
             temporal_key=mosaic.temporal_key,
+            kind=mosaic.kind,
         )
         for index in range(tiles)
     ]
-
-
-def _functional_group(ds: Dataset, frame_index: int, sequence: str) -> Dataset | None:
-    for groups in (
-        ds.PerFrameFunctionalGroupsSequence[frame_index],
-        ds.get("SharedFunctionalGroupsSequence"),
-    ):
-        if groups is None:
-            continue
-        item = groups[0] if isinstance(groups, pydicom.Sequence) else groups
-        if sequence in item and len(item[sequence].value) > 0:
-            found: Dataset = item[sequence].value[0]
-            return found
-    return None
 
 
 def _enhanced_frames(ds: Dataset) -> list[_Frame]:
@@ -273,21 +297,26 @@ def _enhanced_frames(ds: Dataset) -> list[_Frame]:
             cache["all"] = decoded if decoded.ndim == 3 else decoded[np.newaxis]
         return _rescaled(cache["all"][index], slope, intercept)
 
+    facts = frame_facts(ds)
+    if len(facts) != n_frames:
+        raise NotAVolumeError(
+            VolumeErrorCause.MISSING_GEOMETRY,
+            f"{_sop(ds)} has {n_frames} frames but {len(facts)} per-frame functional groups",
+        )
     for index in range(n_frames):
-        position = _functional_group(ds, index, "PlanePositionSequence")
-        orientation = _functional_group(ds, index, "PlaneOrientationSequence")
-        measures = _functional_group(ds, index, "PixelMeasuresSequence")
+        position = functional_group(ds, index, "PlanePositionSequence")
+        orientation = functional_group(ds, index, "PlaneOrientationSequence")
+        measures = functional_group(ds, index, "PixelMeasuresSequence")
         if position is None or orientation is None or measures is None or "PixelSpacing" not in measures:
             raise NotAVolumeError(
                 VolumeErrorCause.MISSING_GEOMETRY, f"frame {index + 1} of {_sop(ds)} has no plane geometry"
             )
         row, col = _orientation(orientation.ImageOrientationPatient, ds)
         spacing = _vector(measures.PixelSpacing, 2, "PixelSpacing", ds)
-        transform = _functional_group(ds, index, "PixelValueTransformationSequence")
+        transform = functional_group(ds, index, "PixelValueTransformationSequence")
         slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
         intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
-        content = _functional_group(ds, index, "FrameContentSequence")
-        temporal = float(content.get("TemporalPositionIndex", 0) or 0) if content is not None else 0.0
+        temporal = facts[index].temporal_position or 0.0
         frames.append(
             _Frame(
                 position=_vector(position.ImagePositionPatient, 3, "ImagePositionPatient", ds),
@@ -299,18 +328,23 @@ def _enhanced_frames(ds: Dataset) -> list[_Frame]:
                 pixels=lambda index=index, s=slope, i=intercept: frame_pixels(index, s, i),  # type: ignore[misc]
                 source=(_sop(ds), index + 1),
                 temporal_key=(temporal, float(index)),
+                kind=facts[index].kind,
             )
         )
     return frames
 
 
-def _first_volume(frames: list[_Frame]) -> list[_Frame]:
-    """Keep one frame per position; for a 4-D series, the first in time."""
-    by_position: dict[tuple[int, ...], list[_Frame]] = {}
-    for frame in frames:
-        key = tuple(round(float(v) / _POSITION_TOLERANCE_MM) for v in frame.position)
-        by_position.setdefault(key, []).append(frame)
-    counts = {len(group) for group in by_position.values()}
+def _one_volume(frames: list[_Frame], pick: FramePick) -> list[_Frame]:
+    """Keep one frame per position: the first time point of the one kind of image (or the picked kind)."""
+    if len(_by_position(frames)) == len(frames):
+        return frames
+    if len({frame.kind for frame in frames}) > 1:
+        frames = _picked(frames, pick)
+    kinds = {frame.kind for frame in frames}
+    if len(kinds) > 1:
+        raise _mixed_kinds(kinds)
+    groups = _by_position(frames)
+    counts = {len(group) for group in groups}
     if counts == {1}:
         return frames
     if len(counts) > 1:
@@ -319,7 +353,58 @@ def _first_volume(frames: list[_Frame]) -> list[_Frame]:
             f"positions repeat unevenly ({min(counts)} to {max(counts)} images per position)",
         )
     logger.info("4-D series (%d time points): using the first volume", counts.pop())
-    return [min(group, key=lambda f: f.temporal_key) for group in by_position.values()]
+    return [min(group, key=lambda f: f.temporal_key) for group in groups]
+
+
+def _by_position(frames: list[_Frame]) -> list[list[_Frame]]:
+    by_position: dict[tuple[int, ...], list[_Frame]] = {}
+    for frame in frames:
+        key = tuple(round(float(v) / POSITION_TOLERANCE_MM) for v in frame.position)
+        by_position.setdefault(key, []).append(frame)
+    return list(by_position.values())
+
+
+def _picked(frames: list[_Frame], pick: FramePick) -> list[_Frame]:
+    """The frames of the kind ``pick`` chooses; criteria that tell nothing apart are ignored."""
+
+    def narrowed(kept: list[_Frame]) -> list[_Frame]:
+        return kept if 0 < len(kept) < len(frames) else frames
+
+    if pick.image_type_any:
+        wanted = {value.upper() for value in pick.image_type_any}
+        frames = narrowed([f for f in frames if wanted & set(f.kind.image_type)])
+    b_values = {f.kind.b_value for f in frames if f.kind.b_value is not None}
+    if pick.min_b_value is not None and b_values and max(b_values) >= pick.min_b_value:
+        frames = narrowed([f for f in frames if f.kind.b_value == max(b_values)])
+    if pick.echo_time_ms is not None:
+        echo = round(pick.echo_time_ms, 2)
+        frames = narrowed([f for f in frames if f.kind.echo_time_ms == echo])
+    return frames
+
+
+def _mixed_kinds(kinds: set[FrameKind]) -> NotAVolumeError:
+    """The refusal for several kinds of image at each position, naming what differs."""
+
+    def listed(values: set[float | None], unit: str) -> str:
+        return ", ".join("none" if v is None else f"{v:g}{unit}" for v in sorted(values, key=lambda v: (v is None, v)))
+
+    image_types = {"\\".join(k.image_type) for k in kinds}
+    echoes = {k.echo_time_ms for k in kinds}
+    b_values = {k.b_value for k in kinds}
+    if len(image_types) > 1:
+        return NotAVolumeError(
+            VolumeErrorCause.MIXED_IMAGE_TYPES,
+            f"image types {', '.join(sorted(image_types))} at the same positions; the channel rule picks none",
+        )
+    if len(echoes) > 1:
+        return NotAVolumeError(
+            VolumeErrorCause.MULTIPLE_ECHOES,
+            f"{len(echoes)} echoes (TE {listed(echoes, ' ms')}) at each position; the channel rule picks none",
+        )
+    return NotAVolumeError(
+        VolumeErrorCause.MULTIPLE_B_VALUES,
+        f"b-values {listed(b_values, '')} at each position; the channel rule picks none",
+    )
 
 
 def _assemble(frames: list[_Frame], first_ds: Dataset, *, allow_single_slice: bool) -> Volume:
@@ -354,7 +439,7 @@ def _assemble(frames: list[_Frame], first_ds: Dataset, *, allow_single_slice: bo
         spacing = float(np.linalg.norm(step))
         distances = np.array([float(f.position @ normal) for f in frames])
         gaps = np.diff(distances)
-        tolerance = max(_POSITION_TOLERANCE_MM, _RELATIVE_SPACING_TOLERANCE * spacing)
+        tolerance = max(POSITION_TOLERANCE_MM, _RELATIVE_SPACING_TOLERANCE * spacing)
         if np.abs(gaps - gaps.mean()).max() > tolerance:
             raise NotAVolumeError(
                 VolumeErrorCause.IRREGULAR_SPACING,

@@ -1,17 +1,33 @@
-"""Where a study's instances come from: a folder of files or an Orthanc server, behind one interface."""
+"""Where a study's instances come from: a folder of files or an Orthanc server, behind one interface.
+
+Both sources skip the instances that hold no image in a series that has images (a Philips Raw Data object
+beside its Enhanced MR image): they are named in :attr:`SeriesInfo.non_image_instances`, left out of the
+SOP Instance UIDs and not downloaded. A series without any image (a SEG) is read whole.
+"""
 
 from __future__ import annotations
 
 import io
-from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from radfed.inference import siemens_csa
 from radfed.inference.errors import DicomInputError
+from radfed.inference.frames import (
+    FrameFacts,
+    float_or_none,
+    frame_facts,
+    is_image_sop_class,
+    non_image_reason,
+    non_image_sop_class,
+    slices_per_volume,
+)
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.selection import SeriesInfo
 
@@ -34,26 +50,70 @@ class StudySource(Protocol):
     def datasets(self, series: SeriesInfo) -> list[Dataset]: ...
 
 
+@dataclass
+class _SeriesContent:
+    """The instances of one series (by file path or Orthanc id), images apart from the rest."""
+
+    header: Dataset | None = None  # of the first image; of the first instance while no image is seen
+    image_header: bool = False
+    images: list[tuple[str, str]] = field(default_factory=list)  # (location, SOP Instance UID)
+    others: list[tuple[str, str, str]] = field(default_factory=list)  # (location, SOP Instance UID, what)
+    frames: list[FrameFacts] = field(default_factory=list)
+
+    def add_image(self, location: str, sop_instance_uid: str, frames: Sequence[FrameFacts]) -> None:
+        self.images.append((location, sop_instance_uid))
+        self.frames.extend(frames)
+
+    def add_other(self, location: str, sop_instance_uid: str, what: str) -> None:
+        self.others.append((location, sop_instance_uid, what))
+
+    @property
+    def kept(self) -> list[tuple[str, str]]:
+        """The images; every instance of a series without any (a SEG series is read as it is)."""
+        return self.images or [(location, uid) for location, uid, _ in self.others]
+
+    def info(self, handle: str) -> SeriesInfo:
+        if self.header is None:
+            raise DicomInputError(f"series {handle} has no instances")
+        slices = _slices(self.header, self.frames) if self.images else 0
+        non_images = tuple(what for _, _, what in self.others)
+        return SeriesInfo.from_header(self.header, slices, handle, non_image_instances=non_images)
+
+
+def _slices(header: Dataset, frames: list[FrameFacts]) -> int:
+    """Slice positions of one volume (a Siemens mosaic holds a whole volume in each instance)."""
+    if "MOSAIC" in [str(v).upper() for v in header.get("ImageType", [])]:
+        tiles = siemens_csa.mosaic_tile_count(header)
+        if tiles:
+            return tiles
+    return slices_per_volume(frames)
+
+
 class FolderStudy:
     """Every DICOM file under a folder (any depth), grouped by series; one study expected."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._files: dict[str, list[Path]] = defaultdict(list)
-        self._headers: dict[str, Dataset] = {}
-        self._sops: dict[str, list[str]] = defaultdict(list)
+        self._series: dict[str, _SeriesContent] = {}
         studies = set()
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             try:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
             except (InvalidDicomError, OSError, ValueError):
                 continue  # not DICOM (truth.json, README, ...)
-            uid = str(header.get("SeriesInstanceUID", ""))
             studies.add(str(header.get("StudyInstanceUID", "")))
-            self._files[uid].append(path)
-            self._sops[uid].append(str(header.SOPInstanceUID))
-            self._headers.setdefault(uid, header)
-        if not self._files:
+            content = self._series.setdefault(str(header.get("SeriesInstanceUID", "")), _SeriesContent())
+            sop_uid = str(header.get("SOPInstanceUID", ""))
+            reason = non_image_reason(header)
+            if reason is not None:
+                content.add_other(str(path), sop_uid, reason)
+                if content.header is None:
+                    content.header = header
+                continue
+            if not content.image_header:
+                content.header, content.image_header = header, True
+            content.add_image(str(path), sop_uid, frame_facts(header))
+        if not self._series:
             raise DicomInputError(f"no DICOM files under {folder}")
         if len(studies) != 1:
             raise DicomInputError(f"{folder} holds {len(studies)} studies; one study per folder is expected")
@@ -65,24 +125,17 @@ class FolderStudy:
 
     @property
     def accession_number(self) -> str:
-        return str(next(iter(self._headers.values())).get("AccessionNumber", ""))
+        header = next(iter(self._series.values())).header
+        return str(header.get("AccessionNumber", "")) if header is not None else ""
 
     def series(self) -> list[SeriesInfo]:
-        return [
-            SeriesInfo.from_header(header, _slices(header, len(self._files[uid])), uid)
-            for uid, header in self._headers.items()
-        ]
+        return [content.info(uid) for uid, content in self._series.items()]
 
     def sop_instance_uids(self, series: SeriesInfo) -> list[str]:
-        return list(self._sops[series.handle])
+        return [uid for _, uid in self._series[series.handle].kept]
 
     def datasets(self, series: SeriesInfo) -> list[Dataset]:
-        return [pydicom.dcmread(path) for path in self._files[series.handle]]
-
-
-def _slices(header: Dataset, instances: int) -> int:
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    return max(instances, frames) if instances == 1 else instances
+        return [pydicom.dcmread(path) for path, _ in self._series[series.handle].kept]
 
 
 class OrthancStudy:
@@ -92,7 +145,7 @@ class OrthancStudy:
         self.client = client
         self.study_id = study_id
         self._study = client.study(study_id)
-        self._instances: dict[str, list[dict[str, object]]] = {}
+        self._contents: dict[str, _SeriesContent] = {}
 
     @property
     def study_instance_uid(self) -> str:
@@ -106,25 +159,86 @@ class OrthancStudy:
     def series_ids(self) -> list[str]:
         return [str(series_id) for series_id in self._study["Series"]]
 
-    def _series_instances(self, series_id: str) -> list[dict[str, object]]:
-        if series_id not in self._instances:
-            self._instances[series_id] = self.client.get_json(f"/series/{series_id}/instances")
-        return self._instances[series_id]
+    def _header(self, instance_id: str) -> Dataset:
+        return pydicom.dcmread(io.BytesIO(self.client.instance_bytes(instance_id)), stop_before_pixels=True)
+
+    def _content(self, series_id: str) -> _SeriesContent:
+        """Sort a series' instances into images and the rest, downloading as few as possible.
+
+        Classic images carry ImagePositionPatient among Orthanc's main tags; the other instances are
+        judged by the SOP class Orthanc records, and only multi-frame or unknown ones are downloaded.
+        """
+        if series_id in self._contents:
+            return self._contents[series_id]
+        content = _SeriesContent()
+        instances: list[dict[str, Any]] = self.client.get_json(f"/series/{series_id}/instances")
+        for instance in instances:
+            instance_id = str(instance["ID"])
+            tags: dict[str, str] = instance.get("MainDicomTags", {})
+            sop_uid = str(tags.get("SOPInstanceUID", ""))
+            position = _backslash_floats(tags.get("ImagePositionPatient"), 3)
+            if position is not None:
+                content.add_image(instance_id, sop_uid, [_classic_facts(position, tags)])
+                continue
+            metadata: dict[str, str] = self.client.get_json(f"/instances/{instance_id}/metadata?expand")
+            sop_class = str(metadata.get("SopClassUid", ""))
+            skipped_class = non_image_sop_class(sop_class)
+            if skipped_class is not None:
+                content.add_other(instance_id, sop_uid, f"{skipped_class} object")
+                continue
+            if is_image_sop_class(sop_class) and (float_or_none(tags.get("NumberOfFrames")) or 1) <= 1:
+                content.add_image(instance_id, sop_uid, [_classic_facts(None, tags)])
+                continue
+            header = self._header(instance_id)
+            reason = non_image_reason(header)
+            if reason is not None:
+                content.add_other(instance_id, sop_uid, reason)
+                if content.header is None:
+                    content.header = header
+                continue
+            if not content.image_header:
+                content.header, content.image_header = header, True
+            content.add_image(instance_id, sop_uid, frame_facts(header))
+        if content.images and not content.image_header:
+            content.header, content.image_header = self._header(content.images[0][0]), True
+        elif content.header is None and content.others:
+            content.header = self._header(content.others[0][0])
+        self._contents[series_id] = content
+        return content
 
     def series(self) -> list[SeriesInfo]:
         infos = []
         for series_id in self._study["Series"]:
-            instances = self._series_instances(series_id)
-            if not instances:
-                continue
-            header = pydicom.dcmread(
-                io.BytesIO(self.client.instance_bytes(str(instances[0]["ID"]))), stop_before_pixels=True
-            )
-            infos.append(SeriesInfo.from_header(header, _slices(header, len(instances)), series_id))
+            content = self._content(str(series_id))
+            if content.header is not None:
+                infos.append(content.info(str(series_id)))
         return infos
 
     def sop_instance_uids(self, series: SeriesInfo) -> list[str]:
-        return [str(i["MainDicomTags"]["SOPInstanceUID"]) for i in self._series_instances(series.handle)]  # type: ignore[index]
+        return [uid for _, uid in self._content(series.handle).kept]
 
     def datasets(self, series: SeriesInfo) -> list[Dataset]:
-        return self.client.instance_datasets([str(i["ID"]) for i in self._series_instances(series.handle)])
+        return self.client.instance_datasets([instance_id for instance_id, _ in self._content(series.handle).kept])
+
+
+def _backslash_floats(value: str | None, n: int) -> tuple[float, ...] | None:
+    """Orthanc's main tags hold multi-valued DS as ``a\\b\\c``."""
+    try:
+        found = tuple(float(v) for v in value.split("\\")) if value else ()
+    except ValueError:
+        return None
+    return found if len(found) == n else None
+
+
+def _classic_facts(position: tuple[float, ...] | None, tags: dict[str, str]) -> FrameFacts:
+    """Where a single-frame image lies, from Orthanc's main tags (its kind is read on download)."""
+    return FrameFacts(
+        position=position,  # type: ignore[arg-type]
+        orientation=_backslash_floats(tags.get("ImageOrientationPatient"), 6),
+        stack_id="",
+        temporal_position=None,
+        image_type=(),
+        echo_time_ms=None,
+        b_value=None,
+        slice_thickness_mm=None,
+    )

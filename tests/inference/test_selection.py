@@ -68,6 +68,21 @@ def test_sagittal_and_wrong_b_value_are_rejected_with_reasons() -> None:
     assert "90 deg from axial" in text
 
 
+def test_non_image_instances_are_noted_and_a_series_without_images_is_rejected() -> None:
+    infos = _infos(render_study(site_profile(1, small=True), 1, 0))
+    t2 = next(i for i in infos if i.handle == "t2w")
+    raw = ("Raw Data Storage object",)
+    with_raw = dataclasses.replace(t2, non_image_instances=raw)
+    raw_only = dataclasses.replace(
+        t2, series_instance_uid="7.7", handle="raw", series_number=999, slices=0, non_image_instances=raw * 2
+    )
+    selection = select_series(load_task_spec(), [with_raw if i is t2 else i for i in infos] + [raw_only])
+    assert selection.chosen["t2w"].handle == "t2w"
+    reasons = {d.series_instance_uid: d.reasons for d in selection.decisions}
+    assert "instances without an image skipped: Raw Data Storage object" in reasons[t2.series_instance_uid]
+    assert any("no image among its instances (Raw Data Storage object (x2))" in r for r in reasons["7.7"])
+
+
 def test_second_spec_selects_its_own_channels() -> None:
     study = render_study(site_profile(2, small=True), 1, 0)
     selection = select_series(load_task_spec("prostate_bpmri_highgrade"), _infos(study))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from radfed.inference.series import load_series_folder
+from radfed.inference.study_source import FolderStudy
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
@@ -57,3 +58,12 @@ def test_spacing_from_positions_not_header(shared_data: Path) -> None:
     """GE says SliceThickness 3 and SpacingBetweenSlices 5: the positions decide (5 mm)."""
     volume = load_series_folder(shared_data / "dcm_qa_nih" / "In/20180918GE/mr_0004")
     assert volume.spacing == pytest.approx((5.0, 3.75, 3.75), abs=1e-4)
+
+
+@pytest.mark.parametrize(("series", "reference", "kind"), CASES, ids=[c[1] for c in CASES])
+def test_selection_counts_the_slices_of_one_volume(shared_data: Path, series: str, reference: str, kind: str) -> None:
+    """4-D series count one volume's slices: distinct positions (GE), the tiles of a mosaic (Siemens)."""
+    root = shared_data / "dcm_qa_nih"
+    (info,) = FolderStudy(root / series).series()
+    image = nib.load(root / "Ref" / f"{reference}.nii")
+    assert info.slices == image.shape[2], kind
