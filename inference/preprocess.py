@@ -15,7 +15,7 @@ from radfed.inference.findings import input_fingerprint
 from radfed.inference.landmarks import LANDMARK_PERCENTILES
 from radfed.inference.plan import ChannelStatistics, Normalization
 from radfed.inference.resample import resample_to
-from radfed.inference.selection import SeriesSelection, select_series
+from radfed.inference.selection import SeriesSelection, frame_pick, select_series
 from radfed.inference.series import volume_from_datasets
 from radfed.inference.study_source import StudySource
 from radfed.inference.taskspec import TaskSpec
@@ -48,10 +48,15 @@ def load_study(source: StudySource, spec: TaskSpec) -> LoadedStudy:
     selection = select_series(spec, source.series())
     reference_name = spec.reference_channel.name
     datasets = {name: source.datasets(info) for name, info in selection.chosen.items()}
-    reference = volume_from_datasets(datasets[reference_name])
+    # Where a series holds several kinds of image at each position (b-values, image types), the rule picks one.
+    rules = {rule.name: rule for rule in spec.channels}
+    reference = volume_from_datasets(datasets[reference_name], pick=frame_pick(rules[reference_name]))
     channels = {}
     for name in spec.channel_names:
-        volume = reference if name == reference_name else volume_from_datasets(datasets[name])
+        if name == reference_name:
+            volume = reference
+        else:
+            volume = volume_from_datasets(datasets[name], pick=frame_pick(rules[name]))
         channels[name] = volume if name == reference_name else resample_to(volume, reference)
     sop_uids = [uid for info in selection.chosen.values() for uid in source.sop_instance_uids(info)]
     return LoadedStudy(
