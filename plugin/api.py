@@ -143,6 +143,11 @@ def create_app(service: NodeService) -> FastAPI:
         service.notify_stable_study(notice.orthanc_study_id)
         return {"received": notice.orthanc_study_id}
 
+    @app.post("/reprocess", dependencies=guarded)
+    def reprocess(since: Annotated[str, Query(pattern=r"^\d{8}(T\d{6})?$")]) -> dict[str, Any]:
+        """Examine again every study that became stable in Orthanc since ``since`` (Orthanc's change dates)."""
+        return {"since": since, "studies": service.reprocess_since(since)}
+
     @app.get("/metrics", dependencies=guarded)
     def metrics() -> Response:
         service.metrics.queue_depth.set(

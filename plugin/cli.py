@@ -211,6 +211,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         name, _, version = args.activate.partition(":")
         service.registry.activate(name, version)
     service.start()
+    if args.reprocess_since:
+        print(f"reprocessing {service.reprocess_since(args.reprocess_since)} studies", file=sys.stderr)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(service), host=config.api_host, port=config.api_port, log_level="warning", access_log=False
@@ -288,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--install-model", type=Path, action="append", metavar="ARTIFACT_DIR", help="install an artifact first"
     )
     serve.add_argument("--activate", metavar="NAME:VERSION", help="activate this installed model first")
+    serve.add_argument(
+        "--reprocess-since",
+        metavar="DATE",
+        help="examine again every study that became stable in Orthanc since DATE (YYYYMMDD[THHMMSS]); "
+        "a new ledger otherwise starts from Orthanc's current changes",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     validate = commands.add_parser(

@@ -4,6 +4,7 @@ bounded concurrency, and stores SEG + SR back. Failures stay with their job; the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
@@ -98,6 +99,7 @@ class NodeService:
         self._job_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.health = LoopMonitor()
+        self._start_from_now = False
         self._scp: Any = None
         self.orthanc_reachable = False
         self.prefetcher = (
@@ -140,6 +142,10 @@ class NodeService:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._start_from_now = self.ledger.is_new()
+        if self._start_from_now:
+            with contextlib.suppress(OrthancUnavailableError):  # else the follower does it on first contact
+                self._skip_history()
         recovered = self.ledger.recover_running()
         if recovered:
             logger.warning("%d job(s) were running when the service stopped; queued again", recovered)
@@ -193,9 +199,44 @@ class NodeService:
 
     # -- following Orthanc -------------------------------------------------------------------------
 
+    def _skip_history(self) -> None:
+        """A new (or lost) ledger beside an Orthanc with history follows from now: re-running every stored
+        study is an explicit decision (``reprocess_since``), never a side effect of a missing file."""
+        last = int(self.client.get_json("/changes", params={"last": ""})["Last"])
+        self.ledger.set_cursor(last)
+        self._start_from_now = False
+        if last:
+            logger.warning(
+                "new ledger: following Orthanc from change %d; studies stored before are not processed "
+                "(radfed serve --reprocess-since DATE runs them)",
+                last,
+            )
+
+    def reprocess_since(self, since: str) -> int:
+        """Put every study that became stable in Orthanc since ``since`` (YYYYMMDD or YYYYMMDDTHHMMSS, Orthanc's
+        change dates) in the inbox again; a job whose input did not change is found, not re-run."""
+        if not re.fullmatch(r"\d{8}(T\d{6})?", since):
+            raise ValueError("since must be YYYYMMDD or YYYYMMDDTHHMMSS")
+        seq, studies = 0, {}
+        while True:
+            answer = self.client.get_json("/changes", params={"since": seq, "limit": 1000})
+            for change in answer["Changes"]:
+                if change["ChangeType"] == STABLE_STUDY and str(change.get("Date", "")) >= since:
+                    studies[str(change["ID"])] = int(change["Seq"])
+            seq = int(answer["Last"])
+            if answer["Done"]:
+                break
+        self.ledger.receive(sorted(studies.items(), key=lambda item: item[1]), cursor=None)
+        self._inbox_event.set()
+        logger.info("reprocessing %d stable studies since %s", len(studies), since)
+        return len(studies)
+
     def _follow_changes(self, name: str) -> None:
         backoff = self.config.retry_base_s
         while not self._stop.is_set():
+            if self._start_from_now:
+                with contextlib.suppress(OrthancUnavailableError):  # noticed again just below
+                    self._skip_history()
             since = self.ledger.cursor()
             try:
                 changes, last, done = self.client.changes(since, limit=200)

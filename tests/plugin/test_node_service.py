@@ -158,6 +158,28 @@ def test_a_study_whose_stable_event_died_with_orthanc_is_still_processed(
     assert node.ready()["loops"]["reconciler"]["status"] == "ok"
 
 
+def test_a_new_ledger_follows_from_now_and_history_is_reprocessed_only_when_asked(
+    orthanc: OrthancProcess, orthanc_client: OrthancClient, node_factory: Callable[..., NodeProcess]
+) -> None:
+    old, new = _studies(2, seed=15)
+    upload_study(old, orthanc_client)
+    old_id = orthanc_client.find_study(old.identity.study_instance_uid)
+    wait_until(lambda: orthanc_client.get_json(f"/studies/{old_id}")["IsStable"], 30, "the old study to be stable")
+    node = node_factory(orthanc)  # a ledger that does not exist yet, beside an Orthanc with history
+    node.start()
+    upload_study(new, orthanc_client)
+    wait_until(_finished(node, 1), 120, "the new study's job", node.log_tail)
+    assert [j["study_instance_uid"] for j in node.jobs()] == [new.identity.study_instance_uid]
+    assert "new ledger: following Orthanc from change" in node.log_tail(200)
+    assert node.post("/reprocess?since=20000101") == {"since": "20000101", "studies": 2}
+    wait_until(_finished(node, 2), 120, "the old study, asked for", node.log_tail)
+    jobs = node.jobs()
+    assert sorted(j["study_instance_uid"] for j in jobs) == sorted(s.identity.study_instance_uid for s in (old, new)), (
+        "the new study's job is found again, not repeated"
+    )
+    assert {j["state"] for j in jobs} == {"done"}
+
+
 def _upload(datasets: list[pydicom.Dataset], client: OrthancClient) -> None:
     for ds in datasets:
         client.upload_dataset(ds)
