@@ -30,6 +30,7 @@ from radfed.inference.frames import (
     is_enhanced,
     non_image_reason,
 )
+from radfed.inference.redaction import error_text, uid_digest
 from radfed.inference.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def read_series_files(paths: Iterable[Path]) -> list[Dataset]:
         try:
             datasets.append(pydicom.dcmread(path))
         except (InvalidDicomError, OSError) as exc:
-            raise DicomInputError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+            raise DicomInputError(f"{path.name}: not a readable DICOM file ({error_text(exc)})") from exc
     return datasets
 
 
@@ -132,7 +133,7 @@ def image_instances(datasets: Sequence[Dataset]) -> list[Dataset]:
         if reason is None:
             images.append(ds)
         else:
-            skipped.append(f"instance {_sop(ds)}: {reason}")
+            skipped.append(f"instance {_named(ds)}: {reason}")
     if not images:
         raise NotAVolumeError(
             VolumeErrorCause.NOT_AN_IMAGE, f"no image among {len(datasets)} instance(s): {'; '.join(skipped[:3])}"
@@ -144,22 +145,22 @@ def image_instances(datasets: Sequence[Dataset]) -> list[Dataset]:
 
 def _frames_of(ds: Dataset) -> list[_Frame]:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise NotAVolumeError(VolumeErrorCause.NO_PIXEL_DATA, f"instance {_sop(ds)} is an image without pixel data")
+        raise NotAVolumeError(VolumeErrorCause.NO_PIXEL_DATA, f"instance {_named(ds)} is an image without pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise NotAVolumeError(
             VolumeErrorCause.NOT_GRAYSCALE,
-            f"instance {_sop(ds)} has {ds.SamplesPerPixel} samples per pixel "
+            f"instance {_named(ds)} has {ds.SamplesPerPixel} samples per pixel "
             f"({ds.get('PhotometricInterpretation', '?')})",
         )
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     if "LOCALIZER" in image_type:
-        raise NotAVolumeError(VolumeErrorCause.LOCALIZER, f"instance {_sop(ds)} is a localizer")
+        raise NotAVolumeError(VolumeErrorCause.LOCALIZER, f"instance {_named(ds)} is a localizer")
     if is_enhanced(ds):
         return _enhanced_frames(ds)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise NotAVolumeError(
             VolumeErrorCause.MISSING_GEOMETRY,
-            f"instance {_sop(ds)} has {ds.NumberOfFrames} frames but no per-frame geometry",
+            f"instance {_named(ds)} has {ds.NumberOfFrames} frames but no per-frame geometry",
         )
     if "MOSAIC" in image_type:
         return _mosaic_frames(ds)
@@ -170,13 +171,19 @@ def _sop(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "?"))
 
 
+def _named(ds: Dataset) -> str:
+    """The instance as messages name it: a short hash of its SOP Instance UID (job reasons are logged and shown in
+    Orthanc Explorer)."""
+    return uid_digest(str(ds.get("SOPInstanceUID", "")))
+
+
 def _vector(values: object, n: int, what: str, ds: Dataset) -> np.ndarray:
     try:
         vec = np.array([float(v) for v in values], dtype=np.float64)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
-        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{what} unreadable in {_sop(ds)}") from exc
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{what} unreadable in {_named(ds)}") from exc
     if vec.shape != (n,) or not np.all(np.isfinite(vec)):
-        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{what} malformed in {_sop(ds)}")
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{what} malformed in {_named(ds)}")
     return vec
 
 
@@ -185,7 +192,7 @@ def _orientation(values: object, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     row, col = iop[:3], iop[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
         raise NotAVolumeError(
-            VolumeErrorCause.MISSING_GEOMETRY, f"ImageOrientationPatient not orthonormal in {_sop(ds)}"
+            VolumeErrorCause.MISSING_GEOMETRY, f"ImageOrientationPatient not orthonormal in {_named(ds)}"
         )
     return row / np.linalg.norm(row), col / np.linalg.norm(col)
 
@@ -203,9 +210,7 @@ def _decode(ds: Dataset) -> np.ndarray:
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:
-        raise NotAVolumeError(
-            VolumeErrorCause.UNDECODABLE_PIXELS, f"instance {_sop(ds)}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise NotAVolumeError(VolumeErrorCause.UNDECODABLE_PIXELS, f"instance {_named(ds)}: {error_text(exc)}") from exc
 
 
 def _temporal_key(ds: Dataset) -> tuple[float, ...]:
@@ -222,7 +227,7 @@ def _temporal_key(ds: Dataset) -> tuple[float, ...]:
 def _classic_frame(ds: Dataset) -> _Frame:
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
-        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{', '.join(missing)} missing in {_sop(ds)}")
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{', '.join(missing)} missing in {_named(ds)}")
     row, col = _orientation(ds.ImageOrientationPatient, ds)
     spacing = _vector(ds.PixelSpacing, 2, "PixelSpacing", ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -245,7 +250,7 @@ def _mosaic_frames(ds: Dataset) -> list[_Frame]:
     """Unpack a Siemens mosaic into its slices with their true positions."""
     tiles = siemens_csa.mosaic_tile_count(ds)
     if not tiles:
-        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"mosaic {_sop(ds)} without a tile count")
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"mosaic {_named(ds)} without a tile count")
     mosaic = _classic_frame(ds)
     per_side = int(np.ceil(np.sqrt(tiles)))
     rows, columns = mosaic.rows // per_side, mosaic.columns // per_side
@@ -260,7 +265,7 @@ def _mosaic_frames(ds: Dataset) -> list[_Frame]:
         normal = -normal
     step = float(ds.get("SpacingBetweenSlices", 0) or ds.get("SliceThickness", 0) or 0)
     if step <= 0:
-        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"mosaic {_sop(ds)} without slice spacing")
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"mosaic {_named(ds)} without slice spacing")
     cache: dict[str, np.ndarray] = {}
 
     def tile(index: int) -> np.ndarray:
@@ -301,7 +306,7 @@ def _enhanced_frames(ds: Dataset) -> list[_Frame]:
     if len(facts) != n_frames:
         raise NotAVolumeError(
             VolumeErrorCause.MISSING_GEOMETRY,
-            f"{_sop(ds)} has {n_frames} frames but {len(facts)} per-frame functional groups",
+            f"{_named(ds)} has {n_frames} frames but {len(facts)} per-frame functional groups",
         )
     for index in range(n_frames):
         position = functional_group(ds, index, "PlanePositionSequence")
@@ -309,7 +314,7 @@ def _enhanced_frames(ds: Dataset) -> list[_Frame]:
         measures = functional_group(ds, index, "PixelMeasuresSequence")
         if position is None or orientation is None or measures is None or "PixelSpacing" not in measures:
             raise NotAVolumeError(
-                VolumeErrorCause.MISSING_GEOMETRY, f"frame {index + 1} of {_sop(ds)} has no plane geometry"
+                VolumeErrorCause.MISSING_GEOMETRY, f"frame {index + 1} of {_named(ds)} has no plane geometry"
             )
         row, col = _orientation(orientation.ImageOrientationPatient, ds)
         spacing = _vector(measures.PixelSpacing, 2, "PixelSpacing", ds)

@@ -29,6 +29,7 @@ from radfed.inference.frames import (
     slices_per_volume,
 )
 from radfed.inference.orthanc.client import OrthancClient
+from radfed.inference.redaction import uid_digest
 from radfed.inference.selection import SeriesInfo
 
 SEG_MODALITY = "SEG"
@@ -74,10 +75,15 @@ class _SeriesContent:
 
     def info(self, handle: str) -> SeriesInfo:
         if self.header is None:
-            raise DicomInputError(f"series {handle} has no instances")
+            raise DicomInputError(f"series {_series_label(handle)} has no instances")
         slices = _slices(self.header, self.frames) if self.images else 0
         non_images = tuple(what for _, _, what in self.others)
         return SeriesInfo.from_header(self.header, slices, handle, non_image_instances=non_images)
+
+
+def _series_label(handle: str) -> str:
+    """A series as messages name it: its Orthanc id, or a short hash where the handle is its UID (a folder)."""
+    return uid_digest(handle) if handle.replace(".", "").isdigit() else handle
 
 
 def _slices(header: Dataset, frames: list[FrameFacts]) -> int:

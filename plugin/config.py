@@ -6,6 +6,7 @@ of ``repr`` and never logged.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -36,6 +37,23 @@ class CStoreTarget:
     calling_aet: str = "RADFED"
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    """The node's DICOM Storage SCP (``[scp]``): where it listens and whom it lets in.
+
+    Empty allow-lists let in every calling AE title, every peer that reaches ``host``.
+    """
+
+    port: int
+    ae_title: str = "RADFED"
+    host: str = "127.0.0.1"  # an interface address; 0.0.0.0 (or ::) for every interface
+    allowed_aets: frozenset[str] = frozenset()
+    allowed_peers: tuple[IPNetwork, ...] = ()  # single addresses are /32 (/128) networks
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     orthanc: OrthancEndpoint
@@ -54,8 +72,7 @@ class NodeConfig:
     cstore: CStoreTarget | None = None
     seg_encoding: str = "BINARY"
     key_images: bool = False
-    scp_port: int | None = None
-    scp_aet: str = "RADFED"
+    scp: ScpSettings | None = None  # a Storage SCP runs when [scp] enabled = true
     onnx_threads: int | None = None
     prefetch: bool = True  # prepare arriving studies before StableStudy (plugin/prefetch.py)
     prefetch_quiet_s: float = 0.5
@@ -66,6 +83,14 @@ class NodeConfig:
     # defaults to 60 s; its stability events are lost when it crashes).
     reconcile_quiet_s: float = 180.0
     reconcile_interval_s: float = 30.0
+
+    @property
+    def scp_port(self) -> int | None:
+        return self.scp.port if self.scp is not None else None
+
+    @property
+    def scp_aet(self) -> str:
+        return self.scp.ae_title if self.scp is not None else "RADFED"
 
     @property
     def ledger_path(self) -> Path:
@@ -91,6 +116,48 @@ def _seg_encoding(value: str) -> str:
     if value not in ("BINARY", "LABELMAP"):
         raise ConfigError(f"output.seg_encoding must be BINARY or LABELMAP, got {value!r}")
     return value
+
+
+def _ae_title(value: str, where: str) -> str:
+    """An AE title as PS3.5 6.2 allows it: 1 to 16 characters of printable ASCII but backslash, not all spaces."""
+    title = value.strip()
+    if not 0 < len(title) <= 16 or any(not " " <= c <= "~" or c == "\\" for c in title):
+        raise ConfigError(f"{where} must be 1 to 16 printable ASCII characters without backslash, got {value!r}")
+    return title
+
+
+def _string_list(table: Mapping[str, Any], key: str, where: str) -> list[str]:
+    values = _get(table, key, list, [], where)
+    if not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{where}.{key} must be a list of strings, got {values!r}")
+    return list(values)
+
+
+def _peer_network(value: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"scp.allowed_peers: {value!r} is not an IP address or network ({exc})") from None
+
+
+def _scp_settings(scp: Mapping[str, Any]) -> ScpSettings | None:
+    if not _get(scp, "enabled", bool, False, "scp"):
+        return None
+    port = _get(scp, "port", int, None, "scp")
+    if port is None or isinstance(port, bool) or not 0 < port < 65536:
+        raise ConfigError(f"scp.port must be a TCP port (1-65535) when scp.enabled = true, got {port!r}")
+    host = _get(scp, "host", str, "127.0.0.1", "scp")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"scp.host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {host!r}") from None
+    return ScpSettings(
+        port=port,
+        ae_title=_ae_title(_get(scp, "aet", str, "RADFED", "scp"), "scp.aet"),
+        host=host,
+        allowed_aets=frozenset(_ae_title(v, "scp.allowed_aets") for v in _string_list(scp, "allowed_aets", "scp")),
+        allowed_peers=tuple(_peer_network(v) for v in _string_list(scp, "allowed_peers", "scp")),
+    )
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
@@ -157,8 +224,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         cstore=cstore,
         seg_encoding=_seg_encoding(_get(output, "seg_encoding", str, "BINARY", "output")),
         key_images=_get(output, "key_images", bool, False, "output"),
-        scp_port=_get(scp, "port", int, None, "scp") if scp.get("enabled", False) else None,
-        scp_aet=_get(scp, "aet", str, "RADFED", "scp"),
+        scp=_scp_settings(scp),
         onnx_threads=_get(node, "onnx_threads", int, None, "node"),
         prefetch=_get(node, "prefetch", bool, True, "node"),
         prefetch_quiet_s=_get(node, "prefetch_quiet_s", float, 0.5, "node"),

@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from radfed.inference.errors import NotAVolumeError, VolumeErrorCause
+from radfed.inference.redaction import uid_digest
 from radfed.inference.series import volume_from_datasets
 from radfed.inference.synthetic.sites import Sequence
 from radfed.inference.synthetic.study import SyntheticStudy
@@ -163,7 +164,7 @@ def test_corrupt_pixel_data_is_named(small_study: SyntheticStudy) -> None:
     datasets = _t2w(small_study)
     datasets[5].PixelData = datasets[5].PixelData[:100]
     error = _expect(VolumeErrorCause.UNDECODABLE_PIXELS, datasets)
-    assert datasets[5].SOPInstanceUID in str(error)
+    assert uid_digest(datasets[5].SOPInstanceUID) in str(error) and datasets[5].SOPInstanceUID not in str(error)
 
 
 def test_jpeg_baseline_series(small_study: SyntheticStudy) -> None:

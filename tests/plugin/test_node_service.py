@@ -15,6 +15,7 @@ import requests
 from radfed.dicom_sr.validation import check_dciodvfy
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.orthanc.launcher import OrthancProcess
+from radfed.inference.redaction import uid_digest
 from radfed.inference.synthetic.sites import Sequence, site_profile
 from radfed.inference.synthetic.study import SyntheticStudy, render_study
 from radfed.inference.synthetic.writer import study_datasets, upload_study
@@ -222,7 +223,8 @@ def test_malformed_studies_fail_their_own_jobs(
     assert "no series matched rule dwi" in by_study[missing.identity.study_instance_uid]["reason"]
     failed_corrupt = by_study[corrupt.identity.study_instance_uid]
     assert failed_corrupt["state"] == "failed" and failed_corrupt["failure_kind"] == "bad-input:undecodable-pixels"
-    assert victim.SOPInstanceUID in failed_corrupt["reason"]
+    assert uid_digest(victim.SOPInstanceUID) in failed_corrupt["reason"]  # a short hash: reasons are shown in Explorer
+    assert victim.SOPInstanceUID not in failed_corrupt["reason"]
     assert "modality CT is not MR" in by_study[wrong.identity.study_instance_uid]["reason"]
     failed_poison = by_study[poison.identity.study_instance_uid]
     assert failed_poison["state"] == "failed" and failed_poison["reason"], failed_poison
