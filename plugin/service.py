@@ -150,10 +150,10 @@ class NodeService:
         if recovered:
             logger.warning("%d job(s) were running when the service stopped; queued again", recovered)
         self.load_active_model()
-        if self.config.scp_port is not None:
+        if self.config.scp is not None:
             from radfed.plugin.scp import start_storage_scp
 
-            self._scp = start_storage_scp(OrthancClient(self.config.orthanc), self.config.scp_port, self.config.scp_aet)
+            self._scp = start_storage_scp(OrthancClient(self.config.orthanc), self.config.scp)
         loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox), ("reconciler", self._reconcile)]
         loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
