@@ -30,7 +30,9 @@ BRAIN = ROOT.parent / "shared" / "data" / "brain_tumor_progression"
 FOLDS = 3
 STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_STEPS", "1500"))
 SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
-ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
+ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")  # and "federated" (brain)
+SITES = 2  # the federated arm's hospitals
+FEDERATED_LOCAL_STEPS = 50  # per round; rounds = steps / (local steps x sites): the centralised step budget
 
 # Published reference figures (README): a 2-D U-Net on single-sequence glioma MRI reaches mean Dice ~0.8
 # (Buda et al., Computers in Biology and Medicine 2019: 0.82 on FLAIR of 110 lower-grade glioma patients).
@@ -111,6 +113,7 @@ class Job:
     sources: tuple[str, ...]
     test_keys: tuple[str, ...]  # study keys of this fold's test studies
     cache: str
+    site_keys: tuple[tuple[str, ...], ...] = ()  # the federated arm: training studies of each simulated site
 
 
 def _brain_dataset(work: Path) -> tuple[Path, dict[str, int]]:
@@ -143,9 +146,15 @@ def _jobs(work: Path) -> list[Job]:
         root, patients = _brain_dataset(work)
         for fold in range(FOLDS):
             test = tuple(study_key(f"brain/{c}") for c, p in patients.items() if (p - 1) % FOLDS == fold)
+            # the federated arm: the fold's training patients alternate between two hospitals
+            training = sorted({p for p in patients.values() if (p - 1) % FOLDS != fold})
+            sites = tuple(
+                tuple(study_key(f"brain/{c}") for c, p in patients.items() if p in training[i::SITES])
+                for i in range(SITES)
+            )
             for arm in ARMS:
-                text = BRAIN_SPEC if arm == "planned" else _first_wave(BRAIN_SPEC, "[1.0, 1.0, 1.0]")
-                jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache")))
+                text = _first_wave(BRAIN_SPEC, "[1.0, 1.0, 1.0]") if arm == "first-wave" else BRAIN_SPEC
+                jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites))
     if "prostate" in SETS:
         from radfed.inference.synthetic.writer import synthesize_to_folder
         from radfed.inference.taskspec import load_task_spec
@@ -196,13 +205,15 @@ def _run(job: Job) -> dict[str, Any]:
         if step % 250 == 0 or step == total:
             print(f"  {job.dataset} {job.arm} fold {job.fold}: step {step}/{total}, loss {loss:.3f}", flush=True)
 
+    if job.arm == "federated":
+        return [_federated(job, spec, train, test)]
     trained = fit(spec, train, seed=job.fold, steps=STEPS, progress=progress)
     # Postprocessing and test-time variants of the same trained model (free of training noise).
     variants = {job.arm: trained.spec}
     if job.arm == "planned":
         variants["planned, no share-of-largest rule"] = trained.spec.with_outputs(min_lesion_fraction=0.0)
-        variants["planned + mirroring TTA"] = replace(
-            trained.spec, inference=replace(trained.spec.inference, mirror=True)
+        variants["planned, no mirroring TTA"] = replace(
+            trained.spec, inference=replace(trained.spec.inference, mirror=False)
         )
     rows = []
     for name, variant in variants.items():
@@ -222,6 +233,38 @@ def _run(job: Job) -> dict[str, Any]:
             }
         )
     return rows
+
+
+def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[str, Any]:
+    """The same fold trained by FedAvg over two simulated hospitals (no DP), as many steps in all as the
+    centralised arm, the job's own site training and aggregation code (federation/experiments.py)."""
+    import time
+
+    from radfed.federation.calibration import reference_fraction
+    from radfed.federation.experiments import Arm, Budget, Experiment
+
+    sites = {f"site-{i + 1}": [s for s in train if s.key in keys] for i, keys in enumerate(job.site_keys)}
+    # the share-of-largest rule from the sites' reference masks (an aggregate: kept-volume fractions)
+    spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train))
+    rounds = max(1, STEPS // (FEDERATED_LOCAL_STEPS * len(sites)))
+    budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold, every_round=False)
+    started = time.perf_counter()
+    result = Experiment(spec, {}, budget).federate(
+        Arm("federated", harmonise=False), sites, test, lambda line: print(f"  brain fold {job.fold}: {line}")
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "dataset": job.dataset,
+        "arm": f"federated, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps (no DP)",
+        "fold": job.fold,
+        "train": len(train),
+        "test": len(test),
+        "steps": rounds * FEDERATED_LOCAL_STEPS * len(sites),
+        "seconds_per_step": seconds / (rounds * FEDERATED_LOCAL_STEPS * len(sites)),
+        "min_lesion_fraction": spec.outputs.lesion_fraction,
+        "plan": spec.plan.reasons[-1] if spec.plan else "",
+        **result.pooled,
+    }
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> str:

@@ -119,9 +119,14 @@ class Experiment:
         # the cohorts carry the job's plan (load_site_cohorts); the spec given may be the unplanned one
         self.spec = next(iter(self.cohorts.values())).spec if self.cohorts else spec
         self.budget = budget
-        self.landmarks = reference_landmarks(
-            {s: c.channel_landmarks(budget.held_out_fraction) for s, c in self.cohorts.items()},
-            {s: len(c.split(budget.held_out_fraction)[0]) for s, c in self.cohorts.items()},
+        # No cohorts: the caller brings its own split (``federate``), unharmonised.
+        self.landmarks = (
+            reference_landmarks(
+                {s: c.channel_landmarks(budget.held_out_fraction) for s, c in self.cohorts.items()},
+                {s: len(c.split(budget.held_out_fraction)[0]) for s, c in self.cohorts.items()},
+            )
+            if self.cohorts
+            else None
         )
 
     def split(self, harmonise: bool) -> tuple[dict[str, list[TrainingSample]], list[TrainingSample]]:
@@ -158,6 +163,16 @@ class Experiment:
         result.seconds = time.perf_counter() - started
         result.seed = self.budget.seed
         return result
+
+    def federate(
+        self,
+        arm: Arm,
+        train: dict[str, list[TrainingSample]],
+        test: list[TrainingSample],
+        progress: Callable[[str], None] = lambda _: None,
+    ) -> ArmResult:
+        """A federated arm on a split the caller made (e.g. patient-level folds of a real set)."""
+        return self._federated(arm, train, test, progress)
 
     def _centralised(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
         pooled = [s for samples in train.values() for s in samples]

@@ -122,7 +122,9 @@ class InferenceSettings:
 
     overlap: float = 0.5
     gaussian: bool = True
-    mirror: bool = False
+    # Measured on the real brain set (bench quality, same models): Dice 0.59 -> 0.61, false-positive components
+    # 3.1 -> 2.4 per study, for twice the model time on the flip axes.
+    mirror: bool = True
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,7 @@ def _inference(r: _Reader | None) -> InferenceSettings:
     if not 0 <= overlap < 1:
         raise TaskSpecError(f"inference.overlap must be in [0, 1), got {overlap}")
     return InferenceSettings(
-        overlap=overlap, gaussian=r.get("gaussian", bool, True), mirror=r.get("mirror", bool, False)
+        overlap=overlap, gaussian=r.get("gaussian", bool, True), mirror=r.get("mirror", bool, True)
     )
 
 
