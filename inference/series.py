@@ -121,7 +121,11 @@ def volume_from_datasets(
         raise NotAVolumeError(VolumeErrorCause.MULTIPLE_SERIES, f"{len(series_uids)} series mixed")
     images = image_instances(datasets)
     frames = [frame for ds in images for frame in _frames_of(ds)]
+    n_images = len(frames)
     frames = _one_volume(frames, pick or FramePick())
+    if len(frames) == 1 < n_images and not allow_single_slice:
+        # One position repeated is not a volume with one slice: say what is wrong with it.
+        raise NotAVolumeError(VolumeErrorCause.DUPLICATE_POSITIONS, f"all {n_images} images lie at one position")
     return _assemble(frames, images[0], allow_single_slice=allow_single_slice)
 
 
@@ -144,7 +148,7 @@ def image_instances(datasets: Sequence[Dataset]) -> list[Dataset]:
 
 
 def _frames_of(ds: Dataset) -> list[_Frame]:
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if not _has_pixel_bytes(ds):
         raise NotAVolumeError(VolumeErrorCause.NO_PIXEL_DATA, f"instance {_named(ds)} is an image without pixel data")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise NotAVolumeError(
@@ -152,7 +156,7 @@ def _frames_of(ds: Dataset) -> list[_Frame]:
             f"instance {_named(ds)} has {ds.SamplesPerPixel} samples per pixel "
             f"({ds.get('PhotometricInterpretation', '?')})",
         )
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    image_type = [str(v).upper() for v in ds.get("ImageType") or []]  # present but empty reads as None
     if "LOCALIZER" in image_type:
         raise NotAVolumeError(VolumeErrorCause.LOCALIZER, f"instance {_named(ds)} is a localizer")
     if is_enhanced(ds):
@@ -165,6 +169,16 @@ def _frames_of(ds: Dataset) -> list[_Frame]:
     if "MOSAIC" in image_type:
         return _mosaic_frames(ds)
     return [_classic_frame(ds)]
+
+
+def _has_pixel_bytes(ds: Dataset) -> bool:
+    """Whether a pixel data element is present and not empty (a 0-byte PixelData reads back as None)."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            value = ds[keyword].value
+            if value is not None and len(value) > 0:
+                return True
+    return False
 
 
 def _sop(ds: Dataset) -> str:
@@ -185,6 +199,15 @@ def _vector(values: object, n: int, what: str, ds: Dataset) -> np.ndarray:
     if vec.shape != (n,) or not np.all(np.isfinite(vec)):
         raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{what} malformed in {_named(ds)}")
     return vec
+
+
+def _pixel_spacing(values: object, ds: Dataset) -> np.ndarray:
+    spacing = _vector(values, 2, "PixelSpacing", ds)
+    if not np.all(spacing > 0):
+        raise NotAVolumeError(
+            VolumeErrorCause.MISSING_GEOMETRY, f"PixelSpacing {spacing.tolist()} is not positive in {_named(ds)}"
+        )
+    return spacing
 
 
 def _orientation(values: object, ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +252,7 @@ def _classic_frame(ds: Dataset) -> _Frame:
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
         raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, f"{', '.join(missing)} missing in {_named(ds)}")
     row, col = _orientation(ds.ImageOrientationPatient, ds)
-    spacing = _vector(ds.PixelSpacing, 2, "PixelSpacing", ds)
+    spacing = _pixel_spacing(ds.PixelSpacing, ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     return _Frame(
@@ -317,7 +340,7 @@ def _enhanced_frames(ds: Dataset) -> list[_Frame]:
                 VolumeErrorCause.MISSING_GEOMETRY, f"frame {index + 1} of {_named(ds)} has no plane geometry"
             )
         row, col = _orientation(orientation.ImageOrientationPatient, ds)
-        spacing = _vector(measures.PixelSpacing, 2, "PixelSpacing", ds)
+        spacing = _pixel_spacing(measures.PixelSpacing, ds)
         transform = functional_group(ds, index, "PixelValueTransformationSequence")
         slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
         intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
@@ -460,6 +483,8 @@ def _assemble(frames: list[_Frame], first_ds: Dataset, *, allow_single_slice: bo
     affine[:3, 1] = in_plane[0]
     affine[:3, 2] = in_plane[1]
     affine[:3, 3] = frames[0].position
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise NotAVolumeError(VolumeErrorCause.MISSING_GEOMETRY, "the voxel grid is degenerate (zero spacing)")
     array = np.stack([frame.pixels() for frame in frames])
     frame_of_reference = first_ds.get("FrameOfReferenceUID")
     return Volume(
