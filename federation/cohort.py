@@ -30,7 +30,7 @@ from radfed.inference.preprocess import (
     normalize_channels,
 )
 from radfed.inference.resample import resample_to
-from radfed.inference.segmentation import read_segmentation
+from radfed.inference.segmentation import FRACTIONAL_THRESHOLD, SegmentationOnGrid, read_segmentation
 from radfed.inference.study_source import FolderStudy, OrthancStudy, StudySource
 from radfed.inference.taskspec import LabelSource, TaskSpec
 from radfed.inference.volume import Volume
@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 
 UNKNOWN_LABEL = -1  # no class label for the study: left out of the classification loss and figures
+# Rejection reason (the text before the colon) of a study whose reference SEG marks nothing: kept, it would
+# silently teach "no lesion" (FRACTIONAL SEGs storing 1/255 for "inside" read empty at the standard's 0.5).
+EMPTY_REFERENCE_SEG = "empty-reference-seg"
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +89,11 @@ class ReadinessReport:
     positives: int = 0
     unknown: int = 0  # usable for segmentation, no class label
     rejected: list[Rejection] = field(default_factory=list)
+
+    @property
+    def empty_reference_segs(self) -> int:
+        """Studies rejected because their reference SEG is empty (or only below the FRACTIONAL threshold)."""
+        return self.rejection_counts().get(EMPTY_REFERENCE_SEG, 0)
 
     def rejection_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -154,6 +162,7 @@ def reference_lesions(
             if referenced and reference_series_uid not in referenced:
                 continue
             seg = read_segmentation(ds, reference)
+            refuse_empty_reference(seg, spec)
             for segment in seg.segments:
                 if spec.segmentation_labels.is_lesion(segment.property_type):
                     mask |= seg.masks[segment.segment_number].astype(np.uint8)
@@ -161,6 +170,31 @@ def reference_lesions(
     if not placed:
         raise CohortError("reference-seg: no SEG references the selected reference series")
     return mask
+
+
+def refuse_empty_reference(seg: SegmentationOnGrid, spec: TaskSpec) -> None:
+    """Raise when a reference SEG marks nothing, or a lesion segment holds only fractions below the threshold.
+
+    An empty reference is not evidence of "no lesion": a study without lesions still has its gland (or
+    other) segment. Rejecting it, with its own reason, is safer than training on it as lesion-free.
+    """
+    faint = seg.faint_segments
+    if len(seg.empty_segments) == len(seg.segments):
+        detail = f"all {len(seg.segments)} segment(s) are empty"
+        if faint:
+            detail += (
+                f"; FRACTIONAL values reach only {max(faint.values()):.4f} of the maximum, below the "
+                f"{FRACTIONAL_THRESHOLD} threshold"
+            )
+        raise CohortError(f"{EMPTY_REFERENCE_SEG}: {detail}")
+    faint_lesions = [
+        number for number in faint if spec.segmentation_labels.is_lesion(seg.segment(number).property_type)
+    ]
+    if faint_lesions:
+        raise CohortError(
+            f"{EMPTY_REFERENCE_SEG}: lesion segment(s) {faint_lesions} hold only FRACTIONAL values below the "
+            f"{FRACTIONAL_THRESHOLD} threshold (largest {max(faint[n] for n in faint_lesions):.4f})"
+        )
 
 
 def study_fingerprint(reference: Volume, channels: Mapping[str, npt.NDArray[np.floating]]) -> StudyFingerprint:
@@ -229,7 +263,7 @@ def _open_folder(folder: Path) -> FolderStudy | None:
         return None
 
 
-CACHE_FORMAT = "cohort-entry/3"
+CACHE_FORMAT = "cohort-entry/4"  # 4: entries cached before empty reference SEGs were refused are rebuilt
 
 
 class SiteCohort:

@@ -10,7 +10,7 @@ names one; what cannot be placed raises :class:`SegmentationReadError` with the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -25,6 +25,8 @@ from radfed.inference.volume import Volume
 _IN_PLANE_TOLERANCE_VOXELS = 0.1
 _THROUGH_PLANE_TOLERANCE_SLICES = 0.1
 _ORIENTATION_TOLERANCE = 1e-3
+# Segment membership in a FRACTIONAL SEG: at least half of MaximumFractionalValue (the usual reading).
+FRACTIONAL_THRESHOLD = 0.5
 
 
 class SegmentationType(StrEnum):
@@ -53,6 +55,14 @@ class SegmentationOnGrid:
     masks: dict[int, npt.NDArray[np.bool_]]
     grid: Volume
     sop_instance_uid: str
+    # FRACTIONAL segments with stored values above 0 that all fall below the threshold (an empty mask from
+    # a non-empty segment: e.g. a writer that stores 1/255 for "inside"), with their largest fraction.
+    faint_segments: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def empty_segments(self) -> tuple[int, ...]:
+        """Segments whose mask holds no voxel, faint ones included."""
+        return tuple(info.segment_number for info in self.segments if not self.masks[info.segment_number].any())
 
     def segment(self, number: int) -> SegmentInfo:
         for info in self.segments:
@@ -87,7 +97,8 @@ def _segments(ds: Dataset) -> dict[int, SegmentInfo]:
     return segments
 
 
-def _decoded_frames(ds: Dataset, seg_type: SegmentationType) -> np.ndarray:
+def _decoded_frames(ds: Dataset, seg_type: SegmentationType) -> tuple[np.ndarray, npt.NDArray[np.float32] | None]:
+    """Frames as masks (BINARY, FRACTIONAL) or labels (LABELMAP), and each FRACTIONAL frame's largest fraction."""
     try:
         pixels = np.asarray(ds.pixel_array)
     except Exception as exc:
@@ -96,11 +107,12 @@ def _decoded_frames(ds: Dataset, seg_type: SegmentationType) -> np.ndarray:
         pixels = pixels[np.newaxis]
     if seg_type is SegmentationType.FRACTIONAL:
         maximum = float(ds.get("MaximumFractionalValue", 255) or 255)
-        # Segment membership: at least half of the maximum (the usual reading of a fractional SEG).
-        return np.asarray(pixels.astype(np.float32) / maximum >= 0.5)
+        fractions = pixels.astype(np.float32) / np.float32(maximum)
+        peaks = fractions.reshape(len(fractions), -1).max(axis=1) if fractions.size else np.zeros(0, np.float32)
+        return np.asarray(fractions >= FRACTIONAL_THRESHOLD), peaks
     if seg_type is SegmentationType.BINARY:
-        return np.asarray(pixels > 0)
-    return pixels
+        return np.asarray(pixels > 0), None
+    return pixels, None
 
 
 def _source_reference(per_frame: Dataset) -> tuple[str, int] | None:
@@ -165,6 +177,7 @@ class _PlacedFrame:
     frame_number: int
     segment_number: int | None  # None for LABELMAP frames (pixel values are segment numbers)
     pixels: np.ndarray
+    peak_fraction: float | None  # the largest stored fraction (FRACTIONAL frames only)
 
 
 def _checked_header(ds: Dataset, grid: Volume) -> SegmentationType:
@@ -188,7 +201,7 @@ def _checked_header(ds: Dataset, grid: Volume) -> SegmentationType:
 
 def _placed_frames(ds: Dataset, grid: Volume, seg_type: SegmentationType) -> Iterator[_PlacedFrame]:
     """Every frame with the grid slice it belongs on (by geometry, cross-checked by source reference)."""
-    frames = _decoded_frames(ds, seg_type)
+    frames, peaks = _decoded_frames(ds, seg_type)
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame_groups = list(ds.get("PerFrameFunctionalGroupsSequence", []))
     if len(per_frame_groups) != len(frames):
@@ -217,12 +230,13 @@ def _placed_frames(ds: Dataset, grid: Volume, seg_type: SegmentationType) -> Ite
             why = "an image outside the reference series" if reference is not None else "no source image"
             raise SegmentationReadError(f"frame {frame_number}: no plane position and {why}: cannot be placed")
         if seg_type is SegmentationType.LABELMAP:
-            yield _PlacedFrame(slice_index, frame_number, None, pixels)
+            yield _PlacedFrame(slice_index, frame_number, None, pixels, None)
             continue
         identification = _group(per_frame, shared, "SegmentIdentificationSequence")
         if identification is None or "ReferencedSegmentNumber" not in identification:
             raise SegmentationReadError(f"frame {frame_number}: no ReferencedSegmentNumber")
-        yield _PlacedFrame(slice_index, frame_number, int(identification.ReferencedSegmentNumber), pixels)
+        peak = float(peaks[frame_index]) if peaks is not None else None
+        yield _PlacedFrame(slice_index, frame_number, int(identification.ReferencedSegmentNumber), pixels, peak)
 
 
 def _segments_of_interest(ds: Dataset, seg_type: SegmentationType) -> dict[int, SegmentInfo]:
@@ -248,6 +262,7 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
     seg_type = _checked_header(ds, grid)
     segments = _segments_of_interest(ds, seg_type)
     masks = {number: np.zeros(grid.shape, dtype=bool) for number in segments}
+    peaks: dict[int, float] = {}
     for frame in _placed_frames(ds, grid, seg_type):
         if frame.segment_number is None:
             for number in np.unique(frame.pixels):
@@ -262,11 +277,14 @@ def read_segmentation(ds: Dataset, grid: Volume) -> SegmentationOnGrid:
         if frame.segment_number not in masks:
             raise SegmentationReadError(f"frame {frame.frame_number}: segment {frame.segment_number} is not described")
         masks[frame.segment_number][frame.slice_index] |= frame.pixels.astype(bool)
+        if frame.peak_fraction is not None:
+            peaks[frame.segment_number] = max(peaks.get(frame.segment_number, 0.0), frame.peak_fraction)
     return SegmentationOnGrid(
         segments=tuple(segments[n] for n in sorted(segments)),
         masks=masks,
         grid=grid,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        faint_segments={n: peak for n, peak in sorted(peaks.items()) if peak > 0 and not masks[n].any()},
     )
 
 
