@@ -77,21 +77,35 @@ def _temperature(predictions: Sequence[Prediction], samples: Sequence[TrainingSa
     return min(TEMPERATURES, key=nll)
 
 
-def reference_fraction(samples: Sequence[TrainingSample]) -> float:
-    """The largest share in ``FRACTIONS`` that, applied to the training studies' own reference masks, keeps
-    on average ``KEPT_REFERENCE`` of their lesion voxels: one large lesion with specks around it allows a
-    high share, several lesions of similar size a low one, lesions of every size none."""
-    kept: list[list[float]] = []
+def reference_kept(samples: Sequence[TrainingSample]) -> tuple[list[float], int]:
+    """For each share in ``FRACTIONS``: the sum over studies with reference lesions of the part of their
+    lesion volume that components of at least that share of the study's largest hold; and how many studies
+    that is. Sums and a count: what a site may send (aggregates, additive across sites)."""
+    kept = np.zeros(len(FRACTIONS))
+    studies = 0
     for sample in samples:
         found, count = ndimage.label(sample.lesions > 0, structure=np.ones((3, 3, 3), dtype=bool))
         if not count:
             continue
         sizes = np.bincount(found.ravel())[1:]
-        kept.append([float(sizes[sizes >= f * sizes.max()].sum() / sizes.sum()) for f in FRACTIONS])
-    if not kept:
+        kept += [float(sizes[sizes >= f * sizes.max()].sum() / sizes.sum()) for f in FRACTIONS]
+        studies += 1
+    return kept.tolist(), studies
+
+
+def fraction_from_kept(kept: Sequence[float], studies: int) -> float:
+    """The largest share whose mean kept reference volume is at least ``KEPT_REFERENCE`` (0 without lesions)."""
+    if studies <= 0:
         return 0.0
-    share = np.mean(kept, axis=0)
+    share = np.asarray(kept, dtype=np.float64) / studies
     return max(f for f, k in zip(FRACTIONS, share, strict=True) if k >= KEPT_REFERENCE)
+
+
+def reference_fraction(samples: Sequence[TrainingSample]) -> float:
+    """The largest share in ``FRACTIONS`` that, applied to the training studies' own reference masks, keeps
+    on average ``KEPT_REFERENCE`` of their lesion voxels: one large lesion with specks around it allows a
+    high share, several lesions of similar size a low one, lesions of every size none."""
+    return fraction_from_kept(*reference_kept(samples))
 
 
 def calibrate(

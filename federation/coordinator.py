@@ -38,6 +38,19 @@ class JobState:
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     velocity: list[npt.NDArray[Any]] | None = None
     plan: str | None = None  # the job's plan (JSON), fixed before round 1
+    # per site: summed kept reference volume per share (calibration.FRACTIONS) and its study count
+    lesion_kept_per_site: dict[str, tuple[list[float], int]] = field(default_factory=dict)
+
+    def lesion_fraction(self) -> float:
+        """The share-of-largest rule from every site's reference masks (sums of sums: exact pooling)."""
+        from radfed.federation.calibration import FRACTIONS, fraction_from_kept
+
+        kept = [0.0] * len(FRACTIONS)
+        studies = 0
+        for site_kept, site_studies in self.lesion_kept_per_site.values():
+            kept = [a + b for a, b in zip(kept, site_kept, strict=True)]
+            studies += site_studies
+        return fraction_from_kept(kept, studies)
 
     def save(self, out: Path) -> None:
         """Checkpoint after every round; both files are replaced atomically (arrays first)."""
@@ -53,6 +66,7 @@ class JobState:
             "studies_per_site": self.studies_per_site,
             "epsilon_per_site": self.epsilon_per_site,
             "plan": self.plan,
+            "lesion_kept_per_site": self.lesion_kept_per_site,
         }
         temporary = out / (JOB_STATE + ".tmp")
         temporary.write_text(json.dumps(meta, indent=1))
@@ -74,6 +88,7 @@ class JobState:
             dict(meta.get("epsilon_per_site", {})),
             velocity or None,
             meta.get("plan"),
+            {site: (list(kept), int(n)) for site, (kept, n) in meta.get("lesion_kept_per_site", {}).items()},
         )
 
 

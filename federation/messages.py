@@ -52,12 +52,20 @@ ALLOWED_METRICS = frozenset(
         "clientapp_seconds",
         "clientapp_start_seconds",
         "round_replayed",  # 1: the site sent its stored reply for a round it had trained (federation/site.py)
+        "lesion_kept_studies",  # training studies with reference lesions (the share-of-largest rule)
     }
 )
 # Aggregate vectors: binned study-score counts (evaluation) and mean intensity landmarks per channel
 # (harmonisation). Never per-study values.
 SCORE_BINS = 64  # study-score histogram bins (federation/evaluation.py)
-ALLOWED_VECTORS = {"eval_scores_positive": SCORE_BINS, "eval_scores_negative": SCORE_BINS}
+# Summed over a site's training studies, per share in calibration.FRACTIONS: the part of their reference lesion
+# volume in components of at least that share of the study's largest (federation/calibration.py).
+LESION_KEPT_LENGTH = 5
+ALLOWED_VECTORS = {
+    "eval_scores_positive": SCORE_BINS,
+    "eval_scores_negative": SCORE_BINS,
+    "lesion_kept": LESION_KEPT_LENGTH,
+}
 LANDMARK_PREFIX = "landmarks."
 LANDMARK_LENGTH = len(LANDMARK_PERCENTILES)
 # A site's dataset fingerprint for the job's plan (federation/planning.py): median and 10th-percentile

@@ -195,6 +195,12 @@ class Job:
             state.studies_per_site[site] = int(metrics.get("num-examples", 0))
             if "epsilon" in metrics:
                 state.epsilon_per_site[site] = float(metrics["epsilon"])
+            if "lesion_kept" in metrics:
+                kept = metrics["lesion_kept"]
+                state.lesion_kept_per_site[site] = (
+                    [float(v) for v in kept] if isinstance(kept, list) else [],
+                    int(metrics.get("lesion_kept_studies", 0)),
+                )
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
             site_lines[site] = scalars | {"bytes_down": down, "bytes_up": int(sum(a.nbytes for a in arrays))}
         outcome = aggregate(state.arrays, updates, self.run.aggregation)
@@ -296,6 +302,9 @@ def main(grid: Grid, context: Context) -> None:
         job.train_round(server_round, state)
     final = job.evaluate_final(state)
     epsilon, delta = run.epsilon, run.delta
+    if spec.outputs.min_lesion_fraction is None and state.lesion_kept_per_site:
+        # the share-of-largest rule from the sites' summed reference-mask statistics (never a mask)
+        spec = spec.with_outputs(min_lesion_fraction=state.lesion_fraction())
     artifact = export_artifact(
         arrays_to_model(spec, state.arrays),
         spec,

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from radfed.federation.calibration import reference_kept
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.messages import MetricValue
@@ -176,6 +177,8 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
         metrics["epsilon"] = spent
         metrics["delta"] = privacy.delta
     save_optimizer_state(job_dir, log.optimizer_state)
+    if spec.outputs.min_lesion_fraction is None:  # the spec leaves the share-of-largest rule to the data
+        metrics["lesion_kept"], metrics["lesion_kept_studies"] = reference_kept(train)
     finite = [x for x in log.losses if np.isfinite(x)]
     metrics.update(
         {

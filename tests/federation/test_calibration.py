@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.federation.calibration import FRACTIONS, calibrate, reference_fraction
+from radfed.federation.calibration import FRACTIONS, calibrate, reference_fraction, reference_kept
 from radfed.federation.cohort import UNKNOWN_LABEL, TrainingSample
+from radfed.federation.messages import LESION_KEPT_LENGTH
 from radfed.inference.windows import Prediction
 
 
@@ -73,3 +74,13 @@ def test_calibration_drops_specks_beside_a_large_lesion_by_their_share() -> None
     # the same studies with the spec's share already high enough: nothing to gain, the default stays
     kept = calibrate(predictions, samples, default_min_volume_mm3=1.0, default_fraction=0.1)
     assert kept.min_lesion_fraction == 0.1 and kept.min_lesion_volume_mm3 == 1.0
+
+
+def test_the_federation_pools_the_sites_reference_statistics_exactly() -> None:
+    from radfed.federation.coordinator import JobState
+
+    site_a = [_masked("a", [400, 2, 2]), _masked("b", [300, 1])]
+    site_b = [_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])]
+    state = JobState(lesion_kept_per_site={"a": reference_kept(site_a), "b": reference_kept(site_b)})
+    assert state.lesion_fraction() == reference_fraction(site_a + site_b)
+    assert len(reference_kept(site_a)[0]) == len(FRACTIONS) == LESION_KEPT_LENGTH

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.coordinator import read_metrics
+from radfed.federation.coordinator import JobState, read_metrics
 from radfed.federation.launcher import FederationOptions, LocalFederation
 from radfed.federation.messages import MetricLeakError, allowed_metrics
 from radfed.inference.artifact import load_artifact
@@ -48,6 +48,10 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     assert epsilons == sorted(epsilons) and epsilons[-1] <= 6.0  # the sites' accountants survived too
     artifact = load_artifact(out / "artifact")
     assert artifact.provenance["rounds"] == 3 and artifact.provenance["training"] == "federated"
+    # the share-of-largest rule the spec leaves open comes from the sites' summed reference-mask statistics
+    state = JobState.load(out)
+    assert state is not None and set(state.lesion_kept_per_site) == {"hospital-1", "hospital-2"}
+    assert artifact.spec.outputs.min_lesion_fraction == state.lesion_fraction()
 
 
 def test_metric_allow_list() -> None:
@@ -61,3 +65,7 @@ def test_metric_allow_list() -> None:
         allowed_metrics({"eval_scores_positive": [0.3]})  # a per-study score list is not a 64-bin histogram
     with pytest.raises(MetricLeakError, match="aggregate vector"):
         allowed_metrics({"pixels": [1, 2, 3]})
+    # a site's share-of-largest statistics: one sum per share in calibration.FRACTIONS, nothing per study
+    assert allowed_metrics({"lesion_kept": [3.0, 2.9, 2.8, 2.5, 2.0], "lesion_kept_studies": 3})
+    with pytest.raises(MetricLeakError, match="aggregate vector"):
+        allowed_metrics({"lesion_kept": [0.9] * 40})
