@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pydicom
@@ -41,6 +42,11 @@ from radfed.plugin.prefetch import PrefetchSettings, PreparedAhead, StudyPrefetc
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
 
 logger = logging.getLogger(__name__)
+
+
+class ReprocessError(RadfedError, ValueError):
+    """A reprocessing request that names no valid date."""
+
 
 STABLE_STUDY = "StableStudy"
 # The examiner and workers poll the local ledger (cheap); only the /changes follower polls Orthanc.
@@ -215,8 +221,10 @@ class NodeService:
     def reprocess_since(self, since: str) -> int:
         """Put every study that became stable in Orthanc since ``since`` (YYYYMMDD or YYYYMMDDTHHMMSS, Orthanc's
         change dates) in the inbox again; a job whose input did not change is found, not re-run."""
-        if not re.fullmatch(r"\d{8}(T\d{6})?", since):
-            raise ValueError("since must be YYYYMMDD or YYYYMMDDTHHMMSS")
+        try:
+            datetime.strptime(since, "%Y%m%dT%H%M%S" if "T" in since else "%Y%m%d")
+        except ValueError:
+            raise ReprocessError(f"since must be a date YYYYMMDD or YYYYMMDDTHHMMSS, got {since[:20]!r}") from None
         seq, studies = 0, {}
         while True:
             answer = self.client.get_json("/changes", params={"since": seq, "limit": 1000})

@@ -16,7 +16,7 @@ from radfed.plugin.config import NodeConfig
 from radfed.plugin.failures import FailureKind, failure_label
 from radfed.plugin.health import LoopMonitor, LoopStatus
 from radfed.plugin.ledger import JobState, Ledger, LedgerError
-from radfed.plugin.service import NodeService
+from radfed.plugin.service import NodeService, ReprocessError
 
 
 def _status(monitor: LoopMonitor) -> dict[str, LoopStatus]:
@@ -148,3 +148,13 @@ def test_changed_studies_wait_for_stable_study_and_quiet_ones_are_examined(tmp_p
         assert ledger.quiet_pending(quiet_s=0) == ["study-c"]
     finally:
         ledger.close()
+
+
+def test_reprocessing_needs_a_real_date(tmp_path: Path) -> None:
+    service = _service(tmp_path)
+    try:
+        for bad in ("85328574T925053", "20261332", "2026-11-01", "yesterday"):
+            with pytest.raises(ReprocessError, match="since must be a date"):
+                service.reprocess_since(bad)
+    finally:
+        service.ledger.close()
