@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from radfed.inference.errors import DicomInputError
 from radfed.inference.frames import NON_IMAGE_MODALITIES, FrameFacts, float_or_none, frame_facts, is_enhanced
+from radfed.inference.redaction import printable, uid_digest
 from radfed.inference.series import FramePick
 from radfed.inference.taskspec import ChannelRule, TaskSpec
 
@@ -89,6 +90,12 @@ def frame_pick(rule: ChannelRule) -> FramePick:
     return FramePick(image_type_any=rule.image_type_any, min_b_value=rule.min_b_value)
 
 
+def _series_name(description: str, series_instance_uid: str) -> str:
+    """How a job reason names a series: its description as printable ASCII (free text, shown in Orthanc
+    Explorer), or the short hash of its UID."""
+    return repr(printable(description)) if description else f"series {uid_digest(series_instance_uid)}"
+
+
 @dataclass(frozen=True)
 class SelectionDecision:
     series_instance_uid: str
@@ -106,7 +113,9 @@ class SeriesSelection:
         lines = []
         for d in self.decisions:
             verdict = f"-> {d.channel}" if d.channel else "rejected"
-            lines.append(f"{d.series_description or d.series_instance_uid!r}: {verdict}: {'; '.join(d.reasons)}")
+            lines.append(
+                f"{_series_name(d.series_description, d.series_instance_uid)}: {verdict}: {'; '.join(d.reasons)}"
+            )
         return lines
 
 
@@ -189,7 +198,8 @@ def select_series(spec: TaskSpec, series: Sequence[SeriesInfo]) -> SeriesSelecti
                 reasons[s.series_instance_uid].append(f"not {rule.name}: {why}")
         if not candidates:
             detail = "; ".join(
-                f"{s.series_description or s.series_instance_uid!r} ({rule_verdict(rule, s)[1]})" for s in series
+                f"{_series_name(s.series_description, s.series_instance_uid)} ({rule_verdict(rule, s)[1]})"
+                for s in series
             )
             raise NoMatchingSeriesError(f"no series matched rule {rule.name}: {detail or 'the study has no series'}")
         candidates.sort(key=lambda item: (item[0].series_number or 0, item[0].slices), reverse=True)

@@ -41,6 +41,20 @@ def test_missing_dwi_names_the_rule_and_every_series() -> None:
     assert "t2_tse_tra" in str(info.value) and "SEG object" in str(info.value)
 
 
+def test_job_reasons_carry_series_descriptions_as_printable_ascii_only() -> None:
+    """Reasons are shown in Orthanc Explorer: free text from the scanner is reduced, never copied raw."""
+    study = render_study(site_profile(1, small=True), 1, 0)
+    infos = _infos(study)
+    noisy = infos[0].series_description + " \x00\x1b[31m caf\u00e9 " + "x" * 200
+    infos[0] = dataclasses.replace(infos[0], series_description=noisy)
+    infos[-1] = dataclasses.replace(infos[-1], series_description="")
+    lines = select_series(load_task_spec(), infos).describe()
+    text = "\n".join(lines)
+    assert "\x00" not in text and "\x1b" not in text and "\u00e9" not in text and "x" * 100 not in text
+    assert any("??[31m caf? xxx" in line and "...'" in line for line in lines), lines
+    assert any(line.startswith("series ") for line in lines)  # no description: the UID's short hash
+
+
 def test_reacquisition_wins() -> None:
     study = render_study(site_profile(1, small=True), 1, 0)
     infos = _infos(study)
