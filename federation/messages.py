@@ -52,6 +52,7 @@ ALLOWED_METRICS = frozenset(
         "clientapp_seconds",
         "clientapp_start_seconds",
         "round_replayed",  # 1: the site sent its stored reply for a round it had trained (federation/site.py)
+        "train_paused_seconds",  # the site's training waited for clinical work on the node's device
         "lesion_kept_studies",  # training studies with reference lesions (the share-of-largest rule)
     }
 )

@@ -30,9 +30,11 @@ from radfed.federation.training import (
     ProximalTerm,
     TrainingLog,
     TrainingSettings,
+    device_turn,
     loss_fn,
     make_optimizer,
 )
+from radfed.inference.arbiter import DeviceArbiter
 from radfed.inference.errors import RadfedError
 from radfed.inference.taskspec import TaskSpec
 
@@ -148,6 +150,7 @@ def train_private(
     accountant_path: Path,
     steps: int,
     optimizer_state: OptimizerState | None = None,
+    arbiter: DeviceArbiter | None = None,
 ) -> tuple[TrainingLog, float]:
     """``steps`` DP-SGD steps on ``model`` (modified in place); returns the log and epsilon spent so far.
     The momentum carried between rounds (``optimizer_state``) is computed from noised gradients only, so
@@ -195,18 +198,20 @@ def train_private(
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         while done < steps:
             for images, masks, targets in private_loader:
-                private_optimizer.zero_grad()
-                if images.shape[0] == 0:
-                    # An empty Poisson batch still releases a noisy (all-noise) step, as the analysis assumes.
-                    for parameter in private_model.parameters():
-                        parameter.grad_sample = torch.zeros((0, *parameter.shape))
-                    private_optimizer.step()
-                    log.losses.append(math.nan)
-                else:
-                    loss = loss_fn(private_model, images, masks, targets, settings.recipe)
-                    loss.backward()
-                    private_optimizer.step()
-                    log.losses.append(float(loss.detach()))
+                with device_turn(arbiter) as paused:
+                    private_optimizer.zero_grad()
+                    if images.shape[0] == 0:
+                        # An empty Poisson batch still releases a noisy (all-noise) step, as the analysis assumes.
+                        for parameter in private_model.parameters():
+                            parameter.grad_sample = torch.zeros((0, *parameter.shape))
+                        private_optimizer.step()
+                        log.losses.append(math.nan)
+                    else:
+                        loss = loss_fn(private_model, images, masks, targets, settings.recipe)
+                        loss.backward()
+                        private_optimizer.step()
+                        log.losses.append(float(loss.detach()))
+                log.paused_seconds += sum(paused)
                 scheduler.step()
                 proximal.apply(model)
                 done += 1

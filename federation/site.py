@@ -168,15 +168,17 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     job_dir = site.job_dir(run.job)
     state = load_optimizer_state(job_dir)
     privacy = plan.privacy
+    arbiter = site.arbiter()
     if privacy is None:
-        log = train_local(model, train, spec, settings, optimizer_state=state)
+        log = train_local(model, train, spec, settings, optimizer_state=state, arbiter=arbiter)
     else:
         log, spent = train_private(
-            model, train, spec, settings, privacy, job_dir / "accountant.json", run.local_steps, state
+            model, train, spec, settings, privacy, job_dir / "accountant.json", run.local_steps, state, arbiter
         )
         metrics["epsilon"] = spent
         metrics["delta"] = privacy.delta
     save_optimizer_state(job_dir, log.optimizer_state)
+    metrics["train_paused_seconds"] = log.paused_seconds
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves the share-of-largest rule to the data
         metrics["lesion_kept"], metrics["lesion_kept_studies"] = reference_kept(train)
     finite = [x for x in log.losses if np.isfinite(x)]

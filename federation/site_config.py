@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from radfed.inference.arbiter import DeviceArbiter, DevicePolicy
+
 ORTHANC_PASSWORD_ENV = "RADFED_ORTHANC_PASSWORD"
 
 
@@ -22,6 +24,9 @@ class SiteConfig:
     state_dir: Path
     labels: Path | None = None
     models_dir: Path | None = None  # the node's model registry, where a rolled-out model is stored
+    # the node's state folder: training yields the device to the node's clinical jobs (inference/arbiter.py)
+    node_state_dir: Path | None = None
+    device_policy: DevicePolicy = DevicePolicy.CLINICAL_FIRST
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> SiteConfig:
@@ -31,13 +36,25 @@ class SiteConfig:
             raise ValueError("node-config 'data' (folders or Orthanc URLs, comma separated) is required")
         labels = node_config.get("labels")
         models = node_config.get("models-dir")
+        node_state = node_config.get("node-state-dir")
+        try:
+            policy = DevicePolicy(str(node_config.get("device-policy", DevicePolicy.CLINICAL_FIRST.value)))
+        except ValueError:
+            choices = ", ".join(p.value for p in DevicePolicy)
+            raise ValueError(f"node-config 'device-policy' must be one of {choices}") from None
         return cls(
             name=str(node_config.get("site-name", "site")),
             data=data,
             state_dir=Path(str(node_config.get("state-dir", "radfed-site-state"))),
             labels=Path(str(labels)) if labels else None,
             models_dir=Path(str(models)) if models else None,
+            node_state_dir=Path(str(node_state)) if node_state else None,
+            device_policy=policy,
         )
+
+    def arbiter(self) -> DeviceArbiter | None:
+        """The device arbiter shared with the node beside this site (None: no node named)."""
+        return DeviceArbiter(self.node_state_dir, self.device_policy) if self.node_state_dir else None
 
     def job_dir(self, job: str) -> Path:
         return self.state_dir / "jobs" / hashlib.sha256(job.encode()).hexdigest()[:16]

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,11 +25,18 @@ from torch.nn import functional as F  # noqa: N812 - the PyTorch idiom
 from radfed.federation.augmentation import PatchAugmenter
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.networks import build_network
+from radfed.inference.arbiter import DeviceArbiter
 from radfed.inference.plan import PlanError
 from radfed.inference.recipe import Optimizer, Schedule, TrainingRecipe
 from radfed.inference.taskspec import TaskSpec
 
 logger = logging.getLogger(__name__)
+
+
+def device_turn(arbiter: DeviceArbiter | None) -> AbstractContextManager[list[float]]:
+    """One training step's turn on the device: clinical work first where a node shares it."""
+    return arbiter.training_step() if arbiter is not None else nullcontext([])
+
 
 FIT_FIRST = (5, 10, 20)  # early checks of the pace against the time limit (a slow machine shows at once)
 FIT_EVERY = 50  # then every so many steps
@@ -85,6 +93,7 @@ class TrainingLog:
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation Dice)
     best_step: int | None = None
     stopped_by_time_limit: bool = False
+    paused_seconds: float = 0.0  # waiting for clinical work on the same device (inference/arbiter.py)
     shortened_to: int | None = None  # steps the time limit left, when it shortened the run and its schedule
 
 
@@ -243,6 +252,7 @@ def train_local(
     progress: Callable[[int, int, float], None] | None = None,
     optimizer_state: OptimizerState | None = None,
     validate: Validator | None = None,
+    arbiter: DeviceArbiter | None = None,
 ) -> TrainingLog:
     """Plain (non-private) training of ``model`` on ``samples``; returns the loss history and the optimiser's
     state. A federated site passes the state of its previous round back in (see ``site.train_round``).
@@ -287,13 +297,15 @@ def train_local(
         if step >= planned:
             break
         images, masks, targets = (t.to(device) for t in sampler.batch(samples, settings.batch_size))
-        optimizer.zero_grad()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(model, images, masks, targets, recipe)
-        loss.backward()
-        if recipe.optimizer is Optimizer.SGD:
-            nn.utils.clip_grad_norm_(model.parameters(), 12.0)  # nnU-Net clips SGD's gradients at 12
-        optimizer.step()
+        with device_turn(arbiter) as paused:
+            optimizer.zero_grad()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(model, images, masks, targets, recipe)
+            loss.backward()
+            if recipe.optimizer is Optimizer.SGD:
+                nn.utils.clip_grad_norm_(model.parameters(), 12.0)  # nnU-Net clips SGD's gradients at 12
+            optimizer.step()
+        log.paused_seconds += sum(paused)
         scheduler.step()
         proximal.apply(model)
         log.losses.append(float(loss.detach()))

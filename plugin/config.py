@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from radfed.inference.arbiter import DevicePolicy
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancEndpoint
 
@@ -83,6 +84,7 @@ class NodeConfig:
     # defaults to 60 s; its stability events are lost when it crashes).
     reconcile_quiet_s: float = 180.0
     reconcile_interval_s: float = 30.0
+    device_policy: DevicePolicy = DevicePolicy.CLINICAL_FIRST  # clinical jobs before a site's training
 
     @property
     def scp_port(self) -> int | None:
@@ -110,6 +112,13 @@ def _get(table: Mapping[str, Any], key: str, kind: type, default: Any, where: st
     if not isinstance(value, kind):
         raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
     return value
+
+
+def _device_policy(value: str) -> DevicePolicy:
+    try:
+        return DevicePolicy(value)
+    except ValueError:
+        raise ConfigError(f"node.device_policy must be one of {', '.join(p.value for p in DevicePolicy)}") from None
 
 
 def _seg_encoding(value: str) -> str:
@@ -233,4 +242,5 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         ledger_backups=_get(node, "ledger_backups", int, 24, "node"),
         reconcile_quiet_s=_get(node, "reconcile_quiet_s", float, 180.0, "node"),
         reconcile_interval_s=_get(node, "reconcile_interval_s", float, 30.0, "node"),
+        device_policy=_device_policy(_get(node, "device_policy", str, DevicePolicy.CLINICAL_FIRST.value, "node")),
     )

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile, SegEncoding
+from radfed.inference.arbiter import DeviceArbiter
 from radfed.inference.errors import (
     OrthancRequestError,
     OrthancUnavailableError,
@@ -105,6 +106,8 @@ class NodeService:
         self._job_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self.health = LoopMonitor()
+        # the device is shared with a federated site worker pointed at this state folder: clinical jobs first
+        self.arbiter = DeviceArbiter(config.state_dir, config.device_policy)
         self._start_from_now = False
         self._scp: Any = None
         self.orthanc_reachable = False
@@ -475,12 +478,14 @@ class NodeService:
                 )
                 return
             ahead = self._prepared_ahead(job, model)
-            if ahead is not None:
-                analysis = analyse_prepared(ahead.prepared, model, timer)
-            else:
-                analysis = analyse_study(
-                    _TimedStudy(OrthancStudy(self.client, job.orthanc_study_id), timer), model, timer
-                )
+            with self.arbiter.clinical() as waited:
+                if ahead is not None:
+                    analysis = analyse_prepared(ahead.prepared, model, timer)
+                else:
+                    analysis = analyse_study(
+                        _TimedStudy(OrthancStudy(self.client, job.orthanc_study_id), timer), model, timer
+                    )
+            device_wait = sum(waited)
             if analysis.result.input_fingerprint != job.fingerprint:
                 self.ledger.finish(
                     job.id,
@@ -513,6 +518,8 @@ class NodeService:
             self._fail(job, failure_label(exc), reason, timer)
             return
         timings = self._timings(timer, started)
+        if self.arbiter.active:
+            timings["device_wait"] = round(device_wait, 4)  # for a federated training step in flight
         if ahead is not None:
             timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
         result = analysis.result
