@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client chromium
 STAMPS := .cache/stamps
 
-.PHONY: install install-system install-python install-node install-ohif lint typecheck imports unit test bench demo clean
+.PHONY: install install-system install-python install-node install-ohif lint typecheck imports unit test bench demo clean wheel
 
 OHIF_VERSION := 3.13.2
 install: install-system install-python install-node install-ohif
@@ -71,6 +71,13 @@ bench: install
 # DEMO_ARGS lets CI run a reduced demo, e.g. DEMO_ARGS="--studies-per-site 4 --rounds 2".
 demo: install
 	bash .ci/isolated $(VENV)/bin/radfed demo $(DEMO_ARGS)
+
+# The product: the wheel (code, deploy/ as radfed.deploy, task specs) in build/dist, then what it carries and
+# finds from itself checked by tests/test_wheel.py (which builds its own copy from the sources).
+wheel: install-python
+	rm -rf build/dist
+	$(PIP) wheel -q --no-deps --no-build-isolation -w build/dist .
+	$(PY) -m pytest -q tests/test_wheel.py
 
 clean:
 	rm -rf build .cache .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -11,16 +11,27 @@ from typing import Any
 
 
 def find_app_dir(given: Path | None) -> Path:
-    """deploy/flower of this checkout (or the one given)."""
-    candidates = (
-        [given]
-        if given
-        else [Path.cwd() / "deploy" / "flower", Path(__file__).resolve().parents[1] / "deploy" / "flower"]
-    )
+    """The Flower app folder: the one given, else the installed package's, else this checkout's deploy/flower.
+
+    The installed copy is package data of ``radfed.deploy`` (importlib.resources), so a wheel install needs no
+    checkout; the checkout is only a fallback for an environment installed before radfed.deploy shipped.
+    """
+    if given is not None:
+        if (given / "pyproject.toml").is_file():
+            return given
+        raise SystemExit(f"radfed federation: {given} is not a Flower app folder (no pyproject.toml)")
+    candidates = []
+    try:
+        from radfed.deploy import asset
+
+        candidates.append(asset("flower"))
+    except (ImportError, FileNotFoundError):
+        pass
+    candidates.append(Path(__file__).resolve().parents[1] / "deploy" / "flower")
     for candidate in candidates:
-        if candidate is not None and (candidate / "pyproject.toml").is_file():
+        if (candidate / "pyproject.toml").is_file():
             return candidate
-    raise SystemExit("radfed federation: deploy/flower not found; run from the radfed checkout or pass --app")
+    raise SystemExit("radfed federation: the Flower app (radfed.deploy flower/) is not installed; pass --app")
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -40,7 +40,26 @@ _NO_BODY = (204, 304)
 
 
 def default_dist(root: Path | None = None) -> Path:
-    return (root or Path.cwd()) / ".cache" / "ohif" / OHIF_VERSION / "dist"
+    """Where OHIF's ``dist/`` is looked for: under ``root`` when given, then this checkout, the working
+    directory and the user's cache (``$XDG_CACHE_HOME/radfed``, else ``~/.cache/radfed``).
+
+    OHIF (~50 MB) is not in the wheel; an installed node fetches it with the shipped script into the user's
+    cache: ``bash "$(python -m radfed.deploy ohif-fetch)" VERSION ~/.cache/radfed/ohif/VERSION``. The first
+    candidate holding ``index.html`` wins; when none does, the first candidate is returned (its absence is
+    reported by :class:`ViewerServer`).
+    """
+    import os
+
+    here = Path(__file__).resolve().parents[1]
+    checkout = [here] if (here / "pyproject.toml").is_file() and (here / "plugin").is_dir() else []
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "radfed"
+    roots = [*([root] if root else []), *checkout, Path.cwd()]
+    candidates = [r / ".cache" / "ohif" / OHIF_VERSION / "dist" for r in roots]
+    candidates.append(cache / "ohif" / OHIF_VERSION / "dist")
+    found = next((c for c in candidates if (c / "index.html").is_file()), None)
+    if found is not None:
+        return found
+    return candidates[0] if root or checkout else candidates[-1]
 
 
 def app_config_js(title: str = "radfed") -> str:
