@@ -13,6 +13,7 @@ BENCHMARKS = {
     "federation": "bench.federation",
     "viewer": "bench.viewer",
     "quality": "bench.quality",
+    "chaos": "bench.chaos",
 }
 
 
