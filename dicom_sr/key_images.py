@@ -94,6 +94,8 @@ def build_key_images(result: InferenceResult, profile: OutputProfile | None = No
             series_description=marking.series_description(result.model, "KEY"),
             content_qualification=codes.CONTENT_QUALIFICATION,
         )
+        if "SpecificCharacterSet" in reference:  # the patient's name keeps its characters (PS3.3 C.12.1.1.2)
+            sc.SpecificCharacterSet = reference.SpecificCharacterSet
         sc.BurnedInAnnotation = "YES"
         # Type 2C in General Series; empty means "unknown / not paired" (dciodvfy asks for it on SC).
         sc.Laterality = ""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from radfed.dicom_sr.key_images import orientation_letters, render_key_image
 from radfed.dicom_sr.outputs import build_results
@@ -50,3 +53,17 @@ def test_orientation_letters() -> None:
     assert orientation_letters([1, 0, 0]) == "L"
     assert orientation_letters([0, -1, 0]) == "A"
     assert orientation_letters([0, 0.9, -0.43]) == "PF"
+
+
+def test_a_patient_name_outside_ascii_survives_in_the_key_image(tmp_path: Path, make_result: ResultFactory) -> None:
+    shared, _ = make_result(1, False)
+    sources = [copy.deepcopy(ds) for ds in shared.source_datasets]  # the fixture's result is shared: copy
+    for ds in sources:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = "M\u00fcller^J\u00fcrgen"
+    result = dataclasses.replace(shared, source_datasets=type(shared.source_datasets)(sources))
+    image = build_results(result, OutputProfile(key_images=True)).key_images[0]
+    path = tmp_path / "key.dcm"
+    image.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == "M\u00fcller^J\u00fcrgen"
