@@ -170,13 +170,17 @@ class Ledger:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / time.strftime("ledger-%Y%m%dT%H%M%SZ.sqlite", time.gmtime())
         partial = target.with_suffix(".partial")
-        copy = sqlite3.connect(partial)
         try:
-            with self._lock:
-                self._db.backup(copy)
-        finally:
-            copy.close()
-        partial.replace(target)
+            copy = sqlite3.connect(partial)
+            try:
+                with self._lock:
+                    self._db.backup(copy)
+            finally:
+                copy.close()
+            partial.replace(target)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk must not fill the folder with partial copies
+            raise
         for old in sorted(folder.glob("ledger-*.sqlite"))[:-keep] if keep > 0 else []:
             old.unlink(missing_ok=True)
         return target

@@ -547,7 +547,14 @@ class NodeService:
     def _back_up_ledger(self, name: str) -> None:
         """An online copy of the ledger at start and then every interval, the newest few kept."""
         while not self._stop.is_set():
-            copy = self.ledger.backup(self.config.backup_dir, self.config.ledger_backups)
+            try:
+                copy = self.ledger.backup(self.config.backup_dir, self.config.ledger_backups)
+            except (OSError, sqlite3.Error) as exc:
+                # reported as failing until a copy succeeds; tried again in a minute, not once a second
+                self.health.failed(name, exc)
+                logger.warning("ledger backup failed: %s", exc)
+                self._stop.wait(min(60.0, self.config.ledger_backup_interval_s))
+                continue
             logger.info("ledger backed up to %s", copy.name)
             self.health.beat(name)
             deadline = time.monotonic() + self.config.ledger_backup_interval_s

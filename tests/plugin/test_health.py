@@ -3,6 +3,7 @@ backed up; failure kinds from exceptions."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -158,3 +159,19 @@ def test_reprocessing_needs_a_real_date(tmp_path: Path) -> None:
                 service.reprocess_since(bad)
     finally:
         service.ledger.close()
+
+
+def test_a_failed_backup_leaves_no_partial_copy(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / "ledger-20000101T000000Z.sqlite").mkdir()  # a directory where the copy's name would go: fails
+    try:
+        original = time.strftime
+        time.strftime = lambda *_: "ledger-20000101T000000Z.sqlite"  # type: ignore[assignment]
+        with pytest.raises((OSError, sqlite3.Error)):
+            ledger.backup(backups, keep=2)
+    finally:
+        time.strftime = original
+        ledger.close()
+    assert not list(backups.glob("*.partial"))
