@@ -4,6 +4,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
 
     python -m bench federation            # RADFED_BENCH_QUICK=1 for a smoke-sized run
     RADFED_BENCH_FEDERATION=privacy python -m bench federation   # the privacy curve (long: 15 arms)
+    RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
 """
 
 from __future__ import annotations
@@ -159,6 +160,50 @@ def privacy_curve(work: Path, quick: bool) -> None:
     )
 
 
+COMPRESSIONS = ("none", "fp16", "int8", "topk:0.1")
+
+
+def compression(work: Path, quick: bool) -> None:
+    """What update compression saves and costs, side by side on the same studies and test set: the bytes a
+    site sends per round (the payload as it travels; the coordinator's ``bytes_up``) and the federated Dice,
+    for each setting. Sizes: RADFED_BENCH_COMPRESSION_STUDIES, _ROUNDS, _STEPS."""
+    studies = int(os.environ.get("RADFED_BENCH_COMPRESSION_STUDIES", 4 if quick else 8))
+    rounds = int(os.environ.get("RADFED_BENCH_COMPRESSION_ROUNDS", 2 if quick else 4))
+    steps = int(os.environ.get("RADFED_BENCH_COMPRESSION_STEPS", 3 if quick else 15))
+    budget = Budget(rounds=rounds, local_steps=steps, every_round=False)
+    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
+    spec = load_task_spec(None)
+    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    arms = [Arm(f"federated, compression {c}", compression=c) for c in COMPRESSIONS]
+    jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(arms), os.cpu_count() or 1)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
+        results = [f.result() for f in [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in arms]]
+    full = results[0].bytes_up
+    clean = results[0].pooled.get("dice")
+    rows = []
+    for arm, result in zip(arms, results, strict=True):
+        dice = result.pooled.get("dice")
+        rows.append(
+            [
+                arm.compression,
+                _f(dice),
+                _f(dice / clean if isinstance(dice, float) and isinstance(clean, float) and clean else None),
+                f"{(result.bytes_up or 0) / 1e3:.0f}",
+                f"{full / result.bytes_up:.1f}x" if full and result.bytes_up else "n/a",
+                ",".join(sorted(set(result.flagged))) or "-",
+            ]
+        )
+    table(
+        f"Update compression (3 small synthetic sites x {studies} studies, {rounds} rounds x {steps} steps, no DP; "
+        "the same held-out studies for every setting; one seed)",
+        ["compression", "Dice", "Dice / none", "kB up per site per round", "smaller by", "flagged"],
+        rows,
+        f"RADFED_BENCH_FEDERATION=compression RADFED_BENCH_COMPRESSION_STUDIES={studies} "
+        f"RADFED_BENCH_COMPRESSION_ROUNDS={rounds} RADFED_BENCH_COMPRESSION_STEPS={steps} python -m bench federation",
+    )
+
+
 def _run_arm(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, arm: Arm) -> ArmResult:
     return Experiment(spec, cohorts, budget).run(arm)
 
@@ -271,6 +316,8 @@ def main() -> None:
             transport(Path(tmp) / "transport", quick)
         if "privacy" in parts:
             privacy_curve(Path(tmp) / "privacy", quick)
+        if "compression" in parts:
+            compression(Path(tmp) / "compression", quick)
 
 
 if __name__ == "__main__":

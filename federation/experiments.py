@@ -1,5 +1,6 @@
 """Side-by-side experiments on the same data: centralised vs federated vs local-only, with and without
-harmonisation, DP at several epsilons, one poisoned site under FedAvg vs robust aggregation.
+harmonisation, DP at several epsilons, one poisoned site under FedAvg vs robust aggregation, update
+compression (what each site sends per round, and what it costs in Dice).
 
 The federated arms run the job's own pieces in one process (the site's training and DP code, the
 coordinator's harmonisation, aggregation and evaluation); only Flower's transport is left out, so every
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, Arrays, ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
+from radfed.federation.compression import Compression, ErrorFeedback, compress_reply, payload_nbytes, restore_reply
 from radfed.federation.coordinator import reference_landmarks
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.planning import job_plan, needs_fingerprint
@@ -53,6 +55,7 @@ class Arm:
     server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # the coordinator's step (1: plain FedAvg)
     left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
+    compression: str = "none"  # what each site sends (run-config key compression: none | fp16 | int8 | topk:F)
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -94,6 +97,7 @@ class ArmResult:
     flag_reasons: list[str] = field(default_factory=list)  # "round N site: reason"
     seed: int = 0
     final_arrays: Arrays | None = None  # the federated arms' last global model
+    bytes_up: float | None = None  # federated arms: mean bytes a site sent per round (the compressed payload)
 
 
 def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None) -> dict[str, SiteCohort]:
@@ -200,6 +204,8 @@ class Experiment:
     ) -> ArmResult:
         arrays = model_to_arrays(new_model(self.spec, seed=self.budget.seed))
         result = ArmResult(arm, {})
+        compression = Compression.parse(arm.compression)
+        sent_bytes: list[int] = []
         optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
         server = ServerOptimizer(learning_rate=arm.server_learning_rate, momentum=arm.server_momentum)
         velocity: Arrays | None = None
@@ -229,7 +235,12 @@ class Experiment:
                     if site == arm.poisoned_site:
                         factor = -1.0 if Attack(arm.attack) is Attack.SIGN_FLIP else 20.0
                         sent = [(g + factor * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]
-                    updates.append(SiteUpdate(site, sent, len(samples)))
+                    # as the job does: the site compresses its update (top-k's residual in its own folder),
+                    # the coordinator restores the full model before screening and aggregation
+                    feedback = ErrorFeedback(Path(accountants) / f"{site}-feedback")
+                    reply = compress_reply(compression, arrays, sent, feedback, server_round)
+                    sent_bytes.append(payload_nbytes(reply))
+                    updates.append(SiteUpdate(site, restore_reply(compression, arrays, reply), len(samples)))
                 outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
                 arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
                 result.flagged += [f.site for f in outcome.flags]
@@ -239,6 +250,7 @@ class Experiment:
                     result.per_round.append({"round": server_round, **summary})
                     progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
         result.final_arrays = arrays
+        result.bytes_up = sum(sent_bytes) / len(sent_bytes) if sent_bytes else None
         result.pooled = dict(result.per_round[-1])
         result.pooled.pop("round", None)
         return result

@@ -15,6 +15,7 @@ from typing import Any, Self, get_type_hints
 
 from radfed.federation import records
 from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule
+from radfed.federation.compression import Compression
 from radfed.federation.planning import PLAN_CONFIG_KEY
 from radfed.inference.errors import RadfedError
 
@@ -55,6 +56,7 @@ class RunConfig:
     seed: int = 0  # the initial global model's weights
     base_model: str = ""  # an artifact folder at the coordinator to fine-tune (its plan wins)
     learning_rate: float = 0.0  # > 0: overrides the task recipe's learning rate at every site
+    compression: str = "none"  # what a site sends: none | fp16 | int8 | topk:F (the update, see compression.py)
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
@@ -70,6 +72,15 @@ class RunConfig:
         _require(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
         _require(0 <= self.held_out_fraction < 1, "held-out-fraction", self.held_out_fraction, "in [0, 1)")
         _require(self.learning_rate >= 0, "learning-rate", self.learning_rate, ">= 0 (0: the task recipe's)")
+        try:
+            Compression.parse(self.compression)
+        except ValueError as exc:
+            raise RunConfigError(f"run-config key compression {exc}") from None
+
+    @property
+    def update_compression(self) -> Compression:
+        """The ``compression`` key, parsed (checked when the config was made)."""
+        return Compression.parse(self.compression)
 
     @staticmethod
     def keys() -> tuple[str, ...]:

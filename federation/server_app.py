@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
 from radfed.federation.aggregation import ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.compression import payload_nbytes, restore_reply
 from radfed.federation.coordinator import (
     JobState,
     QuorumError,
@@ -190,7 +191,12 @@ class Job:
         updates = []
         site_lines: dict[str, dict[str, Any]] = {}
         for site, (_, metrics, reply) in sorted(replies.items()):
-            arrays = records.arrays(reply)
+            received = records.arrays(reply)
+            try:  # a compressed reply becomes the site's full model again: screening sees every site's update
+                arrays = restore_reply(self.run.update_compression, state.arrays, received)
+            except ValueError as exc:
+                errors[site] = f"unreadable reply: {exc}"[:300]
+                continue
             updates.append(SiteUpdate(site, arrays, int(metrics.get("num-examples", 1))))
             state.studies_per_site[site] = int(metrics.get("num-examples", 0))
             if "epsilon" in metrics:
@@ -202,7 +208,9 @@ class Job:
                     int(metrics.get("lesion_kept_studies", 0)),
                 )
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
-            site_lines[site] = scalars | {"bytes_down": down, "bytes_up": int(sum(a.nbytes for a in arrays))}
+            site_lines[site] = scalars | {"bytes_down": down, "bytes_up": payload_nbytes(received)}  # as sent
+        if len(updates) < self.min_sites:
+            raise QuorumError(f"round {server_round}: {len(updates)} readable update(s), quorum {self.min_sites}")
         outcome = aggregate(state.arrays, updates, self.run.aggregation)
         state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
         state.completed_round = server_round

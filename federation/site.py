@@ -18,6 +18,7 @@ import torch
 
 from radfed.federation.calibration import reference_kept
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
+from radfed.federation.compression import ErrorFeedback, compress_reply
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.messages import MetricValue
 from radfed.federation.planning import PLAN_CONFIG_KEY, fingerprint_metrics, planned_spec
@@ -99,18 +100,24 @@ def job_spec(plan: RoundPlan) -> TaskSpec:
 
 def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
     """One round at the site: evaluate the incoming global model on the held-out studies, then train it on
-    the rest; returns the updated arrays and allow-listed metrics. Asked again for the round it trained
-    last, from the same global model (a coordinator that restarted and resumed from its checkpoint), the
-    site sends the same reply again instead of training twice: training again would spend privacy budget
-    a second time for one round."""
+    the rest; returns the updated arrays (with the job's ``compression``: the compressed update) and
+    allow-listed metrics. Asked again for the round it trained last, from the same global model (a
+    coordinator that restarted and resumed from its checkpoint), the site sends the same reply again instead
+    of training twice: training again would spend privacy budget a second time for one round."""
     job_dir = site.job_dir(plan.run.job)
     incoming = arrays_digest(arrays)
     replay = load_round_reply(job_dir, plan.server_round, incoming)
     if replay is not None:
         return replay[0], replay[1] | {"round_replayed": 1}
     updated, metrics = _train_round(site, plan, arrays)
-    save_round_reply(job_dir, plan.server_round, incoming, updated, metrics)
-    return updated, metrics
+    # Compressed after training, so after DP-SGD's noise: post-processing of a private update costs no
+    # privacy. The stored reply is the compressed one, so a replay sends the same bytes and leaves top-k's
+    # residual alone.
+    reply = compress_reply(
+        plan.run.update_compression, arrays, updated, ErrorFeedback(job_dir), server_round=plan.server_round
+    )
+    save_round_reply(job_dir, plan.server_round, incoming, reply, metrics)
+    return reply, metrics
 
 
 ROUND_REPLY = "last-round.npz"

@@ -66,6 +66,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         seed=11,
         base_model="/srv/base-model",
         learning_rate=3e-4,
+        compression="topk:0.05",
     )
     default = RunConfig()
     assert [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)] == []
