@@ -87,14 +87,6 @@ class NodeConfig:
     device_policy: DevicePolicy = DevicePolicy.CLINICAL_FIRST  # clinical jobs before a site's training
 
     @property
-    def scp_port(self) -> int | None:
-        return self.scp.port if self.scp is not None else None
-
-    @property
-    def scp_aet(self) -> str:
-        return self.scp.ae_title if self.scp is not None else "RADFED"
-
-    @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
 

@@ -131,16 +131,8 @@ def _handle_store(event: Any, client: OrthancClient) -> int:
     return STATUS_CANNOT_UNDERSTAND
 
 
-def start_storage_scp(
-    client: OrthancClient, settings: ScpSettings | int, ae_title: str | None = None
-) -> ThreadedAssociationServer:
-    """Listen for C-STORE as ``settings`` say, in a background thread; ``shutdown()`` the server to stop.
-
-    ``settings`` may still be a bare port (with ``ae_title``), as callers that predate :class:`ScpSettings` pass
-    it: that SCP listens on 127.0.0.1 and screens out nobody.
-    """
-    if not isinstance(settings, ScpSettings):
-        settings = ScpSettings(port=settings, ae_title=ae_title or "RADFED")
+def start_storage_scp(client: OrthancClient, settings: ScpSettings) -> ThreadedAssociationServer:
+    """Listen for C-STORE as ``settings`` say, in a background thread; ``shutdown()`` the server to stop."""
     ae = AE(ae_title=settings.ae_title)
     ae.supported_contexts = STORAGE_CONTEXTS + VerificationPresentationContexts  # C-ECHO: the admin's first test
     handlers: list[Any] = [
