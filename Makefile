@@ -6,8 +6,19 @@ PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client chromium
 STAMPS := .cache/stamps
+# The ONNX runtime of this venv: cpu (onnxruntime; what CI uses) or gpu (onnxruntime-gpu, CUDA and cuDNN from NVIDIA's
+# wheels, only the driver from the host; PyPI's Linux torch wheel is its CUDA build). Never both: they install the same
+# module, and the CPU one's files make the node run on the CPU. `RADFED_RUNTIME=gpu make install`.
+RADFED_RUNTIME ?= cpu
+ifeq ($(filter $(RADFED_RUNTIME),cpu gpu),)
+$(error RADFED_RUNTIME must be cpu or gpu, not '$(RADFED_RUNTIME)')
+endif
+DEV_EXTRA_cpu := dev
+DEV_EXTRA_gpu := dev-gpu
+OTHER_RUNTIME_cpu := onnxruntime-gpu
+OTHER_RUNTIME_gpu := onnxruntime
 
-.PHONY: install install-system install-python install-node install-ohif lint typecheck imports unit test bench demo clean wheel
+.PHONY: install install-system install-python install-node install-ohif lint typecheck imports extras unit test bench demo clean wheel
 
 OHIF_VERSION := 3.13.2
 install: install-system install-python install-node install-ohif
@@ -23,14 +34,17 @@ $(STAMPS)/apt:
 	fi
 	@touch $@
 
-# One venv in the repository; editable install in strict mode (only packaged files are importable).
-install-python: $(STAMPS)/python
-$(STAMPS)/python: pyproject.toml
+# One venv in the repository; editable install in strict mode (only packaged files are importable). Switching the
+# runtime removes both packages first (uninstalling one deletes files the other shares).
+install-python: $(STAMPS)/python-$(RADFED_RUNTIME)
+$(STAMPS)/python-$(RADFED_RUNTIME): pyproject.toml
 	@mkdir -p $(STAMPS)
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]' --config-settings editable_mode=strict
-	@touch $@
+	@if $(PIP) show -q $(OTHER_RUNTIME_$(RADFED_RUNTIME)) >/dev/null 2>&1; then \
+	  $(PIP) uninstall -y -q onnxruntime onnxruntime-gpu; fi
+	$(PIP) install -q -e '.[$(DEV_EXTRA_$(RADFED_RUNTIME))]' --config-settings editable_mode=strict
+	@rm -f $(STAMPS)/python-* && touch $@
 
 # OHIF's SEG parser (@cornerstonejs/adapters) for the contract tests, from the committed lockfile.
 install-node: $(STAMPS)/node
@@ -56,13 +70,18 @@ typecheck: install-python
 imports: install-python
 	$(VENV)/bin/lint-imports
 
+# The runtime extras as pip resolves them from PyPI (gpu brings onnxruntime-gpu and never onnxruntime): outside the
+# network namespace, since the resolver needs PyPI; dry runs, nothing is downloaded but metadata.
+extras: install-python
+	$(PY) -m pytest -q tests/test_install_extras.py
+
 # The suite runs inside a private network namespace: every server the tests start (Orthanc binds all
 # interfaces) is reachable on loopback only. Where unshare is refused, the run says so and goes on.
 PYTEST_ARGS ?=
 unit: install
 	@bash .ci/isolated $(PY) -m pytest $(PYTEST_ARGS)
 
-test: install lint typecheck imports unit
+test: install lint typecheck imports extras unit
 
 bench: install
 	@bash .ci/isolated $(PY) -m bench
