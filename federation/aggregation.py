@@ -32,10 +32,18 @@ class SiteUpdate:
     weight: int
 
 
+class AnomalyRule(StrEnum):
+    """Which screening rule flagged an update (named in every site's poisoning alert)."""
+
+    UPDATE_NORM = "update-norm"
+    UPDATE_DIRECTION = "update-direction"
+
+
 @dataclass(frozen=True)
 class AnomalyFlag:
     site: str
-    reason: str
+    rule: AnomalyRule
+    reason: str  # with the measured values: for the coordinator's log, never sent to the sites
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,9 @@ def detect_anomalies(
     median_norm = float(np.median(norms))
     mad = float(np.median(np.abs(norms - median_norm))) or 1e-12
     flags = [
-        AnomalyFlag(name, f"update norm {norm:.3g} vs median {median_norm:.3g} (scaled update?)")
+        AnomalyFlag(
+            name, AnomalyRule.UPDATE_NORM, f"update norm {norm:.3g} vs median {median_norm:.3g} (scaled update?)"
+        )
         for name, norm in zip(names, norms, strict=True)
         if norm > max(median_norm + norm_mads * mad, norm_ratio * median_norm)
     ]
@@ -104,6 +114,7 @@ def detect_anomalies(
             flags.append(
                 AnomalyFlag(
                     name,
+                    AnomalyRule.UPDATE_DIRECTION,
                     f"update direction cosine {cosine:.2f} to the others' mean, opposing {opposed} of"
                     f" {len(others)} sites (sign-flipped?)",
                 )

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from radfed.federation.alerts import PoisoningAlert, pseudonymised
 from radfed.federation.evaluation import EvaluationCounts
 
 CHECKPOINT = "checkpoint.npz"
@@ -40,6 +41,11 @@ class JobState:
     plan: str | None = None  # the job's plan (JSON), fixed before round 1
     # per site: summed kept reference volume per share (calibration.FRACTIONS) and its study count
     lesion_kept_per_site: dict[str, tuple[list[float], int]] = field(default_factory=dict)
+    flags: list[PoisoningAlert] = field(default_factory=list)  # every site the screening flagged, by its name
+
+    def alerts(self, anonymise: bool) -> tuple[PoisoningAlert, ...]:
+        """The job's flags as every site hears of them (pseudonyms when the job's policy says so)."""
+        return pseudonymised(self.flags) if anonymise else tuple(self.flags)
 
     def lesion_fraction(self) -> float:
         """The share-of-largest rule from every site's reference masks (sums of sums: exact pooling)."""
@@ -67,6 +73,7 @@ class JobState:
             "epsilon_per_site": self.epsilon_per_site,
             "plan": self.plan,
             "lesion_kept_per_site": self.lesion_kept_per_site,
+            "flags": [f.as_dict() for f in self.flags],
         }
         temporary = out / (JOB_STATE + ".tmp")
         temporary.write_text(json.dumps(meta, indent=1))
@@ -89,6 +96,7 @@ class JobState:
             velocity or None,
             meta.get("plan"),
             {site: (list(kept), int(n)) for site, (kept, n) in meta.get("lesion_kept_per_site", {}).items()},
+            [PoisoningAlert.from_dict(f) for f in meta.get("flags", [])],
         )
 
 
@@ -153,6 +161,7 @@ def model_card(
     delta: float,
     final_evaluation: Mapping[str, Any] | None,
     base_model: str | None = None,
+    alerts: Sequence[PoisoningAlert] = (),
 ) -> str:
     """The model card a federation operator hands to the hospitals (Markdown)."""
 
@@ -186,9 +195,18 @@ def model_card(
             + " | ".join(fmt(p.get(k)) for k in ("dice", "lesion_sensitivity", "auc", "sensitivity", "specificity"))
             + " |"
         )
-    lines += [
-        "",
-        "Evaluation: each site's held-out studies (never trained on), with the node's own postprocessing.",
-        "Research use only; not a medical device.",
-    ]
+    lines += ["", "Evaluation: each site's held-out studies (never trained on), with the node's own postprocessing."]
+    lines += ["", "## Poisoning alerts", ""]
+    if alerts:
+        lines += [
+            "The coordinator's screening flagged these updates and left them out of their round's aggregation;"
+            " every site received each alert with the next message of the job.",
+            "",
+            "| round | site | rule | alert id |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {a.server_round} | {a.site} | {a.rule} | {a.alert_id} |" for a in alerts]
+    else:
+        lines.append(f"None: no site's update was flagged in {rounds} rounds.")
+    lines += ["", "Research use only; not a medical device."]
     return "\n".join(lines) + "\n"

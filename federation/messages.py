@@ -1,11 +1,13 @@
 """What may cross the site boundary: model arrays and an allow-list of scalar metrics, nothing else.
 
 Every ClientApp reply is built here, so one place enforces that no pixel data, mask, DICOM header or
-identifier ever leaves a site."""
+identifier ever leaves a site. The one thing the coordinator tells every site about another, a poisoning
+alert, is held to its own allow-list here too (``allowed_alert``)."""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 from radfed.inference.landmarks import LANDMARK_PERCENTILES
@@ -77,6 +79,35 @@ FINGERPRINT_LENGTHS = {"spacing": 3, "low_spacing": 3, "shape": 3, "channel": 5}
 
 class MetricLeakError(ValueError):
     """A reply tried to carry something outside the allow-list."""
+
+
+# A poisoning alert (federation/alerts.py), coordinator -> every site: which round, which site's update (its
+# federation id, or a pseudonym), which screening rule. Never the measured values, a reason text or anything
+# a site sent.
+ALERT_FIELDS = frozenset({"round", "site", "rule"})
+ALERT_RULES = frozenset({"update-norm", "update-direction"})  # aggregation.AnomalyRule (a test keeps them equal)
+# A federation id: the SuperNode's site-name (set by its admin) or node-<id>; no spaces, no free text.
+SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AlertLeakError(MetricLeakError):
+    """A poisoning alert with a field outside its allow-list, or a value that is not an id, rule or round."""
+
+
+def allowed_alert(entry: object) -> dict[str, int | str]:
+    """Check one alert entry of a round's config: exactly ``ALERT_FIELDS``, a round >= 1, a federation id and a
+    screening rule's name."""
+    if not isinstance(entry, Mapping) or set(entry) != ALERT_FIELDS:
+        keys = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+        raise AlertLeakError(f"a poisoning alert holds exactly {sorted(ALERT_FIELDS)}, got {keys}")
+    round_, site, rule = entry["round"], entry["site"], entry["rule"]
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 1:
+        raise AlertLeakError(f"a poisoning alert's round must be an integer >= 1, got {round_!r}")
+    if not isinstance(site, str) or not SITE_ID.fullmatch(site):
+        raise AlertLeakError(f"a poisoning alert's site must be a federation id, got {site!r}")
+    if rule not in ALERT_RULES:
+        raise AlertLeakError(f"a poisoning alert's rule must be one of {sorted(ALERT_RULES)}, got {rule!r}")
+    return {"round": round_, "site": site, "rule": str(rule)}
 
 
 MetricValue = float | int | list[int] | list[float]

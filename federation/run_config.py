@@ -15,6 +15,7 @@ from typing import Any, Self, get_type_hints
 
 from radfed.federation import records
 from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule
+from radfed.federation.alerts import ALERTS_CONFIG_KEY, PoisoningAlert, alerts_from_config, alerts_to_config
 from radfed.federation.compression import Compression
 from radfed.federation.planning import PLAN_CONFIG_KEY
 from radfed.inference.errors import RadfedError
@@ -57,6 +58,7 @@ class RunConfig:
     base_model: str = ""  # an artifact folder at the coordinator to fine-tune (its plan wins)
     learning_rate: float = 0.0  # > 0: overrides the task recipe's learning rate at every site
     compression: str = "none"  # what a site sends: none | fp16 | int8 | topk:F (the update, see compression.py)
+    anonymise_alerts: bool = False  # poisoning alerts name flagged sites by pseudonyms (federation/alerts.py)
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
@@ -110,17 +112,21 @@ class RunConfig:
 @dataclass(frozen=True)
 class RoundConfig:
     """The config of every message to a site: the job's whole run config, the server round (0 before round
-    1) and what the coordinator fixed before round 1 (the plan's JSON, the reference intensity landmarks)."""
+    1), what the coordinator fixed before round 1 (the plan's JSON, the reference intensity landmarks) and
+    every poisoning alert of the job so far."""
 
     run: RunConfig
     server_round: int = 0
     plan: str | None = None
     harmonisation: dict[str, list[float]] | None = None
+    alerts: tuple[PoisoningAlert, ...] = ()
 
     def to_record(self) -> dict[str, ConfigValue]:
         values = self.run.to_record() | {SERVER_ROUND_KEY: self.server_round}
         if self.plan:
             values[PLAN_CONFIG_KEY] = self.plan
+        if self.alerts:
+            values[ALERTS_CONFIG_KEY] = alerts_to_config(self.alerts)
         for channel, landmarks in (self.harmonisation or {}).items():
             values[records.HARMONISATION_PREFIX + channel] = [float(v) for v in landmarks]
         return values
@@ -131,7 +137,9 @@ class RoundConfig:
         default, an unknown one raises ``RunConfigError`` (a coordinator newer than this site)."""
         run_values: dict[str, Any] = {}
         for key, value in values.items():
-            if key in (SERVER_ROUND_KEY, PLAN_CONFIG_KEY) or key.startswith(records.HARMONISATION_PREFIX):
+            if key in (SERVER_ROUND_KEY, PLAN_CONFIG_KEY, ALERTS_CONFIG_KEY) or key.startswith(
+                records.HARMONISATION_PREFIX
+            ):
                 continue
             run_values[_FORMER_NAMES.get(key, key)] = value
         for former, key in _FORMER_NAMES.items():
@@ -140,10 +148,13 @@ class RoundConfig:
         extra: dict[str, Any] = {}
         if SERVER_ROUND_KEY in values:
             extra["server_round"] = _typed(SERVER_ROUND_KEY, int, values[SERVER_ROUND_KEY])
+        run = RunConfig._parse(run_values, "round config")
+        alerts = records.text(values, ALERTS_CONFIG_KEY)
         return cls(
-            RunConfig._parse(run_values, "round config"),
+            run,
             plan=records.text(values, PLAN_CONFIG_KEY) or None,
             harmonisation=records.landmarks(values),
+            alerts=alerts_from_config(alerts, run.job) if alerts else (),
             **extra,
         )
 

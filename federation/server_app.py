@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from radfed.federation import records
 from radfed.federation.aggregation import ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.alerts import PROVENANCE_KEY, PoisoningAlert, federation_id
 from radfed.federation.compression import payload_nbytes, restore_reply
 from radfed.federation.coordinator import (
     JobState,
@@ -64,8 +65,11 @@ class Job:
 
     def config(self, server_round: int, state: JobState) -> ConfigRecord:
         """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
-        round, and the plan and reference landmarks once fixed."""
-        values: dict[str, Any] = RoundConfig(self.run, server_round, state.plan, state.harmonisation).to_record()
+        round, the plan and reference landmarks once fixed, and every poisoning alert of the job so far."""
+        alerts = state.alerts(self.run.anonymise_alerts)
+        values: dict[str, Any] = RoundConfig(
+            self.run, server_round, state.plan, state.harmonisation, alerts
+        ).to_record()
         return ConfigRecord(values)
 
     def nodes(self) -> list[int]:
@@ -213,6 +217,10 @@ class Job:
             raise QuorumError(f"round {server_round}: {len(updates)} readable update(s), quorum {self.min_sites}")
         outcome = aggregate(state.arrays, updates, self.run.aggregation)
         state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
+        # every site hears of these with its next message (the next round's, or the final evaluation's)
+        state.flags += [
+            PoisoningAlert(self.run.job, server_round, federation_id(f.site), f.rule) for f in outcome.flags
+        ]
         state.completed_round = server_round
         state.save(self.out)
         seconds = time.perf_counter() - started
@@ -228,7 +236,7 @@ class Job:
                 "sites": site_lines,
                 "errors": errors,
                 "aggregated": list(outcome.used),
-                "flagged": [{"site": f.site, "reason": f.reason} for f in outcome.flags],
+                "flagged": [{"site": f.site, "rule": str(f.rule), "reason": f.reason} for f in outcome.flags],
                 # the global model of the previous round, evaluated by each site before it trained
                 "evaluation": evaluation_line({s: m for s, (_, m, _) in replies.items()}),
                 "evaluated_round": server_round - 1,
@@ -310,6 +318,7 @@ def main(grid: Grid, context: Context) -> None:
         job.train_round(server_round, state)
     final = job.evaluate_final(state)
     epsilon, delta = run.epsilon, run.delta
+    alerts = state.alerts(run.anonymise_alerts)
     if spec.outputs.min_lesion_fraction is None and state.lesion_kept_per_site:
         # the share-of-largest rule from the sites' summed reference-mask statistics (never a mask)
         spec = spec.with_outputs(min_lesion_fraction=state.lesion_fraction())
@@ -335,6 +344,7 @@ def main(grid: Grid, context: Context) -> None:
             if epsilon > 0
             else None,
             "validation": final,
+            PROVENANCE_KEY: [a.as_dict() for a in alerts],  # a node may refuse the model while these are open
         },
     )
     card = model_card(
@@ -350,6 +360,7 @@ def main(grid: Grid, context: Context) -> None:
         f"{sum((base.provenance.get('studies_per_site') or {}).values())} public studies"
         if base is not None
         else None,
+        alerts=alerts,
     )
     (job.out / "model-card.md").write_text(card)
     say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")

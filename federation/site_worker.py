@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from multiprocessing.connection import Client, Connection, Listener
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from radfed.federation.alerts import AlertStore, PoisoningAlert
 from radfed.federation.site_config import SiteConfig
 from radfed.inference.errors import RadfedError
 
@@ -175,6 +176,7 @@ def handle(frame: Frame) -> Frame:
         files = {name: array.tobytes() for name, array in zip(frame.header["files"], frame.arrays, strict=True)}
         return Frame({"metrics": {"model_installed": 1}, "installed": site_code.install_rollout(config, files)}, [])
     plan = site_code.RoundPlan.from_config(frame.header["config"])
+    keep_alerts(config, plan.alerts)
     if request is Request.TRAIN:
         arrays, metrics = site_code.train_round(config, plan, frame.arrays)
         return Frame({"metrics": metrics}, arrays)
@@ -183,6 +185,19 @@ def handle(frame: Frame) -> Frame:
     if request is Request.FINGERPRINT:
         return Frame({"metrics": site_code.site_fingerprint(config, plan)}, [])
     return Frame({"metrics": site_code.intensity_landmarks(config, plan)}, [])
+
+
+def keep_alerts(site: SiteConfig, alerts: Sequence[PoisoningAlert]) -> None:
+    """Store the job's poisoning alerts where the node beside this site shows them (its state folder, from
+    node-config ``node-state-dir``; the site's own state folder when no node is named)."""
+    if not alerts:
+        return
+    for received in AlertStore(site.node_state_dir or site.state_dir).record(alerts):
+        alert = received.alert
+        logger.warning(
+            "poisoning alert %s: job %s, round %d, site %s, rule %s",
+            alert.alert_id, alert.job, alert.server_round, alert.site, alert.rule,
+        )  # fmt: skip
 
 
 def serve(state_dir: Path, supernode: int, idle_exit_s: float = IDLE_EXIT_S) -> None:

@@ -17,7 +17,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 
 from radfed.federation import client_app, site_worker
-from radfed.federation.aggregation import AggregationRule
+from radfed.federation.aggregation import AggregationRule, AnomalyRule
+from radfed.federation.alerts import PoisoningAlert
 from radfed.federation.coordinator import JobState
 from radfed.federation.run_config import RoundConfig, RunConfig, RunConfigError
 from radfed.federation.server_app import Job
@@ -67,6 +68,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         base_model="/srv/base-model",
         learning_rate=3e-4,
         compression="topk:0.05",
+        anonymise_alerts=True,
     )
     default = RunConfig()
     assert [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)] == []
@@ -82,10 +84,12 @@ def test_the_flower_app_declares_every_key_with_its_default(app_config: dict[str
 
 def test_every_key_reaches_the_site(tmp_path: Path) -> None:
     run = every_key_changed(tmp_path / "job")
-    state = JobState(plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]})
+    flags = [PoisoningAlert(run.job, 2, "hospital-3", AnomalyRule.UPDATE_NORM)]
+    state = JobState(plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]}, flags=flags)
     plan = site_plan(run, 4, state, tmp_path / "job")
     assert plan.run == run
     assert (plan.server_round, plan.plan, plan.harmonisation) == (4, state.plan, state.harmonisation)
+    assert plan.alerts == (PoisoningAlert(run.job, 2, "flagged-site-1", AnomalyRule.UPDATE_NORM),)  # anonymised
 
 
 def test_max_grad_norm_reaches_the_sites_dp_settings(tmp_path: Path) -> None:
