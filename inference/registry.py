@@ -60,11 +60,14 @@ class ModelRegistry:
         data = json.loads(path.read_text())
         return str(data["name"]), str(data["version"])
 
-    def activate(self, name: str, version: str) -> ModelArtifact:
+    def installed(self, name: str, version: str) -> ModelArtifact:
         folder = self.folder / name / version
         if not folder.is_dir():
             raise ArtifactError(f"model {name}:{version} is not installed")
-        artifact = load_artifact(folder)
+        return load_artifact(folder)
+
+    def activate(self, name: str, version: str) -> ModelArtifact:
+        artifact = self.installed(name, version)
         temporary = self.folder / (ACTIVE_FILE + ".tmp")
         temporary.write_text(json.dumps({"name": name, "version": version}))
         temporary.replace(self.folder / ACTIVE_FILE)

@@ -1,4 +1,5 @@
-"""The node's HTTP API (FastAPI): health and readiness, jobs, models, run a study, Prometheus metrics.
+"""The node's HTTP API (FastAPI): health and readiness, jobs, models, federation alerts, run a study, Prometheus
+metrics.
 
 Every route requires the API token (``Authorization: Bearer <token>``); OpenAPI docs at ``/docs``.
 RadfedErrors are translated to HTTP answers here, once.
@@ -15,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from radfed.federation.alerts import UnresolvedAlertsError
 from radfed.inference.errors import DicomInputError, OrthancUnavailableError, RadfedError
 from radfed.plugin.ledger import JobState
 from radfed.plugin.service import ORTHANC_ID, NodeService
@@ -26,6 +28,7 @@ _bearer = HTTPBearer(auto_error=False)
 _UID = r"^[0-9]+(\.[0-9]+)*$"  # DICOM UI: digits and dots, at most 64 characters, no wildcards
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"  # model names and versions: no path separators, no ".."
 _JOB_ID = Path(ge=1, le=2**63 - 1)  # SQLite's integer range
+_ALERT_ID = r"^[0-9a-f]{16}$"  # federation.alerts.PoisoningAlert.alert_id
 
 
 class StableStudyNotice(BaseModel):
@@ -55,7 +58,9 @@ def create_app(service: NodeService) -> FastAPI:
     @app.exception_handler(RadfedError)
     def _radfed_error(_request: Request, exc: RadfedError) -> JSONResponse:
         status = (
-            400
+            409  # the model is fine; the node's policy refuses it while its job's alerts are open
+            if isinstance(exc, UnresolvedAlertsError)
+            else 400
             if isinstance(exc, DicomInputError | ValueError)
             else 503
             if isinstance(exc, OrthancUnavailableError)
@@ -126,9 +131,25 @@ def create_app(service: NodeService) -> FastAPI:
     def activate(
         name: Annotated[str, Path(pattern=_NAME)], version: Annotated[str, Path(pattern=_NAME)]
     ) -> dict[str, Any]:
-        artifact = service.registry.activate(name, version)
+        artifact = service.activate(name, version)
         service.load_active_model()
         return {"active": artifact.key}
+
+    @app.get("/federation/alerts", dependencies=guarded)
+    def federation_alerts(resolved: Annotated[bool | None, Query()] = None) -> list[dict[str, Any]]:
+        """Poisoning alerts from the federated jobs this node's site took part in (and from models it was asked
+        to activate): which round, which site (or its pseudonym), which screening rule; oldest first."""
+        return [
+            a.as_dict() for a in service.alerts.alerts() if resolved is None or resolved == (a.resolved_at is not None)
+        ]
+
+    @app.post("/federation/alerts/{alert_id}/resolve", dependencies=guarded)
+    def resolve_alert(alert_id: Annotated[str, Path(pattern=_ALERT_ID)]) -> dict[str, Any]:
+        """The admin has reviewed this alert: a model of its job may be activated again (as far as it goes)."""
+        found = service.alerts.resolve(alert_id)
+        if found is None:
+            raise HTTPException(404, f"no alert {alert_id}")
+        return found.as_dict()
 
     @app.post("/studies/{study_instance_uid}/run", dependencies=guarded)
     def run_study(study_instance_uid: Annotated[str, Path(pattern=_UID, max_length=64)]) -> dict[str, Any]:

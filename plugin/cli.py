@@ -209,7 +209,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"installed {installed.key}", file=sys.stderr)
     if args.activate:
         name, _, version = args.activate.partition(":")
-        service.registry.activate(name, version)
+        service.activate(name, version)
     service.start()
     if args.reprocess_since:
         print(f"reprocessing {service.reprocess_since(args.reprocess_since)} studies", file=sys.stderr)

@@ -85,6 +85,8 @@ class NodeConfig:
     reconcile_quiet_s: float = 180.0
     reconcile_interval_s: float = 30.0
     device_policy: DevicePolicy = DevicePolicy.CLINICAL_FIRST  # clinical jobs before a site's training
+    # refuse to activate a model whose federated job has poisoning alerts the admin has not resolved
+    refuse_flagged_models: bool = False
 
     @property
     def ledger_path(self) -> Path:
@@ -235,4 +237,5 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         reconcile_quiet_s=_get(node, "reconcile_quiet_s", float, 180.0, "node"),
         reconcile_interval_s=_get(node, "reconcile_interval_s", float, 30.0, "node"),
         device_policy=_device_policy(_get(node, "device_policy", str, DevicePolicy.CLINICAL_FIRST.value, "node")),
+        refuse_flagged_models=_get(node, "refuse_flagged_models", bool, False, "node"),
     )

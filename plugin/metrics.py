@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from radfed.federation.aggregation import AnomalyRule
+from radfed.federation.alerts import AlertStore
 
 STAGES = ("fetch", "load", "preprocess", "model", "postprocess", "encode", "qa", "store", "total")
 
 
+class AlertCollector(Collector):
+    """Poisoning alerts, read from the node's alert store at each scrape: the site worker (another process)
+    writes it, and the store only grows, so its count is a counter that survives the node's restarts."""
+
+    def __init__(self, store: AlertStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        alerts = self.store.alerts()
+        received = CounterMetricFamily(
+            "radfed_federation_alerts", "Poisoning alerts received from federated jobs, by rule", labels=["rule"]
+        )
+        for rule in AnomalyRule:
+            received.add_metric([rule.value], sum(a.alert.rule is rule for a in alerts))
+        yield received
+        yield GaugeMetricFamily(
+            "radfed_federation_alerts_unresolved",
+            "Poisoning alerts the node's admin has not resolved",
+            value=sum(a.resolved_at is None for a in alerts),
+        )
+
+
 class NodeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, alerts: AlertStore | None = None) -> None:
         self.registry = CollectorRegistry()
+        if alerts is not None:
+            self.registry.register(AlertCollector(alerts))
         self.stage_seconds = Histogram(
             "radfed_stage_seconds",
             "Seconds per pipeline stage of a job",

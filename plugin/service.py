@@ -20,7 +20,9 @@ from pydicom.dataset import Dataset
 
 from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile, SegEncoding
+from radfed.federation.alerts import AlertStore, provenance_alerts
 from radfed.inference.arbiter import DeviceArbiter
+from radfed.inference.artifact import ModelArtifact
 from radfed.inference.errors import (
     OrthancRequestError,
     OrthancUnavailableError,
@@ -94,7 +96,9 @@ class NodeService:
         self.config = config
         self.ledger = Ledger(config.ledger_path)
         self.registry = ModelRegistry(config.models_dir)
-        self.metrics = NodeMetrics()
+        # poisoning alerts of the federated jobs this node's site takes part in (written by its site worker)
+        self.alerts = AlertStore(config.state_dir)
+        self.metrics = NodeMetrics(self.alerts)
         self.client = OrthancClient(config.orthanc, timeout_s=30.0)
         self.store: ResultStore = self._make_store()
         self.profile = OutputProfile(seg_encoding=SegEncoding(config.seg_encoding), key_images=config.key_images)
@@ -131,6 +135,14 @@ class NodeService:
         return OrthancRestStore(self.client)
 
     # -- models ----------------------------------------------------------------------------------
+
+    def activate(self, name: str, version: str) -> ModelArtifact:
+        """Make an installed model the one served (``load_active_model`` loads it). With ``refuse_flagged_models``,
+        a model whose federated job has unresolved poisoning alerts is refused (``UnresolvedAlertsError``)."""
+        artifact = self.registry.installed(name, version)
+        if self.config.refuse_flagged_models:
+            self.alerts.require_resolved(provenance_alerts(artifact.provenance), f"model {artifact.key}")
+        return self.registry.activate(name, version)
 
     def load_active_model(self) -> OnnxModel | None:
         artifact = self.registry.active()
