@@ -1,4 +1,5 @@
-"""Export a trained model to ONNX with the standard tensor contract, checked against torch."""
+"""Export a trained model to ONNX with the standard tensor contract, checked against torch; optionally a float16
+copy beside it (for GPU nodes), checked against the float32 model."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from radfed.inference.artifact import (
     SEGMENTATION_OUTPUT,
     ArtifactError,
     ModelArtifact,
+    attach_fp16,
     write_artifact,
 )
 from radfed.inference.findings import ModelIdentity
 from radfed.inference.taskspec import TaskSpec
 
 PARITY_TOLERANCE = 1e-3  # max |torch - onnxruntime| on logits
+# max |float32 - float16| on logits: half precision keeps ~3 significant digits, logits reach tens
+FP16_PARITY_TOLERANCE = 0.05
 
 
 def export_onnx(model: nn.Module, spec: TaskSpec, path: Path) -> None:
@@ -56,19 +60,57 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     )
 
 
-def parity_error(model: nn.Module, spec: TaskSpec, onnx_path: Path, batch: int = 2, seed: int = 0) -> float:
-    """Max absolute difference between torch and ONNX Runtime on the same random input."""
+def _sample(spec: TaskSpec, batch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, len(spec.channels), *spec.patch_size)).astype(np.float32)
+
+
+def _onnx_logits(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
-    rng = np.random.default_rng(seed)
-    d, h, w = spec.patch_size
-    x = rng.standard_normal((batch, len(spec.channels), d, h, w)).astype(np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    seg, cls = session.run([SEGMENTATION_OUTPUT, CLASSIFICATION_OUTPUT], {INPUT_NAME: x})
+    return np.asarray(seg), np.asarray(cls)
+
+
+def parity_error(model: nn.Module, spec: TaskSpec, onnx_path: Path, batch: int = 2, seed: int = 0) -> float:
+    """Max absolute difference between torch and ONNX Runtime on the same random input."""
+    x = _sample(spec, batch, seed)
     with torch.no_grad():
         seg, cls = model(torch.from_numpy(x))
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    o_seg, o_cls = session.run([SEGMENTATION_OUTPUT, CLASSIFICATION_OUTPUT], {INPUT_NAME: x})
+    o_seg, o_cls = _onnx_logits(onnx_path, x)
     return float(max(np.abs(seg.numpy() - o_seg).max(), np.abs(cls.numpy() - o_cls).max()))
+
+
+def export_fp16(onnx_path: Path, fp16_path: Path) -> None:
+    """A float16 copy of an exported model; its input and outputs stay float32, so the tensor contract holds."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    onnx.save(convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True), str(fp16_path))
+
+
+def fp16_parity_error(spec: TaskSpec, onnx_path: Path, fp16_path: Path, batch: int = 2, seed: int = 0) -> float:
+    """Max absolute difference between the float32 and float16 models' logits on the same random input
+    (ONNX Runtime on the CPU, which runs float16 too)."""
+    x = _sample(spec, batch, seed)
+    (seg, cls), (half_seg, half_cls) = _onnx_logits(onnx_path, x), _onnx_logits(fp16_path, x)
+    return float(max(np.abs(seg - half_seg).max(), np.abs(cls - half_cls).max()))
+
+
+def add_fp16(artifact: ModelArtifact) -> ModelArtifact:
+    """Give an artifact a float16 copy of its model (the float32 one stays); refused when the two differ by more
+    than ``FP16_PARITY_TOLERANCE`` on a sample. The difference is kept as ``onnx_fp16_max_abs_error``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        half = Path(tmp) / "model.fp16.onnx"
+        export_fp16(artifact.onnx_path, half)
+        error = fp16_parity_error(artifact.spec, artifact.onnx_path, half)
+        if error > FP16_PARITY_TOLERANCE:
+            raise ArtifactError(
+                f"the float16 model differs from float32 by {error:.2e} (tolerance {FP16_PARITY_TOLERANCE:g})"
+            )
+        return attach_fp16(artifact.folder, half, error)
 
 
 def export_artifact(
@@ -79,8 +121,10 @@ def export_artifact(
     *,
     harmonisation: Mapping[str, Sequence[float]] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    fp16: bool = False,
 ) -> ModelArtifact:
-    """ONNX export + parity check + manifest; refuses an export that drifts from torch."""
+    """ONNX export + parity check + manifest; refuses an export that drifts from torch. ``fp16``: also a float16
+    copy, checked against the float32 model (:func:`add_fp16`)."""
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_onnx(model, spec, onnx_path)
@@ -91,6 +135,7 @@ def export_artifact(
         details["onnx_parity_max_abs_error"] = error
         weights = Path(tmp) / "weights.npz"
         np.savez(weights, *[t.detach().cpu().numpy() for t in model.state_dict().values()])
-        return write_artifact(
+        artifact = write_artifact(
             folder, onnx_path, identity, spec, harmonisation=harmonisation, provenance=details, weights_file=weights
         )
+    return add_fp16(artifact) if fp16 else artifact

@@ -20,6 +20,7 @@ from radfed.inference.taskspec import TaskSpec, parse_task_spec
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.npz"  # the network's tensors in state-dict order: a base for federated fine-tuning
+FP16_MODEL_FILE = "model.fp16.onnx"  # optional half-precision copy beside the float32 model, for GPU nodes
 FORMAT = "radfed-model/2"
 
 # The tensor contract every radfed segmentation+classification model honours.
@@ -49,10 +50,15 @@ class ModelArtifact:
     outputs: tuple[TensorSpec, ...]
     harmonisation: dict[str, list[float]] | None
     provenance: dict[str, Any] = field(default_factory=dict)
+    fp16_sha256: str | None = None  # the half-precision copy, when the artifact carries one
 
     @property
     def onnx_path(self) -> Path:
         return self.folder / MODEL_FILE
+
+    @property
+    def fp16_path(self) -> Path | None:
+        return self.folder / FP16_MODEL_FILE if self.fp16_sha256 is not None else None
 
     @property
     def weights_path(self) -> Path | None:
@@ -142,6 +148,23 @@ def write_artifact(
     return load_artifact(folder)
 
 
+def attach_fp16(folder: Path, fp16_file: Path, max_abs_error: float) -> ModelArtifact:
+    """Add a half-precision copy of the model to an artifact (the float32 model stays as it is): the file, its
+    checksum and its measured difference from float32 (provenance ``onnx_fp16_max_abs_error``) in the manifest."""
+    manifest_path = folder / MANIFEST
+    load_artifact(folder)  # only a valid artifact gets a copy
+    manifest = json.loads(manifest_path.read_text())
+    target = folder / FP16_MODEL_FILE
+    shutil.copyfile(fp16_file, target)
+    manifest["onnx_fp16"] = {"file": FP16_MODEL_FILE, "sha256": sha256_of(target), "bytes": target.stat().st_size}
+    manifest["provenance"] = {**(manifest.get("provenance") or {}), "onnx_fp16_max_abs_error": max_abs_error}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    partial = manifest_path.with_suffix(".partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(manifest_path)
+    return load_artifact(folder)
+
+
 def _tensors(items: Any, where: str) -> tuple[TensorSpec, ...]:
     try:
         return tuple(TensorSpec(str(t["name"]), tuple(t["shape"]), str(t.get("dtype", "float32"))) for t in items)
@@ -184,6 +207,12 @@ def load_artifact(folder: Path) -> ModelArtifact:
     present = weights is not None and (folder / weights["file"]).is_file()
     if present and sha256_of(folder / weights["file"]) != weights["sha256"]:
         raise ArtifactError(f"{folder / weights['file']} does not match the manifest's checksum")
+    half = manifest.get("onnx_fp16")
+    # optional like the weights: a copy that is present must match
+    if half is not None and not (folder / half["file"]).is_file():
+        half = None
+    if half is not None and sha256_of(folder / half["file"]) != half["sha256"]:
+        raise ArtifactError(f"{folder / half['file']} does not match the manifest's checksum")
     spec = parse_task_spec(manifest["task_spec"], f"{manifest_path}:task_spec")
     try:
         spec = spec.planned(Plan.from_json(json.dumps(manifest["plan"])))
@@ -216,4 +245,5 @@ def load_artifact(folder: Path) -> ModelArtifact:
         outputs=outputs,
         harmonisation=harmonisation,
         provenance=dict(manifest.get("provenance") or {}),
+        fp16_sha256=half["sha256"] if half is not None else None,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from radfed.inference.arbiter import DevicePolicy
+from radfed.inference.device import Device, RuntimeSettings
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancEndpoint
 
@@ -74,7 +75,7 @@ class NodeConfig:
     seg_encoding: str = "BINARY"
     key_images: bool = False
     scp: ScpSettings | None = None  # a Storage SCP runs when [scp] enabled = true
-    onnx_threads: int | None = None
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)  # [inference]: device, batching, warm-up
     prefetch: bool = True  # prepare arriving studies before StableStudy (plugin/prefetch.py)
     prefetch_quiet_s: float = 0.5
     prefetch_studies: int = 4
@@ -113,6 +114,36 @@ def _device_policy(value: str) -> DevicePolicy:
         return DevicePolicy(value)
     except ValueError:
         raise ConfigError(f"node.device_policy must be one of {', '.join(p.value for p in DevicePolicy)}") from None
+
+
+def _runtime_settings(
+    table: Mapping[str, Any], threads: int | None, state_dir: Path, device: str | None
+) -> RuntimeSettings:
+    """``[inference]``: the wanted device (``RADFED_DEVICE`` overrides it), GPU options, windows per run."""
+    defaults = RuntimeSettings()
+    wanted = device or _get(table, "device", str, defaults.device.value, "inference")
+    try:
+        chosen = Device(wanted)
+    except ValueError:
+        raise ConfigError(
+            f"inference.device must be one of {', '.join(d.value for d in Device)}, got {wanted!r}"
+        ) from None
+    device_id = _get(table, "device_id", int, defaults.device_id, "inference")
+    limit = _get(table, "gpu_mem_limit_mb", int, defaults.gpu_mem_limit_mb, "inference")
+    batch = _get(table, "batch_windows", int, defaults.batch_windows, "inference")
+    if device_id < 0 or (limit is not None and limit <= 0) or batch < 1:
+        raise ConfigError("inference.device_id must be >= 0, gpu_mem_limit_mb > 0 and batch_windows >= 1")
+    return RuntimeSettings(
+        device=chosen,
+        device_id=device_id,
+        gpu_mem_limit_mb=limit,
+        tensorrt=_get(table, "tensorrt", bool, defaults.tensorrt, "inference"),
+        engine_cache_dir=state_dir / "tensorrt-engines",
+        batch_windows=batch,
+        warmup=_get(table, "warmup", bool, defaults.warmup, "inference"),
+        fp16=_get(table, "fp16", bool, defaults.fp16, "inference"),
+        intra_op_threads=threads,
+    )
 
 
 def _seg_encoding(value: str) -> str:
@@ -228,7 +259,12 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         seg_encoding=_seg_encoding(_get(output, "seg_encoding", str, "BINARY", "output")),
         key_images=_get(output, "key_images", bool, False, "output"),
         scp=_scp_settings(scp),
-        onnx_threads=_get(node, "onnx_threads", int, None, "node"),
+        runtime=_runtime_settings(
+            data.get("inference", {}),
+            _get(node, "onnx_threads", int, None, "node"),
+            state_dir,
+            env.get("RADFED_DEVICE"),
+        ),
         prefetch=_get(node, "prefetch", bool, True, "node"),
         prefetch_quiet_s=_get(node, "prefetch_quiet_s", float, 0.5, "node"),
         prefetch_studies=_get(node, "prefetch_studies", int, 4, "node"),

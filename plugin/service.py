@@ -23,6 +23,7 @@ from radfed.dicom_sr.profile import OutputProfile, SegEncoding
 from radfed.federation.alerts import AlertStore, provenance_alerts
 from radfed.inference.arbiter import DeviceArbiter
 from radfed.inference.artifact import ModelArtifact
+from radfed.inference.device import DeviceReport, DeviceUnavailableError, probe_device
 from radfed.inference.errors import (
     OrthancRequestError,
     OrthancUnavailableError,
@@ -112,6 +113,10 @@ class NodeService:
         self.health = LoopMonitor()
         # the device is shared with a federated site worker pointed at this state folder: clinical jobs first
         self.arbiter = DeviceArbiter(config.state_dir, config.device_policy)
+        # the start-up check of the wanted device (cpu | cuda | auto): which provider and why, for /ready
+        self.device: DeviceReport = probe_device(config.runtime)
+        log = logger.error if self.device.problem else logger.info
+        log("inference device: %s (%s)", self.device.provider or "none", self.device.reason)
         self._start_from_now = False
         self._scp: Any = None
         self.orthanc_reachable = False
@@ -150,8 +155,16 @@ class NodeService:
             if artifact is None:
                 self._active = None
             elif self._active is None or self._active.model.artifact.key != artifact.key:
-                self._active = ActiveModel(OnnxModel(artifact, intra_op_threads=self.config.onnx_threads), time.time())
-                logger.info("serving %s on %s", artifact.key, self._active.model.provider)
+                self._active = None
+                if self.device.problem is None:  # else nothing is served: /ready names the missing piece
+                    try:
+                        model = OnnxModel(artifact, self.config.runtime, device=self.device)
+                    except DeviceUnavailableError as exc:  # device = cuda and the session fell back to the CPU
+                        logger.error("%s", exc)
+                        self.device = DeviceReport(self.device.wanted, None, str(exc), str(exc))
+                    else:
+                        self._active = ActiveModel(model, time.time())
+                        logger.info("serving %s on %s", artifact.key, model.provider)
             self.metrics.model_loaded.set(1 if self._active else 0)
             return self._active.model if self._active else None
 
@@ -547,6 +560,7 @@ class NodeService:
                 "study_probability": round(result.study_finding.probability, 4),
                 "category": result.study_finding.category.meaning,
                 "provider": model.provider,
+                "precision": model.precision,
                 "prepared_ahead": ahead is not None,
                 "supersedes": predecessor.SOPInstanceUID if predecessor is not None else None,
             },
@@ -623,6 +637,9 @@ class NodeService:
         model = self.model
         if model is None:
             problems.append("no active model")
+        device = model.device if model is not None else self.device
+        if device.problem is not None:
+            problems.append(device.problem)
         jobs: dict[str, int] | None = None
         inbox: int | None = None
         try:
@@ -647,6 +664,7 @@ class NodeService:
             "orthanc_reachable": self.orthanc_reachable,
             "model": model.artifact.key if model else None,
             "provider": model.provider if model else None,
+            "device": device.as_dict(),
             "ledger": ledger,
             "loops": loops,
             "jobs": jobs,

@@ -1,0 +1,32 @@
+"""A small, untrained 2-D model exported as a real artifact (seconds, no training): for tests of the ONNX runtime
+and the node's device report, where what the network predicts does not matter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from radfed.federation.export import export_artifact
+from radfed.federation.networks import build_network
+from radfed.inference.artifact import ModelArtifact
+from radfed.inference.findings import ModelIdentity
+from radfed.inference.plan import Architecture, Normalization, PlanOverrides, derive_plan
+from radfed.inference.taskspec import load_task_spec
+
+
+def small_artifact(folder: Path, *, fp16: bool = False, seed: int = 0) -> ModelArtifact:
+    spec = load_task_spec()
+    overrides = PlanOverrides(
+        {c.name: c.modality for c in spec.channels},
+        spacing_mm=(3.0, 1.0, 1.0),
+        patch_size=(1, 32, 32),
+        spatial_dims=2,
+        normalization=Normalization.ZSCORE,
+        architecture=Architecture.DYNUNET,
+    )
+    spec = spec.planned(derive_plan(overrides, None))
+    assert spec.plan is not None
+    torch.manual_seed(seed)
+    model = build_network(spec.plan.network, len(spec.channels))
+    return export_artifact(model, spec, folder, ModelIdentity("small", "0.0.1"), fp16=fp16)
