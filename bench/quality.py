@@ -9,16 +9,23 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
 
     python -m bench quality
     RADFED_BENCH_QUALITY_STEPS=300 RADFED_BENCH_QUALITY_SETS=brain python -m bench quality   # shorter
+    RADFED_BENCH_QUALITY_MINUTES=60 ...   # each training's time limit (default: the recipe's, 40 min)
+
+Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
+``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shlex
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,9 @@ from bench.report import table
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN = ROOT.parent / "shared" / "data" / "brain_tumor_progression"
 FOLDS = 3
-STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_STEPS", "1500"))
+STEPS = int(os.environ["RADFED_BENCH_QUALITY_STEPS"]) if os.environ.get("RADFED_BENCH_QUALITY_STEPS") else None
+MINUTES = float(os.environ["RADFED_BENCH_QUALITY_MINUTES"]) if os.environ.get("RADFED_BENCH_QUALITY_MINUTES") else None
+FEDERATED_STEPS = 1500  # the federated arm's whole budget when STEPS is not set (rounds need a count)
 SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")  # and "federated" (brain)
 SITES = 2  # the federated arm's hospitals
@@ -83,6 +92,7 @@ norm = "group"
 batch_size = 4
 
 [training]
+steps = 1500
 optimizer = "adam"
 learning_rate = 0.01
 schedule = "constant"
@@ -172,6 +182,7 @@ def _jobs(work: Path) -> list[Job]:
 
 
 def _run(job: Job) -> dict[str, Any]:
+    from radfed.federation.calibration import reference_fraction
     from radfed.federation.local import fit, set_threads
 
     set_threads(1)  # one torch thread per process, processes side by side on the cores
@@ -180,6 +191,8 @@ def _run(job: Job) -> dict[str, Any]:
     from radfed.inference.taskspec import parse_task_spec
 
     spec = parse_task_spec(job.spec_text, f"{job.dataset}/{job.arm}")
+    if MINUTES is not None:
+        spec = replace(spec, training=replace(spec.training, time_limit_minutes=MINUTES))
     if job.dataset == "prostate":
         test_site = job.test_keys[0]
         train_cohort = cohort_from_sources(spec, [s for s in job.sources if not s.endswith(test_site)])
@@ -210,14 +223,20 @@ def _run(job: Job) -> dict[str, Any]:
     trained = fit(spec, train, seed=job.fold, steps=STEPS, progress=progress)
     # Postprocessing and test-time variants of the same trained model (free of training noise).
     variants = {job.arm: trained.spec}
+    unprotected = "planned, share rule without protecting large components (session 9)"
     if job.arm == "planned":
         variants["planned, no share-of-largest rule"] = trained.spec.with_outputs(min_lesion_fraction=0.0)
         variants["planned, no mirroring TTA"] = replace(
             trained.spec, inference=replace(trained.spec.inference, mirror=False)
         )
+        if trained.calibration is None and spec.outputs.min_lesion_fraction is None:
+            with _share_rule_unprotected():
+                share = reference_fraction(train, spec.outputs.min_lesion_volume_mm3)
+            variants[unprotected] = trained.spec.with_outputs(min_lesion_fraction=share)
     rows = []
     for name, variant in variants.items():
-        summary = evaluate_model(trained.model, test, variant).summary()
+        with _share_rule_unprotected() if name == unprotected else nullcontext():
+            summary = evaluate_model(trained.model, test, variant).summary()
         rows.append(
             {
                 "dataset": job.dataset,
@@ -235,6 +254,20 @@ def _run(job: Job) -> dict[str, Any]:
     return rows
 
 
+@contextmanager
+def _share_rule_unprotected() -> Iterator[None]:
+    """The share-of-largest rule as session 9 shipped it: any component under the share dropped, however large
+    (for one side-by-side row; the rule now keeps components of several minimum volumes)."""
+    from radfed.inference import lesions
+
+    saved = lesions.SHARE_PROTECTED_VOLUMES
+    lesions.SHARE_PROTECTED_VOLUMES = math.inf
+    try:
+        yield
+    finally:
+        lesions.SHARE_PROTECTED_VOLUMES = saved
+
+
 def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[str, Any]:
     """The same fold trained by FedAvg over two simulated hospitals (no DP), as many steps in all as the
     centralised arm, the job's own site training and aggregation code (federation/experiments.py)."""
@@ -245,8 +278,8 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
 
     sites = {f"site-{i + 1}": [s for s in train if s.key in keys] for i, keys in enumerate(job.site_keys)}
     # the share-of-largest rule from the sites' reference masks (an aggregate: kept-volume fractions)
-    spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train))
-    rounds = max(1, STEPS // (FEDERATED_LOCAL_STEPS * len(sites)))
+    spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train, spec.outputs.min_lesion_volume_mm3))
+    rounds = max(1, (STEPS or FEDERATED_STEPS) // (FEDERATED_LOCAL_STEPS * len(sites)))
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold, every_round=False)
     started = time.perf_counter()
     result = Experiment(spec, {}, budget).federate(
@@ -279,7 +312,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="radfed-quality-") as tmp:
         jobs = _jobs(Path(tmp))
         workers = int(os.environ.get("RADFED_BENCH_JOBS", max(1, min(len(jobs), os.cpu_count() or 1))))
-        print(f"bench quality: {len(jobs)} trainings ({STEPS} steps each), {workers} side by side", flush=True)
+        budget = f"{STEPS} steps" if STEPS else f"as many steps as {MINUTES or 'the recipe'} minutes allow"
+        print(f"bench quality: {len(jobs)} trainings ({budget} each), {workers} side by side", flush=True)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             results = [row for rows in pool.map(_run, jobs) for row in rows]
@@ -301,6 +335,7 @@ def main() -> None:
                     _mean(mine, "fp_components_per_study"),
                     _mean(mine, "volume_ratio"),
                     _mean(mine, "auc"),
+                    f"{sum(r['steps'] for r in mine) / len(mine):.0f}",
                     f"{sum(r['seconds_per_step'] for r in mine) / len(mine):.2f}",
                     PUBLISHED[dataset],
                 ]
@@ -308,7 +343,8 @@ def main() -> None:
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k.startswith("RADFED_BENCH_QUALITY"))
     table(
         f"Segmentation quality, {FOLDS}-fold cross-validation: brain by patient, prostate by hospital (train on two, "
-        f"test on the third); {STEPS} training steps per fold; mean (min-max) over folds",
+        f"test on the third); {STEPS or 'time-limited'} training steps per fold "
+        f"({os.environ.get('RADFED_BENCH_JOBS', 'all')} folds side by side); mean (min-max) over folds",
         [
             "data",
             "recipe",
@@ -318,6 +354,7 @@ def main() -> None:
             "FP comp./study",
             "pred/true vol",
             "AUC",
+            "steps",
             "s/step",
             "published",
         ],

@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.evaluation import lesion_components
-from radfed.inference.lesions import kept_components
+from radfed.inference.lesions import kept_components, protected_volume_mm3
 from radfed.inference.windows import Prediction
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -77,18 +77,22 @@ def _temperature(predictions: Sequence[Prediction], samples: Sequence[TrainingSa
     return min(TEMPERATURES, key=nll)
 
 
-def reference_kept(samples: Sequence[TrainingSample]) -> tuple[list[float], int]:
+def reference_kept(samples: Sequence[TrainingSample], min_volume_mm3: float) -> tuple[list[float], int]:
     """For each share in ``FRACTIONS``: the sum over studies with reference lesions of the part of their
-    lesion volume that components of at least that share of the study's largest hold; and how many studies
-    that is. Sums and a count: what a site may send (aggregates, additive across sites)."""
+    lesion volume that the share-of-largest rule keeps (at the task's minimum lesion volume, whose multiple
+    protects large components); and how many studies that is. Sums and a count: what a site may send
+    (aggregates, additive across sites)."""
     kept = np.zeros(len(FRACTIONS))
     studies = 0
+    protected = protected_volume_mm3(min_volume_mm3)
     for sample in samples:
         found, count = ndimage.label(sample.lesions > 0, structure=np.ones((3, 3, 3), dtype=bool))
         if not count:
             continue
         sizes = np.bincount(found.ravel())[1:]
-        kept += [float(sizes[sizes >= f * sizes.max()].sum() / sizes.sum()) for f in FRACTIONS]
+        for i, fraction in enumerate(FRACTIONS):
+            share = kept_components(sizes, sample.voxel_mm3, 0.0, fraction, protected_mm3=protected)
+            kept[i] += float(sizes[share].sum() / sizes.sum())
         studies += 1
     return kept.tolist(), studies
 
@@ -101,11 +105,11 @@ def fraction_from_kept(kept: Sequence[float], studies: int) -> float:
     return max(f for f, k in zip(FRACTIONS, share, strict=True) if k >= KEPT_REFERENCE)
 
 
-def reference_fraction(samples: Sequence[TrainingSample]) -> float:
+def reference_fraction(samples: Sequence[TrainingSample], min_volume_mm3: float) -> float:
     """The largest share in ``FRACTIONS`` that, applied to the training studies' own reference masks, keeps
     on average ``KEPT_REFERENCE`` of their lesion voxels: one large lesion with specks around it allows a
     high share, several lesions of similar size a low one, lesions of every size none."""
-    return fraction_from_kept(*reference_kept(samples))
+    return fraction_from_kept(*reference_kept(samples, min_volume_mm3))
 
 
 def calibrate(

@@ -102,7 +102,8 @@ def fit(
     log = train_local(model, train, spec, settings, progress=progress, validate=validate)
     calibration = None
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves it to the data
-        spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train) if recipe.calibrate else 0.0)
+        share = reference_fraction(train, spec.outputs.min_lesion_volume_mm3) if recipe.calibrate else 0.0
+        spec = spec.with_outputs(min_lesion_fraction=share)
     if validation and recipe.calibrate:
         predictions = list(predict_samples(model, validation, spec))
         calibration = calibrate(

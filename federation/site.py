@@ -187,7 +187,8 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     save_optimizer_state(job_dir, log.optimizer_state)
     metrics["train_paused_seconds"] = log.paused_seconds
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves the share-of-largest rule to the data
-        metrics["lesion_kept"], metrics["lesion_kept_studies"] = reference_kept(train)
+        kept, studies = reference_kept(train, spec.outputs.min_lesion_volume_mm3)
+        metrics["lesion_kept"], metrics["lesion_kept_studies"] = kept, studies
     finite = [x for x in log.losses if np.isfinite(x)]
     metrics.update(
         {

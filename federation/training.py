@@ -41,6 +41,8 @@ def device_turn(arbiter: DeviceArbiter | None) -> AbstractContextManager[list[fl
 FIT_FIRST = (5, 10, 20)  # early checks of the pace against the time limit (a slow machine shows at once)
 FIT_EVERY = 50  # then every so many steps
 TIME_MARGIN = 0.9  # of the time left, what the steps may use (validation and the last checkpoint need the rest)
+# A recipe without ``steps`` fills its time limit, up to this many steps (nnU-Net's 1000 epochs x 250 steps).
+FILL_STEPS_CAP = 250_000
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,21 @@ class TrainingSettings:
     proximal_mu: float = 0.0  # FedProx: pull towards the round's global model (0: plain FedAvg training)
     schedule_offset: int = 0
     schedule_total: int | None = None  # None: this call's steps
+    fill_time_limit: bool = False  # ``steps`` is a cap: take as many as the recipe's time limit allows
 
     @classmethod
     def from_spec(cls, spec: TaskSpec, **overrides: Any) -> TrainingSettings:
-        """The spec's recipe and planned batch; ``overrides`` (None values ignored) replace any field."""
+        """The spec's recipe and planned batch; ``overrides`` (None values ignored) replace any field.
+        A recipe that leaves ``steps`` open and no ``steps`` override: the run fills its time limit."""
         plan = spec.plan
         if plan is None:
             raise PlanError(f"task {spec.name!r} has no plan yet (derive it from the cohort first)")
         values: dict[str, Any] = {"recipe": spec.training, "batch_size": plan.batch_size, "steps": spec.training.steps}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["steps"] is None:
+            if spec.training.time_limit_minutes <= 0:
+                raise PlanError("training without steps needs a time limit to fill")
+            values.update(steps=FILL_STEPS_CAP, fill_time_limit=True)
         return cls(**values)
 
     def learning_rate_factor(self, step: int) -> float:
@@ -94,7 +102,7 @@ class TrainingLog:
     best_step: int | None = None
     stopped_by_time_limit: bool = False
     paused_seconds: float = 0.0  # waiting for clinical work on the same device (inference/arbiter.py)
-    shortened_to: int | None = None  # steps the time limit left, when it shortened the run and its schedule
+    fitted_steps: int | None = None  # steps the time limit set (shortened, or lengthened when filling it)
 
 
 def new_model(spec: TaskSpec, seed: int | None = None) -> nn.Module:
@@ -316,20 +324,23 @@ def train_local(
             checkpoint(step + 1)
         # A whole run (not one federated round) that would overrun its time limit is shortened once the pace
         # is known, and its schedule with it, so that it still ends with the learning rate decayed instead of
-        # being cut off at a high one (a slower machine trains fewer steps, not a worse schedule).
+        # being cut off at a high one (a slower machine trains fewer steps, not a worse schedule). A run that
+        # fills its time limit is also lengthened while in its first half, as the pace settles (the first
+        # steps pay for warm-up; later, validation passes slow it and it is shortened again).
         paced = step + 1 in FIT_FIRST or (step + 1) % FIT_EVERY == 0
         if paced and math.isfinite(deadline) and settings.schedule_total is None:
             now = time.perf_counter()
             pace = (now - started) / (step + 1)
-            fits = step + 1 + int(TIME_MARGIN * (deadline - now) / pace)
-            if fits < planned:
+            fits = min(settings.steps, step + 1 + int(TIME_MARGIN * (deadline - now) / pace))
+            longer = settings.fill_time_limit and 2 * (step + 1) < planned and fits > planned * 1.02
+            if fits < planned or longer:
                 planned = max(step + 2, fits)
                 schedule = replace(settings, steps=planned)
-                log.shortened_to = planned
-                logger.info("at %.2f s per step the time limit allows %d of %d steps", pace, planned, settings.steps)
+                log.fitted_steps = planned
+                logger.info("at %.2f s per step the time limit allows %d steps", pace, planned)
         if time.perf_counter() > deadline and step + 1 < planned:
             log.stopped_by_time_limit = True
-            logger.warning("training stopped by its time limit after %d of %d steps", step + 1, settings.steps)
+            logger.warning("training stopped by its time limit after %d of %d steps", step + 1, planned)
             break
     checkpoint(log.steps)
     if best is not None:

@@ -41,9 +41,11 @@ ALL_AUGMENTATIONS = tuple(Augmentation)
 @dataclass(frozen=True)
 class TrainingRecipe:
     """How a network is trained. ``steps`` counts optimiser steps of a whole training run (a federated
-    job's rounds share it: the schedule runs over rounds x local steps)."""
+    job's rounds share it: the schedule runs over rounds x local steps). Left open (None), a whole run takes
+    as many steps as ``time_limit_minutes`` allows on this machine, its schedule fitted to them: the budget is
+    time, and a step costs what the plan's network and patch cost here."""
 
-    steps: int = 1500
+    steps: int | None = None
     learning_rate: float = 1e-3
     optimizer: Optimizer = Optimizer.ADAMW
     schedule: Schedule = Schedule.COSINE

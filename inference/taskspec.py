@@ -376,8 +376,15 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         mixed_precision=r.get("mixed_precision", bool, default.mixed_precision),
         calibrate=r.get("calibrate", bool, default.calibrate),
     )
-    if recipe.steps < 1 or recipe.learning_rate <= 0 or recipe.threads < 1 or recipe.validate_every < 1:
+    if (
+        (recipe.steps is not None and recipe.steps < 1)
+        or recipe.learning_rate <= 0
+        or recipe.threads < 1
+        or recipe.validate_every < 1
+    ):
         raise TaskSpecError("training.steps, learning_rate, threads and validate_every must be positive")
+    if recipe.steps is None and recipe.time_limit_minutes <= 0:
+        raise TaskSpecError("training.steps is needed when time_limit_minutes is 0 (no budget to fill)")
     return recipe
 
 

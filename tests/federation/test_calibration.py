@@ -8,6 +8,7 @@ import pytest
 from radfed.federation.calibration import FRACTIONS, calibrate, reference_fraction, reference_kept
 from radfed.federation.cohort import UNKNOWN_LABEL, TrainingSample
 from radfed.federation.messages import LESION_KEPT_LENGTH
+from radfed.inference.lesions import kept_components
 from radfed.inference.windows import Prediction
 
 
@@ -53,11 +54,22 @@ def _masked(key: str, sizes: list[int]) -> TrainingSample:
 
 def test_the_share_of_the_largest_lesion_follows_the_reference_masks() -> None:
     # one tumour with specks around it (specks 0.5 % of its volume): the highest share keeps 99 % of it
-    assert reference_fraction([_masked("a", [400, 2, 2]), _masked("b", [300, 1])]) == max(FRACTIONS)
-    # lesions of every size: a share above 2 % would lose more than 2 % of the reference volume
-    assert reference_fraction([_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])]) <= 0.02
+    assert reference_fraction([_masked("a", [400, 2, 2]), _masked("b", [300, 1])], 10.0) == max(FRACTIONS)
+    # lesions of every size below the protected volume (4 x 10 mm3): a share above 2 % would lose > 2 % of it
+    assert reference_fraction([_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])], 10.0) <= 0.02
     # no reference lesions: no rule
-    assert reference_fraction([_masked("e", [])]) == 0.0
+    assert reference_fraction([_masked("e", [])], 10.0) == 0.0
+
+
+def test_the_share_rule_never_drops_a_lesion_of_several_minimum_volumes() -> None:
+    # a 60 mm3 lesion beside a 2000 mm3 one (3 %) at minimum volume 10 mm3: protected from 40 mm3
+    sizes = np.array([2000, 60, 20])
+    assert kept_components(sizes, 1.0, 10.0, 0.05).tolist() == [True, True, False]
+    assert kept_components(sizes, 1.0, 10.0, 0.05, protected_mm3=np.inf).tolist() == [True, False, False]
+    assert kept_components(sizes, 1.0, 0.0, 0.05).all()  # no minimum volume: every component is a lesion
+    # masks of several lesions of different sizes no longer force a low share: the rule cannot hurt them
+    several = [_masked("f", [480, 60]), _masked("g", [450, 80, 2])]  # 12 % and 18 % of the largest
+    assert reference_fraction(several, 10.0) == max(FRACTIONS)
 
 
 def test_calibration_drops_specks_beside_a_large_lesion_by_their_share() -> None:
@@ -66,14 +78,16 @@ def test_calibration_drops_specks_beside_a_large_lesion_by_their_share() -> None
         truth = np.zeros((4, 64, 64), np.uint8)
         truth[1:3, 8:40, 8:40] = 1  # 2048 voxels
         probability = truth.astype(np.float32) * 0.9
-        probability[0, 48 + i : 56 + i, 48:64] = 0.9  # a 128-voxel false positive: above any minimum volume tried
+        probability[0, 48 + i : 56 + i, 48:64] = 0.9  # a 128-voxel false positive, 6 % of the lesion
         samples.append(TrainingSample(f"s{i}", np.zeros((1, 4, 64, 64), np.float16), truth, 1, voxel_mm3=1.0))
         predictions.append(Prediction(probability, 0.9, 1))
-    calibration = calibrate(predictions, samples, default_min_volume_mm3=1.0)
-    assert calibration.min_lesion_fraction > 128 / 2048 and calibration.validation_dice == pytest.approx(1.0)
+    # at the spec's 40 mm3 the rule protects components from 160 mm3: the share can drop the 128 mm3 one
+    calibration = calibrate(predictions, samples, default_min_volume_mm3=40.0)
+    assert calibration.validation_dice == pytest.approx(1.0)
+    assert calibration.min_lesion_fraction > 128 / 2048 or calibration.min_lesion_volume_mm3 > 128
     # the same studies with the spec's share already high enough: nothing to gain, the default stays
-    kept = calibrate(predictions, samples, default_min_volume_mm3=1.0, default_fraction=0.1)
-    assert kept.min_lesion_fraction == 0.1 and kept.min_lesion_volume_mm3 == 1.0
+    kept = calibrate(predictions, samples, default_min_volume_mm3=40.0, default_fraction=0.1)
+    assert kept.min_lesion_fraction == 0.1 and kept.min_lesion_volume_mm3 == 40.0
 
 
 def test_the_federation_pools_the_sites_reference_statistics_exactly() -> None:
@@ -81,6 +95,6 @@ def test_the_federation_pools_the_sites_reference_statistics_exactly() -> None:
 
     site_a = [_masked("a", [400, 2, 2]), _masked("b", [300, 1])]
     site_b = [_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])]
-    state = JobState(lesion_kept_per_site={"a": reference_kept(site_a), "b": reference_kept(site_b)})
-    assert state.lesion_fraction() == reference_fraction(site_a + site_b)
-    assert len(reference_kept(site_a)[0]) == len(FRACTIONS) == LESION_KEPT_LENGTH
+    state = JobState(lesion_kept_per_site={"a": reference_kept(site_a, 10.0), "b": reference_kept(site_b, 10.0)})
+    assert state.lesion_fraction() == reference_fraction(site_a + site_b, 10.0)
+    assert len(reference_kept(site_a, 10.0)[0]) == len(FRACTIONS) == LESION_KEPT_LENGTH

@@ -1,4 +1,5 @@
-"""A run that would overrun its time limit is shortened with its schedule, so it ends decayed, not cut off."""
+"""A run that would overrun its time limit is shortened with its schedule, so it ends decayed, not cut off;
+a recipe without steps fills its time limit."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch
 
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.networks import build_network
-from radfed.federation.training import TrainingSettings, train_local
+from radfed.federation.training import FILL_STEPS_CAP, TrainingLog, TrainingSettings, train_local
 from radfed.inference.plan import Normalization, PlanOverrides, derive_plan
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.taskspec import TaskSpec, load_task_spec
 
 
-def test_a_time_limited_run_is_shortened_and_still_ends_with_a_decayed_learning_rate() -> None:
+def _small_task(time_limit_minutes: float) -> tuple[TaskSpec, list[TrainingSample]]:
     shipped = load_task_spec()
     overrides = PlanOverrides(
         {c.name: c.modality for c in shipped.channels},
@@ -26,7 +27,8 @@ def test_a_time_limited_run_is_shortened_and_still_ends_with_a_decayed_learning_
         filters=(8, 16, 32),
     )
     spec = shipped.planned(derive_plan(overrides, None))
-    spec = replace(spec, training=replace(spec.training, time_limit_minutes=0.5, augmentations=(), warmup_steps=0))
+    training = replace(spec.training, time_limit_minutes=time_limit_minutes, augmentations=(), warmup_steps=0)
+    spec = replace(spec, training=training)
     rng = np.random.default_rng(0)
     samples = []
     for n in range(3):
@@ -34,17 +36,40 @@ def test_a_time_limited_run_is_shortened_and_still_ends_with_a_decayed_learning_
         lesions[1:3, 10:20, 10:20] = 1
         image = rng.normal(size=(3, 4, 48, 48)).astype(np.float16) + lesions
         samples.append(TrainingSample(f"s{n}", image, lesions, n % 2, voxel_mm3=3.0))
+    return spec, samples
+
+
+def _train(spec: TaskSpec, samples: list[TrainingSample], steps: int | None) -> TrainingLog:
     assert spec.plan is not None
     model = build_network(spec.plan.network, len(spec.channels))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the recipe's default; more threads than free cores crawl on a shared machine
     try:
-        log = train_local(model, samples, spec, TrainingSettings.from_spec(spec, steps=1_000_000))
+        return train_local(model, samples, spec, TrainingSettings.from_spec(spec, steps=steps))
     finally:
         torch.set_num_threads(threads)
-    assert log.shortened_to is not None and log.steps == log.shortened_to < 1_000_000
+
+
+def test_a_time_limited_run_is_shortened_and_still_ends_with_a_decayed_learning_rate() -> None:
+    spec, samples = _small_task(0.5)
+    log = _train(spec, samples, 1_000_000)
+    assert log.fitted_steps is not None and log.steps == log.fitted_steps < 1_000_000
     assert not log.stopped_by_time_limit
     assert log.seconds < 0.5 * 60 + 10  # within the limit (plus the final checkpoint)
     assert log.optimizer_state is not None
     final_rate = log.optimizer_state["param_groups"][0]["lr"]
     assert final_rate < 0.05 * spec.training.learning_rate  # the cosine schedule ran to its end
+
+
+def test_a_recipe_without_steps_fills_its_time_limit_and_ends_decayed() -> None:
+    spec, samples = _small_task(0.25)
+    assert spec.training.steps is None  # the shipped default leaves it to the time limit
+    settings = TrainingSettings.from_spec(spec)
+    assert settings.fill_time_limit and settings.steps == FILL_STEPS_CAP
+    assert not TrainingSettings.from_spec(spec, steps=7).fill_time_limit  # an explicit count is a count
+    log = _train(spec, samples, None)
+    assert log.fitted_steps is not None and log.steps == log.fitted_steps
+    assert not log.stopped_by_time_limit
+    assert 0.5 * 15 < log.seconds < 15 + 10  # most of the budget used, and no more
+    assert log.optimizer_state is not None
+    assert log.optimizer_state["param_groups"][0]["lr"] < 0.05 * spec.training.learning_rate

@@ -30,9 +30,11 @@ def test_specks_beside_a_large_lesion_are_dropped_by_their_share_of_it() -> None
     probability = np.zeros(grid.shape, np.float32)
     probability[1:4, 10:30, 10:30] = 0.9  # 1200 voxels
     probability[5, 50:54, 50:54] = 0.99  # 16 voxels: 1.3 % of the largest
-    probability[5, 40:48, 5:15] = 0.8  # 80 voxels: 6.7 %
-    every = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=1.0)
+    probability[5, 40:48, 5:15] = 0.8  # 80 voxels: 6.7 %, and 8 minimum volumes (a lesion the share rule protects)
+    every = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0)
     assert sorted(int(c.mask.sum()) for c in every) == [16, 80, 1200]
-    shared = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=1.0, min_fraction=0.05)
+    shared = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0, min_fraction=0.05)
     assert sorted(int(c.mask.sum()) for c in shared) == [80, 1200]
+    higher = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0, min_fraction=0.2)
+    assert sorted(int(c.mask.sum()) for c in higher) == [80, 1200]  # protected whatever the share
     assert kept_components(np.array([]), 1.0, 0.0, 0.5).size == 0
