@@ -192,7 +192,12 @@ def keep_alerts(site: SiteConfig, alerts: Sequence[PoisoningAlert]) -> None:
     node-config ``node-state-dir``; the site's own state folder when no node is named)."""
     if not alerts:
         return
-    for received in AlertStore(site.node_state_dir or site.state_dir).record(alerts):
+    try:
+        new = AlertStore(site.node_state_dir or site.state_dir).record(alerts)
+    except OSError as exc:  # the round goes on; every later message of the job repeats the alerts
+        logger.error("could not store %d poisoning alert(s): %s", len(alerts), exc)
+        return
+    for received in new:
         alert = received.alert
         logger.warning(
             "poisoning alert %s: job %s, round %d, site %s, rule %s",

@@ -2,7 +2,8 @@
 
 It only (1) pushes a notification to the radfed node when a study becomes stable, so results start
 without waiting for the node's next /changes poll, and (2) shows the radfed job status of a study in
-Orthanc Explorer. Heavy work never runs here: no torch, opacus, flwr, numpy, not even radfed itself
+Orthanc Explorer, with the federation's open poisoning alerts (a hospital's update flagged in a job this
+site takes part in). Heavy work never runs here: no torch, opacus, flwr, numpy, not even radfed itself
 (Orthanc's GIL and deadlock history). The node also follows /changes, so a lost push loses nothing.
 
 Orthanc configuration (the PACS admin adds it next to "PythonScript"):
@@ -61,29 +62,49 @@ def study_status(output, uri, **request):
         answer = [
             {"state": j["state"], "model": j["model"], "reason": j["reason"], "result": j["result"]} for j in jobs
         ]
-        output.AnswerBuffer(json.dumps({"jobs": answer}), "application/json")
+        output.AnswerBuffer(json.dumps({"jobs": answer, "alerts": _open_alerts()}), "application/json")
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
         output.AnswerBuffer(json.dumps({"error": f"radfed node unreachable: {exc}"}), "application/json")
 
 
+def _open_alerts():
+    """The node's unresolved poisoning alerts (an unreachable or older node: none, the job status still shows)."""
+    try:
+        alerts = _node_request("GET", "/federation/alerts?resolved=false")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        orthanc.LogWarning(f"radfed: could not read the node's federation alerts ({exc})")
+        return []
+    return [{k: a[k] for k in ("job", "round", "site", "rule")} for a in alerts]
+
+
 _EXPLORER_JS = """
-$('#study').live('pagebeforeshow', function() {
-  var studyId = $.mobile.pageData.uuid;
+function radfedStatus(studyId) {
   $('#radfed-status').remove();
   var box = $('<li id="radfed-status" data-role="list-divider">radfed: ...</li>');
   $('#study-info').append(box);
   $.ajax({url: '../radfed/study-status/' + studyId, dataType: 'json', success: function(s) {
     if (s.error) { box.text('radfed: ' + s.error); return; }
-    if (!s.jobs.length) { box.text('radfed: no AI job for this study'); return; }
-    var j = s.jobs[0];
-    var text = 'radfed AI (' + j.model + '): ' + j.state;
-    if (j.state === 'done') {
-      text += ' - ' + j.result.lesions + ' lesion(s), ' + j.result.category + ' (research use only)';
+    var text = 'radfed: no AI job for this study';
+    if (s.jobs.length) {
+      var j = s.jobs[0];
+      text = 'radfed AI (' + j.model + '): ' + j.state;
+      if (j.state === 'done') {
+        text += ' - ' + j.result.lesions + ' lesion(s), ' + j.result.category + ' (research use only)';
+      }
+      if (j.state === 'failed') { text += ' - ' + j.reason; }
     }
-    if (j.state === 'failed') { text += ' - ' + j.reason; }
     box.text(text);
+    $.each(s.alerts || [], function(i, a) {
+      var line = $('<div class="radfed-alert" style="color:#b00"></div>');
+      line.text('Federation alert: job ' + a.job + ', round ' + a.round + ': the update of ' + a.site +
+                ' was flagged (' + a.rule + ') and left out; review before installing its model');
+      box.append(line);
+    });
   }});
-});
+}
+// Filled each time the study page is shown within Orthanc Explorer (a page opened by a direct link to a study
+// is shown before this script loads, and stays without the box).
+$('#study').live('pagebeforeshow', function() { radfedStatus($.mobile.pageData.uuid); });
 """
 
 orthanc.RegisterOnChangeCallback(on_change)

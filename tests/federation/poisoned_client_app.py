@@ -3,7 +3,8 @@
 - Fault injection: a site whose node config says ``poison='sign-flip'`` or ``poison='scale'`` sends a
   manipulated update (a malicious or broken hospital). The real radfed ClientApp has no such switch.
 - Inspection: every reply a site sends is described (record names and kinds, metric names, array shapes;
-  never values) in ``<state-dir>/sent.jsonl`` so the test can check what left the site.
+  never values) in ``<state-dir>/sent.jsonl`` so the test can check what left the site, beside the poisoning
+  alerts the message brought (as received) so the test can check what the coordinator told every site.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from radfed.federation import client_app, records
+from radfed.federation.alerts import ALERTS_CONFIG_KEY
 
 app = ClientApp()
 Handler = Callable[[Message, Context], Message]
@@ -43,13 +45,26 @@ def _describe(reply: Message) -> dict[str, object]:
     return described
 
 
+def _received_alerts(msg: Message) -> list[object]:
+    config = msg.content.get("config")
+    if not isinstance(config, ConfigRecord) or ALERTS_CONFIG_KEY not in config:
+        return []
+    alerts: list[object] = json.loads(str(config[ALERTS_CONFIG_KEY]))
+    return alerts
+
+
 def recorded(handler: Handler) -> Handler:
     def wrapper(msg: Message, context: Context) -> Message:
         reply = handler(msg, context)
         state = Path(str(context.node_config.get("state-dir", ".")))
         state.mkdir(parents=True, exist_ok=True)
+        line = {
+            "type": msg.metadata.message_type,
+            "records": _describe(reply),
+            "received_alerts": _received_alerts(msg),
+        }
         with (state / "sent.jsonl").open("a") as log:
-            log.write(json.dumps({"type": msg.metadata.message_type, "records": _describe(reply)}) + "\n")
+            log.write(json.dumps(line) + "\n")
         return reply
 
     return wrapper

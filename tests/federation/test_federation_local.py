@@ -3,6 +3,8 @@
 harmonisation, three rounds with evaluation, ONNX artifact, model card and rollout into each site's
 registry, where a real ``radfed serve`` activates it. Faults injected on purpose: a node with an
 unregistered key, a hospital that sends scaled (x20) updates, and a hospital killed in the middle of a round.
+The flagged hospital is named to every other one: its poisoning alerts reach each site's node, whose API, metrics
+and Orthanc Explorer box show them, and a node set to refuse flagged models does so until its admin resolves them.
 (Sign-flipped updates are caught in test_aggregation; under this test's DP noise, 3-study cohorts send
 updates that are nearly orthogonal, so a flip is not distinguishable there: see aggregation.py.)"""
 
@@ -17,13 +19,24 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
+from playwright.sync_api import sync_playwright
 
+from radfed.federation.alerts import AlertStore
 from radfed.federation.coordinator import read_metrics
 from radfed.federation.launcher import FederationOptions, LocalFederation
-from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS, FINGERPRINT_PREFIX, LANDMARK_PREFIX
+from radfed.federation.messages import (
+    ALERT_FIELDS,
+    ALLOWED_METRICS,
+    ALLOWED_VECTORS,
+    FINGERPRINT_PREFIX,
+    LANDMARK_PREFIX,
+)
 from radfed.federation.training import new_model
 from radfed.inference.artifact import load_artifact
-from tests.plugin.node_harness import NodeProcess
+from radfed.inference.orthanc.client import OrthancClient
+from radfed.inference.orthanc.launcher import OrthancProcess, free_port
+from tests.plugin.node_harness import TOKEN, NodeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +53,38 @@ def poisoning_app(tmp_path: Path) -> Path:
     return app
 
 
+PLUGIN_SCRIPT = ROOT / "deploy" / "orthanc" / "radfed_orthanc_plugin.py"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (make install-system)
+
+
+def with_radfed_plugin(orthanc: OrthancProcess, node_url: str) -> None:
+    """Add radfed's Orthanc plugin to a stopped site's Orthanc configuration (it restarts with it)."""
+    path = orthanc.workdir / "orthanc.json"
+    config = json.loads(path.read_text())
+    config["Plugins"].append(str(Path(config["Plugins"][0]).with_name("libOrthancPython.so")))
+    config |= {"PythonScript": str(PLUGIN_SCRIPT), "Radfed": {"Url": node_url, "Token": TOKEN}}
+    path.write_text(json.dumps(config))
+
+
+def explorer_status_box(orthanc: OrthancProcess, study_id: str) -> str:
+    """The radfed box of a study's page in Orthanc Explorer, in headless Chromium, reached as a user does: the
+    explorer first, then the study."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(
+                http_credentials={"username": orthanc.options.username, "password": orthanc.options.password}
+            )
+            page = context.new_page()
+            page.goto(f"{orthanc.url}/app/explorer.html")
+            page.wait_for_function("() => window.jQuery && jQuery.mobile && jQuery.mobile.activePage")
+            page.evaluate(f"() => {{ location.hash = '#study?uuid={study_id}'; }}")
+            page.wait_for_selector("#radfed-status .radfed-alert", timeout=30_000)
+            return page.inner_text("#radfed-status")
+        finally:
+            browser.close()
+
+
 def wait_for_round(out: Path, number: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -51,11 +96,15 @@ def wait_for_round(out: Path, number: int, timeout_s: float) -> None:
 
 def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the SuperNodes import the fault-injecting ClientApp
+    names = [f"hospital-{i}" for i in range(1, 5)]
+    node_dirs = {name: tmp_path / f"node-{name}" for name in names}  # each hospital's radfed node
+    extra = {name: f"node-state-dir='{node_dirs[name] / 'state'}'" for name in names}
+    extra["hospital-4"] += " poison='scale'"
     federation = LocalFederation(
         tmp_path / "fed",
         poisoning_app(tmp_path),
         FederationOptions(sites=4, studies_per_site=4, seed=3, small=True, secure=True),
-        node_config_extra={"hospital-4": "poison='scale'"},
+        node_config_extra=extra,
     )
     federation.start()
     try:
@@ -156,18 +205,62 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
             header = 1 + sum(1 + len(shape) for shape in model_shapes)
             assert recs["arrays"]["wire"] == {"model": ["float32", [size]], "shapes": ["int64", [header]]}
 
-    # hospital-1's node activates the rolled-out model from its registry
-    site = federation.sites[0]
-    site.orthanc.restart()
-    node = NodeProcess(tmp_path / "node", site.orthanc, None)
-    node.env["RADFED_MODELS_DIR"] = str(site.models_dir)
-    node.start()
+    # poisoning alerts: what the coordinator told the sites carries only the allowed fields and names the
+    # flagged site in every round; every later message repeated the earlier flags
+    flags = {(r, "hospital-4", "update-norm") for r in (1, 2, 3)}
+    told = [(r["type"], a) for r in replies for a in r["received_alerts"]]
+    assert told and all(set(a) == ALERT_FIELDS for _, a in told), told
+    assert {(a["round"], a["site"], a["rule"]) for _, a in told} == flags
+    assert {(a["round"], a["site"], a["rule"]) for kind, a in told if kind == "evaluate"} == flags
+    for name in names:  # every site kept them in its node's state folder (hospital-3 died in round 2)
+        stored = AlertStore(node_dirs[name] / "state").alerts()
+        kept = {(a.alert.server_round, a.alert.site, a.alert.rule.value) for a in stored}
+        assert kept <= flags if name == "hospital-3" else kept == flags, (name, kept)
+    listed = [(a["round"], a["site"], a["rule"]) for a in artifact.provenance["poisoning_alerts"]]
+    assert listed == sorted(flags)
+    assert all(f"| {r} | hospital-4 | update-norm |" in card for r in (1, 2, 3))
+
+    # hospital-1's and hospital-2's nodes show the alerts; hospital-1's refuses the rolled-out model until its
+    # admin resolves them, then activates it from its registry
+    nodes: list[NodeProcess] = []
     try:
+        for site in federation.sites[:2]:
+            port = free_port()
+            if site is federation.sites[0]:
+                with_radfed_plugin(site.orthanc, f"http://127.0.0.1:{port}")
+            site.orthanc.restart()
+            settings = "refuse_flagged_models = true" if site is federation.sites[0] else ""
+            node = NodeProcess(node_dirs[site.name], site.orthanc, None, port=port, node_settings=settings)
+            node.env["RADFED_MODELS_DIR"] = str(site.models_dir)
+            nodes.append(node)
+            node.start()
+            shown = node.get("/federation/alerts")
+            assert {(a["round"], a["site"], a["rule"]) for a in shown} == flags
+            assert not any(a["resolved"] for a in shown)
+            assert 'radfed_federation_alerts_total{rule="update-norm"} 3.0' in node.get_text("/metrics")
+        node, site = nodes[0], federation.sites[0]
+        with OrthancClient(site.orthanc.endpoint) as client:
+            study_id = client.get_json("/studies")[0]
+            status = client.get_json(f"/radfed/study-status/{study_id}")
+        assert sorted((a["round"], a["site"], a["rule"]) for a in status["alerts"]) == sorted(flags)
+        box = explorer_status_box(site.orthanc, study_id)
+        for r in (1, 2, 3):
+            assert f"round {r}: the update of hospital-4 was flagged (update-norm)" in box, box
+
         assert node.get("/models") == [{"name": artifact.identity.name, "version": "1.0.0", "active": False}]
+        activate = f"{node.url}/models/{artifact.identity.name}/1.0.0/activate"
+        refused = requests.post(activate, headers=node.headers, timeout=10)
+        assert refused.status_code == 409 and "3 unresolved poisoning alert(s)" in refused.json()["detail"]
+        for alert in shown:
+            node.post(f"/federation/alerts/{alert['id']}/resolve")
+        assert "radfed_federation_alerts_unresolved 0.0" in node.get_text("/metrics")
         node.post(f"/models/{artifact.identity.name}/1.0.0/activate")
         active = node.get("/models/active")
         assert active["sha256"] == artifact.sha256
         assert active["provenance"]["training"] == "federated"
+        assert "Traceback" not in site.orthanc.log_tail(400)
     finally:
-        node.stop()
-        site.orthanc.stop()
+        for node in nodes:
+            node.stop()
+        for site in federation.sites[:2]:
+            site.orthanc.stop()
