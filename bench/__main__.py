@@ -14,6 +14,7 @@ BENCHMARKS = {
     "viewer": "bench.viewer",
     "quality": "bench.quality",
     "chaos": "bench.chaos",
+    "runtime": "bench.runtime",
 }
 
 

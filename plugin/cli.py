@@ -152,13 +152,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from radfed.dicom_sr.outputs import build_results
     from radfed.dicom_sr.profile import OutputProfile
     from radfed.inference.artifact import load_artifact
+    from radfed.inference.device import Device, RuntimeSettings
     from radfed.inference.pipeline import analyse_study
     from radfed.inference.runtime import OnnxModel
     from radfed.inference.study_source import FolderStudy
     from radfed.inference.timing import StageTimer
 
     artifact = load_artifact(args.model)
-    model = OnnxModel(artifact)
+    model = OnnxModel(artifact, RuntimeSettings(device=Device(args.device)))
     timer = StageTimer()
     analysis = analyse_study(FolderStudy(args.study_dir), model, timer)
     profile = OutputProfile(seg_encoding=args.seg_encoding, key_images=args.key_images)
@@ -173,6 +174,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     summary = {
         "model": artifact.key,
         "provider": model.provider,
+        "device": model.device.as_dict(),
         "study_probability": round(result.study_finding.probability, 4),
         "category": result.study_finding.category.meaning,
         "lesions": [
@@ -189,6 +191,16 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         "written": [str(p) for p in written],
     }
     print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def _cmd_fp16(args: argparse.Namespace) -> int:
+    from radfed.federation.export import add_fp16
+    from radfed.inference.artifact import load_artifact
+
+    artifact = add_fp16(load_artifact(args.artifact))
+    error = artifact.provenance["onnx_fp16_max_abs_error"]
+    print(f"{artifact.key}: {artifact.fp16_path} (max |float32 - float16| on a sample: {error:.4f})")
     return EXIT_OK
 
 
@@ -282,7 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", type=Path, required=True)
     infer.add_argument("--seg-encoding", default="BINARY", choices=["BINARY", "LABELMAP"])
     infer.add_argument("--key-images", action="store_true", help="also write Secondary Capture key images")
+    infer.add_argument(
+        "--device", default="auto", choices=["cpu", "cuda", "auto"], help="as [inference] device (default auto)"
+    )
     infer.set_defaults(handler=_cmd_infer)
+
+    fp16 = commands.add_parser(
+        "fp16", help="add a float16 copy of an artifact's model for GPU nodes (float32 kept, parity checked)"
+    )
+    fp16.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
+    fp16.set_defaults(handler=_cmd_fp16)
 
     serve = commands.add_parser("serve", help="run the hospital node beside Orthanc (jobs, write-back, HTTP API)")
     serve.add_argument("--config", type=Path, help="node configuration (TOML); RADFED_* variables override")

@@ -1,6 +1,7 @@
 """``/ready`` names the device the node runs on and why (issue 22): on this CPU machine, ``device = cuda`` is a
 problem that names the missing package and nothing is served; ``auto`` is ready on the CPU with the reason stated.
-A real Orthanc answers, so the device is the only thing that can make the node not ready."""
+A real Orthanc answers, so the device is the only thing that can make the node not ready. ``radfed fp16`` gives an
+artifact its float16 copy."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from radfed.federation.export import FP16_PARITY_TOLERANCE
+from radfed.inference.artifact import load_artifact
 from radfed.inference.device import CPU_PROVIDER, CUDA_PROVIDER, Device, RuntimeSettings, gather_facts
 from radfed.inference.orthanc.launcher import OrthancProcess
+from radfed.plugin.cli import main
 from radfed.plugin.config import NodeConfig, load_config
 from radfed.plugin.service import NodeService
 from tests.small_model import small_artifact
@@ -89,3 +93,15 @@ def test_the_device_settings_are_read_from_the_inference_table(tmp_path: Path) -
     path.write_text('[inference]\ndevice = "gpu"\n')
     with pytest.raises(ValueError, match=r"inference\.device must be one of cpu, cuda, auto, got 'gpu'"):
         load_config(path, {"RADFED_API_TOKEN": "t"})
+
+
+def test_radfed_fp16_adds_a_checked_float16_copy_and_keeps_the_float32_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = small_artifact(tmp_path / "artifact")
+    assert before.fp16_path is None
+    assert main(["fp16", str(before.folder)]) == 0
+    after = load_artifact(before.folder)
+    assert after.fp16_path is not None and after.sha256 == before.sha256
+    error = after.provenance["onnx_fp16_max_abs_error"]
+    assert 0 < error < FP16_PARITY_TOLERANCE and f"{error:.4f}" in capsys.readouterr().out
