@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client chromium
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client chromium postgresql
 STAMPS := .cache/stamps
 # The ONNX runtime of this venv: cpu (onnxruntime; what CI uses) or gpu (onnxruntime-gpu, CUDA and cuDNN from NVIDIA's
 # wheels, only the driver from the host; PyPI's Linux torch wheel is its CUDA build). Never both: they install the same
@@ -24,7 +24,8 @@ OHIF_VERSION := 3.13.2
 install: install-system install-python install-node install-ohif
 
 # Debian packages: Orthanc (the real PACS in tests), its Python and DICOMweb plugins, DCMTK (DIMSE peer),
-# Chromium (the viewer and report tests drive it headless through Playwright; never a downloaded browser).
+# Chromium (the viewer and report tests drive it headless through Playwright; never a downloaded browser), PostgreSQL
+# (the ledger tests start their own server on a loopback port; the Debian package also creates the postgres user).
 install-system: $(STAMPS)/apt
 $(STAMPS)/apt:
 	@mkdir -p $(STAMPS)

@@ -88,10 +88,17 @@ class NodeConfig:
     device_policy: DevicePolicy = DevicePolicy.CLINICAL_FIRST  # clinical jobs before a site's training
     # refuse to activate a model whose federated job has poisoning alerts the admin has not resolved
     refuse_flagged_models: bool = False
+    # The ledger's database: None for <state>/ledger.sqlite, or a URL (postgresql+psycopg://USER:PASSWORD@HOST/DB)
+    database_url: str | None = field(default=None, repr=False)
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.sqlite"
+
+    @property
+    def ledger_location(self) -> Path | str:
+        """What :class:`~radfed.plugin.ledger.Ledger` opens: the URL when set, else the SQLite file."""
+        return self.database_url or self.ledger_path
 
     @property
     def backup_dir(self) -> Path:
@@ -194,6 +201,13 @@ def _scp_settings(scp: Mapping[str, Any]) -> ScpSettings | None:
     )
 
 
+def _database_url(value: str | None) -> str | None:
+    if value is None or value.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+        return value or None
+    scheme = value.split("://", 1)[0] if "://" in value else "no scheme"
+    raise ConfigError(f"node.database_url must be sqlite:///PATH or postgresql+psycopg://..., got {scheme}")
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Read ``path`` (TOML) and apply ``RADFED_*`` environment overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -274,4 +288,5 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         reconcile_interval_s=_get(node, "reconcile_interval_s", float, 30.0, "node"),
         device_policy=_device_policy(_get(node, "device_policy", str, DevicePolicy.CLINICAL_FIRST.value, "node")),
         refuse_flagged_models=_get(node, "refuse_flagged_models", bool, False, "node"),
+        database_url=_database_url(env.get("RADFED_DATABASE_URL") or _get(node, "database_url", str, None, "node")),
     )

@@ -1,73 +1,34 @@
-"""The durable job ledger (SQLite in WAL mode).
+"""The durable job ledger (SQLAlchemy Core: a SQLite file in WAL mode by default, or PostgreSQL).
 
-Three tables: the ``/changes`` cursor, an inbox of stable studies waiting to be examined, and jobs keyed
-by (StudyInstanceUID, model name, model version, input fingerprint). That key makes results exactly
-once: a repeated StableStudy, our own results arriving, or a restart find the existing job; late
-instances change the fingerprint and give a new, superseding job. A crash leaves jobs ``running``;
-start-up puts them back in the queue (result UIDs are deterministic, so a re-run overwrites).
+Four tables: the ``/changes`` cursor, an inbox of stable studies waiting to be examined, studies that changed
+and wait for their StableStudy (``pending``), and jobs keyed by (StudyInstanceUID, model name, model version,
+input fingerprint). That key makes results exactly once: a repeated StableStudy, our own results arriving, or a
+restart find the existing job; late instances change the fingerprint and give a new, superseding job. A crash
+leaves jobs ``running``; start-up puts them back in the queue (result UIDs are deterministic, so a re-run
+overwrites). The schema is made by the migrations (``ledger_migrations``); see ``ledger_engine``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from radfed.inference.errors import RadfedError
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
+from radfed.plugin.ledger_engine import LedgerBackend, LedgerError, backup_sqlite, open_database
+from radfed.plugin.ledger_schema import cursor as cursors
+from radfed.plugin.ledger_schema import inbox, jobs, pending
 
-class LedgerError(RadfedError, RuntimeError):
-    """The ledger file cannot be used; the message names the file and what to do."""
+__all__ = ["Job", "JobState", "Ledger", "LedgerBackend", "LedgerError"]
 
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS cursor (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS inbox (
-    orthanc_study_id TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL,
-    received REAL NOT NULL,
-    not_before REAL NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_instance_uid TEXT NOT NULL,
-    orthanc_study_id TEXT NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    failure_kind TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    not_before REAL NOT NULL DEFAULT 0,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    timings TEXT NOT NULL DEFAULT '{}',
-    selection TEXT NOT NULL DEFAULT '[]',
-    result TEXT NOT NULL DEFAULT '{}',
-    UNIQUE (study_instance_uid, model_name, model_version, fingerprint)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, not_before);
-CREATE TABLE IF NOT EXISTS pending (
-    orthanc_study_id TEXT PRIMARY KEY,
-    last_seen REAL NOT NULL
-);
-"""
-
-
-_RECOVERY = (
-    "Stop the node, then either copy the newest backup (state folder, backups/ledger-*.sqlite) over it, or move "
-    "it aside to start with an empty ledger (the node then starts from Orthanc's current changes; use "
-    "`radfed serve --reprocess-since DATE` to run older studies again)."
-)
+_CHANGES = "orthanc-changes"
 
 
 class JobState(StrEnum):
@@ -115,7 +76,7 @@ class Job:
         }
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row: sa.RowMapping) -> Job:
     return Job(
         id=row["id"],
         study_instance_uid=row["study_instance_uid"],
@@ -136,171 +97,158 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 class Ledger:
-    """Thread-safe access (one connection, serialised) to the ledger file."""
+    """Thread-safe access to the ledger: every method is one transaction on a pooled connection.
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.RLock()
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            problems = [str(row[0]) for row in self._db.execute("PRAGMA quick_check(5)")]
-            if problems != ["ok"]:
-                self._db.close()
-                raise LedgerError(f"{path} is damaged ({'; '.join(problems)}). {_RECOVERY}")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise LedgerError(f"{path} cannot be opened as a ledger ({exc}). {_RECOVERY}") from exc
+    ``location`` is a SQLite file's path or a database URL (``NodeConfig.ledger_location``).
+    """
+
+    def __init__(self, location: Path | str) -> None:
+        self._db = open_database(location)
+        self.backend = self._db.backend
+        self.name = self._db.name
+        self._insert = postgresql.insert if self.backend is LedgerBackend.POSTGRESQL else sqlite.insert
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The SQLAlchemy engine (tests inject faults through its events)."""
+        return self._db.engine
 
     def probe_write(self) -> None:
-        """A small write transaction (readiness: a full disk or a read-only file shows here)."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO cursor (name, seq) VALUES ('readiness-probe', ?) "
-                "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
-                (int(time.time()),),
-            )
+        """A small write transaction (readiness: a full disk or a read-only database shows here)."""
+        self.set_cursor(int(time.time()), "readiness-probe")
 
     def backup(self, folder: Path, keep: int) -> Path:
-        """An online copy (SQLite's backup API: consistent while the node writes) named by UTC time; only the
-        newest ``keep`` copies stay."""
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / time.strftime("ledger-%Y%m%dT%H%M%SZ.sqlite", time.gmtime())
-        partial = target.with_suffix(".partial")
-        try:
-            copy = sqlite3.connect(partial)
-            try:
-                with self._lock:
-                    self._db.backup(copy)
-            finally:
-                copy.close()
-            partial.replace(target)
-        except BaseException:
-            partial.unlink(missing_ok=True)  # a full disk must not fill the folder with partial copies
-            raise
-        for old in sorted(folder.glob("ledger-*.sqlite"))[:-keep] if keep > 0 else []:
-            old.unlink(missing_ok=True)
-        return target
+        """An online copy of a SQLite ledger (see :func:`backup_sqlite`). A PostgreSQL ledger is backed up by its
+        server's tools (pg_dump, WAL archiving), not by the node."""
+        if self.backend is not LedgerBackend.SQLITE:
+            raise LedgerError(f"ledger {self.name}: node backups are for SQLite; back PostgreSQL up with pg_dump")
+        return backup_sqlite(self._db, folder, keep)
 
     def is_new(self) -> bool:
         """True when the ledger has never followed Orthanc (no cursor, no job): a fresh or lost ledger."""
-        with self._lock:
-            cursors = self._db.execute("SELECT COUNT(*) FROM cursor WHERE name = 'orthanc-changes'").fetchone()[0]
-            jobs = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-        return not cursors and not jobs
+        with self._read() as db:
+            followed = db.scalar(sa.select(sa.func.count()).select_from(cursors).where(cursors.c.name == _CHANGES))
+            created = db.scalar(sa.select(sa.func.count()).select_from(jobs))
+        return not followed and not created
 
-    def set_cursor(self, seq: int, name: str = "orthanc-changes") -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO cursor (name, seq) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
-                (name, seq),
-            )
+    def set_cursor(self, seq: int, name: str = _CHANGES) -> None:
+        with self._write() as db:
+            db.execute(self._set_cursor(name, seq))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
+
+    def _set_cursor(self, name: str, seq: int) -> sa.Executable:
+        statement = self._insert(cursors).values(name=name, seq=seq)
+        return statement.on_conflict_do_update(index_elements=[cursors.c.name], set_={"seq": statement.excluded.seq})
+
+    def _write(self) -> AbstractContextManager[sa.Connection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE, so writers queue at the start and never deadlock)."""
+        return self._transaction(self._db.writer, "a write")
+
+    def _read(self) -> AbstractContextManager[sa.Connection]:
+        return self._transaction(self._db.engine, "a read")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self, engine: sa.Engine, doing: str) -> Iterator[sa.Connection]:
+        try:
+            with engine.begin() as connection:
+                yield connection
+        except sa.exc.SQLAlchemyError as exc:
+            raise self._db.error(exc, doing) from exc
 
     # -- the /changes cursor and the inbox ---------------------------------------------------------
 
-    def cursor(self, name: str = "orthanc-changes") -> int:
-        with self._lock:
-            row = self._db.execute("SELECT seq FROM cursor WHERE name = ?", (name,)).fetchone()
-        return int(row["seq"]) if row else 0
+    def cursor(self, name: str = _CHANGES) -> int:
+        with self._read() as db:
+            seq = db.scalar(sa.select(cursors.c.seq).where(cursors.c.name == name))
+        return int(seq) if seq is not None else 0
 
     def receive(
         self,
         orthanc_study_ids: list[tuple[str, int]],
         cursor: int | None,
-        name: str = "orthanc-changes",
+        name: str = _CHANGES,
         *,
         changed: list[str] | None = None,
     ) -> None:
         """Put stable studies in the inbox and advance the cursor, atomically (nothing is missed). Studies
         that ``changed`` (new study or series) wait in ``pending`` until their StableStudy arrives."""
         now = time.time()
-        with self._transaction() as db:
+        with self._write() as db:
             for study_id in changed or ():
+                seen = self._insert(pending).values(orthanc_study_id=study_id, last_seen=now)
                 db.execute(
-                    "INSERT INTO pending (orthanc_study_id, last_seen) VALUES (?, ?) "
-                    "ON CONFLICT (orthanc_study_id) DO UPDATE SET last_seen = excluded.last_seen",
-                    (study_id, now),
+                    seen.on_conflict_do_update(
+                        index_elements=[pending.c.orthanc_study_id], set_={"last_seen": seen.excluded.last_seen}
+                    )
                 )
             for study_id, _ in orthanc_study_ids:
-                db.execute("DELETE FROM pending WHERE orthanc_study_id = ?", (study_id,))
+                db.execute(sa.delete(pending).where(pending.c.orthanc_study_id == study_id))
             for study_id, seq in orthanc_study_ids:
+                stable = self._insert(inbox).values(orthanc_study_id=study_id, last_seq=seq, received=now)
                 db.execute(
-                    "INSERT INTO inbox (orthanc_study_id, last_seq, received) VALUES (?, ?, ?) "
-                    "ON CONFLICT (orthanc_study_id) DO UPDATE SET last_seq = excluded.last_seq, not_before = 0",
-                    (study_id, seq, now),
+                    stable.on_conflict_do_update(
+                        index_elements=[inbox.c.orthanc_study_id],
+                        set_={"last_seq": stable.excluded.last_seq, "not_before": 0},
+                    )
                 )
             if cursor is not None:
-                db.execute(
-                    "INSERT INTO cursor (name, seq) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
-                    (name, cursor),
-                )
+                db.execute(self._set_cursor(name, cursor))
 
     def quiet_pending(self, quiet_s: float) -> list[str]:
         """Studies that changed and then stayed quiet for ``quiet_s`` without a StableStudy (Orthanc computes
         stability in memory: a crash inside StableAge loses the event)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT orthanc_study_id FROM pending WHERE last_seen <= ? ORDER BY last_seen", (time.time() - quiet_s,)
-            ).fetchall()
-        return [str(row["orthanc_study_id"]) for row in rows]
+        with self._read() as db:
+            rows = db.scalars(
+                sa.select(pending.c.orthanc_study_id)
+                .where(pending.c.last_seen <= time.time() - quiet_s)
+                .order_by(pending.c.last_seen)
+            ).all()
+        return [str(row) for row in rows]
 
     def settle_pending(self, examine: list[str], forget: list[str], wait: list[str]) -> None:
         """Pending studies to examine (into the inbox), to forget (gone), or to wait for again."""
         now = time.time()
-        with self._transaction() as db:
+        with self._write() as db:
             for study_id in examine:
                 db.execute(
-                    "INSERT INTO inbox (orthanc_study_id, last_seq, received) VALUES (?, -1, ?) "
-                    "ON CONFLICT (orthanc_study_id) DO NOTHING",
-                    (study_id, now),
+                    self._insert(inbox)
+                    .values(orthanc_study_id=study_id, last_seq=-1, received=now)
+                    .on_conflict_do_nothing(index_elements=[inbox.c.orthanc_study_id])
                 )
             for study_id in [*examine, *forget]:
-                db.execute("DELETE FROM pending WHERE orthanc_study_id = ?", (study_id,))
+                db.execute(sa.delete(pending).where(pending.c.orthanc_study_id == study_id))
             for study_id in wait:
-                db.execute("UPDATE pending SET last_seen = ? WHERE orthanc_study_id = ?", (now, study_id))
+                db.execute(sa.update(pending).where(pending.c.orthanc_study_id == study_id).values(last_seen=now))
 
     def next_inbox(self) -> tuple[str, int] | None:
         """The oldest inbox study that may be examined now (its row stays until ``inbox_done``)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT orthanc_study_id, last_seq FROM inbox WHERE not_before <= ? ORDER BY received LIMIT 1",
-                (time.time(),),
-            ).fetchone()
-        return (row["orthanc_study_id"], row["last_seq"]) if row else None
+        with self._read() as db:
+            row = db.execute(
+                sa.select(inbox.c.orthanc_study_id, inbox.c.last_seq)
+                .where(inbox.c.not_before <= time.time())
+                .order_by(inbox.c.received, inbox.c.last_seq)  # one batch: in change order
+                .limit(1)
+            ).first()
+        return (str(row.orthanc_study_id), int(row.last_seq)) if row else None
 
     def inbox_done(self, orthanc_study_id: str, seq: int) -> None:
         """Remove an examined study, unless a newer StableStudy arrived for it meanwhile."""
-        with self._transaction() as db:
-            db.execute("DELETE FROM inbox WHERE orthanc_study_id = ? AND last_seq = ?", (orthanc_study_id, seq))
+        with self._write() as db:
+            db.execute(sa.delete(inbox).where(inbox.c.orthanc_study_id == orthanc_study_id, inbox.c.last_seq == seq))
 
     def inbox_retry(self, orthanc_study_id: str, delay_s: float) -> None:
-        with self._transaction() as db:
+        with self._write() as db:
             db.execute(
-                "UPDATE inbox SET not_before = ?, attempts = attempts + 1 WHERE orthanc_study_id = ?",
-                (time.time() + delay_s, orthanc_study_id),
+                sa.update(inbox)
+                .where(inbox.c.orthanc_study_id == orthanc_study_id)
+                .values(not_before=time.time() + delay_s, attempts=inbox.c.attempts + 1)
             )
 
     def inbox_depth(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM inbox").fetchone()[0])
+        with self._read() as db:
+            return int(db.scalar(sa.select(sa.func.count()).select_from(inbox)) or 0)
 
     # -- jobs ----------------------------------------------------------------------------------------
 
@@ -319,38 +267,50 @@ class Ledger:
     ) -> tuple[Job, bool]:
         """Create the job for this key, or return the existing one (``created`` False)."""
         now = time.time()
-        with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO jobs (study_instance_uid, orthanc_study_id, model_name, model_version, "
-                "fingerprint, state, reason, failure_kind, created, updated, selection) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    study_instance_uid, orthanc_study_id, model_name, model_version, fingerprint,
-                    state.value, reason, failure_kind, now, now, json.dumps(selection or []),
-                ),
-            )  # fmt: skip
-            created = cursor.rowcount == 1
-            row = db.execute(
-                "SELECT * FROM jobs WHERE study_instance_uid = ? AND model_name = ? AND model_version = ? "
-                "AND fingerprint = ?",
-                (study_instance_uid, model_name, model_version, fingerprint),
-            ).fetchone()
-        return _job(row), created
+        key = {
+            "study_instance_uid": study_instance_uid,
+            "model_name": model_name,
+            "model_version": model_version,
+            "fingerprint": fingerprint,
+        }
+        with self._write() as db:
+            inserted = db.execute(
+                self._insert(jobs)
+                .values(
+                    **key, orthanc_study_id=orthanc_study_id, state=state.value, reason=reason,
+                    failure_kind=failure_kind, created=now, updated=now, selection=json.dumps(selection or []),
+                )
+                .on_conflict_do_nothing(index_elements=list(key))
+                .returning(jobs.c.id)
+            ).first()  # fmt: skip
+            row = db.execute(sa.select(jobs).filter_by(**key)).mappings().one()
+        return _job(row), inserted is not None
 
     def claim(self) -> Job | None:
-        """Atomically take the oldest runnable queued job and mark it running."""
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE state = ? AND not_before <= ? ORDER BY id LIMIT 1",
-                (JobState.QUEUED.value, time.time()),
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute(
-                "UPDATE jobs SET state = ?, attempts = attempts + 1, updated = ? WHERE id = ?",
-                (JobState.RUNNING.value, time.time(), row["id"]),
+        """Atomically take the oldest runnable queued job and mark it running. Concurrent claimers never get the
+        same job: PostgreSQL skips rows another transaction has locked (FOR UPDATE SKIP LOCKED), SQLite lets one
+        writer in at a time."""
+        now = time.time()
+        with self._write() as db:
+            job_id = db.scalar(
+                sa.select(jobs.c.id)
+                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
+                .order_by(jobs.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
             )
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+            if job_id is None:
+                return None
+            row = (
+                db.execute(
+                    sa.update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(state=JobState.RUNNING.value, attempts=jobs.c.attempts + 1, updated=now)
+                    .returning(*jobs.c)
+                )
+                .mappings()
+                .one()
+            )
         return _job(row)
 
     def finish(
@@ -363,86 +323,87 @@ class Ledger:
         timings: dict[str, float] | None = None,
         result: dict[str, Any] | None = None,
     ) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, reason = ?, failure_kind = ?, timings = ?, result = ?, updated = ? "
-                "WHERE id = ?",
-                (
-                    state.value,
-                    reason,
-                    failure_kind,
-                    json.dumps(timings or {}),
-                    json.dumps(result or {}),
-                    time.time(),
-                    job_id,
-                ),
-            )
+        self._update_job(
+            job_id,
+            state=state.value,
+            reason=reason,
+            failure_kind=failure_kind,
+            timings=json.dumps(timings or {}),
+            result=json.dumps(result or {}),
+        )
 
     def requeue(self, job_id: int, delay_s: float, reason: str) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, not_before = ?, reason = ?, updated = ? WHERE id = ?",
-                (JobState.QUEUED.value, time.time() + delay_s, reason, time.time(), job_id),
-            )
+        self._update_job(job_id, state=JobState.QUEUED.value, not_before=time.time() + delay_s, reason=reason)
+
+    def _update_job(self, job_id: int, **values: Any) -> None:
+        with self._write() as db:
+            db.execute(sa.update(jobs).where(jobs.c.id == job_id).values(**values, updated=time.time()))
 
     def recover_running(self) -> int:
         """After a crash: jobs left running go back to the queue."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET state = ?, reason = 'requeued after restart', updated = ? WHERE state = ?",
-                (JobState.QUEUED.value, time.time(), JobState.RUNNING.value),
-            )
-            return cursor.rowcount
+        with self._write() as db:
+            return db.execute(
+                sa.update(jobs)
+                .where(jobs.c.state == JobState.RUNNING.value)
+                .values(state=JobState.QUEUED.value, reason="requeued after restart", updated=time.time())
+            ).rowcount
 
     def retry(self, job_id: int) -> Job | None:
         """An admin's retry of a failed or skipped job."""
-        with self._transaction() as db:
+        with self._write() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, not_before = 0, reason = 'retry requested', updated = ? "
-                "WHERE id = ? AND state IN (?, ?)",
-                (JobState.QUEUED.value, time.time(), job_id, JobState.FAILED.value, JobState.SKIPPED.value),
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.FAILED.value, JobState.SKIPPED.value]))
+                .values(state=JobState.QUEUED.value, not_before=0, reason="retry requested", updated=time.time())
             )
         return self.job(job_id)
 
     def job(self, job_id: int) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute(sa.select(jobs).where(jobs.c.id == job_id)).mappings().first()
         return _job(row) if row else None
 
     def jobs(
         self, *, state: JobState | None = None, study_instance_uid: str | None = None, limit: int = 100
     ) -> list[Job]:
-        clauses, params = [], []
+        query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if state is not None:
-            clauses.append("state = ?")
-            params.append(state.value)
+            query = query.where(jobs.c.state == state.value)
         if study_instance_uid is not None:
-            clauses.append("study_instance_uid = ?")
-            params.append(study_instance_uid)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
-        return [_job(r) for r in rows]
+            query = query.where(jobs.c.study_instance_uid == study_instance_uid)
+        with self._read() as db:
+            return [_job(row) for row in db.execute(query).mappings()]
 
     def previous_done(self, study_instance_uid: str, model_name: str, exclude_job: int) -> Job | None:
         """The latest completed result for the study by this model (any version or input), to supersede."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM jobs WHERE study_instance_uid = ? AND model_name = ? AND state = ? AND id != ? "
-                "ORDER BY updated DESC LIMIT 1",
-                (study_instance_uid, model_name, JobState.DONE.value, exclude_job),
-            ).fetchone()
+        with self._read() as db:
+            row = (
+                db.execute(
+                    sa.select(jobs)
+                    .where(
+                        jobs.c.study_instance_uid == study_instance_uid,
+                        jobs.c.model_name == model_name,
+                        jobs.c.state == JobState.DONE.value,
+                        jobs.c.id != exclude_job,
+                    )
+                    .order_by(jobs.c.updated.desc())
+                    .limit(1)
+                )
+                .mappings()
+                .first()
+            )
         return _job(row) if row else None
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        return {row["state"]: row["n"] for row in rows}
+        with self._read() as db:
+            rows = db.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all()
+        return {str(state): int(n) for state, n in rows}
 
     def failure_counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT failure_kind, COUNT(*) AS n FROM jobs WHERE state = ? GROUP BY failure_kind",
-                (JobState.FAILED.value,),
-            ).fetchall()
-        return {row["failure_kind"]: row["n"] for row in rows}
+        with self._read() as db:
+            rows = db.execute(
+                sa.select(jobs.c.failure_kind, sa.func.count())
+                .where(jobs.c.state == JobState.FAILED.value)
+                .group_by(jobs.c.failure_kind)
+            ).all()
+        return {str(kind): int(n) for kind, n in rows}

@@ -8,7 +8,6 @@ import contextlib
 import io
 import logging
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from radfed.inference.timing import StageTimer
 from radfed.plugin.config import Destination, NodeConfig
 from radfed.plugin.failures import FailureKind, failure_label
 from radfed.plugin.health import LoopMonitor, LoopStatus
-from radfed.plugin.ledger import Job, JobState, Ledger, LedgerError
+from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError
 from radfed.plugin.metrics import NodeMetrics
 from radfed.plugin.prefetch import PrefetchSettings, PreparedAhead, StudyPrefetcher
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
@@ -95,7 +94,7 @@ class ActiveModel:
 class NodeService:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.ledger = Ledger(config.ledger_path)
+        self.ledger = Ledger(config.ledger_location)
         self.registry = ModelRegistry(config.models_dir)
         # poisoning alerts of the federated jobs this node's site takes part in (written by its site worker)
         self.alerts = AlertStore(config.state_dir)
@@ -192,7 +191,7 @@ class NodeService:
         loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
             loops.append(("prefetch", self._prefetch))
-        if self.config.ledger_backup_interval_s > 0:
+        if self.config.ledger_backup_interval_s > 0 and self.ledger.backend is LedgerBackend.SQLITE:
             loops.append(("ledger-backup", self._back_up_ledger))
         for name, target in loops:
             thread = threading.Thread(target=self._guarded, args=(name, target), name=f"radfed-{name}", daemon=True)
@@ -376,7 +375,7 @@ class NodeService:
                     continue
                 else:
                     self._unexaminable(study_id, model, exc)
-            except (LedgerError, sqlite3.Error):
+            except LedgerError:
                 raise  # the ledger itself (a full disk): the loop fails and /ready says so
             except Exception as exc:  # noqa: BLE001 - one study's headers must never stop the others' examination
                 self._unexaminable(study_id, model, exc)
@@ -575,7 +574,7 @@ class NodeService:
         while not self._stop.is_set():
             try:
                 copy = self.ledger.backup(self.config.backup_dir, self.config.ledger_backups)
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, LedgerError) as exc:
                 # reported as failing until a copy succeeds; tried again in a minute, not once a second
                 self.health.failed(name, exc)
                 logger.warning("ledger backup failed: %s", exc)
@@ -587,6 +586,13 @@ class NodeService:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 self.health.beat(name)  # waiting is this loop's work
                 self._stop.wait(min(10.0, self.config.ledger_backup_interval_s))
+
+    def _backup_policy(self) -> str:
+        if self.ledger.backend is not LedgerBackend.SQLITE:
+            return "not by the node: PostgreSQL is backed up by its DBA (pg_dump, WAL archiving)"
+        if self.config.ledger_backup_interval_s <= 0:
+            return "off (ledger_backup_interval_s = 0)"
+        return f"online copies every {self.config.ledger_backup_interval_s:g} s in {self.config.backup_dir}"
 
     def _prefetch(self, name: str) -> None:
         if self.prefetcher is not None:
@@ -646,7 +652,7 @@ class NodeService:
             self.ledger.probe_write()
             jobs, inbox = self.ledger.counts(), self.ledger.inbox_depth()
             ledger = "ok"
-        except (LedgerError, sqlite3.Error) as exc:
+        except LedgerError as exc:
             ledger = f"{type(exc).__name__}: {exc}"
             problems.append(f"the ledger cannot be written or read ({ledger})")
         loops = {}
@@ -666,6 +672,8 @@ class NodeService:
             "provider": model.provider if model else None,
             "device": device.as_dict(),
             "ledger": ledger,
+            "ledger_backend": self.ledger.backend.value,
+            "ledger_backups": self._backup_policy(),
             "loops": loops,
             "jobs": jobs,
             "inbox": inbox,

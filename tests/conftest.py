@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,8 +14,10 @@ from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.orthanc.launcher import OrthancOptions, OrthancProcess, start_orthanc
 from radfed.inference.synthetic.sites import site_profile
 from radfed.inference.synthetic.study import SyntheticStudy, render_study
+from tests.postgres_server import PostgresServer, start_postgres
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_DATABASES = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +97,18 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) ->
     out = tmp_path_factory.mktemp("artifact")
     train_local_artifact(task=None, sources=[str(synth_root)], out=out, steps=6, version="0.0.1")
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (Debian package) for the session; a failed start fails the test, never a skip."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A new, empty database on the session's server, named after the test."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
+    return postgres.create_database(f"{name}_{os.getpid()}_{next(_DATABASES)}")

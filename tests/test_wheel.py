@@ -103,6 +103,14 @@ def test_wheel_carries_every_shipped_task_spec(wheel: BuiltWheel) -> None:
     assert [name for name in specs if f"radfed/inference/tasks/{name}" not in wheel.names] == []
 
 
+def test_wheel_carries_the_ledger_migrations(wheel: BuiltWheel) -> None:
+    """The node migrates its ledger at start-up from the installed package: env.py and every revision."""
+    folder = REPO / "plugin" / "ledger_migrations"
+    shipped = [p.relative_to(folder).as_posix() for p in folder.rglob("*.py")]
+    assert "env.py" in shipped and any(name.startswith("versions/v0001") for name in shipped)
+    assert [name for name in shipped if f"radfed/plugin/ledger_migrations/{name}" not in wheel.names] == []
+
+
 def test_wheel_keeps_radfed_a_namespace(wheel: BuiltWheel) -> None:
     assert not [name for name in wheel.names if name.count("/") == 1 and name.startswith("radfed/")]
 
