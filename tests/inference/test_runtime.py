@@ -1,10 +1,12 @@
 """The ONNX runtime wrapper on a real exported model: several windows per run give what one window at a time gives,
 the I/O-binding path gives the plain path's numbers, warm-up runs one full batch, the float16 copy stays within its
-tolerance of float32 and is used only on a GPU, and CUDA wanted where it cannot be had refuses to load."""
+tolerance of float32 and is used only on a GPU, CUDA wanted where it cannot be had refuses to load, and a session
+that falls back to the CPU is named."""
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,15 @@ import pytest
 
 from radfed.federation.export import FP16_PARITY_TOLERANCE
 from radfed.inference.artifact import ArtifactError, ModelArtifact, load_artifact, sha256_of
-from radfed.inference.device import CPU_PROVIDER, Device, DeviceUnavailableError, RuntimeSettings, gather_facts
+from radfed.inference.device import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    Device,
+    DeviceReport,
+    DeviceUnavailableError,
+    RuntimeSettings,
+    gather_facts,
+)
 from radfed.inference.runtime import OnnxModel
 from tests.small_model import small_artifact
 
@@ -93,3 +103,23 @@ def test_cuda_wanted_where_it_cannot_be_had_refuses_to_load(artifact: ModelArtif
         OnnxModel(artifact, RuntimeSettings(device=Device.CUDA))
     auto = OnnxModel(artifact, RuntimeSettings(device=Device.AUTO, warmup=False))
     assert auto.provider == CPU_PROVIDER and "onnxruntime-gpu is not installed" in auto.device.reason
+
+
+def test_a_session_that_falls_back_to_the_cpu_is_read_back_and_named(artifact: ModelArtifact) -> None:
+    """The start-up check passed but the CUDA provider does not start (injected: this runtime has none): ONNX
+    Runtime runs the session on the CPU, and the model says so instead of claiming CUDA."""
+    claimed = DeviceReport(
+        Device.AUTO, CUDA_PROVIDER, "CUDA device 0", None, ((CUDA_PROVIDER, {"device_id": "0"}), (CPU_PROVIDER, {}))
+    )
+    with pytest.warns(UserWarning, match="'CUDAExecutionProvider' is not in available provider names"):
+        model = OnnxModel(artifact, RuntimeSettings(device=Device.AUTO, warmup=False), device=claimed)
+    assert model.provider == CPU_PROVIDER and not model.on_gpu
+    assert model.device.provider == CPU_PROVIDER and model.device.problem is None
+    assert model.device.reason.startswith(f"{CUDA_PROVIDER} failed to start for small:0.0.1 (fell back to")
+    strict = pytest.raises(
+        DeviceUnavailableError, match=r"requested \(device = cuda\) but CUDAExecutionProvider failed"
+    )
+    with strict, pytest.warns(UserWarning, match="not in available provider names"):
+        OnnxModel(
+            artifact, RuntimeSettings(device=Device.CUDA, warmup=False), device=replace(claimed, wanted=Device.CUDA)
+        )
