@@ -57,7 +57,7 @@ def build_results(
     with timer.stage("encode"):
         sr = encoded(build_sr(result, stored_seg, profile, predecessor))
     with timer.stage("qa"):
-        verify_sr(sr, result, profile.sr_variant)
+        verify_sr(sr, result, profile.sr_variant, stored_seg)
     key_images: tuple[Dataset, ...] = ()
     if profile.key_images and result.lesions:
         from radfed.dicom_sr.key_images import build_key_images

@@ -8,13 +8,15 @@ Flipped and shifted SEGs are the most reported AI-result bug; this is where they
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
 
 from radfed.dicom_sr.profile import SrVariant
 from radfed.inference.errors import ResultQualityError
@@ -75,6 +77,8 @@ def verify_seg_geometry(
         Allowed difference of centroid and bounding-box corners, in mm.
     """
     decoded_labels, _segments = read_segmentation_labels(seg, grid)
+    if np.array_equal(decoded_labels, expected_labels):
+        return  # voxel for voxel where it was computed; only a difference needs the placements below
     expected = _placements(expected_labels, grid)
     decoded = _placements(decoded_labels, grid)
     for number, want in expected.items():
@@ -95,23 +99,123 @@ def verify_seg_geometry(
         raise ResultQualityError(f"encoded SEG has unexpected segments {sorted(extra)}")
 
 
-def verify_sr(sr: Dataset, result: InferenceResult, variant: SrVariant) -> None:
-    """Re-read the SR with highdicom and check what viewers rely on."""
-    report = hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True)
-    if report.ContentSequence is None or report.ConceptNameCodeSequence[0].CodeValue != "126000":
+def _key(code: Code) -> tuple[str, str]:
+    return (code.scheme_designator, code.value)
+
+
+# The SR concepts the checks below read (compared as (scheme, value), as they are encoded).
+_REPORT = _key(dcm_codes.cid7021.ImagingMeasurementReport)  # TID 1500 root
+_IMAGING_MEASUREMENTS = _key(dcm_codes.DCM.ImagingMeasurements)
+_MEASUREMENT_GROUP = _key(dcm_codes.DCM.MeasurementGroup)
+_TRACKING_UID = _key(dcm_codes.DCM.TrackingUniqueIdentifier)
+_REFERENCED_SEGMENT = _key(dcm_codes.DCM.ReferencedSegment)
+_IMAGE_REGION = _key(dcm_codes.DCM.ImageRegion)
+
+
+def _concept(item: Dataset) -> tuple[str, str]:
+    names = item.get("ConceptNameCodeSequence")
+    if not names:
+        return ("", "")
+    return (str(names[0].get("CodingSchemeDesignator", "")), str(names[0].get("CodeValue", "")))
+
+
+def _typed(item: Dataset, value_type: str, what: str) -> Dataset:
+    if item.get("ValueType") != value_type:
+        raise ResultQualityError(f"SR {what} is a {item.get('ValueType')} item, not {value_type}")
+    return item
+
+
+@dataclass
+class _GroupRead:
+    """What one TID 1410/1411 measurement group says, read straight from the content tree."""
+
+    tracking_uids: list[str] = field(default_factory=list)
+    segments: list[tuple[str, int]] = field(default_factory=list)  # (SEG SOP Instance UID, segment number)
+    outlines: list[np.ndarray] = field(default_factory=list)  # SCOORD (column, row) points
+
+    @property
+    def volumetric(self) -> bool:  # highdicom's rule: a segment reference makes a group volumetric
+        return bool(self.segments)
+
+    @property
+    def planar(self) -> bool:  # one image region and no segment (TID 1410)
+        return len(self.outlines) == 1 and not self.segments
+
+
+def _read_group(group: Dataset, references: set[str]) -> _GroupRead:
+    read = _GroupRead()
+    for item in group.get("ContentSequence", []):
+        concept = _concept(item)
+        if concept == _TRACKING_UID:
+            read.tracking_uids.append(str(_typed(item, "UIDREF", "Tracking Unique Identifier").UID))
+        elif concept == _REFERENCED_SEGMENT:
+            reference = _typed(item, "IMAGE", "Referenced Segment").ReferencedSOPSequence[0]
+            uid = str(reference.ReferencedSOPInstanceUID)
+            references.add(uid)
+            numbers = reference.get("ReferencedSegmentNumber")
+            for number in numbers if isinstance(numbers, list | MultiValue) else [numbers]:
+                if number is not None:
+                    read.segments.append((uid, int(number)))
+        elif concept == _IMAGE_REGION:
+            region = _typed(item, "SCOORD", "Image Region")
+            points = np.asarray(region.GraphicData, dtype=np.float64)
+            if points.size % 2:
+                raise ResultQualityError("SR Image Region has an odd number of coordinates")
+            read.outlines.append(points.reshape(-1, 2))
+            for source in region.get("ContentSequence", []):
+                if source.get("ValueType") == "IMAGE":
+                    references.add(str(source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+    return read
+
+
+def _evidence_uids(sr: Dataset) -> set[str]:
+    uids: set[str] = set()
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in sr.get(keyword, []):
+            for series in study.get("ReferencedSeriesSequence", []):
+                uids.update(str(i.ReferencedSOPInstanceUID) for i in series.get("ReferencedSOPSequence", []))
+    return uids
+
+
+def _measurement_groups(sr: Dataset) -> list[Dataset]:
+    if _concept(sr) != _REPORT or sr.get("ValueType") != "CONTAINER":
         raise ResultQualityError("SR root concept is not TID 1500 Imaging Measurement Report (DCM 126000)")
-    # Read each group's tracking UID and references once (highdicom re-parses on every access).
+    templates = sr.get("ContentTemplateSequence") or [Dataset()]
+    if str(templates[0].get("TemplateIdentifier", "")) != "1500":
+        raise ResultQualityError("SR root does not name template TID 1500")
+    groups = []
+    for item in sr.get("ContentSequence", []):
+        if _concept(item) == _IMAGING_MEASUREMENTS:
+            for group in item.get("ContentSequence", []):
+                if _concept(group) != _MEASUREMENT_GROUP:
+                    raise ResultQualityError(f"SR Imaging Measurements holds {_concept(group)}, not a group")
+                groups.append(_typed(group, "CONTAINER", "Measurement Group"))
+    return groups
+
+
+def verify_sr(sr: Dataset, result: InferenceResult, variant: SrVariant, seg: Dataset | None = None) -> None:
+    """Re-read the encoded SR's content tree and check what viewers rely on.
+
+    The tree is walked once with pydicom (independently of highdicom, which wrote it): TID 1500 at the root;
+    per lesion one volumetric group referencing its segment of ``seg`` (when given) and, in the ``viewer``
+    variant, one planar outline inside the image under the same Tracking UID; one group per lesion; every
+    referenced instance listed in the evidence.
+    """
+    references: set[str] = set()
+    groups = [_read_group(group, references) for group in _measurement_groups(sr)]
+    for read in groups:
+        if len(read.tracking_uids) != 1:
+            raise ResultQualityError(f"SR measurement group with {len(read.tracking_uids)} Tracking UIDs")
     volumetric: dict[int, list[str]] = {}
-    content: hd.sr.MeasurementReport = report.content  # type: ignore[assignment]
-    for group in content.get_volumetric_roi_measurement_groups():
-        segment = group.referenced_segment
-        numbers = segment.referenced_segment_numbers if segment is not None else []
-        for number in numbers or []:
-            volumetric.setdefault(int(number), []).append(str(group.tracking_uid))
     outlines: dict[str, list[np.ndarray]] = {}
-    for planar in content.get_planar_roi_measurement_groups():
-        if planar.roi is not None:
-            outlines.setdefault(str(planar.tracking_uid), []).append(np.asarray(planar.roi.value))
+    for read in groups:
+        if read.volumetric:
+            for uid, number in read.segments:
+                if seg is not None and uid != str(seg.SOPInstanceUID):
+                    raise ResultQualityError(f"segment {number} is referenced in another instance than the SEG")
+                volumetric.setdefault(number, []).append(read.tracking_uids[0])
+        elif read.planar:
+            outlines.setdefault(read.tracking_uids[0], []).append(read.outlines[0])
     rows, columns = result.grid.shape[1:]
     for lesion in result.lesions:
         uids = volumetric.get(lesion.number, [])
@@ -127,3 +231,6 @@ def verify_sr(sr: Dataset, result: InferenceResult, variant: SrVariant) -> None:
     by_uid = {uid for uids in volumetric.values() for uid in uids}
     if len(by_uid) != len(result.lesions):
         raise ResultQualityError(f"{len(by_uid)} lesion groups for {len(result.lesions)} lesions")
+    missing = references - _evidence_uids(sr)
+    if missing:
+        raise ResultQualityError(f"SR references {len(missing)} instances that its evidence does not list")

@@ -128,47 +128,71 @@ def _source_reference(per_frame: Dataset) -> tuple[str, int] | None:
     return str(source.ReferencedSOPInstanceUID), frame
 
 
-def _slice_by_geometry(
-    position: Dataset | None,
-    orientation: Dataset | None,
-    measures: Dataset | None,
-    grid: Volume,
-    frame_number: int,
-) -> int | None:
-    if position is None or "ImagePositionPatient" not in position:
-        return None
-    if orientation is not None and "ImageOrientationPatient" in orientation:
-        iop = np.array([float(v) for v in orientation.ImageOrientationPatient])
-        grid_row = grid.affine[:3, 2] / np.linalg.norm(grid.affine[:3, 2])
-        grid_col = grid.affine[:3, 1] / np.linalg.norm(grid.affine[:3, 1])
+class _GridPlacer:
+    """Places frames on the reference grid by their plane position, checking orientation and spacing.
+
+    The grid's inverse and directions are computed once, and an orientation or spacing already accepted is
+    not checked again (a SEG repeats the same few values on every frame, or shares them).
+    """
+
+    def __init__(self, grid: Volume) -> None:
+        self.grid = grid
+        self._inverse = np.linalg.inv(grid.affine)
+        self._row = grid.affine[:3, 2] / np.linalg.norm(grid.affine[:3, 2])
+        self._col = grid.affine[:3, 1] / np.linalg.norm(grid.affine[:3, 1])
+        self._orientations: set[tuple[float, ...]] = set()
+        self._spacings: set[tuple[float, ...]] = set()
+
+    def _check_orientation(self, orientation: Dataset, frame_number: int) -> None:
+        iop = tuple(float(v) for v in orientation.ImageOrientationPatient)
+        if iop in self._orientations:
+            return
+        values = np.array(iop)
         if (
-            np.abs(iop[:3] - grid_row).max() > _ORIENTATION_TOLERANCE
-            or np.abs(iop[3:] - grid_col).max() > _ORIENTATION_TOLERANCE
+            np.abs(values[:3] - self._row).max() > _ORIENTATION_TOLERANCE
+            or np.abs(values[3:] - self._col).max() > _ORIENTATION_TOLERANCE
         ):
             raise SegmentationReadError(
                 f"frame {frame_number}: its plane orientation differs from the reference series "
                 "(a SEG drawn on another plane must be resampled, which radfed refuses to guess)"
             )
-    if measures is not None and "PixelSpacing" in measures:
-        spacing = [float(v) for v in measures.PixelSpacing]
-        if not np.allclose(spacing, grid.spacing[1:], atol=1e-3):
+        self._orientations.add(iop)
+
+    def _check_spacing(self, measures: Dataset, frame_number: int) -> None:
+        spacing = tuple(float(v) for v in measures.PixelSpacing)
+        if spacing in self._spacings:
+            return
+        if not np.allclose(spacing, self.grid.spacing[1:], atol=1e-3):
             raise SegmentationReadError(
-                f"frame {frame_number}: pixel spacing {spacing} differs from the reference series "
-                f"{list(np.round(grid.spacing[1:], 4))}"
+                f"frame {frame_number}: pixel spacing {list(spacing)} differs from the reference series "
+                f"{list(np.round(self.grid.spacing[1:], 4))}"
             )
-    index = grid.lps_to_index([float(v) for v in position.ImagePositionPatient])
-    slice_index = round(float(index[0]))
-    if (
-        abs(index[1]) > _IN_PLANE_TOLERANCE_VOXELS
-        or abs(index[2]) > _IN_PLANE_TOLERANCE_VOXELS
-        or abs(index[0] - slice_index) > _THROUGH_PLANE_TOLERANCE_SLICES
-        or not 0 <= slice_index < grid.shape[0]
-    ):
-        raise SegmentationReadError(
-            f"frame {frame_number}: position {list(np.round(index, 3))} (slice, row, column) is not on the "
-            f"reference grid of shape {list(grid.shape)}"
-        )
-    return slice_index
+        self._spacings.add(spacing)
+
+    def slice_of(
+        self, position: Dataset | None, orientation: Dataset | None, measures: Dataset | None, frame_number: int
+    ) -> int | None:
+        """The grid slice of a frame, or None when it has no plane position."""
+        if position is None or "ImagePositionPatient" not in position:
+            return None
+        if orientation is not None and "ImageOrientationPatient" in orientation:
+            self._check_orientation(orientation, frame_number)
+        if measures is not None and "PixelSpacing" in measures:
+            self._check_spacing(measures, frame_number)
+        point = np.array([float(v) for v in position.ImagePositionPatient])
+        index = self._inverse[:3, :3] @ point + self._inverse[:3, 3]
+        slice_index = round(float(index[0]))
+        if (
+            abs(index[1]) > _IN_PLANE_TOLERANCE_VOXELS
+            or abs(index[2]) > _IN_PLANE_TOLERANCE_VOXELS
+            or abs(index[0] - slice_index) > _THROUGH_PLANE_TOLERANCE_SLICES
+            or not 0 <= slice_index < self.grid.shape[0]
+        ):
+            raise SegmentationReadError(
+                f"frame {frame_number}: position {list(np.round(index, 3))} (slice, row, column) is not on the "
+                f"reference grid of shape {list(self.grid.shape)}"
+            )
+        return slice_index
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,13 +233,13 @@ def _placed_frames(ds: Dataset, grid: Volume, seg_type: SegmentationType) -> Ite
             f"{len(frames)} frames but {len(per_frame_groups)} per-frame functional group items"
         )
     source_slices = {source: index for index, source in enumerate(grid.slice_sources)}
+    placer = _GridPlacer(grid)
     for frame_index, (pixels, per_frame) in enumerate(zip(frames, per_frame_groups, strict=True)):
         frame_number = frame_index + 1
-        by_geometry = _slice_by_geometry(
+        by_geometry = placer.slice_of(
             _group(per_frame, shared, "PlanePositionSequence"),
             _group(per_frame, shared, "PlaneOrientationSequence"),
             _group(per_frame, shared, "PixelMeasuresSequence"),
-            grid,
             frame_number,
         )
         reference = _source_reference(per_frame)
@@ -303,17 +327,18 @@ def read_segmentation_labels(ds: Dataset, grid: Volume) -> tuple[npt.NDArray[np.
             unknown = set(np.unique(values).tolist()) - set(segments) - {0}
             if unknown:
                 raise SegmentationReadError(f"frame {frame.frame_number}: labels {sorted(unknown)} have no description")
-            inside = values > 0
+            inside = np.nonzero(values)
             painted = values[inside]
         else:
             if frame.segment_number not in segments:
                 raise SegmentationReadError(
                     f"frame {frame.frame_number}: segment {frame.segment_number} is not described"
                 )
-            inside = frame.pixels.astype(bool)
-            painted = np.full(int(inside.sum()), frame.segment_number, dtype=np.uint16)
-        clash = (target[inside] != 0) & (target[inside] != painted)
-        if clash.any():
+            # Index arrays, not a boolean mask: a lesion covers a few hundred of a frame's pixels.
+            inside = np.nonzero(frame.pixels)
+            painted = np.full(len(inside[0]), frame.segment_number, dtype=np.uint16)
+        present = target[inside]
+        if ((present != 0) & (present != painted)).any():
             raise SegmentationReadError(f"frame {frame.frame_number}: segments overlap (a label volume cannot hold it)")
         target[inside] = painted
     return labels, tuple(segments[n] for n in sorted(segments))

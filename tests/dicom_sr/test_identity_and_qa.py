@@ -12,7 +12,7 @@ import pytest
 
 from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile, SegEncoding, SrVariant, StudyFindingPlacement
-from radfed.dicom_sr.qa import encoded, verify_seg_geometry
+from radfed.dicom_sr.qa import encoded, verify_seg_geometry, verify_sr
 from radfed.dicom_sr.seg import build_seg
 from radfed.dicom_sr.validation import ObjectKind, check_dciodvfy, check_strict_read, validate_file
 from radfed.inference.errors import ResultQualityError
@@ -133,6 +133,7 @@ def test_other_task_codes_flow_through(make_result: ResultFactory) -> None:
     assert "Probability of high-grade glioma" in text and "Prostate" not in text
 
 
+@pytest.mark.validators
 def test_labelmap_setting(tmp_path: Path, make_result: ResultFactory) -> None:
     result, _ = make_result(5, False)
     objects = build_results(result, OutputProfile(seg_encoding="LABELMAP"))
@@ -201,6 +202,7 @@ def test_labels_must_match_the_lesions(make_result: ResultFactory) -> None:
         dataclasses.replace(result, lesions=(lesion, twin))  # lesion 2 has no voxels
 
 
+@pytest.mark.validators
 def test_validate_command(tmp_path: Path, make_result: ResultFactory, capsys: pytest.CaptureFixture[str]) -> None:
     result, _ = make_result(1, False)
     objects = build_results(result)
@@ -219,3 +221,50 @@ def test_validate_command(tmp_path: Path, make_result: ResultFactory, capsys: py
     assert lines[0].startswith("OK") and lines[1].startswith("FAIL")
     report = validate_file(broken)
     assert not report.passed and report.kind is ObjectKind.SEG
+
+
+def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(measurements.ContentSequence)
+
+
+def _planar_outline(group: pydicom.Dataset) -> pydicom.Dataset | None:
+    return next((item for item in group.ContentSequence if item.ValueType == "SCOORD"), None)
+
+
+def _drop_planar_group(sr: pydicom.Dataset) -> None:
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    measurements.ContentSequence = [g for g in measurements.ContentSequence if _planar_outline(g) is None]
+
+
+def _outline_off_the_image(sr: pydicom.Dataset) -> None:
+    outline = next(o for g in _groups(sr) if (o := _planar_outline(g)) is not None)
+    outline.GraphicData = [-5.0 if i % 2 else v for i, v in enumerate(outline.GraphicData)]
+
+
+def _reference_outside_the_evidence(sr: pydicom.Dataset) -> None:
+    del sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[-1]
+
+
+def _not_tid_1500(sr: pydicom.Dataset) -> None:
+    sr.ContentTemplateSequence[0].TemplateIdentifier = "2000"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_planar_group, "no planar outline"),
+        (_outline_off_the_image, "outline leaves the image"),
+        (_reference_outside_the_evidence, "evidence does not list"),
+        (_not_tid_1500, "TID 1500"),
+    ],
+    ids=["no-planar-twin", "outline-off-image", "unlisted-reference", "not-tid-1500"],
+)
+def test_sr_qa_refuses_a_damaged_report(make_result: ResultFactory, damage: object, message: str) -> None:
+    result, _ = make_result(1, False)
+    objects = build_results(result)
+    verify_sr(encoded(objects.sr), result, SrVariant.VIEWER, objects.seg)
+    broken = encoded(objects.sr)
+    damage(broken)  # type: ignore[operator]
+    with pytest.raises(ResultQualityError, match=message):
+        verify_sr(encoded(broken), result, SrVariant.VIEWER, objects.seg)
