@@ -18,7 +18,7 @@ DEV_EXTRA_gpu := dev-gpu
 OTHER_RUNTIME_cpu := onnxruntime-gpu
 OTHER_RUNTIME_gpu := onnxruntime
 
-.PHONY: install install-system install-python install-node install-ohif lint typecheck imports extras unit test bench demo clean wheel
+.PHONY: install install-system install-python install-node install-ohif lint typecheck imports extras unit test test-fast bench demo clean wheel
 
 OHIF_VERSION := 3.13.2
 install: install-system install-python install-node install-ohif
@@ -83,6 +83,11 @@ unit: install
 	@bash .ci/isolated $(PY) -m pytest $(PYTEST_ARGS)
 
 test: install lint typecheck imports extras unit
+
+# The tests that need no Orthanc, Flower federation, browser or DICOM validator (markers in pyproject.toml).
+FAST_MARKERS := not orthanc and not flower and not browser and not validators
+test-fast: install-python
+	@bash .ci/isolated $(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 bench: install
 	@bash .ci/isolated $(PY) -m bench

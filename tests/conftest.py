@@ -19,6 +19,18 @@ from tests.postgres_server import PostgresServer, start_postgres
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _DATABASES = itertools.count()
 
+# A test that starts Orthanc through these fixtures (directly or through another fixture) is marked ``orthanc``
+# here, so the marker cannot be forgotten; modules that start Orthanc, Flower or a browser themselves say so with
+# ``pytestmark``, and tests that run dciodvfy / dcmqi with ``@pytest.mark.validators``.
+_FIXTURE_MARKERS = {"orthanc_factory": "orthanc"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in set(getattr(item, "fixturenames", ())) & _FIXTURE_MARKERS.keys():
+            item.add_marker(_FIXTURE_MARKERS[fixture])
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

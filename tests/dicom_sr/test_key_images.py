@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from radfed.dicom_sr.key_images import orientation_letters, render_key_image
 from radfed.dicom_sr.outputs import build_results
@@ -17,6 +18,7 @@ from radfed.dicom_sr.validation import check_dciodvfy
 from tests.dicom_sr.conftest import ResultFactory
 
 
+@pytest.mark.validators
 def test_one_key_image_per_lesion_passes_dciodvfy(tmp_path: Path, make_result: ResultFactory) -> None:
     result, _ = make_result(5, True)
     objects = build_results(result, OutputProfile(key_images=True))

@@ -33,6 +33,7 @@ def _write(objects: ResultObjects, folder: Path) -> tuple[Path | None, Path]:
     return seg_path, sr_path
 
 
+@pytest.mark.validators
 @pytest.mark.parametrize(("n_lesions", "oblique"), CASES, ids=IDS)
 def test_objects_pass_dciodvfy_and_strict_reading(
     tmp_path: Path, make_result: ResultFactory, n_lesions: int, oblique: bool
@@ -70,6 +71,7 @@ def _nifti_mask_on_grid(path: Path, result: InferenceResult) -> np.ndarray:
     [c for c in CASES if c[0]],
     ids=[i for c, i in zip(CASES, IDS, strict=True) if c[0]],
 )
+@pytest.mark.validators
 def test_dcmqi_round_trips_seg_and_reads_sr(
     tmp_path: Path, make_result: ResultFactory, n_lesions: int, oblique: bool
 ) -> None:

@@ -38,6 +38,8 @@ from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.orthanc.launcher import OrthancProcess, free_port
 from tests.plugin.node_harness import TOKEN, NodeProcess
 
+pytestmark = [pytest.mark.orthanc, pytest.mark.flower, pytest.mark.browser]
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -16,6 +16,8 @@ from radfed.federation.launcher import FederationOptions, LocalFederation
 from radfed.federation.messages import MetricLeakError, allowed_metrics
 from radfed.inference.artifact import load_artifact
 
+pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
+
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower"
 
 

@@ -145,6 +145,7 @@ def _write_nifti(mask: np.ndarray, volume: Volume, path: Path) -> None:
     nib.save(nib.Nifti1Image(mask.transpose(2, 1, 0).astype(np.uint8), affine), path)
 
 
+@pytest.mark.validators
 def test_dcmqi_written_seg(tmp_path: Path, small_study: SyntheticStudy, t2w: Volume) -> None:
     """A SEG written by dcmqi's itkimage2segimage (what 3D Slicer uses) reads back voxel for voxel."""
     folder = write_study(small_study, tmp_path)

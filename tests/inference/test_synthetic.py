@@ -36,6 +36,7 @@ def test_same_seed_same_study_other_seed_other_study() -> None:
     assert a.identity.study_instance_uid != c.identity.study_instance_uid
 
 
+@pytest.mark.validators
 def test_every_object_passes_dciodvfy(tmp_path: Path) -> None:
     synthesize_to_folder(tmp_path, sites=3, studies_per_site=1, seed=2, small=True)
     files = sorted(tmp_path.rglob("*.dcm"))

@@ -12,6 +12,7 @@ from radfed.dicom_sr.validation import check_dciodvfy
 from radfed.plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 
+@pytest.mark.validators
 def test_infer_writes_valid_results(
     tmp_path: Path, synth_root: Path, tiny_artifact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

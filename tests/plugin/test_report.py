@@ -67,6 +67,7 @@ def _job_folder(tmp_path: Path, synth_root: Path) -> Path:
     return out
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(tmp_path: Path, synth_root: Path) -> None:
     from matplotlib import image as mpimg
     from playwright.sync_api import sync_playwright

@@ -29,6 +29,8 @@ from radfed.plugin.viewer import OrthancTarget, ViewerServer, default_dist
 from tests.dicom_sr.conftest import result_from_study
 from tests.viewer.ohif_driver import ViewerPage, chromium_page, dice, overlay_mask, projected_mask
 
+pytestmark = [pytest.mark.orthanc, pytest.mark.browser]
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts" / "viewer"
 MIN_OVERLAP = 0.85

@@ -30,6 +30,8 @@ from radfed.inference.synthetic.sites import Sequence
 from radfed.inference.synthetic.study import SyntheticStudy
 from radfed.plugin.viewer import OrthancTarget, ViewerServer, app_config_js, default_dist, serving
 
+pytestmark = pytest.mark.orthanc
+
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = (
     "disableConfirmationPrompts: true",
