@@ -10,6 +10,8 @@ category (CODE), and says "no abnormality" when nothing was found.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -53,9 +55,22 @@ def _probability(result: InferenceResult, value: float) -> hd.sr.Measurement:
     )
 
 
-def _key_slice_image(result: InferenceResult, lesion: LesionFinding) -> hd.sr.SourceImageForRegion:
+@dataclass(frozen=True)
+class _Sources:
+    """Looked up once per report, not once per lesion."""
+
+    by_uid: dict[str, Dataset]
+    series_instance_uid: str
+
+    @classmethod
+    def of(cls, result: InferenceResult) -> _Sources:
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in result.source_datasets}
+        return cls(by_uid, str(ordered_sources(result)[0][0].SeriesInstanceUID))
+
+
+def _key_slice_image(result: InferenceResult, lesion: LesionFinding, sources: _Sources) -> hd.sr.SourceImageForRegion:
     uid, frame = result.grid.slice_sources[lesion.measurements.key_slice]
-    ds = next(d for d in result.source_datasets if str(d.SOPInstanceUID) == uid)
+    ds = sources.by_uid[uid]
     frames = [frame] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None
     return hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=ds.SOPClassUID,
@@ -65,7 +80,7 @@ def _key_slice_image(result: InferenceResult, lesion: LesionFinding) -> hd.sr.So
 
 
 def _lesion_groups(
-    result: InferenceResult, lesion: LesionFinding, seg: Dataset, key: ResultKey, variant: SrVariant
+    result: InferenceResult, lesion: LesionFinding, seg: Dataset, key: ResultKey, variant: SrVariant, sources: _Sources
 ) -> list[
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
 ]:
@@ -90,7 +105,6 @@ def _lesion_groups(
         if lesion.category
         else None
     )
-    sources = ordered_sources(result)[0]
     groups: list[
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     ] = [
@@ -100,7 +114,7 @@ def _lesion_groups(
                 sop_class_uid=seg.SOPClassUID,
                 sop_instance_uid=seg.SOPInstanceUID,
                 segment_number=lesion.number,
-                source_series=hd.sr.SourceSeriesForSegmentation(sources[0].SeriesInstanceUID),
+                source_series=hd.sr.SourceSeriesForSegmentation(sources.series_instance_uid),
             ),
             finding_type=concept(result.codes.lesion_finding_type),
             algorithm_id=_algorithm(result),
@@ -118,7 +132,7 @@ def _lesion_groups(
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                     graphic_data=outline,
-                    source_image=_key_slice_image(result, lesion),
+                    source_image=_key_slice_image(result, lesion, sources),
                 ),
                 finding_type=concept(result.codes.lesion_finding_type),
                 algorithm_id=_algorithm(result),
@@ -200,9 +214,10 @@ def build_sr(
         | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.MeasurementsAndQualitativeEvaluations
     ] = [_study_group(result, key)]
+    sources = _Sources.of(result) if result.lesions else None
     for lesion in result.lesions:
-        assert seg is not None
-        groups.extend(_lesion_groups(result, lesion, seg, key, profile.sr_variant))
+        assert seg is not None and sources is not None
+        groups.extend(_lesion_groups(result, lesion, seg, key, profile.sr_variant, sources))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
         procedure_reported=concept(result.codes.procedure),
