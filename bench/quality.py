@@ -315,10 +315,12 @@ def main() -> None:
         budget = f"{STEPS} steps" if STEPS else f"as many steps as {MINUTES or 'the recipe'} minutes allow"
         print(f"bench quality: {len(jobs)} trainings ({budget} each), {workers} side by side", flush=True)
         context = multiprocessing.get_context("spawn")
+        results = []
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = [row for rows in pool.map(_run, jobs) for row in rows]
-    for row in results:
-        print(json.dumps(row), flush=True)
+            for rows in pool.map(_run, jobs):  # each fold's rows as soon as it and those before it are done
+                for row in rows:
+                    print(json.dumps(row), flush=True)
+                results += rows
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         for arm in dict.fromkeys(r["arm"] for r in results):
