@@ -94,6 +94,17 @@ def create_app(service: NodeService) -> FastAPI:
             for job in service.ledger.jobs(state=state, study_instance_uid=study_instance_uid, limit=limit)
         ]
 
+    @app.get("/workers", dependencies=guarded)
+    def workers() -> list[dict[str, Any]]:
+        """Every node process on this ledger (coordinator, workers): role, device, heartbeat, the jobs it runs."""
+        running: dict[str, list[int]] = {}
+        for held in service.ledger.jobs(state=JobState.RUNNING, limit=1000):
+            running.setdefault(held.worker, []).append(held.id)
+        return [
+            {**worker.as_dict(service.config.lease_s), "running": sorted(running.get(worker.id, []))}
+            for worker in service.ledger.workers()
+        ]
+
     @app.get("/jobs/{job_id}", dependencies=guarded)
     def job(job_id: Annotated[int, _JOB_ID]) -> dict[str, Any]:
         found = service.ledger.job(job_id)

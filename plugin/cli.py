@@ -205,16 +205,19 @@ def _cmd_fp16(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import signal
     import threading
 
     import uvicorn
 
     from radfed.plugin.api import create_app
-    from radfed.plugin.config import load_config
+    from radfed.plugin.config import NodeRole, load_config
     from radfed.plugin.service import NodeService
 
     config = load_config(args.config)
+    if args.role is not None:
+        config = dataclasses.replace(config, role=NodeRole(args.role))
     service = NodeService(config)
     for artifact in args.install_model or []:
         installed = service.registry.install(artifact)
@@ -239,7 +242,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     print(
-        f"radfed node: API on http://{config.api_host}:{config.api_port}, Orthanc {config.orthanc.url}",
+        f"radfed node ({config.role}): API on http://{config.api_host}:{config.api_port}, Orthanc {config.orthanc.url}",
         file=sys.stderr,
         flush=True,
     )
@@ -316,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATE",
         help="examine again every study that became stable in Orthanc since DATE (YYYYMMDD[THHMMSS]); "
         "a new ledger otherwise starts from Orthanc's current changes",
+    )
+    serve.add_argument(
+        "--role",
+        choices=["coordinator", "worker", "all"],
+        help="coordinator: follow Orthanc and queue jobs; worker: run queued jobs (any number, on any machine sharing "
+        "a PostgreSQL database_url); all (the default, [node] role): both in one process",
     )
     serve.set_defaults(handler=_cmd_serve)
 

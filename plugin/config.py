@@ -19,10 +19,19 @@ from radfed.inference.arbiter import DevicePolicy
 from radfed.inference.device import Device, RuntimeSettings
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancEndpoint
+from radfed.plugin.ledger import DEFAULT_LEASE_S
 
 
 class ConfigError(RadfedError, ValueError):
     """The node configuration is invalid; the message names the setting."""
+
+
+class NodeRole(StrEnum):
+    """What one ``radfed serve`` process does: follow Orthanc and examine (coordinator), run jobs (worker), or both."""
+
+    COORDINATOR = "coordinator"
+    WORKER = "worker"
+    ALL = "all"
 
 
 class Destination(StrEnum):
@@ -90,6 +99,8 @@ class NodeConfig:
     refuse_flagged_models: bool = False
     # The ledger's database: None for <state>/ledger.sqlite, or a URL (postgresql+psycopg://USER:PASSWORD@HOST/DB)
     database_url: str | None = field(default=None, repr=False)
+    role: NodeRole = NodeRole.ALL  # radfed serve --role; several workers need a shared ledger (PostgreSQL)
+    lease_s: float = DEFAULT_LEASE_S  # heartbeats renew a running job's lease; unrenewed, it is run again
 
     @property
     def ledger_path(self) -> Path:
@@ -208,6 +219,19 @@ def _database_url(value: str | None) -> str | None:
     raise ConfigError(f"node.database_url must be sqlite:///PATH or postgresql+psycopg://..., got {scheme}")
 
 
+def _role(value: str) -> NodeRole:
+    try:
+        return NodeRole(value)
+    except ValueError:
+        raise ConfigError(f"node.role must be one of {', '.join(r.value for r in NodeRole)}, got {value!r}") from None
+
+
+def _lease_s(value: float) -> float:
+    if value < 1.0:
+        raise ConfigError(f"node.lease_s must be at least 1 s (a heartbeat renews it every third), got {value}")
+    return value
+
+
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Read ``path`` (TOML) and apply ``RADFED_*`` environment overrides."""
     env = dict(os.environ if environ is None else environ)
@@ -289,4 +313,6 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         device_policy=_device_policy(_get(node, "device_policy", str, DevicePolicy.CLINICAL_FIRST.value, "node")),
         refuse_flagged_models=_get(node, "refuse_flagged_models", bool, False, "node"),
         database_url=_database_url(env.get("RADFED_DATABASE_URL") or _get(node, "database_url", str, None, "node")),
+        role=_role(_get(node, "role", str, NodeRole.ALL.value, "node")),
+        lease_s=_lease_s(_get(node, "lease_s", float, DEFAULT_LEASE_S, "node")),
     )

@@ -24,11 +24,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from radfed.plugin.ledger_engine import LedgerBackend, LedgerError, backup_sqlite, open_database
 from radfed.plugin.ledger_schema import cursor as cursors
-from radfed.plugin.ledger_schema import inbox, jobs, pending
+from radfed.plugin.ledger_schema import inbox, jobs, pending, workers
 
-__all__ = ["Job", "JobState", "Ledger", "LedgerBackend", "LedgerError"]
+__all__ = ["DEFAULT_LEASE_S", "Job", "JobState", "Ledger", "LedgerBackend", "LedgerError", "Worker"]
 
 _CHANGES = "orthanc-changes"
+DEFAULT_LEASE_S = 30.0  # a running job whose worker has not renewed its lease for this long is run again
+_FORGET_WORKERS_S = 86400.0  # workers silent this long leave the list
 
 
 class JobState(StrEnum):
@@ -56,6 +58,7 @@ class Job:
     timings: dict[str, float]
     selection: list[str]
     result: dict[str, Any]
+    worker: str  # the worker that holds (or last held) the job's lease
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,32 @@ class Job:
             "timings_s": self.timings,
             "selection": self.selection,
             "result": self.result,
+            "worker": self.worker,
+        }
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A node process as it last reported itself (its role, and the device it runs jobs on)."""
+
+    id: str
+    host: str
+    pid: int
+    role: str
+    device: str
+    started: float
+    last_seen: float
+
+    def as_dict(self, lease_s: float) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "role": self.role,
+            "device": self.device,
+            "started": self.started,
+            "last_seen": self.last_seen,
+            "alive": time.time() - self.last_seen < lease_s,
         }
 
 
@@ -93,6 +122,7 @@ def _job(row: sa.RowMapping) -> Job:
         timings=json.loads(row["timings"]),
         selection=json.loads(row["selection"]),
         result=json.loads(row["result"]),
+        worker=row["lease_owner"],
     )
 
 
@@ -286,26 +316,32 @@ class Ledger:
             row = db.execute(sa.select(jobs).filter_by(**key)).mappings().one()
         return _job(row), inserted is not None
 
-    def claim(self) -> Job | None:
-        """Atomically take the oldest runnable queued job and mark it running. Concurrent claimers never get the
-        same job: PostgreSQL skips rows another transaction has locked (FOR UPDATE SKIP LOCKED), SQLite lets one
+    def claim(
+        self, worker: str = "", lease_s: float = DEFAULT_LEASE_S, model: tuple[str, str] | None = None
+    ) -> Job | None:
+        """Atomically take the oldest runnable queued job (for ``model``, a name and version, when given) and mark it
+        running, leased to ``worker`` for ``lease_s`` (renewed by :meth:`heartbeat`). Concurrent claimers never get
+        the same job: PostgreSQL skips rows another transaction has locked (FOR UPDATE SKIP LOCKED), SQLite lets one
         writer in at a time."""
         now = time.time()
+        runnable = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
+        if model is not None:
+            runnable = runnable.where(jobs.c.model_name == model[0], jobs.c.model_version == model[1])
         with self._write() as db:
-            job_id = db.scalar(
-                sa.select(jobs.c.id)
-                .where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
-                .order_by(jobs.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
+            job_id = db.scalar(runnable.order_by(jobs.c.id).limit(1).with_for_update(skip_locked=True))
             if job_id is None:
                 return None
             row = (
                 db.execute(
                     sa.update(jobs)
                     .where(jobs.c.id == job_id)
-                    .values(state=JobState.RUNNING.value, attempts=jobs.c.attempts + 1, updated=now)
+                    .values(
+                        state=JobState.RUNNING.value,
+                        attempts=jobs.c.attempts + 1,
+                        updated=now,
+                        lease_owner=worker,
+                        lease_expires=now + lease_s,
+                    )
                     .returning(*jobs.c)
                 )
                 .mappings()
@@ -322,31 +358,84 @@ class Ledger:
         failure_kind: str = "",
         timings: dict[str, float] | None = None,
         result: dict[str, Any] | None = None,
-    ) -> None:
-        self._update_job(
+        worker: str | None = None,
+    ) -> bool:
+        """Record a job's outcome. With ``worker``, only while that worker still holds the running job's lease: a
+        worker presumed dead whose job was run again does not overwrite the record (its results carry the same
+        UIDs). False when the record was not written."""
+        return self._update_job(
             job_id,
+            worker,
             state=state.value,
             reason=reason,
             failure_kind=failure_kind,
             timings=json.dumps(timings or {}),
             result=json.dumps(result or {}),
+            lease_expires=0,
         )
 
-    def requeue(self, job_id: int, delay_s: float, reason: str) -> None:
-        self._update_job(job_id, state=JobState.QUEUED.value, not_before=time.time() + delay_s, reason=reason)
+    def requeue(self, job_id: int, delay_s: float, reason: str, worker: str | None = None) -> bool:
+        return self._update_job(
+            job_id, worker, state=JobState.QUEUED.value, not_before=time.time() + delay_s, reason=reason
+        )
 
-    def _update_job(self, job_id: int, **values: Any) -> None:
+    def _update_job(self, job_id: int, worker: str | None, **values: Any) -> bool:
+        query = sa.update(jobs).where(jobs.c.id == job_id)
+        if worker is not None:
+            query = query.where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_owner == worker)
         with self._write() as db:
-            db.execute(sa.update(jobs).where(jobs.c.id == job_id).values(**values, updated=time.time()))
+            return db.execute(query.values(**values, updated=time.time())).rowcount == 1
 
-    def recover_running(self) -> int:
-        """After a crash: jobs left running go back to the queue."""
+    # -- workers and their leases --------------------------------------------------------------------
+
+    def heartbeat(self, worker: Worker, lease_s: float) -> int:
+        """``worker`` is alive: its row is refreshed and the leases of the jobs it runs extended by ``lease_s``.
+        Returns how many jobs it holds."""
+        now = time.time()
         with self._write() as db:
+            row = self._insert(workers).values(
+                id=worker.id, host=worker.host, pid=worker.pid, role=worker.role, device=worker.device,
+                started=worker.started, last_seen=now,
+            )  # fmt: skip
+            db.execute(
+                row.on_conflict_do_update(
+                    index_elements=[workers.c.id], set_={"last_seen": now, "device": row.excluded.device}
+                )
+            )
             return db.execute(
                 sa.update(jobs)
-                .where(jobs.c.state == JobState.RUNNING.value)
-                .values(state=JobState.QUEUED.value, reason="requeued after restart", updated=time.time())
+                .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_owner == worker.id)
+                .values(lease_expires=now + lease_s)
             ).rowcount
+
+    def reclaim_expired(self) -> list[tuple[int, str]]:
+        """Running jobs whose worker stopped renewing the lease (killed, hung, cut off) go back to the queue; the
+        (job id, worker) pairs. Jobs left running in a ledger from before leases count as expired."""
+        now = time.time()
+        with self._write() as db:
+            expired = db.execute(
+                sa.select(jobs.c.id, jobs.c.lease_owner)
+                .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires < now)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for job_id, owner in expired:
+                db.execute(
+                    sa.update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(
+                        state=JobState.QUEUED.value,
+                        not_before=0,
+                        reason=f"requeued: the lease of {owner or 'a stopped node'} expired",
+                        updated=now,
+                    )
+                )
+            db.execute(sa.delete(workers).where(workers.c.last_seen < now - _FORGET_WORKERS_S))
+        return [(int(job_id), str(owner)) for job_id, owner in expired]
+
+    def workers(self) -> list[Worker]:
+        with self._read() as db:
+            rows = db.execute(sa.select(workers).order_by(workers.c.started)).mappings().all()
+        return [Worker(**dict(row)) for row in rows]
 
     def retry(self, job_id: int) -> Job | None:
         """An admin's retry of a failed or skipped job."""

@@ -51,8 +51,12 @@ jobs = sa.Table(
     sa.Column("timings", sa.Text, nullable=False, server_default="{}"),
     sa.Column("selection", sa.Text, nullable=False, server_default="[]"),
     sa.Column("result", sa.Text, nullable=False, server_default="{}"),
+    # the worker that runs (or ran) the job, and until when it holds it unless it renews the lease
+    sa.Column("lease_owner", sa.Text, nullable=False, server_default=""),
+    sa.Column("lease_expires", Seconds, nullable=False, server_default=sa.text("0")),
     sa.UniqueConstraint("study_instance_uid", "model_name", "model_version", "fingerprint", name="jobs_key"),
     sa.Index("jobs_state", "state", "not_before"),
+    sa.Index("jobs_lease", "state", "lease_expires"),
     sqlite_autoincrement=True,
 )
 
@@ -60,5 +64,18 @@ pending = sa.Table(
     "pending",
     metadata,
     sa.Column("orthanc_study_id", sa.Text, primary_key=True),
+    sa.Column("last_seen", Seconds, nullable=False),
+)
+
+# Every node process (coordinator, worker or both) and its last heartbeat.
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("device", sa.Text, nullable=False, server_default=""),
+    sa.Column("started", Seconds, nullable=False),
     sa.Column("last_seen", Seconds, nullable=False),
 )

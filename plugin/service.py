@@ -5,9 +5,13 @@ bounded concurrency, and stores SEG + SR back. Failures stay with their job; the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
+import os
 import re
+import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -36,10 +40,10 @@ from radfed.inference.runtime import OnnxModel
 from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, select_series
 from radfed.inference.study_source import OrthancStudy
 from radfed.inference.timing import StageTimer
-from radfed.plugin.config import Destination, NodeConfig
+from radfed.plugin.config import Destination, NodeConfig, NodeRole
 from radfed.plugin.failures import FailureKind, failure_label
 from radfed.plugin.health import LoopMonitor, LoopStatus
-from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError
+from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError, Worker
 from radfed.plugin.metrics import NodeMetrics
 from radfed.plugin.prefetch import PrefetchSettings, PreparedAhead, StudyPrefetcher
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
@@ -126,8 +130,18 @@ class NodeService:
                 PrefetchSettings(quiet_s=config.prefetch_quiet_s, max_studies=config.prefetch_studies),
                 on_prepared=lambda ok: self.metrics.prepared_ahead.labels(str(ok).lower()).inc(),
             )
-            if config.prefetch
+            if config.prefetch and config.role is NodeRole.ALL  # the prepared copy lives in this process's memory
             else None
+        )
+        # this process as the ledger's workers list shows it; the id owns the leases of the jobs it runs
+        self.worker = Worker(
+            id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            role=config.role.value,
+            device=self._device_text(),
+            started=time.time(),
+            last_seen=time.time(),
         )
 
     def _make_store(self) -> ResultStore:
@@ -175,23 +189,28 @@ class NodeService:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._start_from_now = self.ledger.is_new()
+        # a new ledger follows Orthanc from now: the coordinator's business, not a worker's
+        self._start_from_now = self.config.role is not NodeRole.WORKER and self.ledger.is_new()
         if self._start_from_now:
             with contextlib.suppress(OrthancUnavailableError):  # else the follower does it on first contact
                 self._skip_history()
-        recovered = self.ledger.recover_running()
-        if recovered:
-            logger.warning("%d job(s) were running when the service stopped; queued again", recovered)
         self.load_active_model()
+        self._renew_leases()
         if self.config.scp is not None:
             from radfed.plugin.scp import start_storage_scp
 
             self._scp = start_storage_scp(OrthancClient(self.config.orthanc), self.config.scp)
-        loops = [("follower", self._follow_changes), ("examiner", self._examine_inbox), ("reconciler", self._reconcile)]
-        loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
+        role = self.config.role
+        loops: list[tuple[str, Any]] = [("leases", self._keep_leases)]
+        if role is not NodeRole.WORKER:
+            loops += [("follower", self._follow_changes), ("examiner", self._examine_inbox)]
+            loops += [("reconciler", self._reconcile)]
+        if role is not NodeRole.COORDINATOR:
+            loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
             loops.append(("prefetch", self._prefetch))
-        if self.config.ledger_backup_interval_s > 0 and self.ledger.backend is LedgerBackend.SQLITE:
+        backs_up = self.config.ledger_backup_interval_s > 0 and self.ledger.backend is LedgerBackend.SQLITE
+        if backs_up and role is not NodeRole.WORKER:
             loops.append(("ledger-backup", self._back_up_ledger))
         for name, target in loops:
             thread = threading.Thread(target=self._guarded, args=(name, target), name=f"radfed-{name}", daemon=True)
@@ -481,7 +500,8 @@ class NodeService:
     def _work(self, name: str) -> None:
         while not self._stop.is_set():
             model = self.model
-            job = self.ledger.claim() if model is not None else None
+            claimable = self._claimable(model)
+            job = self.ledger.claim(self.worker.id, self.config.lease_s, claimable) if model is not None else None
             if job is None or model is None:
                 self.health.beat(name)
                 self._job_event.wait(LEDGER_POLL_S)
@@ -498,7 +518,10 @@ class NodeService:
         try:
             if model.artifact.identity.name != job.model_name or model.artifact.identity.version != job.model_version:
                 self.ledger.finish(
-                    job.id, JobState.SKIPPED, reason=f"model {job.model_name}:{job.model_version} is no longer active"
+                    job.id,
+                    JobState.SKIPPED,
+                    reason=f"model {job.model_name}:{job.model_version} is no longer active",
+                    worker=self.worker.id,
                 )
                 return
             ahead = self._prepared_ahead(job, model)
@@ -515,6 +538,7 @@ class NodeService:
                     job.id,
                     JobState.SKIPPED,
                     reason="instances changed since the job was created; a newer job supersedes it",
+                    worker=self.worker.id,
                 )
                 self.notify_stable_study(job.orthanc_study_id)
                 return
@@ -533,7 +557,7 @@ class NodeService:
                 )
             else:
                 delay = min(self.config.retry_base_s * 2 ** (job.attempts - 1), self.config.retry_max_s)
-                self.ledger.requeue(job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s")
+                self.ledger.requeue(job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s", self.worker.id)
             return
         except Exception as exc:
             if FailureKind.of(exc) is FailureKind.INTERNAL:
@@ -547,9 +571,10 @@ class NodeService:
         if ahead is not None:
             timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
         result = analysis.result
-        self.ledger.finish(
+        recorded = self.ledger.finish(
             job.id,
             JobState.DONE,
+            worker=self.worker.id,
             timings=timings,
             result={
                 "seg_sop_instance_uid": objects.seg.SOPInstanceUID if objects.seg is not None else None,
@@ -564,6 +589,9 @@ class NodeService:
                 "supersedes": predecessor.SOPInstanceUID if predecessor is not None else None,
             },
         )
+        if not recorded:  # stored all the same: the new run's objects carry the same UIDs and replace these
+            logger.warning("job %d: its lease expired while it ran (run again elsewhere); result not recorded", job.id)
+            return
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
         self.metrics.jobs.labels(JobState.DONE.value, "").inc()
@@ -594,6 +622,31 @@ class NodeService:
             return "off (ledger_backup_interval_s = 0)"
         return f"online copies every {self.config.ledger_backup_interval_s:g} s in {self.config.backup_dir}"
 
+    def _claimable(self, model: OnnxModel | None) -> tuple[str, str] | None:
+        """A worker process takes only its own model's jobs (another worker may serve the others); one process that
+        does everything takes any job and skips those of a model it no longer serves."""
+        if model is None or self.config.role is not NodeRole.WORKER:
+            return None
+        return model.artifact.identity.name, model.artifact.identity.version
+
+    def _device_text(self) -> str:
+        provider = self.device.provider or "none"
+        return f"{'gpu' if provider.startswith(('CUDA', 'Tensorrt')) else 'cpu'} ({provider})"
+
+    def _renew_leases(self) -> None:
+        """Heartbeat (this process's row, its jobs' leases) and run again the jobs of workers that stopped."""
+        self.ledger.heartbeat(dataclasses.replace(self.worker, device=self._device_text()), self.config.lease_s)
+        for job_id, owner in self.ledger.reclaim_expired():
+            logger.warning("job %d: the lease of worker %s expired; queued again", job_id, owner)
+            self._job_event.set()
+
+    def _keep_leases(self, name: str) -> None:
+        while not self._stop.wait(min(self.config.lease_s / 3, 10.0)):  # 10 s at most: the loop must beat
+            self._renew_leases()
+            if self.config.role is NodeRole.WORKER:
+                self.load_active_model()  # activated in this worker's models folder (shared or by its own API)
+            self.health.beat(name)
+
     def _prefetch(self, name: str) -> None:
         if self.prefetcher is not None:
             self.prefetcher.run(self._stop)
@@ -615,7 +668,9 @@ class NodeService:
 
     def _fail(self, job: Job, kind: str, reason: str, timer: StageTimer) -> None:
         logger.warning("job %d failed (%s): %s", job.id, kind, reason)
-        self.ledger.finish(job.id, JobState.FAILED, reason=reason, failure_kind=kind, timings=timer.as_dict())
+        self.ledger.finish(
+            job.id, JobState.FAILED, reason=reason, failure_kind=kind, timings=timer.as_dict(), worker=self.worker.id
+        )
         self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
 
     def _predecessor_sr(self, job: Job) -> Dataset | None:
@@ -673,6 +728,8 @@ class NodeService:
             "device": device.as_dict(),
             "ledger": ledger,
             "ledger_backend": self.ledger.backend.value,
+            "role": self.config.role.value,
+            "worker": self.worker.id,
             "ledger_backups": self._backup_policy(),
             "loops": loops,
             "jobs": jobs,

@@ -31,6 +31,7 @@ class NodeProcess:
         poll_interval_s: float = 0.3,
         prefetch: bool = True,
         node_settings: str = "",
+        role: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.orthanc = orthanc
@@ -65,6 +66,7 @@ port = {self.port}
             ORT_DISABLE_TELEMETRY="1",
         )
         self.artifact = artifact
+        self.role = role  # radfed serve --role
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / "node.log"
 
@@ -76,6 +78,8 @@ port = {self.port}
         args = [sys.executable, "-m", "radfed.plugin", "serve", "--config", str(self.config)]
         if self.artifact is not None:
             args += ["--install-model", str(self.artifact), "--activate", activate]
+        if self.role is not None:
+            args += ["--role", self.role]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

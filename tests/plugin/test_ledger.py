@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from radfed.plugin.config import ConfigError, load_config
-from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError
+from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError, Worker
 from radfed.plugin.ledger_migrations import LOCATION
 from radfed.plugin.ledger_schema import metadata
 
@@ -73,16 +73,54 @@ def test_a_claimed_job_runs_once_and_its_result_supersedes(ledger: Ledger) -> No
     assert ledger.previous_done("1.2.3", "m", exclude_job=older.id) is None
 
 
-def test_requeued_jobs_wait_and_crashed_ones_return_to_the_queue(ledger: Ledger) -> None:
+def _worker(name: str, role: str = "worker") -> Worker:
+    return Worker(name, "host-1", 4242, role, "cpu (CPUExecutionProvider)", started=time.time(), last_seen=0.0)
+
+
+def test_requeued_jobs_wait_and_a_dead_workers_jobs_return_to_the_queue(ledger: Ledger) -> None:
     job, _ = _create(ledger, "1")
-    ledger.claim()
-    ledger.requeue(job.id, delay_s=3600, reason="Orthanc unreachable")
-    assert ledger.claim() is None  # not before an hour
+    ledger.claim("a")
+    assert ledger.requeue(job.id, delay_s=3600, reason="Orthanc unreachable", worker="a")
+    assert ledger.claim("a") is None  # not before an hour
     second, _ = _create(ledger, "2")
-    assert (ledger.claim() or job).id == second.id
-    assert ledger.recover_running() == 1  # the node died while 2 ran
+    claimed = ledger.claim("a", lease_s=1.5)
+    assert claimed is not None and claimed.id == second.id and claimed.worker == "a"
+    assert ledger.reclaim_expired() == []  # a holds it
+    time.sleep(1.6)  # a was killed: no heartbeat
+    assert ledger.reclaim_expired() == [(second.id, "a")]
     requeued = ledger.job(second.id)
-    assert requeued is not None and requeued.state is JobState.QUEUED and requeued.reason == "requeued after restart"
+    assert requeued is not None and requeued.state is JobState.QUEUED and "lease of a expired" in requeued.reason
+
+
+def test_a_worker_whose_lease_expired_records_nothing_and_the_new_runner_does(ledger: Ledger) -> None:
+    job, _ = _create(ledger, "1")
+    ledger.claim("a", lease_s=0.5)
+    time.sleep(0.6)
+    ledger.heartbeat(_worker("b"), lease_s=60)  # b's heartbeat renews only b's leases
+    assert ledger.reclaim_expired() == [(job.id, "a")]
+    again = ledger.claim("b", lease_s=60)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    assert ledger.finish(job.id, JobState.DONE, result={"by": "a"}, worker="a") is False  # back from the dead
+    assert ledger.requeue(job.id, 1, "Orthanc unreachable", worker="a") is False
+    assert ledger.finish(job.id, JobState.DONE, result={"by": "b"}, worker="b") is True
+    done = ledger.job(job.id)
+    assert done is not None and done.state is JobState.DONE and done.result == {"by": "b"} and done.worker == "b"
+
+
+def test_heartbeats_keep_a_long_job_and_the_workers_are_listed(ledger: Ledger) -> None:
+    job, _ = _create(ledger, "1")
+    ledger.heartbeat(_worker("coordinator", role="coordinator"), lease_s=0.5)
+    ledger.claim("a", lease_s=3.0)
+    for _ in range(4):  # 4 s of work, more than the lease
+        time.sleep(1.0)
+        assert ledger.heartbeat(_worker("a"), lease_s=3.0) == 1
+        assert ledger.reclaim_expired() == []
+    listed = {w.id: w for w in ledger.workers()}
+    assert listed.keys() == {"coordinator", "a"} and listed["a"].role == "worker" and listed["a"].pid == 4242
+    assert listed["a"].device == "cpu (CPUExecutionProvider)" and listed["a"].as_dict(lease_s=30)["alive"]
+    assert listed["a"].last_seen > listed["coordinator"].last_seen
+    running = ledger.job(job.id)
+    assert running is not None and running.state is JobState.RUNNING and running.worker == "a"
 
 
 def test_only_failed_or_skipped_jobs_are_retried(ledger: Ledger) -> None:
@@ -265,7 +303,7 @@ def test_a_ledger_from_before_migrations_keeps_its_jobs_and_cursor(tmp_path: Pat
         done = ledger.job(1)
         assert done is not None and done.result == {"sr_sop_instance_uid": "2.25.1"} and done.created == 1.5
         assert ledger.next_inbox() == ("o-9", 4710)
-        assert ledger.recover_running() == 1
+        assert ledger.reclaim_expired() == [(2, "")]  # left running before leases existed: run again
         assert _create(ledger, "1.1")[1] is False  # the key still holds: no second result for an old study
         assert _create(ledger, "1.4")[0].id > 3
         ledger.receive([], cursor=None, changed=["o-10"])  # pending exists, even in the first release's file
@@ -360,3 +398,13 @@ def test_the_node_setting_chooses_the_database_and_keeps_the_password_out_of_rep
     )
     with pytest.raises(ConfigError, match=r"database_url must be .* got mysql"):
         load_config(None, {"RADFED_API_TOKEN": "t", "RADFED_DATABASE_URL": "mysql://root:pw@db/radfed"})
+
+
+def test_a_worker_claims_only_its_models_jobs(ledger: Ledger) -> None:
+    old, _ = _create(ledger, "1", version="1")
+    new, _ = _create(ledger, "2", version="2")
+    claimed = ledger.claim("a", model=("m", "2"))
+    assert claimed is not None and claimed.id == new.id
+    assert ledger.claim("a", model=("m", "2")) is None  # version 1's job waits for a worker that serves it
+    other = ledger.claim("b")
+    assert other is not None and other.id == old.id

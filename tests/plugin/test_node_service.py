@@ -237,7 +237,7 @@ def test_malformed_studies_fail_their_own_jobs(
     ready = node.ready()
     assert ready["ready"] is True and ready["problems"] == [], ready
     assert {name: loop["status"] for name, loop in ready["loops"].items()} == dict.fromkeys(
-        ("examiner", "follower", "ledger-backup", "prefetch", "reconciler", "worker-0", "worker-1"), "ok"
+        ("examiner", "follower", "leases", "ledger-backup", "prefetch", "reconciler", "worker-0", "worker-1"), "ok"
     )
     assert (
         'radfed_loop_healthy{loop="examiner"} 1.0'
