@@ -1,12 +1,23 @@
 """Encode time and size of radfed's SEG (and the whole SEG + SR + QA build) for
 (a) a 24 x 256 x 256 mp-MRI grid with 3 lesions and (b) a 300 x 512 x 512 CT grid with 50 lesions,
-in the default profile (BINARY) and LABELMAP (RLE)."""
+in the default profile (BINARY) and LABELMAP (RLE).
+
+``RADFED_BENCH_ENCODE_BASELINE=<git revision>`` also times the full build of case (b) with that revision's
+``dicom_sr`` and ``inference`` (exported to a temporary folder and imported first, in a subprocess), so that
+a change is compared with what it replaced in one run on one machine.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -110,45 +121,90 @@ def _size(ds: Dataset) -> int:
     return len(buffer.getvalue())
 
 
-def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
+def _time(fn, repeats: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Median wall and CPU seconds (CPU time says more on a machine others are loading)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+ENCODINGS = ("BINARY", "LABELMAP")
+FULL_GOAL_S = {"(a)": 0.5, "(b)": 1.5}
+
+
+def full_build_times(result: InferenceResult, repeats: int) -> dict[str, tuple[float, float]]:
+    """Wall and CPU seconds of SEG + SR + QA per encoding, after one warm-up build."""
+    times = {}
+    for encoding in ENCODINGS:
+        profile = OutputProfile(seg_encoding=encoding)
+        build_results(result, profile)
+        times[encoding] = _time(lambda r=result, p=profile: build_results(r, p), repeats)
+    return times
+
+
+def baseline_times(revision: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """``full_build_times`` of case (b) with ``revision``'s result code, in a fresh interpreter."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as folder:
+        for package in ("dicom_sr", "inference"):
+            target = Path(folder) / "radfed" / package
+            target.mkdir(parents=True)
+            archive = subprocess.run(
+                ["git", "-C", str(root), "archive", revision, package], capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(target), "--strip-components=1"], input=archive, check=True)
+        script = (
+            "import json, sys; import radfed.dicom_sr.outputs as o; "
+            f"assert o.__file__.startswith({folder!r}), o.__file__; "
+            "from bench.encode_results import ct_case, full_build_times; "
+            f"print(json.dumps(full_build_times(ct_case(), {repeats})))"
+        )
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([folder, str(root)])}
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, check=True
+        )
+    return {k: (v[0], v[1]) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 def main() -> None:
+    baseline = os.environ.get("RADFED_BENCH_ENCODE_BASELINE")
     rows = []
-    for name, make, repeats, goal in (
-        ("(a) MR 24x256x256, 3 lesions", mri_case, REPEATS, 0.2),
-        ("(b) CT 300x512x512, 50 lesions", ct_case, 3, 2.0),
+    for name, make, repeats in (
+        ("(a) MR 24x256x256, 3 lesions", mri_case, REPEATS),
+        ("(b) CT 300x512x512, 50 lesions", ct_case, 3),
     ):
         result = make()
-        for encoding in ("BINARY", "LABELMAP"):
+        full = full_build_times(result, max(1, repeats - 2))
+        for encoding in ENCODINGS:
             profile = OutputProfile(seg_encoding=encoding)
             seg = build_seg(result, profile)
             assert seg is not None
-            encode_s = _time(lambda r=result, p=profile: build_seg(r, p), repeats)
-            full_s = _time(lambda r=result, p=profile: build_results(r, p), max(1, repeats - 2))
-            frames = int(seg.NumberOfFrames)
+            encode_s, _ = _time(lambda r=result, p=profile: build_seg(r, p), repeats)
+            full_s, full_cpu_s = full[encoding]
             rows.append(
                 [
                     name,
                     encoding,
-                    frames,
+                    int(seg.NumberOfFrames),
                     f"{encode_s:.3f}",
-                    f"{goal:.1f}",
                     f"{full_s:.3f}",
+                    f"{full_cpu_s:.3f}",
+                    f"{FULL_GOAL_S[name[:3]]:.1f}",
                     f"{_size(seg) / 1e6:.2f}",
                 ]
             )
+        if baseline and name.startswith("(b)"):
+            for encoding, (wall, cpu) in baseline_times(baseline, max(1, repeats - 2)).items():
+                rows.append([f"{name} at {baseline}", encoding, "", "", f"{wall:.3f}", f"{cpu:.3f}", "", ""])
     table(
-        "SEG encode (highdicom) and full result build (SEG + SR + re-read + geometry QA), median",
-        ["case", "encoding", "frames", "SEG encode s", "goal s", "SEG+SR+QA s", "SEG MB"],
+        "SEG encode (highdicom) and full result build (SEG + SR + re-read + geometry QA + SR QA), median",
+        ["case", "encoding", "frames", "SEG encode s", "SEG+SR+QA s", "SEG+SR+QA CPU s", "goal s", "SEG MB"],
         rows,
-        "make bench  (or: .ci/isolated .venv/bin/python -m bench encode)",
+        "make bench  (or: [RADFED_BENCH_ENCODE_BASELINE=<rev>] .ci/isolated .venv/bin/python -m bench encode)",
     )
 
 
