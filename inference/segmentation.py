@@ -324,7 +324,8 @@ def read_segmentation_labels(ds: Dataset, grid: Volume) -> tuple[npt.NDArray[np.
         target = labels[frame.slice_index]
         if frame.segment_number is None:
             values = frame.pixels.astype(np.uint16)
-            unknown = set(np.unique(values).tolist()) - set(segments) - {0}
+            present = np.flatnonzero(np.bincount(values.ravel()))  # the labels present, without sorting the frame
+            unknown = set(present.tolist()) - set(segments) - {0}
             if unknown:
                 raise SegmentationReadError(f"frame {frame.frame_number}: labels {sorted(unknown)} have no description")
             inside = np.nonzero(values)
