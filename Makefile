@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb dcmtk iproute2 openssl openssh-client chromium postgresql
+APT_PACKAGES := orthanc orthanc-python orthanc-dicomweb orthanc-postgresql dcmtk iproute2 openssl openssh-client chromium postgresql
 STAMPS := .cache/stamps
 # The ONNX runtime of this venv: cpu (onnxruntime; what CI uses) or gpu (onnxruntime-gpu, CUDA and cuDNN from NVIDIA's
 # wheels, only the driver from the host; PyPI's Linux torch wheel is its CUDA build). Never both: they install the same

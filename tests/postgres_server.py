@@ -45,11 +45,15 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://{USER}:{self.password}@127.0.0.1:{self.port}/{database}"
 
+    def connect(self, database: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
+        """A psycopg connection in autocommit mode (``with server.connect(...) as connection``)."""
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=USER, password=self.password, dbname=database, autocommit=True
+        )
+
     def create_database(self, name: str) -> str:
         """A new, empty database; its SQLAlchemy URL."""
-        with psycopg.connect(
-            host="127.0.0.1", port=self.port, user=USER, password=self.password, dbname="postgres", autocommit=True
-        ) as connection:
+        with self.connect() as connection:
             connection.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 

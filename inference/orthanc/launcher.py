@@ -52,6 +52,8 @@ class OrthancOptions:
     dicomweb: bool = True
     python_script: Path | None = None
     dicom_modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    # more plugin libraries from PLUGIN_DIR (e.g. libOrthancPostgreSQLIndex.so), configured through ``extra``
+    plugins: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,6 +119,7 @@ def orthanc_config(options: OrthancOptions, workdir: Path, http_port: int, dicom
         plugins.append(str(PLUGIN_DIR / "libOrthancDicomWeb.so"))
     if options.python_script is not None:
         plugins.append(str(PLUGIN_DIR / "libOrthancPython.so"))
+    plugins += [str(PLUGIN_DIR / name) for name in options.plugins]
     config: dict[str, Any] = {
         "Name": options.name,
         "StorageDirectory": str(workdir / "storage"),
@@ -181,6 +184,10 @@ def start_orthanc(workdir: Path, options: OrthancOptions | None = None, timeout_
             f"{ORTHANC_BINARY} not found: install the Debian packages orthanc, orthanc-python and "
             "orthanc-dicomweb (make install does)"
         )
+    # Orthanc logs "Inexistent path to plugins" and runs without the plugin: refuse here instead
+    missing = [name for name in options.plugins if not (PLUGIN_DIR / name).exists()]
+    if missing:
+        raise OrthancLaunchError(f"Orthanc plugin(s) {', '.join(missing)} not found in {PLUGIN_DIR}")
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config = orthanc_config(options, workdir, http_port, dicom_port)
