@@ -59,10 +59,13 @@ def fingerprint_from_metrics(metrics: Mapping[str, Any]) -> DatasetFingerprint:
     )
 
 
-def job_plan(spec: TaskSpec, site_fingerprints: Mapping[str, DatasetFingerprint] | None = None) -> Plan:
-    """The job's plan from the spec and (where it needs them) the sites' merged fingerprints."""
+def job_plan(
+    spec: TaskSpec, site_fingerprints: Mapping[str, DatasetFingerprint] | None = None, *, private: bool = False
+) -> Plan:
+    """The job's plan from the spec and (where it needs them) the sites' merged fingerprints; ``private``:
+    the job trains with differential privacy."""
     merged = DatasetFingerprint.merge(list(site_fingerprints.values())) if site_fingerprints else None
-    return derive_plan(spec.plan_overrides(), merged)
+    return derive_plan(spec.plan_overrides(), merged, private=private)
 
 
 def planned_spec(spec: TaskSpec, config: Mapping[str, Any]) -> TaskSpec:

@@ -138,7 +138,7 @@ class Job:
                 "query.fingerprint", RecordDict({"config": self.config(0, state)}), "fingerprint"
             )
             site_prints = {site: fingerprint_from_metrics(m) for site, (_, m, _) in replies.items()}
-        plan = job_plan(spec, site_prints)
+        plan = job_plan(spec, site_prints, private=self.run.epsilon > 0)
         state.plan = plan.to_json()
         append_metrics(
             self.out,

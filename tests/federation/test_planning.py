@@ -16,7 +16,7 @@ from radfed.federation.planning import (
     needs_fingerprint,
     planned_spec,
 )
-from radfed.inference.plan import DatasetFingerprint, PlanError
+from radfed.inference.plan import PRIVATE_MIN_BATCH, DatasetFingerprint, PlanError
 from radfed.inference.taskspec import load_task_spec
 
 
@@ -35,6 +35,8 @@ def test_sites_fingerprints_travel_as_allowed_aggregates_and_plan_one_network(sy
     # every site builds the same network from the plan in the round's config
     config = {"plan": plan.to_json()}
     assert planned_spec(spec, config).plan == plan == planned_spec(spec, dict(config)).plan
+    # a differentially private job plans batches DP-SGD can use
+    assert job_plan(spec, sites, private=True).batch_size >= PRIVATE_MIN_BATCH
 
 
 def test_a_per_study_vector_is_not_a_fingerprint() -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from radfed.inference.plan import (
     MIN_BATCH,
+    PRIVATE_MIN_BATCH,
     Architecture,
     ChannelStatistics,
     ComputeBudget,
@@ -59,6 +60,19 @@ def test_a_stack_of_few_slices_plans_2d_even_at_isotropic_spacing() -> None:
     plan = derive_plan(PlanOverrides({"mr": "MR"}), _cohort([(1.0, 1.0, 1.0)] * 4, (24, 256, 256)))
     assert plan.network.spatial_dims == 2
     assert any("stack of slabs" in r for r in plan.reasons)
+
+
+def test_a_2d_patch_covers_the_whole_slice_unless_the_job_is_private() -> None:
+    fingerprint = _cohort([(5.0, 0.9, 0.9)] * 4, (24, 256, 256))
+    plan = derive_plan(PlanOverrides({"mr": "MR"}), fingerprint)
+    assert plan.patch_size == (1, 256, 256) and plan.batch_size == MIN_BATCH[2]
+    # DP-SGD: the batch stays large, the patch shrinks to fit the same budget
+    private = derive_plan(PlanOverrides({"mr": "MR"}), fingerprint, private=True)
+    assert private.batch_size >= PRIVATE_MIN_BATCH and private.patch_size[1] < 256
+    assert private.batch_size * np.prod(private.patch_size) <= ComputeBudget.for_device(Device.CPU).batch_voxels
+    # a batch the spec fixes is kept either way
+    fixed = derive_plan(PlanOverrides({"mr": "MR"}, batch_size=4), fingerprint, private=True)
+    assert fixed.batch_size == 4
 
 
 def test_the_gpu_budget_allows_larger_networks() -> None:
