@@ -359,13 +359,17 @@ class Ledger:
         timings: dict[str, float] | None = None,
         result: dict[str, Any] | None = None,
         worker: str | None = None,
+        attempt: int | None = None,
     ) -> bool:
         """Record a job's outcome. With ``worker``, only while that worker still holds the running job's lease: a
         worker presumed dead whose job was run again does not overwrite the record (its results carry the same
-        UIDs). False when the record was not written."""
+        UIDs). With ``attempt`` (the claimed job's ``attempts``), only while that claim holds it: the worker id is
+        its process's, and another of the process's threads may have claimed the job again after its lease expired.
+        False when the record was not written."""
         return self._update_job(
             job_id,
             worker,
+            attempt,
             state=state.value,
             reason=reason,
             failure_kind=failure_kind,
@@ -374,15 +378,20 @@ class Ledger:
             lease_expires=0,
         )
 
-    def requeue(self, job_id: int, delay_s: float, reason: str, worker: str | None = None) -> bool:
+    def requeue(
+        self, job_id: int, delay_s: float, reason: str, worker: str | None = None, attempt: int | None = None
+    ) -> bool:
+        """Back to the queue after ``delay_s``; ``worker`` and ``attempt`` fence as in :meth:`finish`."""
         return self._update_job(
-            job_id, worker, state=JobState.QUEUED.value, not_before=time.time() + delay_s, reason=reason
+            job_id, worker, attempt, state=JobState.QUEUED.value, not_before=time.time() + delay_s, reason=reason
         )
 
-    def _update_job(self, job_id: int, worker: str | None, **values: Any) -> bool:
+    def _update_job(self, job_id: int, worker: str | None, attempt: int | None, **values: Any) -> bool:
         query = sa.update(jobs).where(jobs.c.id == job_id)
         if worker is not None:
             query = query.where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_owner == worker)
+        if attempt is not None:
+            query = query.where(jobs.c.attempts == attempt)
         with self._write() as db:
             return db.execute(query.values(**values, updated=time.time())).rowcount == 1
 

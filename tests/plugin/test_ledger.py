@@ -107,6 +107,22 @@ def test_a_worker_whose_lease_expired_records_nothing_and_the_new_runner_does(le
     assert done is not None and done.state is JobState.DONE and done.result == {"by": "b"} and done.worker == "b"
 
 
+def test_a_stale_claim_of_the_same_process_records_nothing(ledger: Ledger) -> None:
+    """A process's threads share its worker id: a lease that expired and was claimed again by another of its threads
+    is told apart by the claim's attempt number."""
+    job, _ = _create(ledger, "1")
+    stale = ledger.claim("a", lease_s=0.5)
+    time.sleep(0.6)  # a's heartbeats stalled (a loaded machine) while its thread ran the job
+    assert ledger.reclaim_expired() == [(job.id, "a")]
+    again = ledger.claim("a", lease_s=60)  # a's other thread
+    assert stale is not None and again is not None and (stale.attempts, again.attempts) == (1, 2)
+    assert ledger.requeue(job.id, 1, "Orthanc unreachable", worker="a", attempt=stale.attempts) is False
+    assert ledger.finish(job.id, JobState.FAILED, reason="stale", worker="a", attempt=stale.attempts) is False
+    assert ledger.finish(job.id, JobState.DONE, result={"by": 2}, worker="a", attempt=again.attempts) is True
+    done = ledger.job(job.id)
+    assert done is not None and done.state is JobState.DONE and done.result == {"by": 2}
+
+
 def test_heartbeats_keep_a_long_job_and_the_workers_are_listed(ledger: Ledger) -> None:
     job, _ = _create(ledger, "1")
     ledger.heartbeat(_worker("coordinator", role="coordinator"), lease_s=0.5)
