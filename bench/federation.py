@@ -5,6 +5,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     python -m bench federation            # RADFED_BENCH_QUICK=1 for a smoke-sized run
     RADFED_BENCH_FEDERATION=privacy python -m bench federation   # the privacy curve (long: 15 arms)
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
+    RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ from radfed.federation.cohort import SiteCohort
 from radfed.federation.coordinator import read_metrics
 from radfed.federation.experiments import Arm, ArmResult, Attack, Budget, Experiment, Mode, load_site_cohorts
 from radfed.federation.launcher import FederationOptions, LocalFederation
+from radfed.federation.membership import (
+    MembershipAudit,
+    evaluate_attack,
+    lira_offline_scores,
+    logit_confidence,
+    loss_scores,
+)
+from radfed.federation.membership_audit import AuditSettings, reference_confidences, study_losses
+from radfed.federation.site import arrays_to_model
 from radfed.inference.synthetic.writer import synthesize_to_folder
 from radfed.inference.taskspec import TaskSpec, load_task_spec
 
@@ -204,6 +214,111 @@ def compression(work: Path, quick: bool) -> None:
     )
 
 
+MEMBERSHIP_ARMS = (Arm("federated, no DP"), Arm("federated, DP eps 8", epsilon=8.0))
+References = tuple[Any, Any] | None  # (confidences, trained halves), both (references, studies)
+
+
+def membership(work: Path, quick: bool) -> None:
+    """What an attacker holding the final model learns about who trained it: each site's audit as a job runs it
+    (run-config membership-audit = lira: loss threshold + offline LiRA on its training vs held-out studies), on the
+    federated model without DP and with DP at epsilon 8, on the same studies and splits. The reference models do
+    not depend on the arm (trained at the site, without DP, on halves of its studies), so each site trains them
+    once. Sizes: RADFED_BENCH_MEMBERSHIP_STUDIES, _ROUNDS, _STEPS, _REFERENCES (held-out fraction 0.5)."""
+    environ = os.environ.get
+    studies = int(environ("RADFED_BENCH_MEMBERSHIP_STUDIES", 4 if quick else 8))
+    rounds = int(environ("RADFED_BENCH_MEMBERSHIP_ROUNDS", 2 if quick else 4))
+    steps = int(environ("RADFED_BENCH_MEMBERSHIP_STEPS", 3 if quick else 15))
+    references = int(environ("RADFED_BENCH_MEMBERSHIP_REFERENCES", 2 if quick else 4))
+    budget = Budget(rounds=rounds, local_steps=steps, held_out_fraction=0.5, every_round=False)
+    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
+    spec = load_task_spec(None)
+    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    sites = sorted(cohorts)
+    settings = AuditSettings(MembershipAudit.LIRA, references, rounds * steps)  # as a site would train them
+    jobs = int(os.environ.get("RADFED_BENCH_JOBS", os.cpu_count() or 1))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
+        arm_runs = [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in MEMBERSHIP_ARMS]
+        reference_runs = {s: pool.submit(_site_references, spec, cohorts, budget, s, settings) for s in sites}
+        results = [f.result() for f in arm_runs]
+        loss_runs = {
+            (arm.name, site): pool.submit(_site_losses, spec, cohorts, budget, site, result.final_arrays)
+            for arm, result in zip(MEMBERSHIP_ARMS, results, strict=True)
+            for site in sites
+        }
+        reference = {site: f.result() for site, f in reference_runs.items()}
+        losses = {key: f.result() for key, f in loss_runs.items()}
+    rows = []
+    for arm, result in zip(MEMBERSHIP_ARMS, results, strict=True):
+        pooled: dict[str, list[Any]] = {"loss_in": [], "loss_out": [], "lira_in": [], "lira_out": []}
+        for site in sites:
+            site_losses, members = losses[(arm.name, site)]
+            site_reference = reference[site]
+            if site_reference is None or not 0 < members < len(site_losses):  # no split to attack
+                rows.append([arm.name, site, members, len(site_losses) - members, *["n/a"] * 5])
+                continue
+            loss = loss_scores(site_losses)
+            lira = lira_offline_scores(logit_confidence(site_losses), *site_reference)
+            pooled["loss_in"] += list(loss[:members])
+            pooled["loss_out"] += list(loss[members:])
+            pooled["lira_in"] += list(lira[:members])
+            pooled["lira_out"] += list(lira[members:])
+            rows.append(_membership_row(arm.name, site, loss, lira, members, result))
+        rows.append(
+            _membership_row(
+                arm.name,
+                "all sites",
+                pooled["loss_in"] + pooled["loss_out"],
+                pooled["lira_in"] + pooled["lira_out"],
+                len(pooled["loss_in"]),
+                result,
+            )
+        )
+    table(
+        f"Membership inference against the federated model (3 small synthetic sites x {studies} studies, half held "
+        f"out; {rounds} rounds x {steps} steps; LiRA offline with {references} reference models of {rounds * steps} "
+        "steps per site; 'all sites': the sites' scores pooled; one seed)",
+        ["arm", "site", "members", "non-members", "loss AUC", "loss TPR@1%FPR", "LiRA AUC", "LiRA TPR@1%FPR", "Dice"],
+        rows,
+        f"RADFED_BENCH_FEDERATION=membership RADFED_BENCH_MEMBERSHIP_STUDIES={studies} "
+        f"RADFED_BENCH_MEMBERSHIP_ROUNDS={rounds} RADFED_BENCH_MEMBERSHIP_STEPS={steps} "
+        f"RADFED_BENCH_MEMBERSHIP_REFERENCES={references} python -m bench federation",
+    )
+    print("goal: membership-inference AUC <= 0.55 at epsilon 8 (0.5 is chance; few studies per site: coarse AUCs)")
+
+
+def _membership_row(arm: str, site: str, loss: Any, lira: Any, members: int, result: ArmResult) -> list[object]:
+    by_loss = evaluate_attack(loss[:members], loss[members:])
+    by_lira = evaluate_attack(lira[:members], lira[members:])
+    return [
+        arm, site, by_loss.members, by_loss.non_members, _f(by_loss.auc), _f(by_loss.tpr_at_low_fpr),
+        _f(by_lira.auc), _f(by_lira.tpr_at_low_fpr), _f(result.pooled.get("dice")),
+    ]  # fmt: skip
+
+
+def _site_split(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, site: str) -> tuple[list[Any], int]:
+    """A site's studies as its audit sees them: its training studies (members) first, then its held-out ones,
+    harmonised as the experiment's federated arms train on them."""
+    landmarks = Experiment(spec, cohorts, budget).landmarks
+    train, held_out = cohorts[site].split(budget.held_out_fraction, landmarks)
+    return [*train, *held_out], len(train)
+
+
+def _site_references(
+    spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, site: str, settings: AuditSettings
+) -> References:
+    studies, _ = _site_split(spec, cohorts, budget, site)
+    return reference_confidences(studies, cohorts[site].spec, settings) if len(studies) >= 2 else None
+
+
+def _site_losses(
+    spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, site: str, arrays: Any
+) -> tuple[Any, int]:
+    studies, members = _site_split(spec, cohorts, budget, site)
+    planned = cohorts[site].spec
+    return study_losses(arrays_to_model(planned, arrays), studies, planned), members
+
+
 def _run_arm(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, arm: Arm) -> ArmResult:
     return Experiment(spec, cohorts, budget).run(arm)
 
@@ -318,6 +433,8 @@ def main() -> None:
             privacy_curve(Path(tmp) / "privacy", quick)
         if "compression" in parts:
             compression(Path(tmp) / "compression", quick)
+        if "membership" in parts:
+            membership(Path(tmp) / "membership", quick)
 
 
 if __name__ == "__main__":

@@ -162,8 +162,10 @@ def model_card(
     final_evaluation: Mapping[str, Any] | None,
     base_model: str | None = None,
     alerts: Sequence[PoisoningAlert] = (),
+    sections: Sequence[str] = (),
 ) -> str:
-    """The model card a federation operator hands to the hospitals (Markdown)."""
+    """The model card a federation operator hands to the hospitals (Markdown); ``sections``: more Markdown
+    sections, before the closing line."""
 
     def fmt(value: object) -> str:
         return f"{value:.3f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
@@ -208,5 +210,6 @@ def model_card(
         lines += [f"| {a.server_round} | {a.site} | {a.rule} | {a.alert_id} |" for a in alerts]
     else:
         lines.append(f"None: no site's update was flagged in {rounds} rounds.")
+    lines += [line for section in sections for line in ("", section)]
     lines += ["", "Research use only; not a medical device."]
     return "\n".join(lines) + "\n"

@@ -56,6 +56,16 @@ ALLOWED_METRICS = frozenset(
         "round_replayed",  # 1: the site sent its stored reply for a round it had trained (federation/site.py)
         "train_paused_seconds",  # the site's training waited for clinical work on the node's device
         "lesion_kept_studies",  # training studies with reference lesions (the share-of-largest rule)
+        # the membership-inference audit of the final model (federation/membership.py): each attack's AUC and
+        # TPR at 1 % FPR over the site's training vs held-out studies, their counts; never a per-study score
+        "membership_loss_auc",
+        "membership_loss_tpr_at_1pct_fpr",
+        "membership_lira_auc",
+        "membership_lira_tpr_at_1pct_fpr",
+        "membership_members",
+        "membership_non_members",
+        "membership_references",
+        "membership_seconds",
     }
 )
 # Aggregate vectors: binned study-score counts (evaluation) and mean intensity landmarks per channel

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from functools import cache
 from typing import Any, Self, get_type_hints
 
@@ -17,6 +18,7 @@ from radfed.federation import records
 from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule
 from radfed.federation.alerts import ALERTS_CONFIG_KEY, PoisoningAlert, alerts_from_config, alerts_to_config
 from radfed.federation.compression import Compression
+from radfed.federation.membership import MembershipAudit
 from radfed.federation.planning import PLAN_CONFIG_KEY
 from radfed.inference.errors import RadfedError
 
@@ -59,6 +61,12 @@ class RunConfig:
     learning_rate: float = 0.0  # > 0: overrides the task recipe's learning rate at every site
     compression: str = "none"  # what a site sends: none | fp16 | int8 | topk:F (the update, see compression.py)
     anonymise_alerts: bool = False  # poisoning alerts name flagged sites by pseudonyms (federation/alerts.py)
+    # At the end of the job each site attacks the final model on its training vs held-out studies and sends the
+    # attack's AUC and TPR at 1 % FPR (federation/membership.py). loss by default: one inference pass over the
+    # site's studies, no training; lira adds membership-references trainings of membership-steps steps each.
+    membership_audit: MembershipAudit = MembershipAudit.LOSS  # off | loss | lira
+    membership_references: int = 4  # LiRA's reference models per site (each study is left out of half)
+    membership_steps: int = 0  # each reference model's steps (0: the job's, num-server-rounds x local-steps)
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
@@ -74,6 +82,8 @@ class RunConfig:
         _require(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
         _require(0 <= self.held_out_fraction < 1, "held-out-fraction", self.held_out_fraction, "in [0, 1)")
         _require(self.learning_rate >= 0, "learning-rate", self.learning_rate, ">= 0 (0: the task recipe's)")
+        _require(self.membership_references >= 2, "membership-references", self.membership_references, "at least 2")
+        _require(self.membership_steps >= 0, "membership-steps", self.membership_steps, ">= 0 (0: the job's)")
         try:
             Compression.parse(self.compression)
         except ValueError as exc:
@@ -83,6 +93,11 @@ class RunConfig:
     def update_compression(self) -> Compression:
         """The ``compression`` key, parsed (checked when the config was made)."""
         return Compression.parse(self.compression)
+
+    @property
+    def reference_steps(self) -> int:
+        """Steps of each LiRA reference model (``membership-steps``; 0: as many as a site trains in the job)."""
+        return self.membership_steps or self.num_server_rounds * self.local_steps
 
     @staticmethod
     def keys() -> tuple[str, ...]:
@@ -105,7 +120,7 @@ class RunConfig:
         return cls(**{types[key][0]: _typed(key, types[key][1], value) for key, value in values.items()})
 
     def to_record(self) -> dict[str, ConfigValue]:
-        """Every key with its value, as Flower's records hold them (the rule as its name)."""
+        """Every key with its value, as Flower's records hold them (a choice as its name)."""
         return {key: _plain(getattr(self, name)) for key, (name, _) in _field_types().items()}
 
 
@@ -166,7 +181,7 @@ def _field_types() -> dict[str, tuple[str, type]]:
     return {f.name.replace("_", "-"): (f.name, hints[f.name]) for f in fields(RunConfig)}
 
 
-def _typed(key: str, kind: type, value: Any) -> Any:
+def _typed(key: str, kind: type[Any], value: Any) -> Any:
     """``value`` as ``kind``; an int is a valid float (TOML writes ``600`` for ``600.0``), a bool is no number."""
     if kind is bool:
         valid = isinstance(value, bool)
@@ -178,11 +193,11 @@ def _typed(key: str, kind: type, value: Any) -> Any:
         valid = isinstance(value, str)
     if not valid:
         raise RunConfigError(f"run-config key {key} must be {_TYPE_NAMES.get(kind, 'text')}, got {value!r}")
-    if kind is AggregationRule:
+    if issubclass(kind, StrEnum):
         try:
-            return AggregationRule(value)
+            return kind(value)
         except ValueError:
-            choices = ", ".join(rule.value for rule in AggregationRule)
+            choices = ", ".join(choice.value for choice in kind)
             raise RunConfigError(f"run-config key {key} must be one of {choices}, got {value!r}") from None
     return kind(value)
 
@@ -191,7 +206,7 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def _plain(value: Any) -> ConfigValue:
-    return str(value.value) if isinstance(value, AggregationRule) else value
+    return str(value.value) if isinstance(value, StrEnum) else value
 
 
 def _require(condition: bool, key: str, value: object, requirement: str) -> None:

@@ -28,6 +28,7 @@ from radfed.federation.coordinator import (
     reference_landmarks,
 )
 from radfed.federation.export import export_artifact
+from radfed.federation.membership import SiteAudit, card_section, site_audits
 from radfed.federation.planning import (
     PLAN_CONFIG_KEY,
     fingerprint_from_metrics,
@@ -245,14 +246,30 @@ class Job:
         flagged = "; ".join(f"{f.site}: {f.reason}" for f in outcome.flags) or "none"
         say(f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}")
 
-    def evaluate_final(self, state: JobState) -> dict[str, Any] | None:
+    def evaluate_final(self, state: JobState) -> tuple[dict[str, Any] | None, dict[str, SiteAudit]]:
+        """The job's last message to the sites: they evaluate the final model and, with ``membership-audit``,
+        attack it on their own studies. Returns the pooled evaluation and each site's audit."""
         content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": self.config(self.rounds, state)})
         replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
-        evaluation = evaluation_line({s: m for s, (_, m, _) in replies.items()})
+        site_metrics = {s: m for s, (_, m, _) in replies.items()}
+        evaluation = evaluation_line(site_metrics)
+        membership = site_audits(site_metrics)
         append_metrics(
-            self.out, {"stage": "final", "evaluated_round": self.rounds, "evaluation": evaluation, "errors": errors}
+            self.out,
+            {
+                "stage": "final",
+                "evaluated_round": self.rounds,
+                "evaluation": evaluation,
+                "membership_audit": {"attack": str(self.run.membership_audit), "sites": membership},
+                "errors": errors,
+            },
         )
-        return evaluation
+        if membership:
+            say(
+                "membership audit: "
+                + "; ".join(f"{site} loss AUC {a.get('loss_auc', float('nan')):.3f}" for site, a in membership.items())
+            )
+        return evaluation, membership
 
     def rollout(self, artifact_folder: Path) -> list[str]:
         files = {name: (artifact_folder / name).read_bytes() for name in (MODEL_FILE, MANIFEST)}
@@ -316,7 +333,7 @@ def main(grid: Grid, context: Context) -> None:
         state.save(job.out)
     for server_round in range(state.completed_round + 1, job.rounds + 1):
         job.train_round(server_round, state)
-    final = job.evaluate_final(state)
+    final, membership = job.evaluate_final(state)
     epsilon, delta = run.epsilon, run.delta
     alerts = state.alerts(run.anonymise_alerts)
     if spec.outputs.min_lesion_fraction is None and state.lesion_kept_per_site:
@@ -344,6 +361,7 @@ def main(grid: Grid, context: Context) -> None:
             if epsilon > 0
             else None,
             "validation": final,
+            "membership_audit": {"attack": str(run.membership_audit), "sites": membership},
             PROVENANCE_KEY: [a.as_dict() for a in alerts],  # a node may refuse the model while these are open
         },
     )
@@ -361,6 +379,7 @@ def main(grid: Grid, context: Context) -> None:
         if base is not None
         else None,
         alerts=alerts,
+        sections=[card_section(membership, run.membership_audit, epsilon)],
     )
     (job.out / "model-card.md").write_text(card)
     say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")

@@ -20,6 +20,7 @@ from radfed.federation.calibration import reference_kept
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.compression import ErrorFeedback, compress_reply
 from radfed.federation.evaluation import evaluate_model
+from radfed.federation.membership_audit import AuditSettings, audit_model
 from radfed.federation.messages import MetricValue
 from radfed.federation.planning import PLAN_CONFIG_KEY, fingerprint_metrics, planned_spec
 from radfed.federation.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
@@ -225,10 +226,18 @@ def save_optimizer_state(job_dir: Path, state: OptimizerState | None) -> None:
 
 
 def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> Metrics:
-    """Evaluate the (final) global model on the site's held-out studies."""
-    spec, cohort, _, held_out = _cohort_split(site, plan)
+    """Evaluate the final global model on the site's held-out studies: the job's last message to a site. With
+    ``membership-audit``, the site then attacks the model on its training vs held-out studies (its AUC and TPR
+    at 1 % FPR join the metrics)."""
+    spec, cohort, train, held_out = _cohort_split(site, plan)
+    model = arrays_to_model(spec, arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
-    metrics.update(evaluate_model(arrays_to_model(spec, arrays), held_out, spec).as_metrics())
+    metrics.update(evaluate_model(model, held_out, spec).as_metrics())
+    run = plan.run
+    audit = AuditSettings(
+        run.membership_audit, run.membership_references, run.reference_steps, run.learning_rate, run.seed
+    )
+    metrics.update(audit_model(model, train, held_out, spec, audit, site.arbiter()))
     return metrics
 
 

@@ -20,6 +20,7 @@ from radfed.federation import client_app, site_worker
 from radfed.federation.aggregation import AggregationRule, AnomalyRule
 from radfed.federation.alerts import PoisoningAlert
 from radfed.federation.coordinator import JobState
+from radfed.federation.membership import MembershipAudit
 from radfed.federation.run_config import RoundConfig, RunConfig, RunConfigError
 from radfed.federation.server_app import Job
 from radfed.federation.site import RoundPlan
@@ -69,6 +70,9 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         learning_rate=3e-4,
         compression="topk:0.05",
         anonymise_alerts=True,
+        membership_audit=MembershipAudit.LIRA,
+        membership_references=6,
+        membership_steps=12,
     )
     default = RunConfig()
     assert [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)] == []

@@ -1,0 +1,78 @@
+"""A site's membership-inference audit at the end of a job (``site.evaluate_round``, the job's last message):
+its metrics pass the allow-list, hold each attack's AUC and TPR at 1 % FPR and the two study counts, and nothing
+per study; ``off`` sends none of them. The per-study loss ranks a right prediction below a wrong one."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radfed.federation import site as site_code
+from radfed.federation.cohort import TrainingSample
+from radfed.federation.membership import METRICS
+from radfed.federation.membership_audit import study_loss
+from radfed.federation.messages import allowed_metrics
+from radfed.federation.site_config import SiteConfig
+from radfed.federation.training import new_model
+from radfed.inference.taskspec import TaskSpec
+from radfed.inference.windows import Prediction
+
+
+def final_message(planned_spec: TaskSpec, audit: str) -> site_code.RoundPlan:
+    assert planned_spec.plan is not None
+    config = {
+        "job": f"audit-{audit}",
+        "server-round": 1,
+        "num-server-rounds": 1,
+        "local-steps": 2,
+        "epsilon": 0.0,
+        "held-out-fraction": 0.5,
+        "membership-audit": audit,
+        "membership-references": 2,
+        "membership-steps": 1,
+        "plan": planned_spec.plan.to_json(),
+    }
+    return site_code.RoundPlan.from_config(config)
+
+
+@pytest.fixture
+def site(tmp_path: Path, synth_root: Path) -> SiteConfig:
+    return SiteConfig.from_node_config(
+        {"data": str(synth_root / "site-1"), "state-dir": str(tmp_path / "state"), "site-name": "site-1"}
+    )
+
+
+def test_the_final_evaluation_carries_both_attacks_and_nothing_per_study(
+    site: SiteConfig, planned_spec: TaskSpec
+) -> None:
+    arrays = site_code.model_to_arrays(new_model(planned_spec, seed=0))
+    metrics = site_code.evaluate_round(site, final_message(planned_spec, "lira"), arrays)
+    assert allowed_metrics(metrics) == metrics
+    sent = {k: v for k, v in metrics.items() if k.startswith("membership_")}
+    assert set(sent) == set(METRICS)
+    assert all(isinstance(v, int | float) for v in sent.values())  # scalars: no list of scores
+    members, non_members = sent["membership_members"], sent["membership_non_members"]
+    assert members >= 1 and non_members >= 1 and members + non_members == metrics["studies_usable"]
+    for name in ("membership_loss_auc", "membership_lira_auc"):
+        assert 0.0 <= sent[name] <= 1.0
+    assert sent["membership_references"] == 2
+
+
+def test_off_sends_no_audit(site: SiteConfig, planned_spec: TaskSpec) -> None:
+    arrays = site_code.model_to_arrays(new_model(planned_spec, seed=0))
+    metrics = site_code.evaluate_round(site, final_message(planned_spec, "off"), arrays)
+    assert "eval_studies" in metrics and not any(k.startswith("membership_") for k in metrics)
+
+
+def test_a_right_prediction_has_a_lower_study_loss_than_a_wrong_one(planned_spec: TaskSpec) -> None:
+    lesions = np.zeros((4, 8, 8), dtype=np.uint8)
+    lesions[1:3, 2:5, 2:5] = 1
+    sample = TrainingSample("ab12", np.zeros((3, 4, 8, 8), dtype=np.float16), lesions, label=1)
+    right = Prediction(np.where(lesions > 0, 0.95, 0.02).astype(np.float32), 0.9, 1)
+    wrong = Prediction(np.where(lesions > 0, 0.05, 0.6).astype(np.float32), 0.1, 1)
+    assert study_loss(right, sample, planned_spec) < study_loss(wrong, sample, planned_spec)
+    unlabelled = replace(sample, label=-1)  # the classification term needs a known label
+    assert study_loss(right, unlabelled, planned_spec) < study_loss(right, sample, planned_spec)
