@@ -124,6 +124,7 @@ class Job:
     test_keys: tuple[str, ...]  # study keys of this fold's test studies
     cache: str
     site_keys: tuple[tuple[str, ...], ...] = ()  # the federated arm: training studies of each simulated site
+    study_names: tuple[tuple[str, str], ...] = ()  # study key -> case name, for the per-study table
 
 
 def _brain_dataset(work: Path) -> tuple[Path, dict[str, int]]:
@@ -154,6 +155,7 @@ def _jobs(work: Path) -> list[Job]:
     jobs = []
     if "brain" in SETS and BRAIN.is_dir():
         root, patients = _brain_dataset(work)
+        names = tuple((study_key(f"brain/{c}"), c.removeprefix("brain_")) for c in patients)
         for fold in range(FOLDS):
             test = tuple(study_key(f"brain/{c}") for c, p in patients.items() if (p - 1) % FOLDS == fold)
             # the federated arm: the fold's training patients alternate between two hospitals
@@ -164,7 +166,7 @@ def _jobs(work: Path) -> list[Job]:
             )
             for arm in ARMS:
                 text = _first_wave(BRAIN_SPEC, "[1.0, 1.0, 1.0]") if arm == "first-wave" else BRAIN_SPEC
-                jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites))
+                jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.synthetic.writer import synthesize_to_folder
         from radfed.inference.taskspec import load_task_spec
@@ -187,7 +189,6 @@ def _run(job: Job) -> dict[str, Any]:
 
     set_threads(1)  # one torch thread per process, processes side by side on the cores
     from radfed.federation.cohort import SiteCohort, cohort_from_sources
-    from radfed.federation.evaluation import evaluate_model
     from radfed.inference.taskspec import parse_task_spec
 
     spec = parse_task_spec(job.spec_text, f"{job.dataset}/{job.arm}")
@@ -226,6 +227,7 @@ def _run(job: Job) -> dict[str, Any]:
     unprotected = "planned, share rule without protecting large components (session 9)"
     if job.arm == "planned":
         variants["planned, no share-of-largest rule"] = trained.spec.with_outputs(min_lesion_fraction=0.0)
+        variants["planned, no minimum slice extent"] = trained.spec.with_outputs(min_lesion_slices=1)
         variants["planned, no mirroring TTA"] = replace(
             trained.spec, inference=replace(trained.spec.inference, mirror=False)
         )
@@ -236,7 +238,8 @@ def _run(job: Job) -> dict[str, Any]:
     rows = []
     for name, variant in variants.items():
         with _share_rule_unprotected() if name == unprotected else nullcontext():
-            summary = evaluate_model(trained.model, test, variant).summary()
+            counts, studies = _evaluate(trained.model, test, variant, dict(job.study_names))
+        summary = counts.summary()
         rows.append(
             {
                 "dataset": job.dataset,
@@ -247,11 +250,58 @@ def _run(job: Job) -> dict[str, Any]:
                 "steps": trained.log.steps,
                 "seconds_per_step": trained.log.seconds / max(trained.log.steps, 1),
                 "min_lesion_fraction": variant.outputs.lesion_fraction,
+                "min_lesion_slices": variant.outputs.lesion_slices,
                 "plan": trained.spec.plan.reasons[-1] if trained.spec.plan else "",
                 **summary,
+                "studies": studies,
             }
         )
     return rows
+
+
+def _evaluate(model: Any, test: list[Any], spec: Any, names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
+    """The evaluation counts over the test studies, and each study's reference volume, Dice and false
+    positives (the fold mean hides that small lesions decide it)."""
+    from radfed.federation.evaluation import EvaluationCounts, predict_samples, study_counts
+
+    total, studies = EvaluationCounts(), []
+    for sample, prediction in zip(test, predict_samples(model, test, spec), strict=True):
+        counts = study_counts(prediction.probability, prediction.study_score(spec.outputs.study_score), sample, spec)
+        total = total + counts
+        studies.append(
+            {
+                "study": names.get(sample.key, sample.key[:8]),
+                "reference_ml": counts.reference_voxels * sample.voxel_mm3 / 1000,
+                "dice": counts.dice_sum if counts.dice_studies else None,
+                "fp": counts.false_positive_components,
+            }
+        )
+    return total, studies
+
+
+def _per_study_table(results: list[dict[str, Any]]) -> None:
+    """Brain: each held-out study's Dice and false positives under the planned and first-wave recipes,
+    smallest reference volume first."""
+    arms = [a for a in ("planned", "first-wave") if any(r["arm"] == a and r["dataset"] == "brain" for r in results)]
+    by_study: dict[str, dict[str, Any]] = {}
+    for row in results:
+        if row["dataset"] == "brain" and row["arm"] in arms:
+            for study in row.get("studies", ()):
+                by_study.setdefault(study["study"], {"volume": study["reference_ml"]})[row["arm"]] = study
+    if not by_study:
+        return
+    rows = []
+    for name, entry in sorted(by_study.items(), key=lambda item: item[1]["volume"]):
+        cells = [name, f"{entry['volume']:.2f}"]
+        for arm in arms:
+            study = entry.get(arm)
+            dice = study["dice"] if study else None
+            cells += [f"{dice:.2f}" if dice is not None else "-", str(study["fp"]) if study else "-"]
+        rows.append(cells)
+    header = ["study", "reference (mL at the set's 1 mm dummy spacing)"]
+    for arm in arms:
+        header += [f"Dice, {arm}", f"FP, {arm}"]
+    table("Brain set per held-out study, smallest tumour first", header, rows, "python -m bench quality")
 
 
 @contextmanager
@@ -319,7 +369,7 @@ def main() -> None:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             for rows in pool.map(_run, jobs):  # each fold's rows as soon as it and those before it are done
                 for row in rows:
-                    print(json.dumps(row), flush=True)
+                    print(json.dumps({k: v for k, v in row.items() if k != "studies"}), flush=True)
                 results += rows
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
@@ -363,3 +413,4 @@ def main() -> None:
         rows,
         f"{env + ' ' if env else ''}python -m bench quality",
     )
+    _per_study_table(results)

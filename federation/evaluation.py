@@ -20,7 +20,7 @@ from torch import nn
 
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.messages import SCORE_BINS
-from radfed.inference.lesions import kept_components
+from radfed.inference.lesions import kept_components, slice_extents
 from radfed.inference.taskspec import TaskSpec
 from radfed.inference.windows import Prediction, predict_study
 
@@ -162,14 +162,16 @@ def lesion_components(
     min_volume_mm3: float,
     voxel_mm3: float,
     min_fraction: float = 0.0,
+    min_slices: int = 1,
 ) -> npt.NDArray[np.int32]:
-    """Labelled lesion components at the threshold, those under the minimum volume or the minimum share of
-    the largest removed (the clinical pipeline's postprocessing, on the model grid)."""
+    """Labelled lesion components at the threshold, those under the minimum volume, the minimum share of
+    the largest or the minimum slice extent removed (the clinical pipeline's postprocessing, on the model grid)."""
     found, count = ndimage.label(probability >= threshold, structure=_CONNECTIVITY)
     if count:
         sizes = np.bincount(found.ravel(), minlength=count + 1)[1:]
-        dropped = np.flatnonzero(~kept_components(sizes, voxel_mm3, min_volume_mm3, min_fraction)) + 1
-        found[np.isin(found, dropped)] = 0
+        extents = slice_extents(found, count)
+        kept = kept_components(sizes, voxel_mm3, min_volume_mm3, min_fraction, extents=extents, min_slices=min_slices)
+        found[np.isin(found, np.flatnonzero(~kept) + 1)] = 0
     return np.asarray(found, dtype=np.int32)
 
 
@@ -191,7 +193,12 @@ def study_counts(
     """One held-out study's contribution, from the model's lesion probability map on the model grid."""
     outputs = spec.outputs
     found = lesion_components(
-        probability, outputs.lesion_threshold, outputs.min_lesion_volume_mm3, sample.voxel_mm3, outputs.lesion_fraction
+        probability,
+        outputs.lesion_threshold,
+        outputs.min_lesion_volume_mm3,
+        sample.voxel_mm3,
+        outputs.lesion_fraction,
+        outputs.lesion_slices,
     )
     predicted = found > 0
     reference = sample.lesions > 0

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radfed.federation.calibration import Calibration, calibrate, reference_fraction
+from radfed.federation.calibration import Calibration, calibrate, reference_fraction, reference_slices
 from radfed.federation.cohort import ReadinessReport, SiteCohort, TrainingSample, cohort_from_sources, is_held_out
 from radfed.federation.evaluation import evaluate_model, predict_samples
 from radfed.federation.export import export_artifact
@@ -104,10 +104,17 @@ def fit(
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves it to the data
         share = reference_fraction(train, spec.outputs.min_lesion_volume_mm3) if recipe.calibrate else 0.0
         spec = spec.with_outputs(min_lesion_fraction=share)
+    if spec.outputs.min_lesion_slices is None:  # likewise
+        slices = reference_slices(train, spec.outputs.min_lesion_volume_mm3) if recipe.calibrate else 1
+        spec = spec.with_outputs(min_lesion_slices=slices)
     if validation and recipe.calibrate:
         predictions = list(predict_samples(model, validation, spec))
         calibration = calibrate(
-            predictions, validation, spec.outputs.min_lesion_volume_mm3, spec.outputs.lesion_fraction
+            predictions,
+            validation,
+            spec.outputs.min_lesion_volume_mm3,
+            spec.outputs.lesion_fraction,
+            spec.outputs.lesion_slices,
         )
         spec = spec.with_outputs(
             lesion_threshold=calibration.lesion_threshold,
@@ -150,6 +157,11 @@ class LocalTrainingOutcome:
                 f"min volume {c.min_lesion_volume_mm3:g} mm3, min share of largest {c.min_lesion_fraction:g} "
                 f"(best step {t.log.best_step})"
             )
+        outputs = t.spec.outputs
+        lines.append(
+            f"lesions: min share of largest {outputs.lesion_fraction:g}, min slices {outputs.lesion_slices} "
+            "(the training masks' own lesions allow them)"
+        )
         return "\n".join(lines)
 
 

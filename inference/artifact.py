@@ -131,6 +131,7 @@ def write_artifact(
             "lesion_probability": spec.outputs.lesion_threshold,
             "min_lesion_volume_mm3": spec.outputs.min_lesion_volume_mm3,
             "min_lesion_fraction": spec.outputs.lesion_fraction,
+            "min_lesion_slices": spec.outputs.lesion_slices,
             "study_temperature": spec.outputs.study_temperature,
             "categories": [
                 {
@@ -223,6 +224,7 @@ def load_artifact(folder: Path) -> ModelArtifact:
         lesion_threshold=float(thresholds["lesion_probability"]),
         min_lesion_volume_mm3=float(thresholds["min_lesion_volume_mm3"]),
         min_lesion_fraction=float(thresholds.get("min_lesion_fraction", 0.0)),
+        min_lesion_slices=int(thresholds.get("min_lesion_slices", 1)),
         study_temperature=float(thresholds.get("study_temperature", 1.0)),
     )
     inputs = _tensors(manifest["contract"]["inputs"], "contract.inputs")

@@ -41,10 +41,13 @@ def kept_components(
     min_fraction: float,
     *,
     protected_mm3: float | None = None,
+    extents: npt.NDArray[np.integer] | None = None,
+    min_slices: int = 1,
 ) -> npt.NDArray[np.bool_]:
     """Which components (by voxel count) a study keeps: at least the minimum volume, and at least
     ``min_fraction`` of the study's largest component (specks beside a large lesion; 0 keeps every size)
-    unless at least ``protected_mm3`` (default: ``SHARE_PROTECTED_VOLUMES`` minimum volumes)."""
+    unless at least ``protected_mm3`` (default: ``SHARE_PROTECTED_VOLUMES`` minimum volumes), and spanning at
+    least ``min_slices`` slices (``extents``: each component's slice count)."""
     voxels = np.asarray(voxels)
     if voxels.size == 0:
         return np.zeros(0, dtype=bool)
@@ -52,7 +55,18 @@ def kept_components(
         protected_mm3 = protected_volume_mm3(min_volume_mm3)
     volumes = voxels * voxel_mm3
     by_share = (voxels >= min_fraction * voxels.max()) | (volumes >= protected_mm3)
-    return np.asarray((volumes >= min_volume_mm3) & by_share)
+    kept = (volumes >= min_volume_mm3) & by_share
+    if min_slices > 1:
+        if extents is None:
+            raise ValueError("a minimum slice extent needs each component's extent")
+        kept &= np.asarray(extents) >= min_slices
+    return np.asarray(kept)
+
+
+def slice_extents(labels: npt.NDArray[np.integer], count: int) -> npt.NDArray[np.int64]:
+    """How many slices (axis 0) each of the ``count`` labelled components spans."""
+    boxes = ndimage.find_objects(labels, max_label=count)
+    return np.array([0 if box is None else box[0].stop - box[0].start for box in boxes], dtype=np.int64)
 
 
 def extract_lesions(
@@ -62,11 +76,14 @@ def extract_lesions(
     threshold: float,
     min_volume_mm3: float,
     min_fraction: float = 0.0,
+    min_slices: int = 1,
+    model_slice_mm: float | None = None,
     max_lesions: int = 50,
 ) -> list[LesionCandidate]:
-    """Connected components (26-connected) of ``probability >= threshold`` above a minimum volume and a
-    minimum fraction of the largest one, most probable first; each lesion's probability is the highest
-    voxel probability inside it."""
+    """Connected components (26-connected) of ``probability >= threshold`` above a minimum volume, a
+    minimum fraction of the largest one and a minimum slice extent, most probable first; each lesion's
+    probability is the highest voxel probability inside it. ``min_slices`` counts slices of the model grid
+    (``model_slice_mm`` apart; default: this grid's): an extent on this grid is converted to them."""
     if probability.shape != grid.shape:
         raise ValueError(f"probability map {probability.shape} is not on the grid {grid.shape}")
     labels, count = ndimage.label(probability >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
@@ -77,7 +94,14 @@ def extract_lesions(
     # 0.26 s of a 24 x 256 x 256 grid for one lesion).
     boxes = ndimage.find_objects(labels)
     insides = [labels[box] == label for label, box in enumerate(boxes, start=1)]
-    kept = kept_components(np.array([int(inside.sum()) for inside in insides]), voxel_mm3, min_volume_mm3, min_fraction)
+    kept = kept_components(
+        np.array([int(inside.sum()) for inside in insides]),
+        voxel_mm3,
+        min_volume_mm3,
+        min_fraction,
+        extents=_model_slices(boxes, grid.spacing[0], model_slice_mm),
+        min_slices=min_slices,
+    )
     candidates = [
         (float(probability[box][inside].max()), label, box)
         for label, (box, inside, keep) in enumerate(zip(boxes, insides, kept, strict=True), start=1)
@@ -90,6 +114,18 @@ def extract_lesions(
         mask[box] = labels[box] == label
         lesions.append(LesionCandidate(mask, peak))
     return lesions
+
+
+def _model_slices(
+    boxes: list[tuple[slice, ...]], grid_slice_mm: float, model_slice_mm: float | None
+) -> npt.NDArray[np.int64]:
+    """Each component's slice extent in slices of the model grid: a component on one model slice resampled
+    onto thinner native slices spans about model / native of them (rounded, so interpolation's extra slice
+    does not count)."""
+    extents = np.array([box[0].stop - box[0].start for box in boxes], dtype=np.float64)
+    if model_slice_mm:
+        extents = np.floor(extents * grid_slice_mm / model_slice_mm + 0.5)
+    return extents.astype(np.int64)
 
 
 def _outline(slice_mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:

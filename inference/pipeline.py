@@ -58,6 +58,8 @@ def analyse_prepared(prepared: PreparedStudy, model: OnnxModel, timer: StageTime
             threshold=spec.outputs.lesion_threshold,
             min_volume_mm3=spec.outputs.min_lesion_volume_mm3,
             min_fraction=spec.outputs.lesion_fraction,
+            min_slices=spec.outputs.lesion_slices,
+            model_slice_mm=prepared.model_grid.spacing[0],
             max_lesions=spec.outputs.max_lesions,
         )
         labels = np.zeros(loaded.reference.shape, dtype=np.uint16)

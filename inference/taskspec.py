@@ -139,10 +139,17 @@ class Outputs:
     # Components smaller than this share of a study's largest are dropped; None: chosen in training from the
     # reference masks or validation studies (0 where nothing chose it, e.g. a federated job).
     min_lesion_fraction: float | None = None
+    # Components spanning fewer slices of the model grid are dropped (2: a "lesion" seen on one slice only, the
+    # typical false positive of a 2-D network); None: chosen in training from the reference masks (1 otherwise).
+    min_lesion_slices: int | None = None
 
     @property
     def lesion_fraction(self) -> float:
         return self.min_lesion_fraction or 0.0
+
+    @property
+    def lesion_slices(self) -> int:
+        return self.min_lesion_slices or 1
 
 
 @dataclass(frozen=True)
@@ -405,6 +412,12 @@ def _lesion_fraction(value: float | None) -> float | None:
     return value
 
 
+def _lesion_slices(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise TaskSpecError(f"outputs.min_lesion_slices must be at least 1, got {value}")
+    return value
+
+
 def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
     """Parse and validate a task spec's TOML text."""
     try:
@@ -502,6 +515,7 @@ def parse_task_spec(text: str, origin: str = "<task spec>") -> TaskSpec:
             min_lesion_volume_mm3=out.get("min_lesion_volume_mm3", float),
             max_lesions=out.get("max_lesions", int, 20),
             min_lesion_fraction=_lesion_fraction(out.get("min_lesion_fraction", float, None)),
+            min_lesion_slices=_lesion_slices(out.get("min_lesion_slices", int, None)),
             adc_channel=adc_channel,
             codes=codes,
             study_score=out.choice("study_score", StudyScore, StudyScore.CLASSIFIER.value),

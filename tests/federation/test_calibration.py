@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.federation.calibration import FRACTIONS, calibrate, reference_fraction, reference_kept
+from radfed.federation.calibration import (
+    FRACTIONS,
+    MULTI_SLICE,
+    calibrate,
+    reference_extent_kept,
+    reference_fraction,
+    reference_kept,
+    reference_slices,
+)
 from radfed.federation.cohort import UNKNOWN_LABEL, TrainingSample
 from radfed.federation.messages import LESION_KEPT_LENGTH
 from radfed.inference.lesions import kept_components
@@ -98,3 +106,38 @@ def test_the_federation_pools_the_sites_reference_statistics_exactly() -> None:
     state = JobState(lesion_kept_per_site={"a": reference_kept(site_a, 10.0), "b": reference_kept(site_b, 10.0)})
     assert state.lesion_fraction() == reference_fraction(site_a + site_b, 10.0)
     assert len(reference_kept(site_a, 10.0)[0]) == len(FRACTIONS) == LESION_KEPT_LENGTH
+
+
+def _slab(key: str, lesions: list[tuple[int, int]]) -> TrainingSample:
+    """A study whose reference mask holds 10 x 10 blocks spanning (first slice, slice count)."""
+    truth = np.zeros((12, 64, 64), np.uint8)
+    for i, (first, count) in enumerate(lesions):
+        truth[first : first + count, 2 + 12 * i : 12 + 12 * i, 2:12] = 1
+    return TrainingSample(key, np.zeros((1, 12, 64, 64), np.float16), truth, 1, voxel_mm3=1.0)
+
+
+def test_the_minimum_slice_extent_follows_the_reference_masks() -> None:
+    # tumours over several slices and one 100-voxel fragment on a single slice: 100 of 2200 mm3 (4.5 %) is more
+    # than the rule may lose, so it stays off
+    assert reference_slices([_slab("a", [(1, 12)]), _slab("b", [(2, 9), (0, 1)])], 10.0) == 1
+    # every lesion spans slices (a single-slice speck under the minimum volume does not count)
+    sample = _slab("c", [(1, 8), (3, 4)])
+    sample.lesions[10, 60, 60] = 1
+    assert reference_slices([sample, _slab("d", [(0, 5)])], 10.0) == MULTI_SLICE
+    kept, total = reference_extent_kept([sample], 10.0)
+    assert kept == total == 1200.0  # sums in mm3: what a site could add to another's
+    assert reference_slices([], 10.0) == 1  # no lesions: no rule
+
+
+def test_calibration_works_under_the_chosen_slice_extent() -> None:
+    samples, predictions = [], []
+    for i in range(4):
+        truth = np.zeros((6, 32, 32), np.uint8)
+        truth[1:4, 4:14, 4:14] = 1
+        probability = truth.astype(np.float32) * 0.9
+        probability[5, 20:30, 20:30] = 0.9  # a 100-voxel single-slice false positive
+        samples.append(TrainingSample(f"s{i}", np.zeros((1, 6, 32, 32), np.float16), truth, 1, voxel_mm3=1.0))
+        predictions.append(Prediction(probability, 0.9, 1))
+    assert calibrate(predictions, samples, 10.0, min_slices=MULTI_SLICE).validation_dice == pytest.approx(1.0)
+    # without it neither threshold, minimum volume (up to 80 mm3) nor share (the 100 mm3 one is protected) helps
+    assert calibrate(predictions, samples, 10.0, 0.0, 1).validation_dice < 0.9

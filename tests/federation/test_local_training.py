@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from radfed.federation.calibration import FRACTIONS
+from radfed.federation.calibration import FRACTIONS, MULTI_SLICE
 from radfed.federation.cohort import cohort_from_sources
 from radfed.inference.artifact import ArtifactError, load_artifact, manifest_digest
 from radfed.inference.taskspec import TaskSpec, load_task_spec
@@ -77,6 +77,8 @@ def test_a_small_cohort_trains_on_every_study_and_keeps_the_spec_thresholds(tiny
     assert artifact.spec.outputs.min_lesion_volume_mm3 == shipped.min_lesion_volume_mm3
     # the share-of-the-largest rule the spec leaves open comes from the training masks
     assert shipped.min_lesion_fraction is None and artifact.spec.outputs.min_lesion_fraction in FRACTIONS
+    # and so does the minimum slice extent, stored in the manifest the node reads
+    assert shipped.min_lesion_slices is None and artifact.spec.outputs.min_lesion_slices in (1, MULTI_SLICE)
 
 
 def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> None:

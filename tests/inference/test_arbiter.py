@@ -1,8 +1,10 @@
 """Clinical work first on a shared device: training pauses at its next step boundary while a clinical job
-waits or runs, a clinical job waits for one step at most, and a killed process leaves no stuck lock."""
+runs, a clinical job does not wait for the step in flight, training steps run in a thread of lower priority,
+and a killed process leaves no stuck lock."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from radfed.inference.arbiter import DeviceArbiter, DevicePolicy
+from radfed.inference.arbiter import TRAINING_NICE, DeviceArbiter, DevicePolicy
 
 STEP_S = 0.05
 
@@ -47,7 +49,45 @@ def test_training_pauses_while_clinical_work_runs_and_resumes_after(tmp_path: Pa
     assert not [t for t in starts if entered < t < left], "a training step started during clinical work"
     assert any(t > left for t in starts), "training did not resume"
     assert sum(paused) > 0.8  # it waited out the clinical job
-    assert len(waited) == 1 and waited[0] < STEP_S * 4  # the clinical job waited for one step at most
+    assert len(waited) == 1 and waited[0] < STEP_S * 4  # the clinical job hardly waited
+
+
+def test_a_clinical_job_does_not_wait_for_the_step_in_flight(tmp_path: Path) -> None:
+    in_step, step_ended = threading.Event(), threading.Event()
+
+    def long_step() -> None:
+        with DeviceArbiter(tmp_path).training_step():
+            in_step.set()
+            time.sleep(2.0)
+        step_ended.set()
+
+    trainer = threading.Thread(target=long_step)
+    trainer.start()
+    assert in_step.wait(10)
+    with DeviceArbiter(tmp_path).clinical() as waited:
+        assert not step_ended.is_set()  # the clinical job runs beside the step in flight
+    assert waited[0] < 1.0
+    trainer.join()
+
+
+def _nice_in_a_step(folder: Path, policy: DevicePolicy) -> tuple[int, int]:
+    """(the nice value of the thread inside a training step, this thread's) with ``policy``."""
+    seen: list[int] = []
+
+    def step() -> None:
+        with DeviceArbiter(folder, policy).training_step():
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    return seen[0], os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_training_steps_run_at_a_lower_priority_only_under_clinical_first(tmp_path: Path) -> None:
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert _nice_in_a_step(tmp_path, DevicePolicy.CLINICAL_FIRST) == (max(mine, TRAINING_NICE), mine)
+    assert _nice_in_a_step(tmp_path, DevicePolicy.SHARE) == (mine, mine)
 
 
 def test_share_lets_both_run(tmp_path: Path) -> None:
@@ -56,20 +96,26 @@ def test_share_lets_both_run(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())  # no lock files: nothing arbitrated
 
 
-def test_a_killed_clinical_process_leaves_no_stuck_lock(tmp_path: Path) -> None:
+def _holding(folder: Path, side: str) -> subprocess.Popen[str]:
+    """A process that holds ``DeviceArbiter(folder).<side>()`` until killed."""
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; from radfed.inference.arbiter import DeviceArbiter\n"
-            "with DeviceArbiter(Path(sys.argv[1])).clinical():\n"
+            f"with DeviceArbiter(Path(sys.argv[1])).{side}():\n"
             "    print('held', flush=True); time.sleep(600)",
-            str(tmp_path),
+            str(folder),
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_killed_clinical_process_leaves_no_stuck_lock(tmp_path: Path) -> None:
+    holder = _holding(tmp_path, "clinical")
     arbiter = DeviceArbiter(tmp_path)
     blocked = threading.Event()
 
@@ -83,6 +129,23 @@ def test_a_killed_clinical_process_leaves_no_stuck_lock(tmp_path: Path) -> None:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert blocked.wait(5.0)  # the kernel dropped the dead process's lock: training goes on
+
+
+def test_a_training_process_killed_inside_a_step_leaves_no_stuck_lock(tmp_path: Path) -> None:
+    holder = _holding(tmp_path, "training_step")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    # the next training process steps at once (in a thread: a step lowers its thread's priority for good)
+    paused: list[float] = []
+    stepper = threading.Thread(target=lambda: paused.extend(_one_step(tmp_path)))
+    stepper.start()
+    stepper.join(timeout=5.0)
+    assert not stepper.is_alive() and paused == []
+
+
+def _one_step(folder: Path) -> list[float]:
+    with DeviceArbiter(folder).training_step() as paused:
+        return paused
 
 
 def test_the_site_worker_and_the_node_name_the_same_arbiter(tmp_path: Path) -> None:

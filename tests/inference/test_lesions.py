@@ -38,3 +38,24 @@ def test_specks_beside_a_large_lesion_are_dropped_by_their_share_of_it() -> None
     higher = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0, min_fraction=0.2)
     assert sorted(int(c.mask.sum()) for c in higher) == [80, 1200]  # protected whatever the share
     assert kept_components(np.array([]), 1.0, 0.0, 0.5).size == 0
+
+
+def test_a_lesion_on_one_slice_is_dropped_when_the_task_asks_for_two() -> None:
+    grid = Volume(np.zeros((8, 32, 32), np.float32), np.eye(4))
+    probability = np.zeros(grid.shape, np.float32)
+    probability[2:5, 4:12, 4:12] = 0.9  # 3 slices
+    probability[6, 20:30, 20:30] = 0.9  # one slice, 100 voxels: the 2-D network's typical false positive
+    every = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0)
+    assert sorted(int(c.mask.sum()) for c in every) == [100, 192]
+    two = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0, min_slices=2)
+    assert [int(c.mask.sum()) for c in two] == [192]
+    # counted in slices of the model grid: on a native grid of 1 mm slices, a model grid of 3 mm slices
+    # makes the 3-slice component one model slice (dropped) and a 6-slice one two (kept)
+    probability[2:5] = 0.0
+    probability[0:6, 4:12, 4:12] = 0.9
+    native = extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0, min_slices=2, model_slice_mm=3.0)
+    assert [int(c.mask.sum()) for c in native] == [6 * 64]
+    probability[0:3] = 0.0
+    assert (
+        extract_lesions(probability, grid, threshold=0.5, min_volume_mm3=10.0, min_slices=2, model_slice_mm=3.0) == []
+    )

@@ -66,6 +66,14 @@ def test_the_share_of_the_largest_lesion_is_left_to_the_data_unless_the_spec_set
     assert fixed.outputs.min_lesion_fraction == fixed.outputs.lesion_fraction == 0.1
 
 
+def test_the_minimum_slice_extent_is_left_to_the_data_unless_the_spec_sets_it() -> None:
+    assert load_task_spec().outputs.min_lesion_slices is None and load_task_spec().outputs.lesion_slices == 1
+    fixed = parse_task_spec(_spec_text(**{"max_lesions = 20": "max_lesions = 20\nmin_lesion_slices = 2"}))
+    assert fixed.outputs.lesion_slices == 2
+    with pytest.raises(TaskSpecError, match="min_lesion_slices"):
+        parse_task_spec(_spec_text(**{"max_lesions = 20": "max_lesions = 20\nmin_lesion_slices = 0"}))
+
+
 def test_unknown_shipped_name_lists_the_shipped_ones() -> None:
     with pytest.raises(TaskSpecError, match="prostate_mpmri"):
         load_task_spec("brain_glioma")
