@@ -63,7 +63,8 @@ class RunConfig:
     anonymise_alerts: bool = False  # poisoning alerts name flagged sites by pseudonyms (federation/alerts.py)
     # At the end of the job each site attacks the final model on its training vs held-out studies and sends the
     # attack's AUC and TPR at 1 % FPR (federation/membership.py). loss by default: one inference pass over the
-    # site's studies, no training; lira adds membership-references trainings of membership-steps steps each.
+    # site's studies, no training; lira adds membership-references trainings of membership-steps steps each, all
+    # within the final evaluation's round-timeout (raise it with lira).
     membership_audit: MembershipAudit = MembershipAudit.LOSS  # off | loss | lira
     membership_references: int = 4  # LiRA's reference models per site (each study is left out of half)
     membership_steps: int = 0  # each reference model's steps (0: the job's, num-server-rounds x local-steps)
