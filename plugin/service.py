@@ -209,6 +209,8 @@ class NodeService:
             loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
             loops.append(("prefetch", self._prefetch))
+        if role is NodeRole.WORKER:
+            loops.append(("models", self._follow_models))
         backs_up = self.config.ledger_backup_interval_s > 0 and self.ledger.backend is LedgerBackend.SQLITE
         if backs_up and role is not NodeRole.WORKER:
             loops.append(("ledger-backup", self._back_up_ledger))
@@ -643,8 +645,14 @@ class NodeService:
     def _keep_leases(self, name: str) -> None:
         while not self._stop.wait(min(self.config.lease_s / 3, 10.0)):  # 10 s at most: the loop must beat
             self._renew_leases()
-            if self.config.role is NodeRole.WORKER:
-                self.load_active_model()  # activated in this worker's models folder (shared or by its own API)
+            self.health.beat(name)
+
+    def _follow_models(self, name: str) -> None:
+        """A worker loads a model activated in its models folder (shared, or by its own API). Not in the leases loop:
+        loading (a warm-up run, a TensorRT engine build of minutes) must never hold up the heartbeats."""
+        while not self._stop.wait(min(self.config.lease_s / 3, 10.0)):
+            self.health.busy(name)
+            self.load_active_model()
             self.health.beat(name)
 
     def _prefetch(self, name: str) -> None:
