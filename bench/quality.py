@@ -39,7 +39,10 @@ STEPS = int(os.environ["RADFED_BENCH_QUALITY_STEPS"]) if os.environ.get("RADFED_
 MINUTES = float(os.environ["RADFED_BENCH_QUALITY_MINUTES"]) if os.environ.get("RADFED_BENCH_QUALITY_MINUTES") else None
 FEDERATED_STEPS = 1500  # the federated arm's whole budget when STEPS is not set (rounds need a count)
 SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
-ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")  # and "federated" (brain)
+# and "federated" (brain), "session-10-plan" (brain: the planned recipe on session 10's 2-D plan, 128 x 128 patches
+# at batch 8, against today's whole slices at batch 2)
+ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
+SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SITES = 2  # the federated arm's hospitals
 FEDERATED_LOCAL_STEPS = 50  # per round; rounds = steps / (local steps x sites): the centralised step budget
 
@@ -166,6 +169,8 @@ def _jobs(work: Path) -> list[Job]:
             )
             for arm in ARMS:
                 text = _first_wave(BRAIN_SPEC, "[1.0, 1.0, 1.0]") if arm == "first-wave" else BRAIN_SPEC
+                if arm == "session-10-plan":
+                    text = text.replace("[preprocessing]\n\n[model]\n", SESSION_10_PLAN)
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.synthetic.writer import synthesize_to_folder

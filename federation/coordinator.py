@@ -42,6 +42,8 @@ class JobState:
     # per site: summed kept reference volume per share (calibration.FRACTIONS) and its study count
     lesion_kept_per_site: dict[str, tuple[list[float], int]] = field(default_factory=dict)
     flags: list[PoisoningAlert] = field(default_factory=list)  # every site the screening flagged, by its name
+    # per site: reference lesion volume spanning two or more slices, and all of it (mm3)
+    lesion_extent_per_site: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def alerts(self, anonymise: bool) -> tuple[PoisoningAlert, ...]:
         """The job's flags as every site hears of them (pseudonyms when the job's policy says so)."""
@@ -57,6 +59,13 @@ class JobState:
             kept = [a + b for a, b in zip(kept, site_kept, strict=True)]
             studies += site_studies
         return fraction_from_kept(kept, studies)
+
+    def lesion_slices(self) -> int:
+        """The minimum slice extent from every site's reference masks (summed volumes: exact pooling)."""
+        from radfed.federation.calibration import slices_from_kept
+
+        kept = sum(k for k, _ in self.lesion_extent_per_site.values())
+        return slices_from_kept(kept, sum(t for _, t in self.lesion_extent_per_site.values()))
 
     def save(self, out: Path) -> None:
         """Checkpoint after every round; both files are replaced atomically (arrays first)."""
@@ -74,6 +83,7 @@ class JobState:
             "plan": self.plan,
             "lesion_kept_per_site": self.lesion_kept_per_site,
             "flags": [f.as_dict() for f in self.flags],
+            "lesion_extent_per_site": self.lesion_extent_per_site,
         }
         temporary = out / (JOB_STATE + ".tmp")
         temporary.write_text(json.dumps(meta, indent=1))
@@ -97,6 +107,7 @@ class JobState:
             meta.get("plan"),
             {site: (list(kept), int(n)) for site, (kept, n) in meta.get("lesion_kept_per_site", {}).items()},
             [PoisoningAlert.from_dict(f) for f in meta.get("flags", [])],
+            {site: (float(k), float(t)) for site, (k, t) in meta.get("lesion_extent_per_site", {}).items()},
         )
 
 

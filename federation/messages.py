@@ -56,6 +56,10 @@ ALLOWED_METRICS = frozenset(
         "round_replayed",  # 1: the site sent its stored reply for a round it had trained (federation/site.py)
         "train_paused_seconds",  # the site's training waited for clinical work on the node's device
         "lesion_kept_studies",  # training studies with reference lesions (the share-of-largest rule)
+        # summed over the site's training studies, in mm3: reference lesion volume spanning at least two slices,
+        # and all of it (the minimum slice extent, federation/calibration.py)
+        "lesion_extent_kept_mm3",
+        "lesion_extent_total_mm3",
         # the membership-inference audit of the final model (federation/membership.py): each attack's AUC and
         # TPR at 1 % FPR over the site's training vs held-out studies, their counts; never a per-study score
         "membership_loss_auc",

@@ -212,6 +212,11 @@ class Job:
                     [float(v) for v in kept] if isinstance(kept, list) else [],
                     int(metrics.get("lesion_kept_studies", 0)),
                 )
+            if "lesion_extent_total_mm3" in metrics:
+                state.lesion_extent_per_site[site] = (
+                    float(metrics.get("lesion_extent_kept_mm3", 0.0)),
+                    float(metrics["lesion_extent_total_mm3"]),
+                )
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
             site_lines[site] = scalars | {"bytes_down": down, "bytes_up": payload_nbytes(received)}  # as sent
         if len(updates) < self.min_sites:
@@ -339,6 +344,8 @@ def main(grid: Grid, context: Context) -> None:
     if spec.outputs.min_lesion_fraction is None and state.lesion_kept_per_site:
         # the share-of-largest rule from the sites' summed reference-mask statistics (never a mask)
         spec = spec.with_outputs(min_lesion_fraction=state.lesion_fraction())
+    if spec.outputs.min_lesion_slices is None and state.lesion_extent_per_site:
+        spec = spec.with_outputs(min_lesion_slices=state.lesion_slices())
     artifact = export_artifact(
         arrays_to_model(spec, state.arrays),
         spec,

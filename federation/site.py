@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radfed.federation.calibration import reference_kept
+from radfed.federation.calibration import reference_extent_kept, reference_kept
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.compression import ErrorFeedback, compress_reply
 from radfed.federation.evaluation import evaluate_model
@@ -190,6 +190,10 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves the share-of-largest rule to the data
         kept, studies = reference_kept(train, spec.outputs.min_lesion_volume_mm3)
         metrics["lesion_kept"], metrics["lesion_kept_studies"] = kept, studies
+    if spec.outputs.min_lesion_slices is None:  # and the minimum slice extent
+        metrics["lesion_extent_kept_mm3"], metrics["lesion_extent_total_mm3"] = reference_extent_kept(
+            train, spec.outputs.min_lesion_volume_mm3
+        )
     finite = [x for x in log.losses if np.isfinite(x)]
     metrics.update(
         {

@@ -54,6 +54,9 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     state = JobState.load(out)
     assert state is not None and set(state.lesion_kept_per_site) == {"hospital-1", "hospital-2"}
     assert artifact.spec.outputs.min_lesion_fraction == state.lesion_fraction()
+    # and the minimum slice extent from their summed reference lesion volumes
+    assert set(state.lesion_extent_per_site) == {"hospital-1", "hospital-2"}
+    assert artifact.spec.outputs.min_lesion_slices == state.lesion_slices()
 
 
 def test_metric_allow_list() -> None:
