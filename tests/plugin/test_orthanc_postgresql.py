@@ -67,7 +67,7 @@ def test_an_orthanc_indexed_in_postgresql_keeps_a_study_across_a_restart_and_the
     assert _indexed(postgres, database, study_id) == 1, "the study is not in the PostgreSQL index"
     assert not (orthanc.workdir / "index" / "index").exists(), "Orthanc made its own SQLite index"
 
-    orthanc.restart()
+    orthanc.restart(timeout_s=120)  # a loaded machine: Orthanc and its index plugin take their time
     with OrthancClient(orthanc.endpoint) as client:
         assert client.find_study(uid) == study_id
         assert len(client.get_json(f"/studies/{study_id}/instances")) == instances
@@ -77,13 +77,13 @@ def test_an_orthanc_indexed_in_postgresql_keeps_a_study_across_a_restart_and_the
     node.start(timeout_s=300)  # imports and model load on a loaded machine
     assert node.ready()["ledger_backend"] == "postgresql"
     assert node.post("/reprocess?since=20000101") == {"since": "20000101", "studies": 1}
-    wait_until(lambda: node.jobs() and node.jobs()[0]["state"] in ("done", "failed"), 300, "the job", node.log_tail)
+    wait_until(lambda: node.jobs() and node.jobs()[0]["state"] in ("done", "failed"), 600, "the job", node.log_tail)
     (job,) = node.jobs()
     assert job["state"] == "done" and job["study_instance_uid"] == uid, job
     expected = {"SR": 1, **({"SEG": 1} if job["result"]["lesions"] else {})}
 
     # The node's results are in the PostgreSQL index too: there after another restart.
-    orthanc.restart()
+    orthanc.restart(timeout_s=120)
     with OrthancClient(orthanc.endpoint) as client:
         assert _results_per_study(client)[uid] == expected
         sr = client.find_instance(job["result"]["sr_sop_instance_uid"])
