@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from radfed.inference.findings import InferenceResult, LesionFinding, StudyFinding
+from radfed.inference.input_plan import InputPlan
 from radfed.inference.lesions import extract_lesions, measure_lesion
 from radfed.inference.preprocess import LoadedStudy, PreparedStudy, load_study, prepare
 from radfed.inference.resample import resample_above
@@ -26,18 +27,24 @@ class StudyAnalysis:
     windows: int
 
 
-def analyse_study(source: StudySource, model: OnnxModel, timer: StageTimer | None = None) -> StudyAnalysis:
-    """Run the artifact's task on one study; stage times accumulate in ``timer``."""
+def analyse_study(
+    source: StudySource, model: OnnxModel, timer: StageTimer | None = None, plan: InputPlan | None = None
+) -> StudyAnalysis:
+    """Run the artifact's task on one study (exactly ``plan``'s instances when given); stage times accumulate
+    in ``timer``."""
     timer = timer or StageTimer()
-    return analyse_prepared(prepare_study(source, model, timer), model, timer)
+    return analyse_prepared(prepare_study(source, model, timer, plan), model, timer)
 
 
-def prepare_study(source: StudySource, model: OnnxModel, timer: StageTimer | None = None) -> PreparedStudy:
-    """Selection, loading and the model's exact preprocessing (the part that can run before a study is stable)."""
+def prepare_study(
+    source: StudySource, model: OnnxModel, timer: StageTimer | None = None, plan: InputPlan | None = None
+) -> PreparedStudy:
+    """Planning (unless ``plan`` is given), loading and the model's exact preprocessing (the part that can run
+    before a study is stable)."""
     timer = timer or StageTimer()
     spec = model.artifact.spec
     with timer.stage("load"):
-        loaded = load_study(source, spec)
+        loaded = load_study(source, spec, plan)
     with timer.stage("preprocess"):
         return prepare(loaded, spec, model.artifact.harmonisation)
 

@@ -1,6 +1,6 @@
-"""Exactly one preprocessing for training and inference: select series, load them, resample every channel
-onto the reference series' grid, then onto the model grid (same orientation, the spec's spacing), and
-normalise intensities per channel (percentiles, z-score, or harmonised landmarks)."""
+"""Exactly one preprocessing for training and inference: load the planned series (:mod:`.input_plan`),
+resample every channel onto the reference series' grid, then onto the model grid (same orientation, the spec's
+spacing), and normalise intensities per channel (percentiles, z-score, or harmonised landmarks)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from radfed.inference.findings import input_fingerprint
+from radfed.inference.errors import DicomInputError
+from radfed.inference.input_plan import InputPlan, plan_study
 from radfed.inference.landmarks import LANDMARK_PERCENTILES
 from radfed.inference.plan import ChannelStatistics, Normalization
 from radfed.inference.resample import resample_to
-from radfed.inference.selection import SeriesSelection, frame_pick, select_series
+from radfed.inference.selection import SeriesSelection, frame_pick
 from radfed.inference.series import volume_from_datasets
 from radfed.inference.study_source import StudySource
 from radfed.inference.taskspec import TaskSpec
@@ -24,14 +25,21 @@ from radfed.inference.volume import Volume
 
 @dataclass(frozen=True, eq=False)
 class LoadedStudy:
-    """The selected series as volumes; every channel already on the reference grid."""
+    """The planned series as volumes; every channel already on the reference grid."""
 
-    selection: SeriesSelection
+    plan: InputPlan
     reference: Volume
     channels: dict[str, Volume]
     reference_datasets: tuple[object, ...]
     evidence_datasets: tuple[object, ...]
-    fingerprint: str
+
+    @property
+    def selection(self) -> SeriesSelection:
+        return self.plan.selection
+
+    @property
+    def fingerprint(self) -> str:
+        return self.plan.fingerprint
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,11 +51,15 @@ class PreparedStudy:
     image: npt.NDArray[np.float32]
 
 
-def load_study(source: StudySource, spec: TaskSpec) -> LoadedStudy:
-    """Select the spec's channels among the study's series, load them, align them on the reference grid."""
-    selection = select_series(spec, source.series())
+def load_study(source: StudySource, spec: TaskSpec, plan: InputPlan | None = None) -> LoadedStudy:
+    """Load exactly the planned instances (planned here from the source's headers when no plan is given) and
+    align every channel on the reference grid."""
+    plan = plan if plan is not None else plan_study(source, spec)
+    missing = [name for name in spec.channel_names if name not in {c.channel for c in plan.channels}]
+    if missing:
+        raise DicomInputError(f"the job's plan has no series for channel(s) {', '.join(missing)}")
     reference_name = spec.reference_channel.name
-    datasets = {name: source.datasets(info) for name, info in selection.chosen.items()}
+    datasets = {name: source.datasets_at(plan.channel(name).locations) for name in spec.channel_names}
     # Where a series holds several kinds of image at each position (b-values, image types), the rule picks one.
     rules = {rule.name: rule for rule in spec.channels}
     reference = volume_from_datasets(datasets[reference_name], pick=frame_pick(rules[reference_name]))
@@ -58,14 +70,12 @@ def load_study(source: StudySource, spec: TaskSpec) -> LoadedStudy:
         else:
             volume = volume_from_datasets(datasets[name], pick=frame_pick(rules[name]))
         channels[name] = volume if name == reference_name else resample_to(volume, reference)
-    sop_uids = [uid for info in selection.chosen.values() for uid in source.sop_instance_uids(info)]
     return LoadedStudy(
-        selection=selection,
+        plan=plan,
         reference=reference,
         channels=channels,
         reference_datasets=tuple(datasets[reference_name]),
         evidence_datasets=tuple(ds for name in spec.channel_names if name != reference_name for ds in datasets[name]),
-        fingerprint=input_fingerprint(sop_uids),
     )
 
 

@@ -50,6 +50,14 @@ class StudySource(Protocol):
 
     def datasets(self, series: SeriesInfo) -> list[Dataset]: ...
 
+    def instances(self, series: SeriesInfo) -> list[tuple[str, str]]:
+        """The kept instances as (location, SOP Instance UID): what a plan records and loads again."""
+        ...
+
+    def datasets_at(self, locations: Sequence[str]) -> list[Dataset]:
+        """The instances at these locations (file paths, Orthanc instance ids), in that order."""
+        ...
+
 
 @dataclass
 class _SeriesContent:
@@ -141,7 +149,13 @@ class FolderStudy:
         return [uid for _, uid in self._series[series.handle].kept]
 
     def datasets(self, series: SeriesInfo) -> list[Dataset]:
-        return [pydicom.dcmread(path) for path, _ in self._series[series.handle].kept]
+        return self.datasets_at([path for path, _ in self._series[series.handle].kept])
+
+    def instances(self, series: SeriesInfo) -> list[tuple[str, str]]:
+        return list(self._series[series.handle].kept)
+
+    def datasets_at(self, locations: Sequence[str]) -> list[Dataset]:
+        return [pydicom.dcmread(path) for path in locations]
 
 
 class OrthancStudy:
@@ -166,7 +180,13 @@ class OrthancStudy:
         return [str(series_id) for series_id in self._study["Series"]]
 
     def _header(self, instance_id: str) -> Dataset:
-        return pydicom.dcmread(io.BytesIO(self.client.instance_bytes(instance_id)), stop_before_pixels=True)
+        """The instance's tags from Orthanc (no pixels); the file only where a binary element decides (a mosaic
+        whose tile count is in the CSA header alone)."""
+        header = self.client.instance_header(instance_id)
+        mosaic = "MOSAIC" in [str(v).upper() for v in header.get("ImageType", [])]
+        if mosaic and siemens_csa.mosaic_tile_count(header) is None:
+            header = pydicom.dcmread(io.BytesIO(self.client.instance_bytes(instance_id)), stop_before_pixels=True)
+        return header
 
     def _content(self, series_id: str) -> _SeriesContent:
         """Sort a series' instances into images and the rest, downloading as few as possible.
@@ -224,7 +244,13 @@ class OrthancStudy:
         return [uid for _, uid in self._content(series.handle).kept]
 
     def datasets(self, series: SeriesInfo) -> list[Dataset]:
-        return self.client.instance_datasets([instance_id for instance_id, _ in self._content(series.handle).kept])
+        return self.datasets_at([instance_id for instance_id, _ in self._content(series.handle).kept])
+
+    def instances(self, series: SeriesInfo) -> list[tuple[str, str]]:
+        return list(self._content(series.handle).kept)
+
+    def datasets_at(self, locations: Sequence[str]) -> list[Dataset]:
+        return self.client.instance_datasets(locations)
 
 
 def _backslash_floats(value: str | None, n: int) -> tuple[float, ...] | None:

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ class Job:
     selection: list[str]
     result: dict[str, Any]
     worker: str  # the worker that holds (or last held) the job's lease
+    plan: dict[str, Any] = field(default_factory=dict, repr=False)  # InputPlan.to_json(): what the job loads
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,6 +124,7 @@ def _job(row: sa.RowMapping) -> Job:
         selection=json.loads(row["selection"]),
         result=json.loads(row["result"]),
         worker=row["lease_owner"],
+        plan=json.loads(row["plan"]),
     )
 
 
@@ -294,6 +296,7 @@ class Ledger:
         reason: str = "",
         failure_kind: str = "",
         selection: list[str] | None = None,
+        plan: dict[str, Any] | None = None,
     ) -> tuple[Job, bool]:
         """Create the job for this key, or return the existing one (``created`` False)."""
         now = time.time()
@@ -309,6 +312,7 @@ class Ledger:
                 .values(
                     **key, orthanc_study_id=orthanc_study_id, state=state.value, reason=reason,
                     failure_kind=failure_kind, created=now, updated=now, selection=json.dumps(selection or []),
+                    plan=json.dumps(plan or {}),
                 )
                 .on_conflict_do_nothing(index_elements=list(key))
                 .returning(jobs.c.id)

@@ -51,6 +51,7 @@ jobs = sa.Table(
     sa.Column("timings", sa.Text, nullable=False, server_default="{}"),
     sa.Column("selection", sa.Text, nullable=False, server_default="[]"),
     sa.Column("result", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("plan", sa.Text, nullable=False, server_default="{}"),  # the input plan (radfed.inference.input_plan)
     # the worker that runs (or ran) the job, and until when it holds it unless it renews the lease
     sa.Column("lease_owner", sa.Text, nullable=False, server_default=""),
     sa.Column("lease_expires", Seconds, nullable=False, server_default=sa.text("0")),

@@ -1,12 +1,14 @@
-"""The hospital node: follows Orthanc's ``/changes`` (StableStudy) from a persisted cursor, turns each
-stable study into at most one job per (study, model, version, input fingerprint), runs jobs with
-bounded concurrency, and stores SEG + SR back. Failures stay with their job; the service stays up."""
+"""The hospital node's lifecycle: the served model, the loops and their health, leases, backups and readiness.
+
+The work is done by three parts, one per loop: :class:`~radfed.plugin.follower.ChangeFollower` (Orthanc's
+``/changes`` into the inbox), :class:`~radfed.plugin.examiner.StudyExaminer` (a stable study into at most one job
+per (study, model, version, input fingerprint), planned once) and :class:`~radfed.plugin.runner.JobRunner` (a job's
+plan loaded, run and stored back as SEG + SR). Failures stay with their job; the service stays up."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import os
 import re
@@ -15,78 +17,34 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-import pydicom
-from pydicom.dataset import Dataset
-
-from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile, SegEncoding
 from radfed.federation.alerts import AlertStore, provenance_alerts
 from radfed.inference.arbiter import DeviceArbiter
 from radfed.inference.artifact import ModelArtifact
 from radfed.inference.device import DeviceReport, DeviceUnavailableError, probe_device
-from radfed.inference.errors import (
-    OrthancRequestError,
-    OrthancUnavailableError,
-    RadfedError,
-)
-from radfed.inference.findings import ModelIdentity, input_fingerprint
+from radfed.inference.errors import OrthancUnavailableError, RadfedError
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.pipeline import analyse_prepared, analyse_study
 from radfed.inference.registry import ModelRegistry
 from radfed.inference.runtime import OnnxModel
-from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, select_series
-from radfed.inference.study_source import OrthancStudy
-from radfed.inference.timing import StageTimer
 from radfed.plugin.config import Destination, NodeConfig, NodeRole
-from radfed.plugin.failures import FailureKind, failure_label
+from radfed.plugin.examiner import StudyExaminer
+from radfed.plugin.follower import ChangeFollower, ReprocessError
 from radfed.plugin.health import LoopMonitor, LoopStatus
-from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError, Worker
+from radfed.plugin.ledger import JobState, Ledger, LedgerBackend, LedgerError, Worker
+from radfed.plugin.loops import NodeLoop
 from radfed.plugin.metrics import NodeMetrics
-from radfed.plugin.prefetch import PrefetchSettings, PreparedAhead, StudyPrefetcher
+from radfed.plugin.prefetch import PrefetchSettings, StudyPrefetcher
+from radfed.plugin.runner import JobRunner
 from radfed.plugin.writeback import CStoreStore, OrthancRestStore, ResultStore, StowRsStore
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ORTHANC_ID", "NodeService", "ReprocessError"]
 
-class ReprocessError(RadfedError, ValueError):
-    """A reprocessing request that names no valid date."""
-
-
-STABLE_STUDY = "StableStudy"
-# The examiner and workers poll the local ledger (cheap); only the /changes follower polls Orthanc.
-LEDGER_POLL_S = 0.25
 # Orthanc's resource ids: the SHA-1 of the DICOM identifiers in five dash-separated groups of 8 hex digits.
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
-
-
-class _TimedStudy:
-    """An OrthancStudy whose instance downloads count as the ``fetch`` stage."""
-
-    def __init__(self, study: OrthancStudy, timer: StageTimer) -> None:
-        self._study = study
-        self._timer = timer
-
-    @property
-    def study_instance_uid(self) -> str:
-        return self._study.study_instance_uid
-
-    @property
-    def accession_number(self) -> str:
-        return self._study.accession_number
-
-    def series(self) -> list[SeriesInfo]:
-        with self._timer.stage("fetch"):
-            return self._study.series()
-
-    def sop_instance_uids(self, series: SeriesInfo) -> list[str]:
-        return self._study.sop_instance_uids(series)
-
-    def datasets(self, series: SeriesInfo) -> list[Dataset]:
-        with self._timer.stage("fetch"):
-            return self._study.datasets(series)
 
 
 @dataclass
@@ -120,7 +78,6 @@ class NodeService:
         self.device: DeviceReport = probe_device(config.runtime)
         log = logger.error if self.device.problem else logger.info
         log("inference device: %s (%s)", self.device.provider or "none", self.device.reason)
-        self._start_from_now = False
         self._scp: Any = None
         self.orthanc_reachable = False
         self.prefetcher = (
@@ -142,6 +99,33 @@ class NodeService:
             device=self._device_text(),
             started=time.time(),
             last_seen=time.time(),
+        )
+        # the three loops' parts: follow Orthanc, turn stable studies into planned jobs, run jobs
+        self.follower = ChangeFollower(
+            self.client,
+            self.ledger,
+            config,
+            self.health,
+            self.prefetcher,
+            wake_examiner=self._inbox_event,
+            orthanc_seen=self._set_orthanc,
+            queue_changed=self._update_queue_depth,
+        )
+        self.examiner = StudyExaminer(
+            self.client, self.ledger, self.metrics, wake_workers=self._job_event, orthanc_seen=self._set_orthanc
+        )
+        self.runner = JobRunner(
+            self.client,
+            self.ledger,
+            config,
+            self.metrics,
+            self.store,
+            self.profile,
+            self.arbiter,
+            self.prefetcher,
+            self.worker.id,
+            orthanc_seen=self._set_orthanc,
+            reexamine=self.notify_stable_study,
         )
 
     def _make_store(self) -> ResultStore:
@@ -190,10 +174,10 @@ class NodeService:
 
     def start(self) -> None:
         # a new ledger follows Orthanc from now: the coordinator's business, not a worker's
-        self._start_from_now = self.config.role is not NodeRole.WORKER and self.ledger.is_new()
-        if self._start_from_now:
+        self.follower.start_from_now = self.config.role is not NodeRole.WORKER and self.ledger.is_new()
+        if self.follower.start_from_now:
             with contextlib.suppress(OrthancUnavailableError):  # else the follower does it on first contact
-                self._skip_history()
+                self.follower.skip_history()
         self.load_active_model()
         self._renew_leases()
         if self.config.scp is not None:
@@ -203,8 +187,7 @@ class NodeService:
         role = self.config.role
         loops: list[tuple[str, Any]] = [("leases", self._keep_leases)]
         if role is not NodeRole.WORKER:
-            loops += [("follower", self._follow_changes), ("examiner", self._examine_inbox)]
-            loops += [("reconciler", self._reconcile)]
+            loops += [("follower", self._follow), ("examiner", self._examine), ("reconciler", self._reconcile)]
         if role is not NodeRole.COORDINATOR:
             loops += [(f"worker-{i}", self._work) for i in range(self.config.concurrency)]
         if self.prefetcher is not None:
@@ -251,110 +234,26 @@ class NodeService:
         self.ledger.receive([(orthanc_study_id, -1)], cursor=None)
         self._inbox_event.set()
 
-    # -- following Orthanc -------------------------------------------------------------------------
-
-    def _skip_history(self) -> None:
-        """A new (or lost) ledger beside an Orthanc with history follows from now: re-running every stored
-        study is an explicit decision (``reprocess_since``), never a side effect of a missing file."""
-        last = int(self.client.get_json("/changes", params={"last": ""})["Last"])
-        self.ledger.set_cursor(last)
-        self._start_from_now = False
-        if last:
-            logger.warning(
-                "new ledger: following Orthanc from change %d; studies stored before are not processed "
-                "(radfed serve --reprocess-since DATE runs them)",
-                last,
-            )
-
     def reprocess_since(self, since: str) -> int:
-        """Put every study that became stable in Orthanc since ``since`` (YYYYMMDD or YYYYMMDDTHHMMSS, Orthanc's
-        change dates) in the inbox again; a job whose input did not change is found, not re-run."""
-        try:
-            datetime.strptime(since, "%Y%m%dT%H%M%S" if "T" in since else "%Y%m%d")
-        except ValueError:
-            raise ReprocessError(f"since must be a date YYYYMMDD or YYYYMMDDTHHMMSS, got {since[:20]!r}") from None
-        seq, studies = 0, {}
-        while True:
-            answer = self.client.get_json("/changes", params={"since": seq, "limit": 1000})
-            for change in answer["Changes"]:
-                if change["ChangeType"] == STABLE_STUDY and str(change.get("Date", "")) >= since:
-                    studies[str(change["ID"])] = int(change["Seq"])
-            seq = int(answer["Last"])
-            if answer["Done"]:
-                break
-        self.ledger.receive(sorted(studies.items(), key=lambda item: item[1]), cursor=None)
-        self._inbox_event.set()
-        logger.info("reprocessing %d stable studies since %s", len(studies), since)
-        return len(studies)
+        """See :meth:`ChangeFollower.reprocess_since`."""
+        return self.follower.reprocess_since(since)
 
-    def _follow_changes(self, name: str) -> None:
-        backoff = self.config.retry_base_s
-        while not self._stop.is_set():
-            if self._start_from_now:
-                with contextlib.suppress(OrthancUnavailableError):  # noticed again just below
-                    self._skip_history()
-            since = self.ledger.cursor()
-            try:
-                changes, last, done = self.client.changes(since, limit=200)
-            except OrthancUnavailableError:
-                self._set_orthanc(False)
-                self.health.beat(name)  # waiting for Orthanc is this loop's job (readiness reports Orthanc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.config.retry_max_s)
-                continue
-            self._set_orthanc(True)
-            backoff = self.config.retry_base_s
-            stable = [(c.resource_id, c.seq) for c in changes if c.change_type == STABLE_STUDY]
-            changed = self._changed_studies(changes)
-            if self.prefetcher is not None:
-                for change in changes:
-                    if change.change_type == STABLE_STUDY:
-                        self.prefetcher.stable(change.resource_id)
-                    else:
-                        self.prefetcher.notice(change.change_type, change.resource_id)
-            if changes or last != since:
-                self.ledger.receive(stable, cursor=last, changed=changed)
-                if stable:
-                    self._inbox_event.set()
-            self._update_queue_depth()
-            self.health.beat(name)
-            if done:
-                self._stop.wait(self.config.poll_interval_s)
+    # -- the loops -----------------------------------------------------------------------------------
 
-    def _changed_studies(self, changes: list[Any]) -> list[str]:
-        """The studies a batch of changes created or added a series to (reconciled if no StableStudy follows)."""
-        studies = {c.resource_id for c in changes if c.change_type == "NewStudy"}
-        for change in changes:
-            if change.change_type == "NewSeries":
-                try:
-                    studies.add(str(self.client.get_json(f"/series/{change.resource_id}")["ParentStudy"]))
-                except (OrthancRequestError, KeyError, TypeError):
-                    continue  # the series is gone again: nothing to reconcile
-        return sorted(studies)
+    def _follow(self, name: str) -> None:
+        self.follower.follow(name, self._stop)
 
     def _reconcile(self, name: str) -> None:
-        """Studies left without StableStudy (an Orthanc crash inside StableAge) are examined once quiet and
-        stable in Orthanc's eyes; one still receiving instances waits."""
-        while not self._stop.is_set():
-            examine: list[str] = []
-            forget: list[str] = []
-            wait: list[str] = []
-            for study_id in self.ledger.quiet_pending(self.config.reconcile_quiet_s):
-                try:
-                    stable = bool(self.client.get_json(f"/studies/{study_id}").get("IsStable", True))
-                except OrthancUnavailableError:
-                    break  # the follower reports the outage; try again next round
-                except OrthancRequestError as exc:
-                    if exc.status == 404:
-                        forget.append(study_id)
-                    continue
-                (examine if stable else wait).append(study_id)
-            self.ledger.settle_pending(examine, forget, wait)
-            if examine:
-                logger.warning("%d study(ies) changed but never got StableStudy (Orthanc restarted?)", len(examine))
-                self._inbox_event.set()
-            self.health.beat(name)
-            self._stop.wait(self.config.reconcile_interval_s)
+        self.follower.reconcile(name, self._stop)
+
+    def _examine(self, name: str) -> None:
+        # an inbox item while no model is loaded: try loading the active one (installed meanwhile)
+        loop = NodeLoop(name, self._stop, self._inbox_event, self.health)
+        self.examiner.run(loop, lambda: self.model or self.load_active_model(), self.config.retry_base_s)
+
+    def _work(self, name: str) -> None:
+        loop = NodeLoop(name, self._stop, self._job_event, self.health)
+        self.runner.work(loop, lambda: self.model, self._update_queue_depth)
 
     def _set_orthanc(self, up: bool) -> None:
         if up != self.orthanc_reachable:
@@ -364,240 +263,6 @@ class NodeService:
 
     def _update_queue_depth(self) -> None:
         self.metrics.queue_depth.set(self.ledger.counts().get(JobState.QUEUED.value, 0) + self.ledger.inbox_depth())
-
-    # -- from stable study to job ------------------------------------------------------------------
-
-    def _examine_inbox(self, name: str) -> None:
-        while not self._stop.is_set():
-            item = self.ledger.next_inbox()
-            model = self.model if item is not None else None
-            if item is None or model is None:
-                if item is not None:
-                    self.load_active_model()
-                self.health.beat(name)
-                self._inbox_event.wait(LEDGER_POLL_S)
-                self._inbox_event.clear()
-                continue
-            study_id, seq = item
-            self.health.busy(name)
-            try:
-                self.examine(study_id, model)
-            except OrthancUnavailableError:
-                self._set_orthanc(False)
-                self.ledger.inbox_retry(study_id, self.config.retry_base_s)
-                self.health.beat(name)
-                continue
-            except OrthancRequestError as exc:
-                if exc.status == 404:
-                    logger.info("study %s left Orthanc before it was examined", study_id)
-                elif exc.status >= 500 or exc.status == 429:
-                    self.ledger.inbox_retry(study_id, self.config.retry_base_s)
-                    self.health.beat(name)
-                    continue
-                else:
-                    self._unexaminable(study_id, model, exc)
-            except LedgerError:
-                raise  # the ledger itself (a full disk): the loop fails and /ready says so
-            except Exception as exc:  # noqa: BLE001 - one study's headers must never stop the others' examination
-                self._unexaminable(study_id, model, exc)
-            self.ledger.inbox_done(study_id, seq)
-            self.health.beat(name)
-
-    def _unexaminable(self, orthanc_study_id: str, model: OnnxModel, error: Exception) -> None:
-        """A failed job, with the reason, for a study that could not even be examined. It is keyed on the
-        study's instances, so the same content fails once and new instances get a new try."""
-        logger.warning("study %s could not be examined: %s", orthanc_study_id, type(error).__name__)
-        try:
-            instances = self.client.get_json(f"/studies/{orthanc_study_id}/instances")
-            uids = [str(i.get("MainDicomTags", {}).get("SOPInstanceUID", i.get("ID", ""))) for i in instances]
-            study_uid = str(self.client.get_json(f"/studies/{orthanc_study_id}")["MainDicomTags"]["StudyInstanceUID"])
-        except (RadfedError, KeyError, TypeError):
-            uids, study_uid = [orthanc_study_id], ""
-        identity = model.artifact.identity
-        kind = failure_label(error, examining=True)
-        _, created = self.ledger.create_job(
-            study_instance_uid=study_uid or f"orthanc:{orthanc_study_id}",
-            orthanc_study_id=orthanc_study_id,
-            model_name=identity.name,
-            model_version=identity.version,
-            fingerprint=input_fingerprint(uids),
-            state=JobState.FAILED,
-            reason=f"the study could not be examined: {type(error).__name__}: {error}"[:500],
-            failure_kind=kind,
-        )
-        if created:
-            self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
-
-    def examine(self, orthanc_study_id: str, model: OnnxModel) -> Job:
-        """Create (or find) the job for the study as it is now."""
-        identity = model.artifact.identity
-        ahead = self.prefetcher.peek(orthanc_study_id, model.artifact.key) if self.prefetcher else None
-        if ahead is not None and self._unchanged_since_prepared(orthanc_study_id, ahead):
-            # One listing instead of a header download per series: the prepared selection still holds.
-            loaded = ahead.prepared.loaded
-            return self._queue_job(
-                str(getattr(loaded.reference_datasets[0], "StudyInstanceUID", "")),
-                orthanc_study_id,
-                identity,
-                loaded.fingerprint,
-                loaded.selection.describe(),
-            )
-        study = OrthancStudy(self.client, orthanc_study_id)
-        spec = model.artifact.spec
-        series = study.series()
-        try:
-            selection = select_series(spec, series)
-        except NoMatchingSeriesError as exc:
-            # Keyed on every image instance: the same content fails once; new instances get a new try.
-            images = [s for s in series if s.modality not in ("SEG", "SR", "PR", "KO")]
-            fingerprint = input_fingerprint(uid for s in images for uid in study.sop_instance_uids(s))
-            job, created = self.ledger.create_job(
-                study_instance_uid=study.study_instance_uid,
-                orthanc_study_id=orthanc_study_id,
-                model_name=identity.name,
-                model_version=identity.version,
-                fingerprint=fingerprint,
-                state=JobState.FAILED,
-                reason=str(exc),
-                failure_kind=FailureKind.NO_MATCHING_SERIES.value,
-            )
-            if created:
-                self.metrics.jobs.labels(JobState.FAILED.value, FailureKind.NO_MATCHING_SERIES.value).inc()
-            return job
-        fingerprint = input_fingerprint(
-            uid for info in selection.chosen.values() for uid in study.sop_instance_uids(info)
-        )
-        return self._queue_job(study.study_instance_uid, orthanc_study_id, identity, fingerprint, selection.describe())
-
-    def _queue_job(
-        self, study_uid: str, orthanc_study_id: str, identity: ModelIdentity, fingerprint: str, selection: list[str]
-    ) -> Job:
-        job, created = self.ledger.create_job(
-            study_instance_uid=study_uid,
-            orthanc_study_id=orthanc_study_id,
-            model_name=identity.name,
-            model_version=identity.version,
-            fingerprint=fingerprint,
-            selection=selection,
-        )
-        logger.info("study %s: job %d %s", orthanc_study_id, job.id, "queued" if created else f"exists ({job.state})")
-        if created:
-            self._job_event.set()
-        return job
-
-    def _unchanged_since_prepared(self, orthanc_study_id: str, ahead: PreparedAhead) -> bool:
-        """True when the study has the same series and its selected series the same instances as when it was
-        prepared (so the job's key is exactly the prepared copy's)."""
-        instances = self.client.get_json(f"/studies/{orthanc_study_id}/instances")
-        if {str(i["ParentSeries"]) for i in instances} != ahead.series_ids:
-            return False
-        chosen = {info.handle for info in ahead.prepared.loaded.selection.chosen.values()}
-        current = input_fingerprint(
-            str(i["MainDicomTags"]["SOPInstanceUID"]) for i in instances if i["ParentSeries"] in chosen
-        )
-        return current == ahead.prepared.loaded.fingerprint
-
-    # -- running jobs ------------------------------------------------------------------------------
-
-    def _work(self, name: str) -> None:
-        while not self._stop.is_set():
-            model = self.model
-            claimable = self._claimable(model)
-            job = self.ledger.claim(self.worker.id, self.config.lease_s, claimable) if model is not None else None
-            if job is None or model is None:
-                self.health.beat(name)
-                self._job_event.wait(LEDGER_POLL_S)
-                self._job_event.clear()
-                continue
-            self.health.busy(name)
-            self.run_job(job, model)
-            self._update_queue_depth()
-            self.health.beat(name)
-
-    def run_job(self, job: Job, model: OnnxModel) -> None:
-        timer = StageTimer()
-        started = time.perf_counter()
-        try:
-            if model.artifact.identity.name != job.model_name or model.artifact.identity.version != job.model_version:
-                self.ledger.finish(
-                    job.id,
-                    JobState.SKIPPED,
-                    reason=f"model {job.model_name}:{job.model_version} is no longer active",
-                    worker=self.worker.id,
-                )
-                return
-            ahead = self._prepared_ahead(job, model)
-            with self.arbiter.clinical() as waited:
-                if ahead is not None:
-                    analysis = analyse_prepared(ahead.prepared, model, timer)
-                else:
-                    analysis = analyse_study(
-                        _TimedStudy(OrthancStudy(self.client, job.orthanc_study_id), timer), model, timer
-                    )
-            device_wait = sum(waited)
-            if analysis.result.input_fingerprint != job.fingerprint:
-                self.ledger.finish(
-                    job.id,
-                    JobState.SKIPPED,
-                    reason="instances changed since the job was created; a newer job supersedes it",
-                    worker=self.worker.id,
-                )
-                self.notify_stable_study(job.orthanc_study_id)
-                return
-            predecessor = self._predecessor_sr(job)
-            objects = build_results(analysis.result, self.profile, predecessor=predecessor, timer=timer)
-            with timer.stage("store"):
-                self.store.store(list(objects.datasets()))
-        except OrthancUnavailableError as exc:
-            self._set_orthanc(False)
-            if job.attempts >= self.config.max_attempts:
-                self._fail(
-                    job,
-                    FailureKind.ORTHANC_UNAVAILABLE.value,
-                    f"Orthanc unreachable after {job.attempts} attempts: {exc}",
-                    timer,
-                )
-            else:
-                delay = min(self.config.retry_base_s * 2 ** (job.attempts - 1), self.config.retry_max_s)
-                self.ledger.requeue(job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s", self.worker.id)
-            return
-        except Exception as exc:
-            if FailureKind.of(exc) is FailureKind.INTERNAL:
-                logger.exception("job %d failed unexpectedly", job.id)
-            reason = str(exc) if isinstance(exc, RadfedError) else f"{type(exc).__name__}: {exc}"
-            self._fail(job, failure_label(exc), reason, timer)
-            return
-        timings = self._timings(timer, started)
-        if self.arbiter.active:
-            timings["device_wait"] = round(device_wait, 4)  # for a federated training step in flight
-        if ahead is not None:
-            timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
-        result = analysis.result
-        recorded = self.ledger.finish(
-            job.id,
-            JobState.DONE,
-            worker=self.worker.id,
-            timings=timings,
-            result={
-                "seg_sop_instance_uid": objects.seg.SOPInstanceUID if objects.seg is not None else None,
-                "sr_sop_instance_uid": objects.sr.SOPInstanceUID,
-                "series_instance_uids": sorted({ds.SeriesInstanceUID for ds in objects.datasets()}),
-                "lesions": len(result.lesions),
-                "study_probability": round(result.study_finding.probability, 4),
-                "category": result.study_finding.category.meaning,
-                "provider": model.provider,
-                "precision": model.precision,
-                "prepared_ahead": ahead is not None,
-                "supersedes": predecessor.SOPInstanceUID if predecessor is not None else None,
-            },
-        )
-        if not recorded:  # stored all the same: the new run's objects carry the same UIDs and replace these
-            logger.warning("job %d: its lease expired while it ran (run again elsewhere); result not recorded", job.id)
-            return
-        for stage, seconds in timings.items():
-            self.metrics.stage_seconds.labels(stage).observe(seconds)
-        self.metrics.jobs.labels(JobState.DONE.value, "").inc()
-        logger.info("job %d done in %.2f s (%d lesions)", job.id, timings["total"], len(result.lesions))
 
     def _back_up_ledger(self, name: str) -> None:
         """An online copy of the ledger at start and then every interval, the newest few kept."""
@@ -623,13 +288,6 @@ class NodeService:
         if self.config.ledger_backup_interval_s <= 0:
             return "off (ledger_backup_interval_s = 0)"
         return f"online copies every {self.config.ledger_backup_interval_s:g} s in {self.config.backup_dir}"
-
-    def _claimable(self, model: OnnxModel | None) -> tuple[str, str] | None:
-        """A worker process takes only its own model's jobs (another worker may serve the others); one process that
-        does everything takes any job and skips those of a model it no longer serves."""
-        if model is None or self.config.role is not NodeRole.WORKER:
-            return None
-        return model.artifact.identity.name, model.artifact.identity.version
 
     def _device_text(self) -> str:
         provider = self.device.provider or "none"
@@ -658,38 +316,6 @@ class NodeService:
     def _prefetch(self, name: str) -> None:
         if self.prefetcher is not None:
             self.prefetcher.run(self._stop)
-
-    def _prepared_ahead(self, job: Job, model: OnnxModel) -> PreparedAhead | None:
-        if self.prefetcher is None:
-            return None
-        ahead, outcome = self.prefetcher.take(job.orthanc_study_id, job.fingerprint, model.artifact.key)
-        self.metrics.prefetch.labels(outcome.value).inc()
-        return ahead
-
-    def _timings(self, timer: StageTimer, started: float) -> dict[str, float]:
-        timings = timer.as_dict()
-        # "load" was measured around the downloads too; report it net of "fetch".
-        if "load" in timings:
-            timings["load"] = round(max(0.0, timings["load"] - timings.get("fetch", 0.0)), 4)
-        timings["total"] = round(time.perf_counter() - started, 4)
-        return timings
-
-    def _fail(self, job: Job, kind: str, reason: str, timer: StageTimer) -> None:
-        logger.warning("job %d failed (%s): %s", job.id, kind, reason)
-        self.ledger.finish(
-            job.id, JobState.FAILED, reason=reason, failure_kind=kind, timings=timer.as_dict(), worker=self.worker.id
-        )
-        self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
-
-    def _predecessor_sr(self, job: Job) -> Dataset | None:
-        previous = self.ledger.previous_done(job.study_instance_uid, job.model_name, job.id)
-        sr_uid = previous.result.get("sr_sop_instance_uid") if previous else None
-        if not sr_uid:
-            return None
-        instance = self.client.find_instance(sr_uid)
-        if instance is None:
-            return None
-        return pydicom.dcmread(io.BytesIO(self.client.instance_bytes(instance)))
 
     # -- status --------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from radfed.inference.errors import OrthancRequestError, OrthancUnavailableError
+from radfed.inference.orthanc.tags import dataset_from_short_tags
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,11 @@ class OrthancClient:
 
     def find_instance(self, sop_instance_uid: str) -> str | None:
         return next((str(i["ID"]) for i in self.lookup(sop_instance_uid) if i.get("Type") == "Instance"), None)
+
+    def instance_header(self, instance_id: str) -> Dataset:
+        """The instance's tags without pixel data or other binary values (``/tags?short``: kilobytes, not the
+        file); see :mod:`radfed.inference.orthanc.tags`."""
+        return dataset_from_short_tags(self.get_json(f"/instances/{instance_id}/tags", params={"short": ""}))
 
     def instance_bytes(self, instance_id: str) -> bytes:
         return self._request("GET", f"/instances/{instance_id}/file").content
