@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS = {
     "fetch": "bench.fetch_study",
+    "examine": "bench.examine",
     "encode": "bench.encode_results",
     "node": "bench.node_e2e",
     "federation": "bench.federation",
