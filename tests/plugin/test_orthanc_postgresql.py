@@ -77,7 +77,14 @@ def test_an_orthanc_indexed_in_postgresql_keeps_a_study_across_a_restart_and_the
     node.start(timeout_s=300)  # imports and model load on a loaded machine
     assert node.ready()["ledger_backend"] == "postgresql"
     assert node.post("/reprocess?since=20000101") == {"since": "20000101", "studies": 1}
-    wait_until(lambda: node.jobs() and node.jobs()[0]["state"] in ("done", "failed"), 600, "the job", node.log_tail)
+    ledger = postgres_url.rsplit("/", 1)[1]
+
+    def finished() -> bool:  # read from the ledger: the node's API shares the process with the job's inference
+        with postgres.connect(ledger) as connection:
+            states = [row[0] for row in connection.execute("SELECT state FROM jobs")]
+        return states in (["done"], ["failed"])
+
+    wait_until(finished, 600, "the job", node.log_tail)
     (job,) = node.jobs()
     assert job["state"] == "done" and job["study_instance_uid"] == uid, job
     expected = {"SR": 1, **({"SEG": 1} if job["result"]["lesions"] else {})}
