@@ -8,6 +8,7 @@ ledger, and the test's own uploads are checked instance by instance.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from radfed.inference.synthetic.study import SyntheticStudy
 from radfed.inference.synthetic.writer import study_datasets, upload_study
 from tests.plugin.node_harness import NodeProcess, wait_until
 from tests.plugin.test_node_service import _results_per_study, _studies
+from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.orthanc
 
@@ -49,6 +51,7 @@ def _expired_leases(*nodes: NodeProcess) -> list[tuple[int, str]]:
 def test_a_coordinator_and_two_workers_on_postgresql_survive_kill_minus_9(
     orthanc: OrthancProcess,
     orthanc_client: OrthancClient,
+    postgres: PostgresServer,
     postgres_url: str,
     node_factory: Callable[..., NodeProcess],
 ) -> None:
@@ -63,8 +66,14 @@ def test_a_coordinator_and_two_workers_on_postgresql_survive_kill_minus_9(
     def diagnostics() -> str:
         return "\n---\n".join(node.log_tail() for node in (coordinator, killed, survivor))
 
-    def jobs(via: NodeProcess = coordinator) -> list[dict[str, Any]]:
-        return via.jobs()  # every process reads the same ledger
+    def jobs() -> list[dict[str, Any]]:
+        """The shared ledger's jobs, read from PostgreSQL: a worker's API shares its process with inference."""
+        with postgres.connect(postgres_url.rsplit("/", 1)[1]) as connection:
+            rows = connection.execute(
+                "SELECT id, state, lease_owner, study_instance_uid, attempts, reason, result FROM jobs ORDER BY id"
+            ).fetchall()
+        keys = ("id", "state", "worker", "study_instance_uid", "attempts", "reason", "result")
+        return [{**dict(zip(keys, row, strict=True)), "result": json.loads(str(row[-1]))} for row in rows]
 
     studies = _studies(FIRST_BATCH + SECOND_BATCH, seed=21)
     first, second = studies[:FIRST_BATCH], studies[FIRST_BATCH:]
@@ -94,12 +103,12 @@ def test_a_coordinator_and_two_workers_on_postgresql_survive_kill_minus_9(
     _upload(second[2:], orthanc_client)
 
     def held_done() -> bool:
-        by_id = {j["id"]: j for j in jobs(survivor)}
+        by_id = {j["id"]: j for j in jobs()}
         return all(by_id[job_id]["state"] == "done" for job_id in held)
 
     wait_until(held_done, RECLAIM_S + 300, "the dead worker's job run again", survivor.log_tail)
     assert time.monotonic() - killed_at >= LEASE_S - 10
-    assert len(jobs(survivor)) <= len(studies) - len(second[2:]), "nothing examines while the coordinator is down"
+    assert len(jobs()) <= len(studies) - len(second[2:]), "nothing examines while the coordinator is down"
     coordinator.start(timeout_s=START_S)
 
     def all_finished() -> bool:
