@@ -186,6 +186,7 @@ _SUMMARY = {
     "lira_tpr_at_1pct_fpr": metric_names(Attack.LIRA)[1],
     "references": "membership_references",
 }
+_COUNTS = frozenset({"members", "non_members", "references"})
 
 
 def site_audits(site_metrics: dict[str, dict[str, object]]) -> dict[str, SiteAudit]:
@@ -193,8 +194,9 @@ def site_audits(site_metrics: dict[str, dict[str, object]]) -> dict[str, SiteAud
     audits: dict[str, SiteAudit] = {}
     for site, metrics in sorted(site_metrics.items()):
         found = {key: metrics[name] for key, name in _SUMMARY.items() if name in metrics}
-        if found:
-            audits[site] = {k: v for k, v in found.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        numbers = {k: v for k, v in found.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if numbers:  # counts arrive as floats through Flower's metric records
+            audits[site] = {k: int(v) if k in _COUNTS else float(v) for k, v in numbers.items()}
     return audits
 
 

@@ -37,8 +37,9 @@ def test_each_sites_audit_reaches_the_coordinator_and_the_card_and_no_score_leav
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the SuperNodes import the recording ClientApp
+    # seed 4: each hospital's 4 studies split 2 training / 2 held out at held-out-fraction 0.5 (by study hash)
     federation = LocalFederation(
-        tmp_path / "fed", recording_app(tmp_path), FederationOptions(sites=2, studies_per_site=4, seed=8, secure=False)
+        tmp_path / "fed", recording_app(tmp_path), FederationOptions(sites=2, studies_per_site=4, seed=4, secure=False)
     )
     federation.start()
     out = tmp_path / "job"
