@@ -126,7 +126,7 @@ class JobRunner:
         identity = model.artifact.identity
         if identity.name != job.model_name or identity.version != job.model_version:
             reason = f"model {job.model_name}:{job.model_version} is no longer active"
-            self.ledger.finish(job.id, JobState.SKIPPED, reason=reason, worker=self.worker_id)
+            self.ledger.finish(job.id, JobState.SKIPPED, reason=reason, worker=self.worker_id, attempt=job.attempts)
             return
         try:
             ahead = self._prepared_ahead(job, model)
@@ -141,7 +141,7 @@ class JobRunner:
                 self.store.store(list(objects.datasets()))
         except _SupersededError:
             reason = "instances changed since the job was created; a newer job supersedes it"
-            self.ledger.finish(job.id, JobState.SKIPPED, reason=reason, worker=self.worker_id)
+            self.ledger.finish(job.id, JobState.SKIPPED, reason=reason, worker=self.worker_id, attempt=job.attempts)
             self._reexamine(job.orthanc_study_id)
             return
         except OrthancUnavailableError as exc:
@@ -151,7 +151,9 @@ class JobRunner:
                 self._fail(job, FailureKind.ORTHANC_UNAVAILABLE.value, reason, timer)
             else:
                 delay = min(self.config.retry_base_s * 2 ** (job.attempts - 1), self.config.retry_max_s)
-                self.ledger.requeue(job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s", self.worker_id)
+                self.ledger.requeue(
+                    job.id, delay, f"Orthanc unreachable, retry in {delay:.0f} s", self.worker_id, job.attempts
+                )
             return
         except Exception as exc:  # the job boundary: every failure is recorded with its job
             if FailureKind.of(exc) is FailureKind.INTERNAL:
@@ -187,13 +189,14 @@ class JobRunner:
     ) -> None:
         timings = self._timings(timer, started)
         if self.arbiter.active:
-            timings["device_wait"] = round(device_wait, 4)  # for a federated training step in flight
+            timings["device_wait"] = round(device_wait, 4)  # taking the arbiter's clinical lock (~0: see arbiter.py)
         if ahead is not None:
             timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
         recorded = self.ledger.finish(
             job.id,
             JobState.DONE,
             worker=self.worker_id,
+            attempt=job.attempts,  # a stale run of this process (its lease taken and claimed again) is fenced too
             timings=timings,
             result={
                 "seg_sop_instance_uid": objects.seg.SOPInstanceUID if objects.seg is not None else None,
@@ -234,7 +237,13 @@ class JobRunner:
     def _fail(self, job: Job, kind: str, reason: str, timer: StageTimer) -> None:
         logger.warning("job %d failed (%s): %s", job.id, kind, reason)
         self.ledger.finish(
-            job.id, JobState.FAILED, reason=reason, failure_kind=kind, timings=timer.as_dict(), worker=self.worker_id
+            job.id,
+            JobState.FAILED,
+            reason=reason,
+            failure_kind=kind,
+            timings=timer.as_dict(),
+            worker=self.worker_id,
+            attempt=job.attempts,
         )
         self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
 
