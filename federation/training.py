@@ -101,8 +101,23 @@ class TrainingLog:
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation Dice)
     best_step: int | None = None
     stopped_by_time_limit: bool = False
+    validation_seconds: float = 0.0  # spent in validation passes (bounded by the recipe's validation_share)
     paused_seconds: float = 0.0  # waiting for clinical work on the same device (inference/arbiter.py)
     fitted_steps: int | None = None  # steps the time limit set (shortened, or lengthened when filling it)
+
+
+def validation_interval(recipe: TrainingRecipe, log: TrainingLog, elapsed: float) -> int:
+    """Steps to the next validation pass: ``validate_every``, or more when the passes so far would take
+    more than the recipe's ``validation_share`` of the run (a pass costs what the last ones cost, a step
+    what the training steps have cost so far)."""
+    if not log.validation or log.steps == 0:
+        return recipe.validate_every
+    per_pass = log.validation_seconds / len(log.validation)
+    per_step = max(elapsed - log.validation_seconds, 1e-9) / log.steps
+    share = recipe.validation_share
+    # A pass every k steps costs per_pass / (per_pass + k * per_step) of the time: at most share when
+    # k >= per_pass * (1 - share) / (share * per_step).
+    return max(recipe.validate_every, math.ceil(per_pass * (1 - share) / (share * per_step)))
 
 
 def new_model(spec: TaskSpec, seed: int | None = None) -> nn.Module:
@@ -291,9 +306,11 @@ def train_local(
         nonlocal best
         if validate is None:
             return
+        began = time.perf_counter()
         score = validate(model)
         model.train()
         log.validation.append((step, score))
+        log.validation_seconds += time.perf_counter() - began
         if best is None or score > best[0]:
             best = (score, copy.deepcopy(model.state_dict()))
             log.best_step = step
@@ -301,6 +318,7 @@ def train_local(
 
     model.train()
     planned = settings.steps
+    next_validation = recipe.validate_every
     for step in range(settings.steps):
         if step >= planned:
             break
@@ -320,8 +338,9 @@ def train_local(
         log.steps = step + 1
         if progress is not None:
             progress(step + 1, planned, log.losses[-1])
-        if validate is not None and (step + 1) % recipe.validate_every == 0 and step + 1 < planned:
+        if validate is not None and step + 1 >= next_validation and step + 1 < planned:
             checkpoint(step + 1)
+            next_validation = step + 1 + validation_interval(recipe, log, time.perf_counter() - started)
         # A whole run (not one federated round) that would overrun its time limit is shortened once the pace
         # is known, and its schedule with it, so that it still ends with the learning rate decayed instead of
         # being cut off at a high one (a slower machine trains fewer steps, not a worse schedule). A run that

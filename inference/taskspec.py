@@ -378,6 +378,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         validation_fraction=validation,
         min_validation_cohort=r.get("min_validation_cohort", int, default.min_validation_cohort),
         validate_every=r.get("validate_every", int, default.validate_every),
+        validation_share=r.get("validation_share", float, default.validation_share),
         time_limit_minutes=r.get("time_limit_minutes", float, default.time_limit_minutes),
         threads=r.get("threads", int, default.threads),
         mixed_precision=r.get("mixed_precision", bool, default.mixed_precision),
@@ -388,8 +389,11 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         or recipe.learning_rate <= 0
         or recipe.threads < 1
         or recipe.validate_every < 1
+        or not 0 < recipe.validation_share <= 1
     ):
-        raise TaskSpecError("training.steps, learning_rate, threads and validate_every must be positive")
+        raise TaskSpecError(
+            "training.steps, learning_rate, threads and validate_every must be positive, validation_share in (0, 1]"
+        )
     if recipe.steps is None and recipe.time_limit_minutes <= 0:
         raise TaskSpecError("training.steps is needed when time_limit_minutes is 0 (no budget to fill)")
     return recipe

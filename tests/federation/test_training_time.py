@@ -73,3 +73,37 @@ def test_a_recipe_without_steps_fills_its_time_limit_and_ends_decayed() -> None:
     assert 0.5 * 15 < log.seconds < 15 + 10  # most of the budget used, and no more
     assert log.optimizer_state is not None
     assert log.optimizer_state["param_groups"][0]["lr"] < 0.05 * spec.training.learning_rate
+
+
+def test_validation_passes_take_at_most_the_recipes_share_of_the_run() -> None:
+    """A slow validation pass (here 0.3 s against steps of a few ms) is run less often than validate_every
+    says, so that checkpoint selection does not eat the training budget."""
+    import time
+
+    spec, samples = _small_task(0.0)
+    spec = replace(spec, training=replace(spec.training, validate_every=5, validation_share=0.2))
+    assert spec.plan is not None
+    model = build_network(spec.plan.network, len(spec.channels))
+    scores = iter(range(1000))
+
+    def validate(_: torch.nn.Module) -> float:
+        time.sleep(0.3)
+        return float(next(scores))
+
+    log = train_local(model, samples, spec, TrainingSettings.from_spec(spec, steps=200), validate=validate)
+    passes = [step for step, _ in log.validation]
+    assert passes[0] == 5 and passes[-1] == 200  # the first after validate_every, the last at the end
+    assert len(passes) < 200 // 5 / 2  # unbounded: 40 passes
+    assert log.validation_seconds <= 0.2 * log.seconds + 2 * 0.3  # the share, plus the first and last pass
+    assert log.best_step == 200  # the scores rise: the last checkpoint is kept
+
+
+def test_validation_interval_follows_the_cost_of_a_pass() -> None:
+    from radfed.federation.training import validation_interval
+
+    recipe = replace(load_task_spec().training, validate_every=250, validation_share=0.1)
+    log = TrainingLog(steps=250, validation=[(250, 0.5)], validation_seconds=90.0)
+    # 250 steps took 100 s of training (0.4 s each); a pass costs 90 s: every 2025 steps keeps it at 10 %
+    assert validation_interval(recipe, log, elapsed=190.0) == 2025
+    cheap = TrainingLog(steps=250, validation=[(250, 0.5)], validation_seconds=1.0)
+    assert validation_interval(recipe, cheap, elapsed=101.0) == 250  # never more often than validate_every
