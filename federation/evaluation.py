@@ -241,10 +241,15 @@ def predict_samples(model: nn.Module, samples: Sequence[TrainingSample], spec: T
         yield predict_study(sample.image.astype(np.float32), spec, run_batch, batch_size=windows_per_run)
 
 
-def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> EvaluationCounts:
-    """The evaluation counts of a torch model over whole held-out studies."""
-    total = EvaluationCounts()
+def evaluate_studies(
+    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec
+) -> Iterator[tuple[TrainingSample, EvaluationCounts]]:
+    """Each held-out study's own counts (they stay at the site: the bias checks group them by subgroup)."""
     for sample, prediction in zip(samples, predict_samples(model, samples, spec), strict=True):
         score = prediction.study_score(spec.outputs.study_score)
-        total = total + study_counts(prediction.probability, score, sample, spec)
-    return total
+        yield sample, study_counts(prediction.probability, score, sample, spec)
+
+
+def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> EvaluationCounts:
+    """The evaluation counts of a torch model over whole held-out studies."""
+    return sum((counts for _, counts in evaluate_studies(model, samples, spec)), EvaluationCounts())

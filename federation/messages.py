@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from radfed.federation.subgroup_cells import CELL_PREFIX, SUPPRESSED, Attribute, cell_problem
 from radfed.inference.landmarks import LANDMARK_PERCENTILES
 
 # Counts and aggregate scalars only: never per-study values, UIDs or text.
@@ -82,6 +83,7 @@ ALLOWED_VECTORS = {
     "eval_scores_positive": SCORE_BINS,
     "eval_scores_negative": SCORE_BINS,
     "lesion_kept": LESION_KEPT_LENGTH,
+    SUPPRESSED: len(Attribute),  # bias checks: per attribute, the studies in subgroups held back (subgroups.py)
 }
 LANDMARK_PREFIX = "landmarks."
 LANDMARK_LENGTH = len(LANDMARK_PERCENTILES)
@@ -149,6 +151,12 @@ def allowed_metrics(values: Mapping[str, MetricValue]) -> dict[str, MetricValue]
     """Check a metric dict against the allow-list (names; finite scalars, or the fixed-length vectors)."""
     clean: dict[str, MetricValue] = {}
     for name, value in values.items():
+        if name.startswith(CELL_PREFIX):  # a bias-check subgroup: closed vocabulary, >= k studies per figure
+            problem = cell_problem(name, value, SCORE_BINS) if isinstance(value, list) else "must be a vector"
+            if problem is not None:
+                raise MetricLeakError(f"subgroup cell {name!r} may not leave the site: {problem}")
+            clean[name] = value
+            continue
         if isinstance(value, list):
             if not _allowed_vector(name, value):
                 raise MetricLeakError(f"metric {name!r} is not an allowed aggregate vector")

@@ -20,6 +20,7 @@ from radfed.federation.alerts import ALERTS_CONFIG_KEY, PoisoningAlert, alerts_f
 from radfed.federation.compression import Compression
 from radfed.federation.membership import MembershipAudit
 from radfed.federation.planning import PLAN_CONFIG_KEY
+from radfed.federation.subgroup_cells import MIN_CELL_FLOOR
 from radfed.inference.errors import RadfedError
 
 ConfigValue = bool | int | float | str | list[float]
@@ -68,6 +69,9 @@ class RunConfig:
     membership_audit: MembershipAudit = MembershipAudit.LOSS  # off | loss | lira
     membership_references: int = 4  # LiRA's reference models per site (each study is left out of half)
     membership_steps: int = 0  # each reference model's steps (0: the job's, num-server-rounds x local-steps)
+    # Bias checks (federation/subgroups.py): a site sends its final evaluation per subgroup (vendor, field strength,
+    # age band, sex, from DICOM headers) only for subgroups of at least this many held-out studies.
+    bias_min_cell: int = 5
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
@@ -84,6 +88,7 @@ class RunConfig:
         _require(0 <= self.held_out_fraction < 1, "held-out-fraction", self.held_out_fraction, "in [0, 1)")
         _require(self.learning_rate >= 0, "learning-rate", self.learning_rate, ">= 0 (0: the task recipe's)")
         _require(self.membership_references >= 2, "membership-references", self.membership_references, "at least 2")
+        _require(self.bias_min_cell >= MIN_CELL_FLOOR, "bias-min-cell", self.bias_min_cell, f">= {MIN_CELL_FLOOR}")
         _require(self.membership_steps >= 0, "membership-steps", self.membership_steps, ">= 0 (0: the job's)")
         try:
             Compression.parse(self.compression)

@@ -38,6 +38,8 @@ from radfed.federation.planning import (
 )
 from radfed.federation.run_config import RoundConfig, RunConfig
 from radfed.federation.site import arrays_to_model, model_to_arrays
+from radfed.federation.subgroups import card_section as bias_section
+from radfed.federation.subgroups import subgroup_table
 from radfed.federation.training import new_model
 from radfed.inference.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
 from radfed.inference.findings import ModelIdentity
@@ -258,6 +260,8 @@ class Job:
         replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
         site_metrics = {s: m for s, (_, m, _) in replies.items()}
         evaluation = evaluation_line(site_metrics)
+        if evaluation is not None:  # bias checks: the sites' subgroup cells, pooled
+            evaluation["subgroups"] = subgroup_table(site_metrics, self.run.bias_min_cell)
         membership = site_audits(site_metrics)
         append_metrics(
             self.out,
@@ -386,7 +390,10 @@ def main(grid: Grid, context: Context) -> None:
         if base is not None
         else None,
         alerts=alerts,
-        sections=[card_section(membership, run.membership_audit, epsilon)],
+        sections=[
+            card_section(membership, run.membership_audit, epsilon),
+            bias_section((final or {}).get("subgroups"), run.bias_min_cell),
+        ],
     )
     (job.out / "model-card.md").write_text(card)
     say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")

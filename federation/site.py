@@ -19,13 +19,15 @@ import torch
 from radfed.federation.calibration import reference_extent_kept, reference_kept
 from radfed.federation.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.compression import ErrorFeedback, compress_reply
-from radfed.federation.evaluation import evaluate_model
+from radfed.federation.evaluation import EvaluationCounts, evaluate_model, evaluate_studies
 from radfed.federation.membership_audit import AuditSettings, audit_model
 from radfed.federation.messages import MetricValue
 from radfed.federation.planning import PLAN_CONFIG_KEY, fingerprint_metrics, planned_spec
 from radfed.federation.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
 from radfed.federation.run_config import RoundConfig
 from radfed.federation.site_config import SiteConfig
+from radfed.federation.subgroup_cells import StudySubgroups
+from radfed.federation.subgroups import study_subgroups, subgroup_metrics
 from radfed.federation.training import OptimizerState, TrainingSettings, new_model, train_local
 from radfed.inference.plan import DatasetFingerprint
 from radfed.inference.registry import ModelRegistry
@@ -236,8 +238,13 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     spec, cohort, train, held_out = _cohort_split(site, plan)
     model = arrays_to_model(spec, arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
-    metrics.update(evaluate_model(model, held_out, spec).as_metrics())
+    studies = list(evaluate_studies(model, held_out, spec))
+    metrics.update(sum((counts for _, counts in studies), EvaluationCounts()).as_metrics())
     run = plan.run
+    # bias checks: per subgroup read from the studies' headers, only cells of >= bias-min-cell studies
+    groups = study_subgroups(site.data, {sample.key for sample, _ in studies})
+    cells = [(counts, groups.get(sample.key, StudySubgroups())) for sample, counts in studies]
+    metrics.update(subgroup_metrics(cells, run.bias_min_cell))
     audit = AuditSettings(
         run.membership_audit, run.membership_references, run.reference_steps, run.learning_rate, run.seed
     )

@@ -73,6 +73,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         membership_audit=MembershipAudit.LIRA,
         membership_references=6,
         membership_steps=12,
+        bias_min_cell=3,
     )
     default = RunConfig()
     assert [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)] == []
