@@ -129,6 +129,7 @@ def write_job_report(
     """The report of one job folder (metrics.jsonl, model card, artifact) with optional extra figures: new
     studies' results against their truth (``new_studies``: header and rows) and the base model fine-tuned."""
     from radfed.federation.evaluation import roc_points
+    from radfed.federation.subgroups import table_rows
 
     lines = [json.loads(x) for x in (job_out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rounds = [m for m in lines if "round" in m]
@@ -196,6 +197,11 @@ def write_job_report(
                 for n, v in zip(names, values, strict=True)
             ],
         )
+        if final.get("subgroups"):  # bias checks: only subgroups of >= min_cell studies left each site
+            report.table(
+                f"Bias checks: per subgroup of >= {final['subgroups']['min_cell']} held-out studies, pooled",
+                *table_rows(final["subgroups"]),
+            )
         fig, ax = plt.subplots(figsize=(4.6, 4.2))
         scores = next(m["evaluation"]["scores"] for m in lines if m.get("stage") == "final")
         for name, hist in sorted(scores.items()):

@@ -198,3 +198,21 @@ def test_age_band_from_dates_is_whole_years() -> None:
     before = header(PatientBirthDate=birth.strftime("%Y%m%d"), StudyDate="20250530")
     after = header(PatientBirthDate=birth.strftime("%Y%m%d"), StudyDate="20250602")
     assert (subgroups_from_header(before).age, subgroups_from_header(after).age) == ("60-69", "70-79")
+
+
+def test_the_job_report_shows_the_pooled_subgroups(tmp_path: Path) -> None:
+    from radfed.federation.coordinator import append_metrics, evaluation_line
+    from radfed.plugin.report import write_job_report
+
+    rows = site_studies()
+    total = sum((counts for counts, _ in rows), EvaluationCounts())
+    site_metrics = {"hospital-1": {**total.as_metrics(), **subgroup_metrics(rows, 5)}}
+    final = evaluation_line(site_metrics)
+    assert final is not None
+    final["subgroups"] = subgroup_table(site_metrics, 5)
+    append_metrics(tmp_path, {"stage": "final", "evaluated_round": 1, "evaluation": final})
+    page = write_job_report(tmp_path, tmp_path / "report").read_text()
+    assert "Bias checks: per subgroup of &gt;= 5 held-out studies, pooled" in page
+    everyone = final["subgroups"]["attributes"]["sex"]["cells"]["M"]
+    assert f"<td>sex</td><td>M</td><td>13</td><td>{everyone['dice']:.3f} (" in page
+    assert "<td>vendor</td><td>philips</td>" not in page  # 1 study: it never left the site
