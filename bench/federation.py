@@ -324,7 +324,9 @@ def _run_arm(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, arm
 def _run_privacy_arm(data: Path, budget: Budget, arm: Arm) -> ArmResult:
     """One arm of the privacy curve, its cohorts loaded in the worker: sent from the parent, 3 sites x 100
     studies cost each worker 5.4 GB and two workers beside the parent's copy ran a 23 GB machine out of memory."""
-    cohorts = load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, load_task_spec(None))
+    roots = {p.name: p for p in sorted(data.glob("site-*"))}
+    # planned as the coordinator plans the job: a DP job keeps batches of >= 8 (inference/plan.py)
+    cohorts = load_site_cohorts(roots, load_task_spec(None), private=bool(arm.epsilon))
     return Experiment(next(iter(cohorts.values())).spec, cohorts, budget).run(arm)
 
 

@@ -100,9 +100,11 @@ class ArmResult:
     bytes_up: float | None = None  # federated arms: mean bytes a site sent per round (the compressed payload)
 
 
-def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None) -> dict[str, SiteCohort]:
+def load_site_cohorts(
+    roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None, *, private: bool = False
+) -> dict[str, SiteCohort]:
     """Every site's cohort under one plan, made as the coordinator makes it (from the sites' merged
-    fingerprint summaries where the spec leaves the grid or patch open)."""
+    fingerprint summaries where the spec leaves the grid or patch open; ``private``: for a job with DP)."""
     if spec.plan is None:
         prints = None
         if needs_fingerprint(spec):
@@ -110,7 +112,7 @@ def load_site_cohorts(roots: Mapping[str, Path], spec: TaskSpec, cache: Path | N
                 name: DatasetFingerprint.from_studies(source_fingerprints(spec, [str(root)], None))
                 for name, root in roots.items()
             }
-        spec = spec.planned(job_plan(spec, prints))
+        spec = spec.planned(job_plan(spec, prints, private=private))
     return {
         name: cohort_from_sources(spec, [str(root)], cache_dir=cache / name if cache else None)
         for name, root in roots.items()
