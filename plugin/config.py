@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -18,6 +17,7 @@ from typing import Any
 from radfed.inference.arbiter import DevicePolicy
 from radfed.inference.device import Device, RuntimeSettings
 from radfed.inference.errors import RadfedError
+from radfed.inference.node_file import NodeFileError, NodeLocations, read_node_file, setting
 from radfed.inference.orthanc.client import OrthancEndpoint
 from radfed.plugin.ledger import DEFAULT_LEASE_S
 
@@ -117,21 +117,10 @@ class NodeConfig:
 
 
 def _get(table: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
-    if key not in table:
-        return default
-    value = table[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}.{key} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-def _device_policy(value: str) -> DevicePolicy:
     try:
-        return DevicePolicy(value)
-    except ValueError:
-        raise ConfigError(f"node.device_policy must be one of {', '.join(p.value for p in DevicePolicy)}") from None
+        return setting(table, key, kind, default, where)
+    except NodeFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _runtime_settings(
@@ -235,24 +224,21 @@ def _lease_s(value: float) -> float:
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Read ``path`` (TOML) and apply ``RADFED_*`` environment overrides."""
     env = dict(os.environ if environ is None else environ)
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
-    orthanc = data.get("orthanc", {})
+    try:
+        data = read_node_file(path) if path is not None else {}
+        # the keys the federated site beside the node reads too (its --node-config may name this file)
+        where = NodeLocations.from_file_data(data, env)
+    except NodeFileError as exc:
+        raise ConfigError(str(exc)) from None
     node = data.get("node", {})
     api = data.get("api", {})
     output = data.get("output", {})
     scp = data.get("scp", {})
-    url = env.get("RADFED_ORTHANC_URL") or _get(orthanc, "url", str, "http://127.0.0.1:8042", "orthanc")
-    password = env.get("RADFED_ORTHANC_PASSWORD") or _get(orthanc, "password", str, None, "orthanc")
-    base = OrthancEndpoint.from_url(url)
+    base = OrthancEndpoint.from_url(where.orthanc_url)
     endpoint = OrthancEndpoint(
-        base.url, _get(orthanc, "username", str, base.username, "orthanc"), password or base.password
+        base.url, where.orthanc_username or base.username, where.orthanc_password or base.password
     )
-    state_dir = Path(env.get("RADFED_STATE_DIR") or _get(node, "state_dir", str, "/var/lib/radfed", "node"))
+    state_dir = where.state_dir
     token = env.get("RADFED_API_TOKEN") or _get(api, "token", str, "", "api")
     if not token:
         raise ConfigError("api.token (or RADFED_API_TOKEN) is required: every API route needs a token")
@@ -280,9 +266,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return NodeConfig(
         orthanc=endpoint,
         state_dir=state_dir,
-        models_dir=Path(
-            env.get("RADFED_MODELS_DIR") or _get(node, "models_dir", str, str(state_dir / "models"), "node")
-        ),
+        models_dir=where.models_dir,
         concurrency=concurrency,
         poll_interval_s=_get(node, "poll_interval_s", float, 1.0, "node"),
         retry_base_s=_get(node, "retry_base_s", float, 2.0, "node"),
@@ -310,7 +294,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         ledger_backups=_get(node, "ledger_backups", int, 24, "node"),
         reconcile_quiet_s=_get(node, "reconcile_quiet_s", float, 180.0, "node"),
         reconcile_interval_s=_get(node, "reconcile_interval_s", float, 30.0, "node"),
-        device_policy=_device_policy(_get(node, "device_policy", str, DevicePolicy.CLINICAL_FIRST.value, "node")),
+        device_policy=where.device_policy,
         refuse_flagged_models=_get(node, "refuse_flagged_models", bool, False, "node"),
         database_url=_database_url(env.get("RADFED_DATABASE_URL") or _get(node, "database_url", str, None, "node")),
         role=_role(_get(node, "role", str, NodeRole.ALL.value, "node")),
