@@ -33,11 +33,22 @@ class NoTrainingDataError(RadfedError, ValueError):
     """No usable study in the given sources."""
 
 
-def set_threads(threads: int) -> None:
-    """Torch's intra-op threads for this process, and for the processes it starts (OpenMP). On 2 shared
-    cores 2 threads ran ~8x slower than 1 while other work ran (SETUP.md)."""
-    torch.set_num_threads(max(1, threads))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, threads))
+def set_threads(threads: int) -> int:
+    """Torch's intra-op threads for this process, and for the processes it starts (OpenMP); 0 picks
+    :func:`free_cores`. Returns the number set. On 2 shared cores 2 threads ran ~8x slower than 1 while other
+    work ran (SETUP.md), hence never more threads than free cores."""
+    chosen = threads if threads > 0 else free_cores()
+    torch.set_num_threads(chosen)
+    os.environ["OMP_NUM_THREADS"] = str(chosen)
+    return chosen
+
+
+def free_cores(load: float | None = None, cpus: int | None = None) -> int:
+    """The cores this process may run on (its CPU affinity) less those the 1-minute load average says are
+    busy, at least 1."""
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    load = load if load is not None else os.getloadavg()[0]
+    return max(1, min(cpus, cpus - round(load)))
 
 
 def validation_split(
@@ -184,7 +195,7 @@ def train_local_artifact(
     spec = spec or load_task_spec(task)
     if threads is not None:
         spec = replace(spec, training=replace(spec.training, threads=threads))
-    set_threads(spec.training.threads)
+    threads_used = set_threads(spec.training.threads)
     started = time.perf_counter()
     budget = ComputeBudget.for_device(Device.GPU if torch.cuda.is_available() else Device.CPU)
     cohort: SiteCohort = cohort_from_sources(spec, sources, labels=labels, cache_dir=cache_dir, budget=budget)
@@ -196,6 +207,7 @@ def train_local_artifact(
     fingerprint = cohort.fingerprint()
     provenance: dict[str, Any] = {
         "training": "local",
+        "torch_threads": threads_used,
         "studies_per_site": {"local": cohort.report.usable},
         "readiness": cohort.report.as_metrics(),
         "steps": trained.log.steps,

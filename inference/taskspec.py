@@ -387,12 +387,13 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
     if (
         (recipe.steps is not None and recipe.steps < 1)
         or recipe.learning_rate <= 0
-        or recipe.threads < 1
+        or recipe.threads < 0
         or recipe.validate_every < 1
         or not 0 < recipe.validation_share <= 1
     ):
         raise TaskSpecError(
-            "training.steps, learning_rate, threads and validate_every must be positive, validation_share in (0, 1]"
+            "training.steps, learning_rate and validate_every must be positive, threads >= 0 (0: auto), "
+            "validation_share in (0, 1]"
         )
     if recipe.steps is None and recipe.time_limit_minutes <= 0:
         raise TaskSpecError("training.steps is needed when time_limit_minutes is 0 (no budget to fill)")

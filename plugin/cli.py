@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels", type=Path, help="labels CSV for Orthanc sources")
     train.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     train.add_argument("--steps", type=int, help="override the recipe's training steps")
-    train.add_argument("--threads", type=int, help="torch threads for training (default: the recipe's, 1)")
+    train.add_argument("--threads", type=int, help="torch threads (default: the recipe's; 0: the cores not busy)")
     train.add_argument("--version", default="0.1.0", help="model version written in the artifact")
     train.add_argument("--cache", type=Path, help="preprocessed-tensor cache folder")
     train.add_argument("--seed", type=int, default=0)

@@ -92,13 +92,23 @@ def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> Non
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
-            train_local_artifact(
+            outcome = train_local_artifact(
                 task=None, sources=[str(synth_root / "site-1")], out=tmp_path / str(threads), steps=1, threads=threads
             )
             assert torch.get_num_threads() == threads
             assert os.environ["OMP_NUM_THREADS"] == str(threads)
+            assert outcome.artifact.provenance["torch_threads"] == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_automatic_threads_take_the_cores_that_are_not_busy() -> None:
+    from radfed.federation.local import free_cores
+
+    assert free_cores(load=0.3, cpus=2) == 2  # an idle 2-core machine: both
+    assert free_cores(load=1.2, cpus=2) == 1  # another training on one of them
+    assert free_cores(load=7.5, cpus=2) == 1  # never less than one
+    assert free_cores(load=2.0, cpus=16) == 14
 
 
 def test_bad_studies_are_skipped_with_a_reason(tmp_path: Path, synth_root: Path) -> None:
