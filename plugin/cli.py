@@ -334,12 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", type=Path, nargs="+", metavar="FILE")
     validate.set_defaults(handler=_cmd_validate)
 
-    from radfed.plugin import demo, experiment_command, federation_command, viewer  # argparse only; lazy handlers
+    from radfed.plugin import (  # argparse only; lazy handlers
+        config_command,
+        demo,
+        experiment_command,
+        federation_command,
+        viewer,
+    )
 
     federation_command.add_parser(commands)
     experiment_command.add_parser(commands)
     demo.add_parser(commands)
     viewer.add_parser(commands)
+    config_command.add_parser(commands)
     return parser
 
 

@@ -10,34 +10,27 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from radfed.inference.arbiter import DevicePolicy
-from radfed.inference.device import Device, RuntimeSettings
+from radfed.inference.device import RuntimeSettings
 from radfed.inference.errors import RadfedError
-from radfed.inference.node_file import NodeFileError, NodeLocations, read_node_file, setting
+from radfed.inference.node_file import NodeFileError, NodeLocations, read_node_file
 from radfed.inference.orthanc.client import OrthancEndpoint
 from radfed.plugin.ledger import DEFAULT_LEASE_S
+from radfed.plugin.settings import (
+    Destination,
+    InferenceSection,
+    NodeRole,
+    ScpSection,
+    SettingsError,
+    validate_settings,
+    with_environment,
+)
 
 
 class ConfigError(RadfedError, ValueError):
     """The node configuration is invalid; the message names the setting."""
-
-
-class NodeRole(StrEnum):
-    """What one ``radfed serve`` process does: follow Orthanc and examine (coordinator), run jobs (worker), or both."""
-
-    COORDINATOR = "coordinator"
-    WORKER = "worker"
-    ALL = "all"
-
-
-class Destination(StrEnum):
-    ORTHANC_REST = "orthanc-rest"
-    DICOMWEB = "dicomweb"
-    CSTORE = "cstore"
 
 
 @dataclass(frozen=True)
@@ -116,39 +109,17 @@ class NodeConfig:
         return self.state_dir / "backups"
 
 
-def _get(table: Mapping[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
-    try:
-        return setting(table, key, kind, default, where)
-    except NodeFileError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _runtime_settings(
-    table: Mapping[str, Any], threads: int | None, state_dir: Path, device: str | None
-) -> RuntimeSettings:
+def _runtime_settings(section: InferenceSection, threads: int | None, state_dir: Path) -> RuntimeSettings:
     """``[inference]``: the wanted device (``RADFED_DEVICE`` overrides it), GPU options, windows per run."""
-    defaults = RuntimeSettings()
-    wanted = device or _get(table, "device", str, defaults.device.value, "inference")
-    try:
-        chosen = Device(wanted)
-    except ValueError:
-        raise ConfigError(
-            f"inference.device must be one of {', '.join(d.value for d in Device)}, got {wanted!r}"
-        ) from None
-    device_id = _get(table, "device_id", int, defaults.device_id, "inference")
-    limit = _get(table, "gpu_mem_limit_mb", int, defaults.gpu_mem_limit_mb, "inference")
-    batch = _get(table, "batch_windows", int, defaults.batch_windows, "inference")
-    if device_id < 0 or (limit is not None and limit <= 0) or batch < 1:
-        raise ConfigError("inference.device_id must be >= 0, gpu_mem_limit_mb > 0 and batch_windows >= 1")
     return RuntimeSettings(
-        device=chosen,
-        device_id=device_id,
-        gpu_mem_limit_mb=limit,
-        tensorrt=_get(table, "tensorrt", bool, defaults.tensorrt, "inference"),
+        device=section.device,
+        device_id=section.device_id,
+        gpu_mem_limit_mb=section.gpu_mem_limit_mb,
+        tensorrt=section.tensorrt,
         engine_cache_dir=state_dir / "tensorrt-engines",
-        batch_windows=batch,
-        warmup=_get(table, "warmup", bool, defaults.warmup, "inference"),
-        fp16=_get(table, "fp16", bool, defaults.fp16, "inference"),
+        batch_windows=section.batch_windows,
+        warmup=section.warmup,
+        fp16=section.fp16,
         intra_op_threads=threads,
     )
 
@@ -167,13 +138,6 @@ def _ae_title(value: str, where: str) -> str:
     return title
 
 
-def _string_list(table: Mapping[str, Any], key: str, where: str) -> list[str]:
-    values = _get(table, key, list, [], where)
-    if not all(isinstance(v, str) for v in values):
-        raise ConfigError(f"{where}.{key} must be a list of strings, got {values!r}")
-    return list(values)
-
-
 def _peer_network(value: str) -> IPNetwork:
     try:
         return ipaddress.ip_network(value.strip(), strict=True)
@@ -181,23 +145,22 @@ def _peer_network(value: str) -> IPNetwork:
         raise ConfigError(f"scp.allowed_peers: {value!r} is not an IP address or network ({exc})") from None
 
 
-def _scp_settings(scp: Mapping[str, Any]) -> ScpSettings | None:
-    if not _get(scp, "enabled", bool, False, "scp"):
+def _scp_settings(scp: ScpSection) -> ScpSettings | None:
+    if not scp.enabled:
         return None
-    port = _get(scp, "port", int, None, "scp")
-    if port is None or isinstance(port, bool) or not 0 < port < 65536:
+    port = scp.port
+    if port is None or not 0 < port < 65536:
         raise ConfigError(f"scp.port must be a TCP port (1-65535) when scp.enabled = true, got {port!r}")
-    host = _get(scp, "host", str, "127.0.0.1", "scp")
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(scp.host)
     except ValueError:
-        raise ConfigError(f"scp.host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {host!r}") from None
+        raise ConfigError(f"scp.host must be an IP address (127.0.0.1, 0.0.0.0, ::), got {scp.host!r}") from None
     return ScpSettings(
         port=port,
-        ae_title=_ae_title(_get(scp, "aet", str, "RADFED", "scp"), "scp.aet"),
-        host=host,
-        allowed_aets=frozenset(_ae_title(v, "scp.allowed_aets") for v in _string_list(scp, "allowed_aets", "scp")),
-        allowed_peers=tuple(_peer_network(v) for v in _string_list(scp, "allowed_peers", "scp")),
+        ae_title=_ae_title(scp.aet, "scp.aet"),
+        host=scp.host,
+        allowed_aets=frozenset(_ae_title(v, "scp.allowed_aets") for v in scp.allowed_aets),
+        allowed_peers=tuple(_peer_network(v) for v in scp.allowed_peers),
     )
 
 
@@ -208,13 +171,6 @@ def _database_url(value: str | None) -> str | None:
     raise ConfigError(f"node.database_url must be sqlite:///PATH or postgresql+psycopg://..., got {scheme}")
 
 
-def _role(value: str) -> NodeRole:
-    try:
-        return NodeRole(value)
-    except ValueError:
-        raise ConfigError(f"node.role must be one of {', '.join(r.value for r in NodeRole)}, got {value!r}") from None
-
-
 def _lease_s(value: float) -> float:
     if value < 1.0:
         raise ConfigError(f"node.lease_s must be at least 1 s (a heartbeat renews it every third), got {value}")
@@ -222,81 +178,65 @@ def _lease_s(value: float) -> float:
 
 
 def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> NodeConfig:
-    """Read ``path`` (TOML) and apply ``RADFED_*`` environment overrides."""
+    """Read ``path`` (TOML), apply ``RADFED_*`` environment overrides and validate against the schema
+    (plugin/settings.py)."""
     env = dict(os.environ if environ is None else environ)
     try:
-        data = read_node_file(path) if path is not None else {}
+        data = with_environment(read_node_file(path) if path is not None else {}, env)
+        settings = validate_settings(data)
         # the keys the federated site beside the node reads too (its --node-config may name this file)
-        where = NodeLocations.from_file_data(data, env)
-    except NodeFileError as exc:
+        where = NodeLocations.from_file_data(data, {})
+    except (NodeFileError, SettingsError) as exc:
         raise ConfigError(str(exc)) from None
-    node = data.get("node", {})
-    api = data.get("api", {})
-    output = data.get("output", {})
-    scp = data.get("scp", {})
+    node, api, output = settings.node, settings.api, settings.output
     base = OrthancEndpoint.from_url(where.orthanc_url)
     endpoint = OrthancEndpoint(
         base.url, where.orthanc_username or base.username, where.orthanc_password or base.password
     )
     state_dir = where.state_dir
-    token = env.get("RADFED_API_TOKEN") or _get(api, "token", str, "", "api")
+    token = api.token.get_secret_value() if api.token else ""
     if not token:
         raise ConfigError("api.token (or RADFED_API_TOKEN) is required: every API route needs a token")
-    try:
-        destination = Destination(_get(output, "destination", str, "orthanc-rest", "output"))
-    except ValueError:
-        raise ConfigError(f"output.destination must be one of {', '.join(d.value for d in Destination)}") from None
+    destination = output.destination
     cstore = None
     if destination is Destination.CSTORE:
-        target = output.get("cstore")
-        if not isinstance(target, dict):
+        if output.cstore is None:
             raise ConfigError("output.destination = cstore needs an [output.cstore] table (host, port, called_aet)")
-        cstore = CStoreTarget(
-            _get(target, "host", str, "127.0.0.1", "output.cstore"),
-            _get(target, "port", int, 104, "output.cstore"),
-            _get(target, "called_aet", str, "ORTHANC", "output.cstore"),
-            _get(target, "calling_aet", str, "RADFED", "output.cstore"),
-        )
-    dicomweb_url = _get(output, "dicomweb_url", str, None, "output")
+        target = output.cstore
+        cstore = CStoreTarget(target.host, target.port, target.called_aet, target.calling_aet)
+    dicomweb_url = output.dicomweb_url
     if destination is Destination.DICOMWEB and not dicomweb_url:
         dicomweb_url = endpoint.url + "/dicom-web"
-    concurrency = _get(node, "concurrency", int, 2, "node")
-    if concurrency < 1:
-        raise ConfigError("node.concurrency must be at least 1")
+    database_url = node.database_url.get_secret_value() if node.database_url else None
     return NodeConfig(
         orthanc=endpoint,
         state_dir=state_dir,
         models_dir=where.models_dir,
-        concurrency=concurrency,
-        poll_interval_s=_get(node, "poll_interval_s", float, 1.0, "node"),
-        retry_base_s=_get(node, "retry_base_s", float, 2.0, "node"),
-        retry_max_s=_get(node, "retry_max_s", float, 60.0, "node"),
-        max_attempts=_get(node, "max_attempts", int, 50, "node"),
-        api_host=_get(api, "host", str, "127.0.0.1", "api"),
-        api_port=int(env.get("RADFED_API_PORT") or _get(api, "port", int, 8700, "api")),
+        concurrency=node.concurrency,
+        poll_interval_s=node.poll_interval_s,
+        retry_base_s=node.retry_base_s,
+        retry_max_s=node.retry_max_s,
+        max_attempts=node.max_attempts,
+        api_host=api.host,
+        api_port=api.port,
         api_token=token,
         destination=destination,
         dicomweb_url=dicomweb_url,
         cstore=cstore,
-        seg_encoding=_seg_encoding(_get(output, "seg_encoding", str, "BINARY", "output")),
-        key_images=_get(output, "key_images", bool, False, "output"),
-        scp=_scp_settings(scp),
-        runtime=_runtime_settings(
-            data.get("inference", {}),
-            _get(node, "onnx_threads", int, None, "node"),
-            state_dir,
-            env.get("RADFED_DEVICE"),
-        ),
-        prefetch=_get(node, "prefetch", bool, True, "node"),
-        prefetch_quiet_s=_get(node, "prefetch_quiet_s", float, 0.5, "node"),
-        prefetch_studies=_get(node, "prefetch_studies", int, 4, "node"),
-        ledger_backup_interval_s=_get(node, "ledger_backup_interval_s", float, 3600.0, "node"),
-        ledger_backups=_get(node, "ledger_backups", int, 24, "node"),
-        reconcile_quiet_s=_get(node, "reconcile_quiet_s", float, 180.0, "node"),
-        reconcile_interval_s=_get(node, "reconcile_interval_s", float, 30.0, "node"),
+        seg_encoding=_seg_encoding(output.seg_encoding),
+        key_images=output.key_images,
+        scp=_scp_settings(settings.scp),
+        runtime=_runtime_settings(settings.inference, node.onnx_threads, state_dir),
+        prefetch=node.prefetch,
+        prefetch_quiet_s=node.prefetch_quiet_s,
+        prefetch_studies=node.prefetch_studies,
+        ledger_backup_interval_s=node.ledger_backup_interval_s,
+        ledger_backups=node.ledger_backups,
+        reconcile_quiet_s=node.reconcile_quiet_s,
+        reconcile_interval_s=node.reconcile_interval_s,
         device_policy=where.device_policy,
-        refuse_flagged_models=_get(node, "refuse_flagged_models", bool, False, "node"),
-        database_url=_database_url(env.get("RADFED_DATABASE_URL") or _get(node, "database_url", str, None, "node")),
-        role=_role(_get(node, "role", str, NodeRole.ALL.value, "node")),
-        lease_s=_lease_s(_get(node, "lease_s", float, DEFAULT_LEASE_S, "node")),
+        refuse_flagged_models=node.refuse_flagged_models,
+        database_url=_database_url(database_url),
+        role=node.role,
+        lease_s=_lease_s(node.lease_s),
     )
