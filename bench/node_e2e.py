@@ -27,7 +27,7 @@ from radfed.inference.study_source import OrthancStudy
 from radfed.inference.synthetic.sites import site_profile
 from radfed.inference.synthetic.study import SyntheticStudy, render_study
 from radfed.inference.synthetic.writer import synthesize_to_folder, upload_study
-from radfed.plugin.ledger import JobState
+from radfed.plugin.ledger import JobStatus
 
 STUDIES = int(os.environ.get("RADFED_BENCH_STUDIES", "12"))  # the batch (throughput)
 SEQUENTIAL = int(os.environ.get("RADFED_BENCH_SEQUENTIAL", "10"))  # one at a time (latency, no queueing)
@@ -70,7 +70,7 @@ def run_node(root: Path, artifact_dir: Path, studies: list[SyntheticStudy], pref
         for study in studies[SEQUENTIAL:]:
             upload_study(study, node.client)
         node.wait_for(SEQUENTIAL + STUDIES)
-        jobs = [j for j in node.service.ledger.jobs(state=JobState.DONE, limit=1000) if j.created >= batch_start]
+        jobs = [j for j in node.service.ledger.jobs(state=JobStatus.DONE, limit=1000) if j.created >= batch_start]
         model = node.service.model
         assert model is not None
         # Model-only time on the same tensors, one study at a time, in this process.

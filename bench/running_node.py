@@ -17,7 +17,7 @@ from radfed.inference.orthanc.launcher import OrthancOptions, start_orthanc
 from radfed.inference.synthetic.study import SyntheticStudy
 from radfed.inference.synthetic.writer import upload_study
 from radfed.plugin.config import NodeConfig, load_config
-from radfed.plugin.ledger import Job, JobState
+from radfed.plugin.ledger import Job, JobStatus
 from radfed.plugin.service import NodeService
 
 
@@ -42,7 +42,7 @@ class RunningNode:
 
     def finished(self) -> int:
         ledger = self.service.ledger
-        return len(ledger.jobs(state=JobState.DONE, limit=1000)) + len(ledger.jobs(state=JobState.FAILED, limit=1000))
+        return len(ledger.jobs(state=JobStatus.DONE, limit=1000)) + len(ledger.jobs(state=JobStatus.FAILED, limit=1000))
 
     def wait_for(self, count: int) -> None:
         deadline = time.time() + 1800
@@ -56,7 +56,7 @@ class RunningNode:
         for number, study in enumerate(studies, start=1):
             upload_study(study, self.client)
             self.wait_for(number)
-        return self.service.ledger.jobs(state=JobState.DONE, limit=1000)
+        return self.service.ledger.jobs(state=JobStatus.DONE, limit=1000)
 
     def latencies(self, jobs: list[Job]) -> list[float]:
         """StableStudy -> SEG + SR stored, per job."""

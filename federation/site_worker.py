@@ -84,8 +84,8 @@ def unpack(data: bytes) -> Frame:
     return Frame(header, arrays)
 
 
-def _address(state_dir: Path, supernode_pid: int) -> str:
-    digest = hashlib.sha256(f"{state_dir.resolve()}|{supernode_pid}".encode()).hexdigest()[:24]
+def _address(state_dir: Path, parent_pid: int) -> str:
+    digest = hashlib.sha256(f"{state_dir.resolve()}|{parent_pid}".encode()).hexdigest()[:24]
     return f"\0radfed-site-worker-{digest}"
 
 
@@ -107,9 +107,11 @@ def call_site_worker(node_config: Mapping[str, Any], request: Request, frame: Fr
     """Send one request to this SuperNode's worker (starting it when none is running) and return its reply;
     a request the worker failed raises SiteWorkerError with the worker's reason."""
     site = SiteConfig.from_node_config(dict(node_config))
-    supernode = os.getppid()  # the ClientApp runs as the SuperNode's child
-    address, key = _address(site.state_dir, supernode), _authkey(site.state_dir)
-    connection = _connect(address, key) or _start_and_connect(site.state_dir, supernode, address, key)
+    # the ClientApp's parent: the SuperNode, or radfed's warm SuperExec that forks ClientApps for it; the worker
+    # lives as long as that process
+    parent = os.getppid()
+    address, key = _address(site.state_dir, parent), _authkey(site.state_dir)
+    connection = _connect(address, key) or _start_and_connect(site.state_dir, parent, address, key)
     with connection:
         connection.send_bytes(
             pack(Frame({"request": str(request), "node_config": dict(node_config), **frame.header}, frame.arrays))
@@ -132,7 +134,7 @@ def _connect(address: str, key: bytes) -> Connection | None:
         return None
 
 
-def _start_and_connect(state_dir: Path, supernode: int, address: str, key: bytes) -> Connection:
+def _start_and_connect(state_dir: Path, parent_pid: int, address: str, key: bytes) -> Connection:
     with (state_dir / "site-worker.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two messages at once start one worker
         connection = _connect(address, key)
@@ -142,7 +144,7 @@ def _start_and_connect(state_dir: Path, supernode: int, address: str, key: bytes
             # stdio goes to the log: Flower waits for the ClientApp's pipes to close.
             process = subprocess.Popen(
                 [sys.executable, "-m", "radfed.federation.site_worker", "--state-dir", str(state_dir),
-                 "--supernode-pid", str(supernode)],
+                 "--parent-pid", str(parent_pid)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, close_fds=True,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -205,16 +207,16 @@ def keep_alerts(site: SiteConfig, alerts: Sequence[PoisoningAlert]) -> None:
         )  # fmt: skip
 
 
-def serve(state_dir: Path, supernode: int, idle_exit_s: float = IDLE_EXIT_S) -> None:
-    address, key = _address(state_dir, supernode), _authkey(state_dir)
+def serve(state_dir: Path, parent_pid: int, idle_exit_s: float = IDLE_EXIT_S) -> None:
+    address, key = _address(state_dir, parent_pid), _authkey(state_dir)
     last_active = [time.monotonic()]
 
     def watchdog() -> None:
         # The worker must not outlive its SuperNode (a stopped or killed site sends nothing more).
         while True:
             time.sleep(0.5)
-            if not process_alive(supernode):
-                logger.info("SuperNode %d is gone: exiting", supernode)
+            if not process_alive(parent_pid):
+                logger.info("parent %d (SuperNode or warm SuperExec) is gone: exiting", parent_pid)
                 os._exit(0)
             if time.monotonic() - last_active[0] > idle_exit_s:
                 logger.info("idle for %.0f s: exiting", idle_exit_s)
@@ -222,7 +224,7 @@ def serve(state_dir: Path, supernode: int, idle_exit_s: float = IDLE_EXIT_S) -> 
 
     threading.Thread(target=watchdog, daemon=True).start()
     with Listener(address, family="AF_UNIX", authkey=key) as listener:
-        logger.info("site worker for SuperNode %d ready", supernode)
+        logger.info("site worker for parent %d ready", parent_pid)
         _warm_up()
         while True:
             try:
@@ -273,11 +275,11 @@ def process_alive(pid: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description="radfed site worker (started by the radfed ClientApp)")
     parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--supernode-pid", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True, help="exit when this process is gone")
     parser.add_argument("--idle-exit", type=float, default=IDLE_EXIT_S)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s site-worker: %(message)s")
-    serve(args.state_dir, args.supernode_pid, args.idle_exit)
+    serve(args.state_dir, args.parent_pid, args.idle_exit)
 
 
 if __name__ == "__main__":

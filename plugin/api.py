@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from radfed.federation.alerts import UnresolvedAlertsError
 from radfed.inference.errors import DicomInputError, OrthancUnavailableError, RadfedError
-from radfed.plugin.ledger import JobState
+from radfed.plugin.ledger import JobStatus
 from radfed.plugin.service import ORTHANC_ID, NodeService
 
 _bearer = HTTPBearer(auto_error=False)
@@ -85,7 +85,7 @@ def create_app(service: NodeService) -> FastAPI:
 
     @app.get("/jobs", dependencies=guarded)
     def jobs(
-        state: Annotated[JobState | None, Query()] = None,
+        state: Annotated[JobStatus | None, Query()] = None,
         study_instance_uid: Annotated[str | None, Query(pattern=_UID, max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
@@ -98,7 +98,7 @@ def create_app(service: NodeService) -> FastAPI:
     def workers() -> list[dict[str, Any]]:
         """Every node process on this ledger (coordinator, workers): role, device, heartbeat, the jobs it runs."""
         running: dict[str, list[int]] = {}
-        for held in service.ledger.jobs(state=JobState.RUNNING, limit=1000):
+        for held in service.ledger.jobs(state=JobStatus.RUNNING, limit=1000):
             running.setdefault(held.worker, []).append(held.id)
         return [
             {**worker.as_dict(service.config.lease_s), "running": sorted(running.get(worker.id, []))}
@@ -183,7 +183,7 @@ def create_app(service: NodeService) -> FastAPI:
     @app.get("/metrics", dependencies=guarded)
     def metrics() -> Response:
         service.metrics.queue_depth.set(
-            service.ledger.counts().get(JobState.QUEUED.value, 0) + service.ledger.inbox_depth()
+            service.ledger.counts().get(JobStatus.QUEUED.value, 0) + service.ledger.inbox_depth()
         )
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

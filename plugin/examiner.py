@@ -16,7 +16,7 @@ from radfed.inference.runtime import OnnxModel
 from radfed.inference.selection import NoMatchingSeriesError
 from radfed.inference.study_source import OrthancStudy
 from radfed.plugin.failures import FailureKind, failure_label
-from radfed.plugin.ledger import Job, JobState, Ledger, LedgerError
+from radfed.plugin.ledger import Job, JobStatus, Ledger, LedgerError
 from radfed.plugin.loops import NodeLoop
 from radfed.plugin.metrics import NodeMetrics
 
@@ -87,12 +87,12 @@ class StudyExaminer:
                 model_name=identity.name,
                 model_version=identity.version,
                 fingerprint=image_fingerprint(series),
-                state=JobState.FAILED,
+                state=JobStatus.FAILED,
                 reason=str(exc),
                 failure_kind=FailureKind.NO_MATCHING_SERIES.value,
             )
             if created:
-                self.metrics.jobs.labels(JobState.FAILED.value, FailureKind.NO_MATCHING_SERIES.value).inc()
+                self.metrics.jobs.labels(JobStatus.FAILED.value, FailureKind.NO_MATCHING_SERIES.value).inc()
             return job
         return self.queue(orthanc_study_id, identity, plan)
 
@@ -129,9 +129,9 @@ class StudyExaminer:
             model_name=identity.name,
             model_version=identity.version,
             fingerprint=input_fingerprint(uids),
-            state=JobState.FAILED,
+            state=JobStatus.FAILED,
             reason=f"the study could not be examined: {type(error).__name__}: {error}"[:500],
             failure_kind=kind,
         )
         if created:
-            self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
+            self.metrics.jobs.labels(JobStatus.FAILED.value, kind.split(":")[0]).inc()

@@ -26,14 +26,14 @@ from radfed.plugin.ledger_engine import LedgerBackend, LedgerError, backup_sqlit
 from radfed.plugin.ledger_schema import cursor as cursors
 from radfed.plugin.ledger_schema import inbox, jobs, pending, workers
 
-__all__ = ["DEFAULT_LEASE_S", "Job", "JobState", "Ledger", "LedgerBackend", "LedgerError", "Worker"]
+__all__ = ["DEFAULT_LEASE_S", "Job", "JobStatus", "Ledger", "LedgerBackend", "LedgerError", "Worker"]
 
 _CHANGES = "orthanc-changes"
 DEFAULT_LEASE_S = 30.0  # a running job whose worker has not renewed its lease for this long is run again
 _FORGET_WORKERS_S = 86400.0  # workers silent this long leave the list
 
 
-class JobState(StrEnum):
+class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -49,7 +49,7 @@ class Job:
     model_name: str
     model_version: str
     fingerprint: str
-    state: JobState
+    state: JobStatus
     reason: str
     failure_kind: str
     attempts: int
@@ -114,7 +114,7 @@ def _job(row: sa.RowMapping) -> Job:
         model_name=row["model_name"],
         model_version=row["model_version"],
         fingerprint=row["fingerprint"],
-        state=JobState(row["state"]),
+        state=JobStatus(row["state"]),
         reason=row["reason"],
         failure_kind=row["failure_kind"],
         attempts=row["attempts"],
@@ -292,7 +292,7 @@ class Ledger:
         model_name: str,
         model_version: str,
         fingerprint: str,
-        state: JobState = JobState.QUEUED,
+        state: JobStatus = JobStatus.QUEUED,
         reason: str = "",
         failure_kind: str = "",
         selection: list[str] | None = None,
@@ -328,7 +328,7 @@ class Ledger:
         the same job: PostgreSQL skips rows another transaction has locked (FOR UPDATE SKIP LOCKED), SQLite lets one
         writer in at a time."""
         now = time.time()
-        runnable = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value, jobs.c.not_before <= now)
+        runnable = sa.select(jobs.c.id).where(jobs.c.state == JobStatus.QUEUED.value, jobs.c.not_before <= now)
         if model is not None:
             runnable = runnable.where(jobs.c.model_name == model[0], jobs.c.model_version == model[1])
         with self._write() as db:
@@ -340,7 +340,7 @@ class Ledger:
                     sa.update(jobs)
                     .where(jobs.c.id == job_id)
                     .values(
-                        state=JobState.RUNNING.value,
+                        state=JobStatus.RUNNING.value,
                         attempts=jobs.c.attempts + 1,
                         updated=now,
                         lease_owner=worker,
@@ -356,7 +356,7 @@ class Ledger:
     def finish(
         self,
         job_id: int,
-        state: JobState,
+        state: JobStatus,
         *,
         reason: str = "",
         failure_kind: str = "",
@@ -387,13 +387,13 @@ class Ledger:
     ) -> bool:
         """Back to the queue after ``delay_s``; ``worker`` and ``attempt`` fence as in :meth:`finish`."""
         return self._update_job(
-            job_id, worker, attempt, state=JobState.QUEUED.value, not_before=time.time() + delay_s, reason=reason
+            job_id, worker, attempt, state=JobStatus.QUEUED.value, not_before=time.time() + delay_s, reason=reason
         )
 
     def _update_job(self, job_id: int, worker: str | None, attempt: int | None, **values: Any) -> bool:
         query = sa.update(jobs).where(jobs.c.id == job_id)
         if worker is not None:
-            query = query.where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_owner == worker)
+            query = query.where(jobs.c.state == JobStatus.RUNNING.value, jobs.c.lease_owner == worker)
         if attempt is not None:
             query = query.where(jobs.c.attempts == attempt)
         with self._write() as db:
@@ -417,7 +417,7 @@ class Ledger:
             )
             return db.execute(
                 sa.update(jobs)
-                .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_owner == worker.id)
+                .where(jobs.c.state == JobStatus.RUNNING.value, jobs.c.lease_owner == worker.id)
                 .values(lease_expires=now + lease_s)
             ).rowcount
 
@@ -428,7 +428,7 @@ class Ledger:
         with self._write() as db:
             expired = db.execute(
                 sa.select(jobs.c.id, jobs.c.lease_owner)
-                .where(jobs.c.state == JobState.RUNNING.value, jobs.c.lease_expires < now)
+                .where(jobs.c.state == JobStatus.RUNNING.value, jobs.c.lease_expires < now)
                 .with_for_update(skip_locked=True)
             ).all()
             for job_id, owner in expired:
@@ -436,7 +436,7 @@ class Ledger:
                     sa.update(jobs)
                     .where(jobs.c.id == job_id)
                     .values(
-                        state=JobState.QUEUED.value,
+                        state=JobStatus.QUEUED.value,
                         not_before=0,
                         reason=f"requeued: the lease of {owner or 'a stopped node'} expired",
                         updated=now,
@@ -455,8 +455,8 @@ class Ledger:
         with self._write() as db:
             db.execute(
                 sa.update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_([JobState.FAILED.value, JobState.SKIPPED.value]))
-                .values(state=JobState.QUEUED.value, not_before=0, reason="retry requested", updated=time.time())
+                .where(jobs.c.id == job_id, jobs.c.state.in_([JobStatus.FAILED.value, JobStatus.SKIPPED.value]))
+                .values(state=JobStatus.QUEUED.value, not_before=0, reason="retry requested", updated=time.time())
             )
         return self.job(job_id)
 
@@ -466,7 +466,7 @@ class Ledger:
         return _job(row) if row else None
 
     def jobs(
-        self, *, state: JobState | None = None, study_instance_uid: str | None = None, limit: int = 100
+        self, *, state: JobStatus | None = None, study_instance_uid: str | None = None, limit: int = 100
     ) -> list[Job]:
         query = sa.select(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if state is not None:
@@ -485,7 +485,7 @@ class Ledger:
                     .where(
                         jobs.c.study_instance_uid == study_instance_uid,
                         jobs.c.model_name == model_name,
-                        jobs.c.state == JobState.DONE.value,
+                        jobs.c.state == JobStatus.DONE.value,
                         jobs.c.id != exclude_job,
                     )
                     .order_by(jobs.c.updated.desc())
@@ -505,7 +505,7 @@ class Ledger:
         with self._read() as db:
             rows = db.execute(
                 sa.select(jobs.c.failure_kind, sa.func.count())
-                .where(jobs.c.state == JobState.FAILED.value)
+                .where(jobs.c.state == JobStatus.FAILED.value)
                 .group_by(jobs.c.failure_kind)
             ).all()
         return {str(kind): int(n) for kind, n in rows}

@@ -25,7 +25,7 @@ from radfed.inference.study_source import OrthancStudy
 from radfed.inference.timing import StageTimer
 from radfed.plugin.config import NodeConfig, NodeRole
 from radfed.plugin.failures import FailureKind, failure_label
-from radfed.plugin.ledger import Job, JobState, Ledger
+from radfed.plugin.ledger import Job, JobStatus, Ledger
 from radfed.plugin.loops import NodeLoop
 from radfed.plugin.metrics import NodeMetrics
 from radfed.plugin.prefetch import PreparedAhead, StudyPrefetcher
@@ -126,7 +126,7 @@ class JobRunner:
         identity = model.artifact.identity
         if identity.name != job.model_name or identity.version != job.model_version:
             reason = f"model {job.model_name}:{job.model_version} is no longer active"
-            self.ledger.finish(job.id, JobState.SKIPPED, reason=reason, worker=self.worker_id, attempt=job.attempts)
+            self.ledger.finish(job.id, JobStatus.SKIPPED, reason=reason, worker=self.worker_id, attempt=job.attempts)
             return
         try:
             ahead = self._prepared_ahead(job, model)
@@ -141,7 +141,7 @@ class JobRunner:
                 self.store.store(list(objects.datasets()))
         except _SupersededError:
             reason = "instances changed since the job was created; a newer job supersedes it"
-            self.ledger.finish(job.id, JobState.SKIPPED, reason=reason, worker=self.worker_id, attempt=job.attempts)
+            self.ledger.finish(job.id, JobStatus.SKIPPED, reason=reason, worker=self.worker_id, attempt=job.attempts)
             self._reexamine(job.orthanc_study_id)
             return
         except OrthancUnavailableError as exc:
@@ -194,7 +194,7 @@ class JobRunner:
             timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
         recorded = self.ledger.finish(
             job.id,
-            JobState.DONE,
+            JobStatus.DONE,
             worker=self.worker_id,
             attempt=job.attempts,  # a stale run of this process (its lease taken and claimed again) is fenced too
             timings=timings,
@@ -216,7 +216,7 @@ class JobRunner:
             return
         for stage, seconds in timings.items():
             self.metrics.stage_seconds.labels(stage).observe(seconds)
-        self.metrics.jobs.labels(JobState.DONE.value, "").inc()
+        self.metrics.jobs.labels(JobStatus.DONE.value, "").inc()
         logger.info("job %d done in %.2f s (%d lesions)", job.id, timings["total"], len(result.lesions))
 
     def _prepared_ahead(self, job: Job, model: OnnxModel) -> PreparedAhead | None:
@@ -238,14 +238,14 @@ class JobRunner:
         logger.warning("job %d failed (%s): %s", job.id, kind, reason)
         self.ledger.finish(
             job.id,
-            JobState.FAILED,
+            JobStatus.FAILED,
             reason=reason,
             failure_kind=kind,
             timings=timer.as_dict(),
             worker=self.worker_id,
             attempt=job.attempts,
         )
-        self.metrics.jobs.labels(JobState.FAILED.value, kind.split(":")[0]).inc()
+        self.metrics.jobs.labels(JobStatus.FAILED.value, kind.split(":")[0]).inc()
 
     def _predecessor_sr(self, job: Job) -> Dataset | None:
         previous = self.ledger.previous_done(job.study_instance_uid, job.model_name, job.id)

@@ -32,7 +32,7 @@ from radfed.plugin.config import Destination, NodeConfig, NodeRole
 from radfed.plugin.examiner import StudyExaminer
 from radfed.plugin.follower import ChangeFollower, ReprocessError
 from radfed.plugin.health import LoopMonitor, LoopStatus
-from radfed.plugin.ledger import JobState, Ledger, LedgerBackend, LedgerError, Worker
+from radfed.plugin.ledger import JobStatus, Ledger, LedgerBackend, LedgerError, Worker
 from radfed.plugin.loops import NodeLoop
 from radfed.plugin.metrics import NodeMetrics
 from radfed.plugin.prefetch import PrefetchSettings, StudyPrefetcher
@@ -262,7 +262,7 @@ class NodeService:
         self.metrics.orthanc_up.set(1 if up else 0)
 
     def _update_queue_depth(self) -> None:
-        self.metrics.queue_depth.set(self.ledger.counts().get(JobState.QUEUED.value, 0) + self.ledger.inbox_depth())
+        self.metrics.queue_depth.set(self.ledger.counts().get(JobStatus.QUEUED.value, 0) + self.ledger.inbox_depth())
 
     def _back_up_ledger(self, name: str) -> None:
         """An online copy of the ledger at start and then every interval, the newest few kept."""

@@ -15,7 +15,7 @@ from radfed.inference.study_source import FolderStudy
 from radfed.inference.synthetic.study import SyntheticStudy
 from radfed.inference.synthetic.writer import write_study
 from radfed.inference.taskspec import load_task_spec
-from radfed.plugin.ledger import JobState, Ledger
+from radfed.plugin.ledger import JobStatus, Ledger
 from radfed.plugin.ledger_migrations import LOCATION
 
 
@@ -56,7 +56,7 @@ def test_a_job_from_revision_0002_gets_an_empty_plan_and_plans_again(tmp_path: P
     engine.dispose()
     ledger = Ledger(path)  # migrates to the head
     try:
-        [job] = ledger.jobs(state=JobState.QUEUED)
+        [job] = ledger.jobs(state=JobStatus.QUEUED)
         assert job.plan == {} and InputPlan.from_json(job.plan) is None
     finally:
         ledger.close()

@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from radfed.plugin.config import ConfigError, load_config
-from radfed.plugin.ledger import Job, JobState, Ledger, LedgerBackend, LedgerError, Worker
+from radfed.plugin.ledger import Job, JobStatus, Ledger, LedgerBackend, LedgerError, Worker
 from radfed.plugin.ledger_migrations import LOCATION
 from radfed.plugin.ledger_schema import metadata
 
@@ -63,9 +63,9 @@ def test_a_claimed_job_runs_once_and_its_result_supersedes(ledger: Ledger) -> No
     older, _ = _create(ledger, "1.2.3", version="1")
     claimed = ledger.claim()
     assert claimed is not None and claimed.id == older.id
-    assert claimed.state is JobState.RUNNING and claimed.attempts == 1
+    assert claimed.state is JobStatus.RUNNING and claimed.attempts == 1
     assert ledger.claim() is None
-    ledger.finish(older.id, JobState.DONE, timings={"total": 1.5}, result={"sr_sop_instance_uid": "9.9"})
+    ledger.finish(older.id, JobStatus.DONE, timings={"total": 1.5}, result={"sr_sop_instance_uid": "9.9"})
     newer, _ = _create(ledger, "1.2.3", version="2")
     previous = ledger.previous_done("1.2.3", "m", exclude_job=newer.id)
     assert previous is not None and previous.result == {"sr_sop_instance_uid": "9.9"}
@@ -89,7 +89,7 @@ def test_requeued_jobs_wait_and_a_dead_workers_jobs_return_to_the_queue(ledger: 
     time.sleep(1.6)  # a was killed: no heartbeat
     assert ledger.reclaim_expired() == [(second.id, "a")]
     requeued = ledger.job(second.id)
-    assert requeued is not None and requeued.state is JobState.QUEUED and "lease of a expired" in requeued.reason
+    assert requeued is not None and requeued.state is JobStatus.QUEUED and "lease of a expired" in requeued.reason
 
 
 def test_a_worker_whose_lease_expired_records_nothing_and_the_new_runner_does(ledger: Ledger) -> None:
@@ -100,11 +100,11 @@ def test_a_worker_whose_lease_expired_records_nothing_and_the_new_runner_does(le
     assert ledger.reclaim_expired() == [(job.id, "a")]
     again = ledger.claim("b", lease_s=60)
     assert again is not None and again.id == job.id and again.attempts == 2
-    assert ledger.finish(job.id, JobState.DONE, result={"by": "a"}, worker="a") is False  # back from the dead
+    assert ledger.finish(job.id, JobStatus.DONE, result={"by": "a"}, worker="a") is False  # back from the dead
     assert ledger.requeue(job.id, 1, "Orthanc unreachable", worker="a") is False
-    assert ledger.finish(job.id, JobState.DONE, result={"by": "b"}, worker="b") is True
+    assert ledger.finish(job.id, JobStatus.DONE, result={"by": "b"}, worker="b") is True
     done = ledger.job(job.id)
-    assert done is not None and done.state is JobState.DONE and done.result == {"by": "b"} and done.worker == "b"
+    assert done is not None and done.state is JobStatus.DONE and done.result == {"by": "b"} and done.worker == "b"
 
 
 def test_a_stale_claim_of_the_same_process_records_nothing(ledger: Ledger) -> None:
@@ -117,10 +117,10 @@ def test_a_stale_claim_of_the_same_process_records_nothing(ledger: Ledger) -> No
     again = ledger.claim("a", lease_s=60)  # a's other thread
     assert stale is not None and again is not None and (stale.attempts, again.attempts) == (1, 2)
     assert ledger.requeue(job.id, 1, "Orthanc unreachable", worker="a", attempt=stale.attempts) is False
-    assert ledger.finish(job.id, JobState.FAILED, reason="stale", worker="a", attempt=stale.attempts) is False
-    assert ledger.finish(job.id, JobState.DONE, result={"by": 2}, worker="a", attempt=again.attempts) is True
+    assert ledger.finish(job.id, JobStatus.FAILED, reason="stale", worker="a", attempt=stale.attempts) is False
+    assert ledger.finish(job.id, JobStatus.DONE, result={"by": 2}, worker="a", attempt=again.attempts) is True
     done = ledger.job(job.id)
-    assert done is not None and done.state is JobState.DONE and done.result == {"by": 2}
+    assert done is not None and done.state is JobStatus.DONE and done.result == {"by": 2}
 
 
 def test_heartbeats_keep_a_long_job_and_the_workers_are_listed(ledger: Ledger) -> None:
@@ -136,18 +136,18 @@ def test_heartbeats_keep_a_long_job_and_the_workers_are_listed(ledger: Ledger) -
     assert listed["a"].device == "cpu (CPUExecutionProvider)" and listed["a"].as_dict(lease_s=30)["alive"]
     assert listed["a"].last_seen > listed["coordinator"].last_seen
     running = ledger.job(job.id)
-    assert running is not None and running.state is JobState.RUNNING and running.worker == "a"
+    assert running is not None and running.state is JobStatus.RUNNING and running.worker == "a"
 
 
 def test_only_failed_or_skipped_jobs_are_retried(ledger: Ledger) -> None:
     failed, _ = _create(ledger, "1")
     done, _ = _create(ledger, "2")
-    ledger.finish(failed.id, JobState.FAILED, reason="no volume", failure_kind="bad-input:x")
-    ledger.finish(done.id, JobState.DONE)
+    ledger.finish(failed.id, JobStatus.FAILED, reason="no volume", failure_kind="bad-input:x")
+    ledger.finish(done.id, JobStatus.DONE)
     assert ledger.failure_counts() == {"bad-input:x": 1}
     retried, kept = ledger.retry(failed.id), ledger.retry(done.id)
-    assert retried is not None and retried.state is JobState.QUEUED and retried.reason == "retry requested"
-    assert kept is not None and kept.state is JobState.DONE
+    assert retried is not None and retried.state is JobStatus.QUEUED and retried.reason == "retry requested"
+    assert kept is not None and kept.state is JobStatus.DONE
     assert ledger.retry(12345) is None
 
 
@@ -313,8 +313,8 @@ def test_a_ledger_from_before_migrations_keeps_its_jobs_and_cursor(tmp_path: Pat
     try:
         assert ledger.cursor() == 4711 and not ledger.is_new()
         assert [(j.id, j.study_instance_uid, j.state) for j in ledger.jobs()] == [
-            (2, "1.2", JobState.RUNNING),
-            (1, "1.1", JobState.DONE),
+            (2, "1.2", JobStatus.RUNNING),
+            (1, "1.1", JobStatus.DONE),
         ]
         done = ledger.job(1)
         assert done is not None and done.result == {"sr_sop_instance_uid": "2.25.1"} and done.created == 1.5
@@ -373,7 +373,7 @@ def test_online_backups_are_complete_ledgers_and_only_the_newest_stay(tmp_path: 
     kept = sorted((tmp_path / "backups").glob("ledger-*.sqlite"))
     assert kept == copies[1:]
     restored = Ledger(kept[-1])
-    assert [j.study_instance_uid for j in restored.jobs(state=JobState.QUEUED)] == ["1.2.3"]
+    assert [j.study_instance_uid for j in restored.jobs(state=JobStatus.QUEUED)] == ["1.2.3"]
     restored.close()
 
 

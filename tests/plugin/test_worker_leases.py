@@ -16,7 +16,7 @@ from radfed.inference.orthanc.launcher import free_port
 from radfed.inference.runtime import OnnxModel
 from radfed.plugin import service as service_module
 from radfed.plugin.config import NodeConfig, NodeRole
-from radfed.plugin.ledger import JobState, Ledger
+from radfed.plugin.ledger import JobStatus, Ledger
 from radfed.plugin.service import NodeService
 
 LEASE_S = 5.0  # heartbeats every 1.7 s: a loaded machine does not make a live worker miss three in a row
@@ -62,7 +62,7 @@ def test_a_worker_loading_a_model_keeps_the_leases_of_its_running_jobs(
             time.sleep(0.1)
         assert node.model is not None
         running = other.job(job.id)
-        assert running is not None and running.state is JobState.RUNNING and running.attempts == 1
+        assert running is not None and running.state is JobStatus.RUNNING and running.attempts == 1
     finally:
         other.close()
         node.stop()
