@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.messages import SCORE_BINS
+from radfed.inference.arbiter import DeviceArbiter
 from radfed.inference.lesions import kept_components, slice_extents
 from radfed.inference.taskspec import TaskSpec
 from radfed.inference.windows import Prediction, predict_study
@@ -227,14 +229,19 @@ def study_counts(
 
 
 @torch.no_grad()
-def predict_samples(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> Iterator[Prediction]:
-    """Sliding-window inference of a torch model over whole studies, as the node runs it."""
+def predict_samples(
+    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
+) -> Iterator[Prediction]:
+    """Sliding-window inference of a torch model over whole studies, as the node runs it. With the node's
+    ``arbiter`` (a site evaluating beside it), each batch of windows takes its turn as a training step does:
+    clinical jobs first."""
     model.eval()
     device = next(model.parameters()).device
 
     def run_batch(batch: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        seg, cls = model(torch.from_numpy(batch).to(device))
-        return seg.float().cpu().numpy(), cls.float().cpu().numpy()
+        with arbiter.training_step() if arbiter is not None else nullcontext():
+            seg, cls = model(torch.from_numpy(batch).to(device))
+            return seg.float().cpu().numpy(), cls.float().cpu().numpy()
 
     windows_per_run = max(4, spec.plan.batch_size if spec.plan is not None else 4)
     for sample in samples:
@@ -242,14 +249,16 @@ def predict_samples(model: nn.Module, samples: Sequence[TrainingSample], spec: T
 
 
 def evaluate_studies(
-    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec
+    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
 ) -> Iterator[tuple[TrainingSample, EvaluationCounts]]:
     """Each held-out study's own counts (they stay at the site: the bias checks group them by subgroup)."""
-    for sample, prediction in zip(samples, predict_samples(model, samples, spec), strict=True):
+    for sample, prediction in zip(samples, predict_samples(model, samples, spec, arbiter), strict=True):
         score = prediction.study_score(spec.outputs.study_score)
         yield sample, study_counts(prediction.probability, score, sample, spec)
 
 
-def evaluate_model(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> EvaluationCounts:
+def evaluate_model(
+    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
+) -> EvaluationCounts:
     """The evaluation counts of a torch model over whole held-out studies."""
-    return sum((counts for _, counts in evaluate_studies(model, samples, spec)), EvaluationCounts())
+    return sum((counts for _, counts in evaluate_studies(model, samples, spec, arbiter)), EvaluationCounts())

@@ -160,7 +160,7 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     metrics: Metrics = dict(cohort.report.as_metrics())
     model = arrays_to_model(spec, arrays)
     evaluation_started = time.perf_counter()
-    metrics.update(evaluate_model(model, held_out, spec).as_metrics())
+    metrics.update(evaluate_model(model, held_out, spec, site.arbiter()).as_metrics())
     metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
     run = plan.run
     # learning-rate 0: the recipe's
@@ -238,7 +238,7 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     spec, cohort, train, held_out = _cohort_split(site, plan)
     model = arrays_to_model(spec, arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
-    studies = list(evaluate_studies(model, held_out, spec))
+    studies = list(evaluate_studies(model, held_out, spec, site.arbiter()))
     metrics.update(sum((counts for _, counts in studies), EvaluationCounts()).as_metrics())
     run = plan.run
     # bias checks: per subgroup read from the studies' headers, only cells of >= bias-min-cell studies
