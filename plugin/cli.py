@@ -339,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         demo,
         experiment_command,
         federation_command,
+        init_command,
         viewer,
     )
 
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(commands)
     viewer.add_parser(commands)
     config_command.add_parser(commands)
+    init_command.add_parser(commands)
     return parser
 
 
