@@ -40,7 +40,8 @@ MINUTES = float(os.environ["RADFED_BENCH_QUALITY_MINUTES"]) if os.environ.get("R
 FEDERATED_STEPS = 1500  # the federated arm's whole budget when STEPS is not set (rounds need a count)
 SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
 # and "federated" (brain), "session-10-plan" (brain: the planned recipe on session 10's 2-D plan, 128 x 128 patches
-# at batch 8, against today's whole slices at batch 2)
+# at batch 8, against today's whole slices at batch 2), "2.5-d" (brain: the planned recipe with one slice either
+# side as input channels, [model] context_slices = 1)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SITES = 2  # the federated arm's hospitals
@@ -171,6 +172,8 @@ def _jobs(work: Path) -> list[Job]:
                 text = _first_wave(BRAIN_SPEC, "[1.0, 1.0, 1.0]") if arm == "first-wave" else BRAIN_SPEC
                 if arm == "session-10-plan":
                     text = text.replace("[preprocessing]\n\n[model]\n", SESSION_10_PLAN)
+                if arm == "2.5-d":
+                    text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.synthetic.writer import synthesize_to_folder
@@ -285,9 +288,10 @@ def _evaluate(model: Any, test: list[Any], spec: Any, names: dict[str, str]) -> 
 
 
 def _per_study_table(results: list[dict[str, Any]]) -> None:
-    """Brain: each held-out study's Dice and false positives under the planned and first-wave recipes,
-    smallest reference volume first."""
-    arms = [a for a in ("planned", "first-wave") if any(r["arm"] == a and r["dataset"] == "brain" for r in results)]
+    """Brain: each held-out study's Dice and false positives under each recipe of the run, smallest reference
+    volume first."""
+    brain_arms = {r["arm"] for r in results if r["dataset"] == "brain"}
+    arms = [a for a in ("planned", "2.5-d", "session-10-plan", "first-wave") if a in brain_arms]
     by_study: dict[str, dict[str, Any]] = {}
     for row in results:
         if row["dataset"] == "brain" and row["arm"] in arms:

@@ -34,7 +34,7 @@ FP16_PARITY_TOLERANCE = 0.05
 def export_onnx(model: nn.Module, spec: TaskSpec, path: Path) -> None:
     model.eval()
     d, h, w = spec.patch_size
-    example = torch.zeros(1, len(spec.channels), d, h, w)
+    example = torch.zeros(1, spec.input_channels, d, h, w)
     with warnings.catch_warnings():
         # The TorchScript exporter warns about itself, about shape checks it traces as constants, and that
         # instance norm always normalises with the input's statistics (as it does in eval mode too); parity
@@ -62,7 +62,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def _sample(spec: TaskSpec, batch: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, len(spec.channels), *spec.patch_size)).astype(np.float32)
+    return rng.standard_normal((batch, spec.input_channels, *spec.patch_size)).astype(np.float32)
 
 
 def _onnx_logits(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

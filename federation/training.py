@@ -127,10 +127,10 @@ def new_model(spec: TaskSpec, seed: int | None = None) -> nn.Module:
         raise PlanError(f"task {spec.name!r} has no plan yet (derive it from the cohort first)")
     network = spec.plan.network
     if seed is None:
-        return build_network(network, len(spec.channels))
+        return build_network(network, spec.input_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_network(network, len(spec.channels))
+        return build_network(network, spec.input_channels)
 
 
 class PatchSampler:
@@ -143,6 +143,7 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         assert spec.plan is not None
         self.augment = PatchAugmenter(recipe, self.patch, spec.plan.network.spatial_dims, seed)
+        self.context = spec.plan.network.context_slices
 
     def crop(
         self, sample: TrainingSample, force_foreground: bool
@@ -170,7 +171,13 @@ class PatchSampler:
                     for v, p, o, s in zip(voxel, size, offsets, spatial, strict=True)
                 ]
         window = tuple(slice(b, b + p) for b, p in zip(start, size, strict=True))
-        crop_image = np.asarray(image[(slice(None), *window)], dtype=np.float32)
+        if self.context:  # 2.5-D: the slice's neighbours as channels, stacked as inference stacks them
+            depth = image.shape[1]
+            nearby = np.clip(start[0] + np.arange(-self.context, self.context + 1), 0, depth - 1)
+            stack = np.asarray(image[:, nearby][(slice(None), slice(None), *window[1:])], dtype=np.float32)
+            crop_image = stack.transpose(1, 0, 2, 3).reshape(-1, 1, *stack.shape[2:])
+        else:
+            crop_image = np.asarray(image[(slice(None), *window)], dtype=np.float32)
         crop_mask = np.asarray(lesions[window], dtype=np.float32)
         crop_image, crop_mask = self.augment(crop_image, crop_mask)
         target = -1.0 if sample.label < 0 else float(sample.label == 1 and crop_mask.any())

@@ -87,7 +87,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 
 def standard_contract(spec: TaskSpec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     d, h, w = spec.patch_size
-    channels = len(spec.channels)
+    channels = spec.input_channels
     return (
         (TensorSpec(INPUT_NAME, (None, channels, d, h, w)),),
         (TensorSpec(SEGMENTATION_OUTPUT, (None, 1, d, h, w)), TensorSpec(CLASSIFICATION_OUTPUT, (None, 1))),

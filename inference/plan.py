@@ -219,6 +219,12 @@ class NetworkPlan:
     norm: str = "instance"  # instance | group (DP-SGD forbids batch norm)
     deep_supervision: int = 2  # auxiliary outputs at lower resolutions (DynUNet), 0 for none
     groups: int = 8  # GroupNorm groups where norm = group
+    # 2.5-D: a 2-D network also sees this many slices either side of its slice, as extra input channels
+    context_slices: int = 0
+
+    def input_channels(self, channels: int) -> int:
+        """The network's input channels for a task of ``channels`` image channels."""
+        return channels * (1 + 2 * self.context_slices)
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,7 @@ class Plan:
                     norm=str(net["norm"]),
                     deep_supervision=int(net["deep_supervision"]),
                     groups=int(net["groups"]),
+                    context_slices=int(net.get("context_slices", 0)),  # plans written before 2.5-D: none
                 ),
                 reasons=tuple(data.get("reasons", ())),
             )
@@ -282,6 +289,7 @@ class PlanOverrides:
     norm: str = "instance"
     groups: int = 8
     deep_supervision: int | None = None
+    context_slices: int = 0  # 2-D networks only
 
 
 def _target_spacing(fp: DatasetFingerprint, reasons: list[str]) -> tuple[float, float, float]:
@@ -405,6 +413,9 @@ def derive_plan(
     if deep is None:
         deep = min(2, len(strides) - 2) if overrides.architecture is Architecture.DYNUNET else 0
     reasons.append(f"{dims}-D {overrides.architecture.value}, {len(strides)} stages, filters {list(filters)}")
+    context = overrides.context_slices if dims == 2 else 0
+    if context:
+        reasons.append(f"2.5-D: {context} slice(s) either side of each slice as input channels")
     return Plan(
         spacing_mm=spacing,
         patch_size=patch,
@@ -420,6 +431,7 @@ def derive_plan(
             norm=overrides.norm,
             deep_supervision=max(0, deep),
             groups=overrides.groups,
+            context_slices=context,
         ),
         reasons=tuple(reasons),
     )

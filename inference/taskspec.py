@@ -113,6 +113,7 @@ class ModelSettings:
     norm: str
     batch_size: int | None
     deep_supervision: int | None
+    context_slices: int = 0  # 2.5-D: neighbouring slices as input channels of a 2-D network
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,14 @@ class TaskSpec:
             norm=model.norm,
             groups=model.groups,
             deep_supervision=model.deep_supervision,
+            context_slices=model.context_slices,
         )
+
+    @property
+    def input_channels(self) -> int:
+        """The network's input channels: the image channels, times the slices a 2.5-D network sees."""
+        channels = len(self.channels)
+        return self.plan.network.input_channels(channels) if self.plan is not None else channels
 
     def planned(self, plan: Plan) -> TaskSpec:
         """This spec with its plan (and so its grid, patch, normalisation and network) fixed."""
@@ -326,6 +334,9 @@ def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
     norm = r.get("norm", str, "instance")
     if norm not in ("instance", "group"):
         raise TaskSpecError(f"model.norm must be instance or group (DP-SGD forbids batch norm), got {norm!r}")
+    context = r.get("context_slices", int, 0)
+    if not 0 <= context <= 3 or (context and dims_text == 3):
+        raise TaskSpecError(f"model.context_slices must be 0-3 and needs a 2-D network, got {context}")
     return ModelSettings(
         architecture=architecture,
         spatial_dims=None if dims_text == "auto" else int(dims_text),
@@ -334,6 +345,7 @@ def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
         norm=norm,
         batch_size=r.get("batch_size", int, None),
         deep_supervision=r.get("deep_supervision", int, None),
+        context_slices=context,
     )
 
 

@@ -150,12 +150,26 @@ def predict_windows(
     return Prediction(np.ascontiguousarray(probability), study, len(tiles))
 
 
+def with_context(image: npt.NDArray[np.floating], slices: int) -> npt.NDArray[np.floating]:
+    """A (channels, z, y, x) volume with ``slices`` neighbouring slices either side of each slice stacked as
+    more channels, nearest slice repeated at the ends: channel block ``j`` holds every channel shifted by
+    ``j - slices`` slices. A 2.5-D network's input; training crops the same stacking (PatchSampler)."""
+    if slices == 0:
+        return image
+    depth = image.shape[1]
+    return np.concatenate(
+        [image[:, np.clip(np.arange(depth) + offset, 0, depth - 1)] for offset in range(-slices, slices + 1)]
+    )
+
+
 def predict_study(
     image: npt.NDArray[np.float32], spec: TaskSpec, run_batch: BatchRunner, *, batch_size: int = 4
 ) -> Prediction:
     """Sliding-window prediction as the task's inference settings and calibration say (the node and the
     federation's evaluation run exactly this)."""
     settings = spec.inference
+    if spec.plan is not None:
+        image = with_context(image, spec.plan.network.context_slices)
     return predict_windows(
         image,
         spec.patch_size,
