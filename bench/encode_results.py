@@ -59,7 +59,8 @@ MODEL = ModelIdentity("bench-model", "1.0.0")
 REPEATS = 5
 
 
-def _result(datasets: list[Dataset], labels: np.ndarray) -> InferenceResult:
+def result_of(datasets: list[Dataset], labels: np.ndarray) -> InferenceResult:
+    """The labels (value = lesion number) on the series as a result, each lesion measured."""
     grid = volume_from_datasets(datasets)
     n = int(labels.max())
     lesions = tuple(LesionFinding(i, 0.8, measure_lesion(labels == i, grid)) for i in range(1, n + 1))
@@ -77,11 +78,11 @@ def _result(datasets: list[Dataset], labels: np.ndarray) -> InferenceResult:
 
 def mri_case() -> InferenceResult:
     study = render_study(site_profile(1), 1, seed=3, n_lesions=3)
-    return _result(study.series[Sequence.T2W], study.lesion_masks.astype(np.uint8))
+    return result_of(study.series[Sequence.T2W], study.lesion_masks.astype(np.uint8))
 
 
-def ct_case(slices: int = 300, size: int = 512, lesions: int = 50) -> InferenceResult:
-    rng = np.random.default_rng(0)
+def ct_series(slices: int, size: int) -> list[Dataset]:
+    """Headers (and blank pixels) of an axial CT series, 0.7 x 0.7 x 1 mm."""
     study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
     datasets = []
     pixels = np.zeros((size, size), dtype=np.uint16).tobytes()
@@ -103,6 +104,12 @@ def ct_case(slices: int = 300, size: int = 512, lesions: int = 50) -> InferenceR
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.PixelData = pixels
         datasets.append(ds)
+    return datasets
+
+
+def ct_case(slices: int = 300, size: int = 512, lesions: int = 50) -> InferenceResult:
+    rng = np.random.default_rng(0)
+    datasets = ct_series(slices, size)
     labels = np.zeros((slices, size, size), dtype=np.uint8)
     s, r, c = np.ogrid[:slices, :size, :size]
     for number in range(1, lesions + 1):
@@ -112,7 +119,7 @@ def ct_case(slices: int = 300, size: int = 512, lesions: int = 50) -> InferenceR
             (c - centre[2]) * 0.7
         ) ** 2 <= radius_mm**2
         labels[inside & (labels == 0)] = number
-    return _result(datasets, labels)
+    return result_of(datasets, labels)
 
 
 def _size(ds: Dataset) -> int:

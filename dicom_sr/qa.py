@@ -1,7 +1,9 @@
 """Quality assurance before storage: re-read what was encoded and compare it with what was meant.
 
-The SEG is decoded by radfed's independent reader (placing frames by geometry on the reference grid);
-each segment's centroid and extent in patient coordinates (mm) must match the mask it came from.
+The SEG is decoded independently of highdicom, which wrote it: first voxel for voxel in numpy
+(:mod:`radfed.dicom_sr.seg_exact`); when that finds any difference, by radfed's general reader (placing frames
+by geometry on the reference grid), and each segment's centroid and extent in patient coordinates (mm) must
+match the mask it came from.
 Flipped and shifted SEGs are the most reported AI-result bug; this is where they are stopped.
 """
 
@@ -19,6 +21,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pydicom.sr.coding import Code
 
 from radfed.dicom_sr.profile import SrVariant
+from radfed.dicom_sr.seg_exact import exact_mismatch
 from radfed.inference.errors import ResultQualityError
 from radfed.inference.findings import InferenceResult
 from radfed.inference.segmentation import read_segmentation_labels
@@ -76,9 +79,11 @@ def verify_seg_geometry(
     tolerance_mm
         Allowed difference of centroid and bounding-box corners, in mm.
     """
+    if exact_mismatch(seg, expected_labels, grid) is None:
+        return  # voxel for voxel where it was computed (frames placed by numpy, not by the general reader)
     decoded_labels, _segments = read_segmentation_labels(seg, grid)
     if np.array_equal(decoded_labels, expected_labels):
-        return  # voxel for voxel where it was computed; only a difference needs the placements below
+        return  # only a difference needs the placements below
     expected = _placements(expected_labels, grid)
     decoded = _placements(decoded_labels, grid)
     for number, want in expected.items():
@@ -142,7 +147,7 @@ class _GroupRead:
         return len(self.outlines) == 1 and not self.segments
 
 
-def _read_group(group: Dataset, references: set[str]) -> _GroupRead:
+def _read_group(group: Dataset) -> _GroupRead:
     read = _GroupRead()
     for item in group.get("ContentSequence", []):
         concept = _concept(item)
@@ -151,7 +156,6 @@ def _read_group(group: Dataset, references: set[str]) -> _GroupRead:
         elif concept == _REFERENCED_SEGMENT:
             reference = _typed(item, "IMAGE", "Referenced Segment").ReferencedSOPSequence[0]
             uid = str(reference.ReferencedSOPInstanceUID)
-            references.add(uid)
             numbers = reference.get("ReferencedSegmentNumber")
             for number in numbers if isinstance(numbers, list | MultiValue) else [numbers]:
                 if number is not None:
@@ -162,10 +166,18 @@ def _read_group(group: Dataset, references: set[str]) -> _GroupRead:
             if points.size % 2:
                 raise ResultQualityError("SR Image Region has an odd number of coordinates")
             read.outlines.append(points.reshape(-1, 2))
-            for source in region.get("ContentSequence", []):
-                if source.get("ValueType") == "IMAGE":
-                    references.add(str(source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
     return read
+
+
+def _referenced_instances(owner: Dataset) -> set[str]:
+    """Every instance an IMAGE or COMPOSITE item anywhere in the tree references (highdicom's evidence rule)."""
+    uids: set[str] = set()
+    for item in owner.get("ContentSequence", []):
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            uids.update(str(ref.ReferencedSOPInstanceUID) for ref in item.get("ReferencedSOPSequence", []))
+        if "ContentSequence" in item:
+            uids |= _referenced_instances(item)
+    return uids
 
 
 def _evidence_uids(sr: Dataset) -> set[str]:
@@ -199,10 +211,9 @@ def verify_sr(sr: Dataset, result: InferenceResult, variant: SrVariant, seg: Dat
     The tree is walked once with pydicom (independently of highdicom, which wrote it): TID 1500 at the root;
     per lesion one volumetric group referencing its segment of ``seg`` (when given) and, in the ``viewer``
     variant, one planar outline inside the image under the same Tracking UID; one group per lesion; every
-    referenced instance listed in the evidence.
+    instance referenced anywhere in the tree listed in the evidence.
     """
-    references: set[str] = set()
-    groups = [_read_group(group, references) for group in _measurement_groups(sr)]
+    groups = [_read_group(group) for group in _measurement_groups(sr)]
     for read in groups:
         if len(read.tracking_uids) != 1:
             raise ResultQualityError(f"SR measurement group with {len(read.tracking_uids)} Tracking UIDs")
@@ -231,6 +242,6 @@ def verify_sr(sr: Dataset, result: InferenceResult, variant: SrVariant, seg: Dat
     by_uid = {uid for uids in volumetric.values() for uid in uids}
     if len(by_uid) != len(result.lesions):
         raise ResultQualityError(f"{len(by_uid)} lesion groups for {len(result.lesions)} lesions")
-    missing = references - _evidence_uids(sr)
+    missing = _referenced_instances(sr) - _evidence_uids(sr)
     if missing:
         raise ResultQualityError(f"SR references {len(missing)} instances that its evidence does not list")

@@ -194,6 +194,23 @@ def _move_study_finding(root: Dataset, result: InferenceResult) -> None:
     content.append(_study_evaluations(result))
 
 
+def _trunk(root: Dataset) -> Dataset:
+    """The root content item without its children, for the SR constructor.
+
+    highdicom's constructor deep-copies and re-parses the whole content tree it is given (for its ``content``
+    view, which radfed never reads: results are re-read from their bytes) and walks it twice to find the
+    instances it references (which :func:`radfed.dicom_sr.qa.verify_sr` checks against the evidence on the
+    written SR). With 50 lesions that was 0.5 s of the 0.8 s the SR took; given the trunk, its cost no longer
+    grows with the lesions, and the children are attached after, as the same sequence it would have attached.
+    """
+    trunk = Dataset()
+    for element in root:
+        if element.keyword != "ContentSequence":
+            trunk.add(element)
+    trunk.ContentSequence = []  # highdicom requires the attribute
+    return trunk
+
+
 def build_sr(
     result: InferenceResult,
     seg: Dataset | None,
@@ -227,9 +244,10 @@ def build_sr(
     if profile.study_finding is StudyFindingPlacement.QUALITATIVE_EVALUATIONS:
         _move_study_finding(report[0], result)
     evidence = [*result.source_datasets, *result.evidence_datasets, *([seg] if seg is not None else [])]
+    root = report[0]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report,
+        content=_trunk(root),
         series_instance_uid=key.sr_series_uid,
         series_number=profile.series_number_base + 1,
         sop_instance_uid=key.sr_instance_uid,
@@ -246,5 +264,6 @@ def build_sr(
         contributing_equipment=marking.contributing_equipment(result.model),
         content_qualification=codes.CONTENT_QUALIFICATION,
     )
+    sr.add(root["ContentSequence"])  # the element highdicom would have copied from the root
     sr.SoftwareVersions = marking.software_versions(result.model)  # type: ignore[assignment]
     return sr
