@@ -4,6 +4,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
 
     python -m bench federation            # RADFED_BENCH_QUICK=1 for a smoke-sized run
     RADFED_BENCH_FEDERATION=privacy python -m bench federation   # the privacy curve (long: 15 arms)
+    RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES=100 RADFED_BENCH_PRIVACY_EPSILONS=8 ...  # goal pair
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
     RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
 """
@@ -140,7 +141,9 @@ def privacy_curve(work: Path, quick: bool) -> None:
     sizes = (6,) if quick else tuple(int(s) for s in os.environ.get("RADFED_BENCH_PRIVACY_STUDIES", "").split(",") if s)
     sizes = sizes or PRIVACY_COHORTS
     budget = Budget(rounds=2, local_steps=3) if quick else Budget(rounds=8, local_steps=30, every_round=False)
-    arms = [Arm("no DP")] + [Arm(f"DP epsilon {e:g}", epsilon=e) for e in PRIVACY_EPSILONS]
+    chosen = os.environ.get("RADFED_BENCH_PRIVACY_EPSILONS", "")  # e.g. "8": the no-DP arm and epsilon 8 only
+    epsilons = tuple(float(e) for e in chosen.split(",") if e) or PRIVACY_EPSILONS
+    arms = [Arm("no DP")] + [Arm(f"DP epsilon {e:g}", epsilon=e) for e in epsilons]
     plan = []
     for size in sizes:
         data = work / f"data-{size}"
@@ -150,7 +153,11 @@ def privacy_curve(work: Path, quick: bool) -> None:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
         futures = [pool.submit(_run_privacy_arm, data, budget, arm) for _, data, arm in plan]
-        results = {(size, arm.name): f.result() for (size, _, arm), f in zip(plan, futures, strict=True)}
+        results = {}
+        for (size, _, arm), future in zip(plan, futures, strict=True):
+            results[(size, arm.name)] = future.result()
+            # each arm as it ends: at 100 studies per site an arm takes the better part of an hour on one core
+            print(f"  {size} studies per site, {arm.name}: Dice {_f(results[(size, arm.name)].pooled.get('dice'))}")
     rows = []
     for size in sizes:
         clean = results[(size, "no DP")].pooled.get("dice")
@@ -164,7 +171,8 @@ def privacy_curve(work: Path, quick: bool) -> None:
         ["studies per site", "arm", "Dice", "Dice / no DP (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
-        "python -m bench federation",
+        + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
+        + "python -m bench federation",
     )
 
 
