@@ -12,6 +12,7 @@ BENCHMARKS = {
     "encode": "bench.encode_results",
     "node": "bench.node_e2e",
     "federation": "bench.federation",
+    "coordinator": "bench.coordinator",
     "viewer": "bench.viewer",
     "quality": "bench.quality",
     "chaos": "bench.chaos",
