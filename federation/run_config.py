@@ -15,7 +15,7 @@ from functools import cache
 from typing import Any, Self, get_type_hints
 
 from radfed.federation import records
-from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule
+from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule, Screening
 from radfed.federation.alerts import ALERTS_CONFIG_KEY, PoisoningAlert, alerts_from_config, alerts_to_config
 from radfed.federation.compression import Compression
 from radfed.federation.membership import MembershipAudit
@@ -50,6 +50,9 @@ class RunConfig:
     model_version: str = "1.0.0"
     round_timeout: float = 600.0  # seconds to wait for the sites' replies (and for the quorum to connect)
     aggregation: AggregationRule = AggregationRule.FEDAVG  # anomalous updates are always left out
+    # How screening and multi-Krum compare updates: exact (pairwise, O(N^2) in sites, every update held) | sketch
+    # (O(N); FedAvg and multi-Krum then stream) | auto (exact up to 32 sites): federation/aggregation.py, streaming.py
+    screening: Screening = Screening.AUTO
     server_momentum: float = 0.0  # > 0: FedAvgM
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # 1: plain FedAvg
     proximal_mu: float = 0.0  # > 0: FedProx

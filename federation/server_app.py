@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from radfed.federation.planning import (
 )
 from radfed.federation.run_config import RoundConfig, RunConfig
 from radfed.federation.site import arrays_to_model, model_to_arrays
+from radfed.federation.streaming import StreamingAggregator
 from radfed.federation.subgroups import card_section as bias_section
 from radfed.federation.subgroups import subgroup_table
 from radfed.federation.training import new_model
@@ -84,11 +86,16 @@ class Job:
         return nodes
 
     def exchange(
-        self, message_type: str, content: RecordDict, group: str
+        self,
+        message_type: str,
+        content: RecordDict,
+        group: str,
+        fold: Callable[[str, dict[str, Any], RecordDict], None] | None = None,
     ) -> tuple[dict[str, tuple[int, dict[str, Any], RecordDict]], dict[str, str]]:
         """Send to every connected site; a site that fails or times out is reported, never fatal by itself.
         Below quorum, only the sites that have not answered yet are asked again (a site that already
-        trained must not spend privacy budget twice for one round)."""
+        trained must not spend privacy budget twice for one round). With ``fold``, each reply's content is
+        handed to it as it arrives and not kept (an empty record in its place)."""
         replies: dict[str, tuple[int, dict[str, Any], RecordDict]] = {}
         errors: dict[str, str] = {}
         answered: set[int] = set()
@@ -108,7 +115,12 @@ class Job:
                 answered.add(node)
                 errors.pop(f"node-{node}", None)
                 site = str(reply.content["site"]["name"]) if "site" in reply.content else f"node-{node}"
-                replies[site] = (node, records.metrics(reply.content), reply.content)
+                metrics = records.metrics(reply.content)
+                if fold is not None:
+                    if site in replies:
+                        continue  # folded in already
+                    fold(site, metrics, reply.content)
+                replies[site] = (node, metrics, reply.content if fold is None else RecordDict())
             for node in set(pending) - heard:
                 errors[f"node-{node}"] = f"no reply within {self.timeout:.0f} s"
             if len(replies) >= self.min_sites:
@@ -193,18 +205,45 @@ class Job:
         started = time.perf_counter()
         sent = records.pack_arrays(state.arrays)
         content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
-        replies, errors = self.exchange(MessageType.TRAIN, content, str(server_round))
         down = int(sum(a.nbytes for a in state.arrays))
-        updates = []
+        # Many sites, FedAvg or multi-Krum, sketched screening: fold each update into one sum as it arrives.
+        screening = self.run.screening.resolve(len(list(self.grid.get_node_ids())))
+        streams = StreamingAggregator.streams(self.run.aggregation, screening)
+        updates: list[SiteUpdate] = []
+        bytes_up: dict[str, int] = {}
+        unreadable: dict[str, str] = {}
+        with (
+            StreamingAggregator(state.arrays, self.run.aggregation, spill_root=self.out) if streams else nullcontext()
+        ) as stream:
+
+            def fold(site: str, metrics: dict[str, Any], reply: RecordDict) -> None:
+                received = records.arrays(reply)
+                bytes_up[site] = payload_nbytes(received)
+                try:  # a compressed reply becomes the site's full model again: screening sees every site's update
+                    arrays = restore_reply(self.run.update_compression, state.arrays, received)
+                except ValueError as exc:
+                    unreadable[site] = f"unreadable reply: {exc}"[:300]
+                    return
+                update = SiteUpdate(site, arrays, int(metrics.get("num-examples", 1)))
+                if stream is not None:
+                    stream.add(update)
+                else:
+                    updates.append(update)
+
+            replies, errors = self.exchange(MessageType.TRAIN, content, str(server_round), fold)
+            readable = len(replies) - len(unreadable)
+            if readable < self.min_sites:
+                raise QuorumError(f"round {server_round}: {readable} readable update(s), quorum {self.min_sites}")
+            if stream is not None:
+                outcome = stream.outcome()
+            else:
+                updates.sort(key=lambda u: u.site)
+                outcome = aggregate(state.arrays, updates, self.run.aggregation, screening=screening)
+        errors |= unreadable
         site_lines: dict[str, dict[str, Any]] = {}
-        for site, (_, metrics, reply) in sorted(replies.items()):
-            received = records.arrays(reply)
-            try:  # a compressed reply becomes the site's full model again: screening sees every site's update
-                arrays = restore_reply(self.run.update_compression, state.arrays, received)
-            except ValueError as exc:
-                errors[site] = f"unreadable reply: {exc}"[:300]
+        for site, (_, metrics, _) in sorted(replies.items()):
+            if site in unreadable:
                 continue
-            updates.append(SiteUpdate(site, arrays, int(metrics.get("num-examples", 1))))
             state.studies_per_site[site] = int(metrics.get("num-examples", 0))
             if "epsilon" in metrics:
                 state.epsilon_per_site[site] = float(metrics["epsilon"])
@@ -220,10 +259,7 @@ class Job:
                     float(metrics["lesion_extent_total_mm3"]),
                 )
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
-            site_lines[site] = scalars | {"bytes_down": down, "bytes_up": payload_nbytes(received)}  # as sent
-        if len(updates) < self.min_sites:
-            raise QuorumError(f"round {server_round}: {len(updates)} readable update(s), quorum {self.min_sites}")
-        outcome = aggregate(state.arrays, updates, self.run.aggregation)
+            site_lines[site] = scalars | {"bytes_down": down, "bytes_up": bytes_up[site]}  # as sent
         state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
         # every site hears of these with its next message (the next round's, or the final evaluation's)
         state.flags += [

@@ -17,7 +17,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 
 from radfed.federation import client_app, site_worker
-from radfed.federation.aggregation import AggregationRule, AnomalyRule
+from radfed.federation.aggregation import AggregationRule, AnomalyRule, Screening
 from radfed.federation.alerts import PoisoningAlert
 from radfed.federation.coordinator import JobState
 from radfed.federation.membership import MembershipAudit
@@ -58,6 +58,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         model_version="2.1.0",
         round_timeout=45.5,
         aggregation=AggregationRule.MULTI_KRUM,
+        screening=Screening.SKETCH,
         server_momentum=0.9,
         server_learning_rate=1.5,
         proximal_mu=0.01,

@@ -1,0 +1,96 @@
+"""The ServerApp's round with many sites: each reply is folded into the streaming sum as it arrives and dropped,
+and the round's model, flags and metrics equal those of the batch path. Flower's transport is replaced by a
+stand-in ``exchange`` that hands the replies to the round's fold one at a time."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import MetricRecord, RecordDict
+
+from radfed.federation import records
+from radfed.federation.aggregation import SiteUpdate, aggregate
+from radfed.federation.coordinator import JobState
+from radfed.federation.run_config import RunConfig
+from radfed.federation.server_app import Job
+
+
+class _Grid:
+    def __init__(self, sites: int) -> None:
+        self.sites = sites
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.sites + 1))
+
+
+def _updates(sites: int) -> tuple[list[np.ndarray], list[SiteUpdate]]:
+    rng = np.random.default_rng(3)
+    base = [rng.normal(size=(64, 64, 3, 3)).astype(np.float32), rng.normal(size=(64,)).astype(np.float32)]
+    shared = [rng.normal(size=b.shape) for b in base]
+    updates = []
+    for i in range(1, sites + 1):
+        sign = -1.0 if i == 4 else 1.0  # site-04 sends its update sign-flipped
+        arrays = [
+            (b + 0.01 * sign * (0.55 * s + 0.84 * rng.normal(size=b.shape))).astype(np.float32)
+            for b, s in zip(base, shared, strict=True)
+        ]
+        updates.append(SiteUpdate(f"site-{i:02d}", arrays, 2 + i % 3))
+    return base, updates
+
+
+def _round(tmp_path: Path, screening: str, sites: int, monkeypatch: pytest.MonkeyPatch) -> tuple[JobState, int]:
+    base, updates = _updates(sites)
+    held = 0  # bytes still allocated once every reply was folded in and dropped
+
+    def exchange(self: Job, message_type: str, content: RecordDict, group: str, fold: Any = None) -> Any:
+        nonlocal held
+        replies = {}
+        tracemalloc.start()
+        for node, update in enumerate(updates, 1):
+            reply = RecordDict(
+                {"arrays": records.pack_arrays(update.arrays), "metrics": MetricRecord({"num-examples": update.weight})}
+            )
+            metrics = records.metrics(reply)
+            fold(update.site, metrics, reply)
+            del reply
+            replies[update.site] = (node, metrics, RecordDict())
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        return replies, {}
+
+    monkeypatch.setattr(Job, "exchange", exchange)
+    run = RunConfig.from_run_config(
+        {"out-dir": str(tmp_path / screening), "screening": screening, "server-learning-rate": 1.0}
+    )
+    job = Job(_Grid(sites), run)  # type: ignore[arg-type]
+    state = JobState(arrays=base)
+    job.train_round(1, state)
+    return state, held
+
+
+def test_a_streaming_round_keeps_no_reply_and_matches_the_batch_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sites = 40  # above the exact screening's site count: auto streams
+    streamed, streamed_held = _round(tmp_path, "auto", sites, monkeypatch)
+    batch, batch_held = _round(tmp_path, "exact", sites, monkeypatch)
+    update_bytes = 4 * (64 * 64 * 9 + 64)
+    assert batch_held > 0.9 * sites * update_bytes  # the batch path holds every site's update until the round's end
+    # streaming keeps a sketch per site (4096 float64) and no update
+    assert streamed_held < 0.3 * batch_held, (streamed_held, batch_held)
+    assert [a.site for a in streamed.flags] == [a.site for a in batch.flags] == ["site-04"]
+    for s, b in zip(streamed.arrays, batch.arrays, strict=True):
+        np.testing.assert_allclose(s, b, rtol=1e-6, atol=1e-7)
+    base, updates = _updates(sites)
+    expected = aggregate(base, updates, "fedavg", screening="exact")
+    for s, e in zip(streamed.arrays, expected.arrays, strict=True):
+        np.testing.assert_allclose(s, e, rtol=1e-6, atol=1e-7)
+    line = json.loads((tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(line["aggregated"]) == sites - 1 and line["flagged"][0]["site"] == "site-04"
+    assert line["sites"]["site-01"]["bytes_up"] == sum(a.nbytes for a in updates[0].arrays)
+    assert not [p for p in (tmp_path / "auto").iterdir() if p.name.startswith("radfed-spill-")]
