@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.node_training import run_beside_training, training_rows
+from bench.node_workers import workers_table
 from bench.report import table
 from bench.running_node import running_node
 from radfed.federation.local import train_local_artifact
@@ -107,11 +108,15 @@ def main() -> None:
             task=None, sources=[str(root / "train")], out=root / "artifact", steps=MODEL_STEPS, version="bench"
         ).artifact
         studies = [render_study(site_profile(1 + n % 3), 1 + n // 3, seed=31) for n in range(STUDIES + SEQUENTIAL)]
+        if os.environ.get("RADFED_BENCH_NODE") == "workers":
+            workers_table(root, artifact.folder, studies)
+            return
         runs = {prefetch: run_node(root, artifact.folder, studies, prefetch) for prefetch in (True, False)}
         beside = [
             run_beside_training(root, artifact.folder, studies[:SEQUENTIAL], root / "train" / "site-1", policy)
             for policy in (DevicePolicy.OFF, DevicePolicy.CLINICAL_FIRST)
         ]
+        workers_table(root, artifact.folder, studies)  # printed first: the tables below need no processes
     on, off = runs[True], runs[False]
 
     def both(value: Callable[[NodeRun], float], fmt: str = "{:.3f}") -> list[str]:
