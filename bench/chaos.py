@@ -28,7 +28,7 @@ import requests
 from pydicom.dataset import Dataset
 
 from bench.report import table
-from radfed.federation.local import train_local_artifact
+from radfed.federation.train_local import train_local_artifact
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.orthanc.launcher import OrthancOptions, OrthancProcess, free_port, start_orthanc
 from radfed.inference.synthetic.sites import Sequence, site_profile

@@ -24,7 +24,7 @@ from bench.report import table
 from radfed.federation.cohort import SiteCohort
 from radfed.federation.coordinator import read_metrics
 from radfed.federation.experiments import Arm, ArmResult, Attack, Budget, Experiment, Mode, load_site_cohorts
-from radfed.federation.launcher import FederationOptions, LocalFederation
+from radfed.federation.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.membership import (
     MembershipAudit,
     evaluate_attack,
@@ -373,7 +373,7 @@ def transport(work: Path, quick: bool) -> None:
     rows = []
     for label, warm in (("radfed warm SuperExec", True), ("Flower's SuperExec", False)):
         options = FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True, warm_clientapp=warm)
-        federation = LocalFederation(work / f"fed-{warm}", ROOT / "deploy" / "flower", options)
+        federation = LoopbackFederation(work / f"fed-{warm}", ROOT / "deploy" / "flower", options)
         federation.start()
         try:
             for steps in (3, 10) if quick else (10, 40):

@@ -20,7 +20,7 @@ from bench.node_training import run_beside_training, training_rows
 from bench.node_workers import workers_table
 from bench.report import table
 from bench.running_node import running_node
-from radfed.federation.local import train_local_artifact
+from radfed.federation.train_local import train_local_artifact
 from radfed.inference.arbiter import DevicePolicy
 from radfed.inference.artifact import load_artifact
 from radfed.inference.preprocess import load_study, prepare

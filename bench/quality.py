@@ -193,7 +193,7 @@ def _jobs(work: Path) -> list[Job]:
 
 def _run(job: Job) -> dict[str, Any]:
     from radfed.federation.calibration import reference_fraction
-    from radfed.federation.local import fit, set_threads
+    from radfed.federation.train_local import fit, set_threads
 
     set_threads(1)  # one torch thread per process, processes side by side on the cores
     from radfed.federation.cohort import SiteCohort, cohort_from_sources

@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     # Heavy imports after parsing: --help stays quick.
     from radfed.federation import site as site_code
     from radfed.federation.cohort import source_fingerprints
-    from radfed.federation.local import set_threads
     from radfed.federation.planning import job_plan
     from radfed.federation.run_config import RunConfig
     from radfed.federation.site_config import SiteConfig
+    from radfed.federation.train_local import set_threads
     from radfed.federation.training import new_model
     from radfed.inference.plan import DatasetFingerprint
     from radfed.inference.taskspec import load_task_spec

@@ -27,7 +27,7 @@ class QuorumError(RuntimeError):
 
 
 @dataclass
-class JobState:
+class CoordinatorCheckpoint:
     """What a restarted coordinator needs to resume: the last finished round, its global model (and the
     server optimiser's velocity, with FedAvgM), the federation's harmonisation and what each site has
     reported so far."""
@@ -90,7 +90,7 @@ class JobState:
         temporary.replace(out / JOB_STATE)
 
     @classmethod
-    def load(cls, out: Path) -> JobState | None:
+    def load(cls, out: Path) -> CoordinatorCheckpoint | None:
         if not (out / JOB_STATE).is_file() or not (out / CHECKPOINT).is_file():
             return None
         meta = json.loads((out / JOB_STATE).read_text())
@@ -167,7 +167,7 @@ def model_card(
     model_key: str,
     rounds: int,
     aggregation: str,
-    state: JobState,
+    state: CoordinatorCheckpoint,
     epsilon_budget: float,
     delta: float,
     final_evaluation: Mapping[str, Any] | None,

@@ -20,7 +20,7 @@ from radfed.federation.aggregation import ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.alerts import PROVENANCE_KEY, PoisoningAlert, federation_id
 from radfed.federation.compression import payload_nbytes, restore_reply
 from radfed.federation.coordinator import (
-    JobState,
+    CoordinatorCheckpoint,
     QuorumError,
     append_metrics,
     evaluation_line,
@@ -56,7 +56,10 @@ def say(text: str) -> None:
     print(f"radfed: {text}", flush=True)
 
 
-class Job:
+class RoundDriver:
+    """One federated job at the coordinator: sends each round's messages through Flower's grid, screens and
+    aggregates the replies, and keeps the CoordinatorCheckpoint a restarted ServerApp resumes from."""
+
     def __init__(self, grid: Grid, run: RunConfig) -> None:
         self.grid = grid
         self.run = run
@@ -68,7 +71,7 @@ class Job:
         self.out.mkdir(parents=True, exist_ok=True)
         self.server = ServerOptimizer(run.server_learning_rate, run.server_momentum)
 
-    def config(self, server_round: int, state: JobState) -> ConfigRecord:
+    def config(self, server_round: int, state: CoordinatorCheckpoint) -> ConfigRecord:
         """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
         round, the plan and reference landmarks once fixed, and every poisoning alert of the job so far."""
         alerts = state.alerts(self.run.anonymise_alerts)
@@ -142,7 +145,7 @@ class Job:
             if waiting:
                 time.sleep(REPLY_POLL_S)
 
-    def plan(self, spec: TaskSpec, state: JobState) -> TaskSpec:
+    def plan(self, spec: TaskSpec, state: CoordinatorCheckpoint) -> TaskSpec:
         """Fix the job's plan before round 1: from the spec alone when it fixes the grid and patch, otherwise
         from the sites' fingerprint summaries (merged, study-weighted)."""
         started = time.perf_counter()
@@ -168,7 +171,7 @@ class Job:
         say(f"plan: {plan.reasons[-1] if plan.reasons else 'from the task spec'}; patch {list(plan.patch_size)}")
         return spec.planned(plan)
 
-    def start_from(self, base: ModelArtifact, spec: TaskSpec, state: JobState) -> TaskSpec:
+    def start_from(self, base: ModelArtifact, spec: TaskSpec, state: CoordinatorCheckpoint) -> TaskSpec:
         """Fine-tune a base model: its plan and weights start the job (the sites' fingerprints are not asked)."""
         if base.spec.name != spec.name or base.spec.plan is None or base.weights_path is None:
             raise ValueError(f"base model {base.key} is not a {spec.name} model with a plan and torch weights")
@@ -183,7 +186,7 @@ class Job:
         say(f"fine-tuning base model {base.key} ({base.provenance.get('steps')} steps on public data)")
         return planned
 
-    def harmonise(self, state: JobState) -> None:
+    def harmonise(self, state: CoordinatorCheckpoint) -> None:
         started = time.perf_counter()
         replies, errors = self.exchange("query.landmarks", RecordDict({"config": self.config(0, state)}), "landmarks")
         found = {site: landmark_metrics(m) for site, (_, m, _) in replies.items()}
@@ -201,7 +204,7 @@ class Job:
         )
         say(f"harmonisation: reference landmarks from {len(found)} site(s)")
 
-    def train_round(self, server_round: int, state: JobState) -> None:
+    def train_round(self, server_round: int, state: CoordinatorCheckpoint) -> None:
         started = time.perf_counter()
         sent = records.pack_arrays(state.arrays)
         content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
@@ -289,7 +292,7 @@ class Job:
         flagged = "; ".join(f"{f.site}: {f.reason}" for f in outcome.flags) or "none"
         say(f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}")
 
-    def evaluate_final(self, state: JobState) -> tuple[dict[str, Any] | None, dict[str, SiteAudit]]:
+    def evaluate_final(self, state: CoordinatorCheckpoint) -> tuple[dict[str, Any] | None, dict[str, SiteAudit]]:
         """The job's last message to the sites: they evaluate the final model and, with ``membership-audit``,
         attack it on their own studies. Returns the pooled evaluation and each site's audit."""
         content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": self.config(self.rounds, state)})
@@ -358,12 +361,12 @@ def overhead_parts(seconds: float, site_lines: dict[str, dict[str, Any]]) -> dic
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
-    job = Job(grid, run)
+    job = RoundDriver(grid, run)
     spec = load_task_spec(run.task or None)
-    state = JobState.load(job.out)
+    state = CoordinatorCheckpoint.load(job.out)
     base = load_artifact(Path(run.base_model)) if run.base_model else None
     if state is None or state.plan is None:
-        state = JobState()
+        state = CoordinatorCheckpoint()
         if base is not None:
             spec = job.start_from(base, spec, state)
         else:

@@ -122,7 +122,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from tqdm import tqdm
 
-    from radfed.federation.local import train_local_artifact
+    from radfed.federation.train_local import train_local_artifact
 
     with tqdm(total=0, desc="training", unit="step", disable=args.quiet) as bar:
 

@@ -214,7 +214,7 @@ def train_base_model(workdir: Path, args: argparse.Namespace, say: Any) -> Path:
     """A base model trained centrally on public studies (synthetic, other patients than the hospitals'):
     with a few studies per hospital, DP-SGD from random weights learns nothing a radiologist could use, so
     the federation fine-tunes this model (the report and the model card say so)."""
-    from radfed.federation.local import train_local_artifact
+    from radfed.federation.train_local import train_local_artifact
     from radfed.inference.synthetic.writer import synthesize_to_folder
 
     data = workdir / "public-data"
@@ -266,7 +266,7 @@ def _start_viewer(site: Any) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from radfed.federation.launcher import FederationOptions, LocalFederation
+    from radfed.federation.loopback import FederationOptions, LoopbackFederation
     from radfed.inference.artifact import load_artifact
     from radfed.inference.orthanc.client import OrthancClient
     from radfed.inference.synthetic.sites import site_profile
@@ -280,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
     say = (lambda _: None) if args.quiet else (lambda text: print(f"radfed demo: {text}", file=sys.stderr, flush=True))
-    federation = LocalFederation(
+    federation = LoopbackFederation(
         workdir,
         find_app_dir(None),
         FederationOptions(sites=3, studies_per_site=args.studies_per_site, seed=args.seed, small=not args.full_size),

@@ -74,10 +74,10 @@ def _fmt(value: object) -> str:
 
 
 def cmd_federation_local(args: argparse.Namespace) -> int:
-    from radfed.federation.launcher import FederationOptions, LocalFederation
+    from radfed.federation.loopback import FederationOptions, LoopbackFederation
 
     workdir: Path = args.workdir.resolve()
-    federation = LocalFederation(
+    federation = LoopbackFederation(
         workdir,
         find_app_dir(args.app),
         FederationOptions(

@@ -104,7 +104,7 @@ def planned_spec(synth_root: Path) -> Any:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
     """A model artifact trained for a few steps (mechanics, not accuracy)."""
-    from radfed.federation.local import train_local_artifact
+    from radfed.federation.train_local import train_local_artifact
 
     out = tmp_path_factory.mktemp("artifact")
     train_local_artifact(task=None, sources=[str(synth_root)], out=out, steps=6, version="0.0.1")

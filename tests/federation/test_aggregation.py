@@ -58,7 +58,7 @@ def test_fedavg_weights_by_studies() -> None:
 
 
 def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) -> None:
-    from radfed.federation.coordinator import JobState
+    from radfed.federation.coordinator import CoordinatorCheckpoint
 
     base = [np.zeros((2, 2), np.float32), np.ones(3, np.float32)]
     step = [np.full((2, 2), 0.1, np.float32), np.full(3, -0.1, np.float32)]
@@ -72,8 +72,8 @@ def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) ->
     momentum = ServerOptimizer(momentum=0.5)
     first, velocity = momentum.step(base, aggregated(base), None)
     # a checkpointed job resumes with the same velocity
-    JobState(completed_round=1, arrays=first, velocity=velocity).save(tmp_path)
-    restored = JobState.load(tmp_path)
+    CoordinatorCheckpoint(completed_round=1, arrays=first, velocity=velocity).save(tmp_path)
+    restored = CoordinatorCheckpoint.load(tmp_path)
     assert restored is not None and restored.velocity is not None and len(restored.arrays) == 2
     second, _ = momentum.step(restored.arrays, aggregated(restored.arrays), restored.velocity)
     # round 2 moves by its own step plus half of round 1's: 0.1 + 0.05

@@ -15,9 +15,9 @@ from flwr.app import MetricRecord, RecordDict
 
 from radfed.federation import records
 from radfed.federation.aggregation import SiteUpdate, aggregate
-from radfed.federation.coordinator import JobState
+from radfed.federation.coordinator import CoordinatorCheckpoint
 from radfed.federation.run_config import RunConfig
-from radfed.federation.server_app import Job
+from radfed.federation.server_app import RoundDriver
 
 
 class _Grid:
@@ -43,11 +43,13 @@ def _updates(sites: int) -> tuple[list[np.ndarray], list[SiteUpdate]]:
     return base, updates
 
 
-def _round(tmp_path: Path, screening: str, sites: int, monkeypatch: pytest.MonkeyPatch) -> tuple[JobState, int]:
+def _round(
+    tmp_path: Path, screening: str, sites: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[CoordinatorCheckpoint, int]:
     base, updates = _updates(sites)
     held = 0  # bytes still allocated once every reply was folded in and dropped
 
-    def exchange(self: Job, message_type: str, content: RecordDict, group: str, fold: Any = None) -> Any:
+    def exchange(self: RoundDriver, message_type: str, content: RecordDict, group: str, fold: Any = None) -> Any:
         nonlocal held
         replies = {}
         tracemalloc.start()
@@ -63,12 +65,12 @@ def _round(tmp_path: Path, screening: str, sites: int, monkeypatch: pytest.Monke
         tracemalloc.stop()
         return replies, {}
 
-    monkeypatch.setattr(Job, "exchange", exchange)
+    monkeypatch.setattr(RoundDriver, "exchange", exchange)
     run = RunConfig.from_run_config(
         {"out-dir": str(tmp_path / screening), "screening": screening, "server-learning-rate": 1.0}
     )
-    job = Job(_Grid(sites), run)  # type: ignore[arg-type]
-    state = JobState(arrays=base)
+    job = RoundDriver(_Grid(sites), run)  # type: ignore[arg-type]
+    state = CoordinatorCheckpoint(arrays=base)
     job.train_round(1, state)
     return state, held
 

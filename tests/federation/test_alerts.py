@@ -20,7 +20,7 @@ from radfed.federation.alerts import (
     federation_id,
     provenance_alerts,
 )
-from radfed.federation.coordinator import JobState, model_card
+from radfed.federation.coordinator import CoordinatorCheckpoint, model_card
 from radfed.federation.messages import ALERT_FIELDS, ALERT_RULES, AlertLeakError, allowed_alert
 from radfed.federation.run_config import RoundConfig, RunConfig
 from radfed.federation.site_config import SiteConfig
@@ -81,21 +81,21 @@ def test_a_site_name_that_is_not_an_id_travels_as_a_hash() -> None:
 
 
 def test_anonymised_alerts_name_no_site_and_keep_one_pseudonym_per_site(tmp_path: Path) -> None:
-    from radfed.federation.server_app import Job
+    from radfed.federation.server_app import RoundDriver
 
-    state = JobState(flags=list(FLAGS))
+    state = CoordinatorCheckpoint(flags=list(FLAGS))
     run = RunConfig(job="job-a", anonymise_alerts=True, out_dir=str(tmp_path))
-    record = Job(cast(Any, None), run).config(3, state)  # what every site receives for round 3
+    record = RoundDriver(cast(Any, None), run).config(3, state)  # what every site receives for round 3
     sent = str(record[ALERTS_CONFIG_KEY])
     assert "hospital" not in sent
     assert [e["site"] for e in json.loads(sent)] == ["flagged-site-1", "flagged-site-2", "flagged-site-1"]
-    named = Job(cast(Any, None), RunConfig(job="job-a", out_dir=str(tmp_path))).config(3, state)
+    named = RoundDriver(cast(Any, None), RunConfig(job="job-a", out_dir=str(tmp_path))).config(3, state)
     assert [e["site"] for e in json.loads(str(named[ALERTS_CONFIG_KEY]))] == ["hospital-4", "hospital-2", "hospital-4"]
 
 
 def test_the_coordinators_checkpoint_keeps_every_flag(tmp_path: Path) -> None:
-    JobState(completed_round=2, flags=list(FLAGS)).save(tmp_path)
-    loaded = JobState.load(tmp_path)
+    CoordinatorCheckpoint(completed_round=2, flags=list(FLAGS)).save(tmp_path)
+    loaded = CoordinatorCheckpoint.load(tmp_path)
     assert loaded is not None and loaded.flags == FLAGS
 
 
@@ -105,7 +105,7 @@ def test_the_model_card_lists_every_flag() -> None:
         model_key="m:1",
         rounds=3,
         aggregation="fedavg",
-        state=JobState(),
+        state=CoordinatorCheckpoint(),
         epsilon_budget=0,
         delta=1e-5,
         final_evaluation=None,
@@ -114,8 +114,8 @@ def test_the_model_card_lists_every_flag() -> None:
     rows = [line for line in card.splitlines() if line.startswith("| ") and "update-" in line]
     assert rows == [f"| {a.server_round} | {a.site} | {a.rule} | {a.alert_id} |" for a in FLAGS]
     clean = model_card(
-        job="j", model_key="m:1", rounds=3, aggregation="fedavg", state=JobState(), epsilon_budget=0, delta=1e-5,
-        final_evaluation=None,
+        job="j", model_key="m:1", rounds=3, aggregation="fedavg", state=CoordinatorCheckpoint(),
+        epsilon_budget=0, delta=1e-5, final_evaluation=None,
     )  # fmt: skip
     assert "None: no site's update was flagged in 3 rounds." in clean
 

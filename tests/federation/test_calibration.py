@@ -99,11 +99,13 @@ def test_calibration_drops_specks_beside_a_large_lesion_by_their_share() -> None
 
 
 def test_the_federation_pools_the_sites_reference_statistics_exactly() -> None:
-    from radfed.federation.coordinator import JobState
+    from radfed.federation.coordinator import CoordinatorCheckpoint
 
     site_a = [_masked("a", [400, 2, 2]), _masked("b", [300, 1])]
     site_b = [_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])]
-    state = JobState(lesion_kept_per_site={"a": reference_kept(site_a, 10.0), "b": reference_kept(site_b, 10.0)})
+    state = CoordinatorCheckpoint(
+        lesion_kept_per_site={"a": reference_kept(site_a, 10.0), "b": reference_kept(site_b, 10.0)}
+    )
     assert state.lesion_fraction() == reference_fraction(site_a + site_b, 10.0)
     assert len(reference_kept(site_a, 10.0)[0]) == len(FRACTIONS) == LESION_KEPT_LENGTH
 

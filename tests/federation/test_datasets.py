@@ -11,7 +11,7 @@ import pytest
 
 from radfed.federation.cohort import cohort_from_sources
 from radfed.federation.datasets import DatasetLayoutError, read_dataset, volume_from_nifti
-from radfed.federation.local import train_local_artifact
+from radfed.federation.train_local import train_local_artifact
 from radfed.inference.artifact import load_artifact
 from radfed.inference.taskspec import parse_task_spec
 

@@ -24,7 +24,7 @@ from playwright.sync_api import sync_playwright
 
 from radfed.federation.alerts import AlertStore
 from radfed.federation.coordinator import read_metrics
-from radfed.federation.launcher import FederationOptions, LocalFederation
+from radfed.federation.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.messages import (
     ALERT_FIELDS,
     ALLOWED_METRICS,
@@ -102,7 +102,7 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
     node_dirs = {name: tmp_path / f"node-{name}" for name in names}  # each hospital's radfed node
     extra = {name: f"node-state-dir='{node_dirs[name] / 'state'}'" for name in names}
     extra["hospital-4"] += " poison='scale'"
-    federation = LocalFederation(
+    federation = LoopbackFederation(
         tmp_path / "fed",
         poisoning_app(tmp_path),
         FederationOptions(sites=4, studies_per_site=4, seed=3, small=True, secure=True),

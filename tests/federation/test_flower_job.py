@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.coordinator import JobState, read_metrics
-from radfed.federation.launcher import FederationOptions, LocalFederation
+from radfed.federation.coordinator import CoordinatorCheckpoint, read_metrics
+from radfed.federation.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.messages import MetricLeakError, allowed_metrics
 from radfed.inference.artifact import load_artifact
 
@@ -22,7 +22,7 @@ APP = Path(__file__).resolve().parents[2] / "deploy" / "flower"
 
 
 def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
-    federation = LocalFederation(
+    federation = LoopbackFederation(
         tmp_path / "fed", APP, FederationOptions(sites=2, studies_per_site=3, seed=6, secure=False)
     )
     federation.start()
@@ -51,7 +51,7 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     artifact = load_artifact(out / "artifact")
     assert artifact.provenance["rounds"] == 3 and artifact.provenance["training"] == "federated"
     # the share-of-largest rule the spec leaves open comes from the sites' summed reference-mask statistics
-    state = JobState.load(out)
+    state = CoordinatorCheckpoint.load(out)
     assert state is not None and set(state.lesion_kept_per_site) == {"hospital-1", "hospital-2"}
     assert artifact.spec.outputs.min_lesion_fraction == state.lesion_fraction()
     # and the minimum slice extent from their summed reference lesion volumes

@@ -87,7 +87,7 @@ def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> Non
 
     import torch
 
-    from radfed.federation.local import train_local_artifact
+    from radfed.federation.train_local import train_local_artifact
 
     before = torch.get_num_threads()
     try:
@@ -103,7 +103,7 @@ def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> Non
 
 
 def test_automatic_threads_take_the_cores_that_are_not_busy() -> None:
-    from radfed.federation.local import free_cores
+    from radfed.federation.train_local import free_cores
 
     assert free_cores(load=0.3, cpus=2) == 2  # an idle 2-core machine: both
     assert free_cores(load=1.2, cpus=2) == 1  # another training on one of them

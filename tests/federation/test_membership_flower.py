@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from radfed.federation.coordinator import read_metrics
-from radfed.federation.launcher import FederationOptions, LocalFederation
+from radfed.federation.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.membership import METRICS
 from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS
 from radfed.inference.artifact import load_artifact
@@ -38,7 +38,7 @@ def test_each_sites_audit_reaches_the_coordinator_and_the_card_and_no_score_leav
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the SuperNodes import the recording ClientApp
     # seed 4: each hospital's 4 studies split 2 training / 2 held out at held-out-fraction 0.5 (by study hash)
-    federation = LocalFederation(
+    federation = LoopbackFederation(
         tmp_path / "fed", recording_app(tmp_path), FederationOptions(sites=2, studies_per_site=4, seed=4, secure=False)
     )
     federation.start()

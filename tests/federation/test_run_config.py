@@ -19,10 +19,10 @@ from flwr.serverapp import Grid
 from radfed.federation import client_app, site_worker
 from radfed.federation.aggregation import AggregationRule, AnomalyRule, Screening
 from radfed.federation.alerts import PoisoningAlert
-from radfed.federation.coordinator import JobState
+from radfed.federation.coordinator import CoordinatorCheckpoint
 from radfed.federation.membership import MembershipAudit
 from radfed.federation.run_config import RoundConfig, RunConfig, RunConfigError
-from radfed.federation.server_app import Job
+from radfed.federation.server_app import RoundDriver
 from radfed.federation.site import RoundPlan
 
 APP = Path(__file__).parents[2] / "deploy" / "flower" / "pyproject.toml"
@@ -34,9 +34,9 @@ def app_config() -> dict[str, Any]:
     return config
 
 
-def site_plan(run: RunConfig, server_round: int, state: JobState, out_dir: Path) -> RoundPlan:
+def site_plan(run: RunConfig, server_round: int, state: CoordinatorCheckpoint, out_dir: Path) -> RoundPlan:
     """What the site parses from the config the ServerApp sends for ``server_round``."""
-    job = Job(cast(Grid, None), replace(run, out_dir=str(out_dir)))
+    job = RoundDriver(cast(Grid, None), replace(run, out_dir=str(out_dir)))
     sent = RecordDict({"config": job.config(server_round, state)})
     wire = ProtoRecordDict.FromString(recorddict_to_proto(sent).SerializeToString())
     message = cast(Message, SimpleNamespace(content=recorddict_from_proto(wire)))  # what _config reads
@@ -91,7 +91,7 @@ def test_the_flower_app_declares_every_key_with_its_default(app_config: dict[str
 def test_every_key_reaches_the_site(tmp_path: Path) -> None:
     run = every_key_changed(tmp_path / "job")
     flags = [PoisoningAlert(run.job, 2, "hospital-3", AnomalyRule.UPDATE_NORM)]
-    state = JobState(plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]}, flags=flags)
+    state = CoordinatorCheckpoint(plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]}, flags=flags)
     plan = site_plan(run, 4, state, tmp_path / "job")
     assert plan.run == run
     assert (plan.server_round, plan.plan, plan.harmonisation) == (4, state.plan, state.harmonisation)
@@ -100,14 +100,14 @@ def test_every_key_reaches_the_site(tmp_path: Path) -> None:
 
 def test_max_grad_norm_reaches_the_sites_dp_settings(tmp_path: Path) -> None:
     run = replace(RunConfig.from_run_config({"max-grad-norm": 0.5, "epsilon": 4.0}), num_server_rounds=5)
-    privacy = site_plan(run, 1, JobState(), tmp_path).privacy
+    privacy = site_plan(run, 1, CoordinatorCheckpoint(), tmp_path).privacy
     assert privacy is not None
     assert (privacy.max_grad_norm, privacy.epsilon, privacy.delta) == (0.5, 4.0, 1e-5)
     assert privacy.planned_steps == 5 * RunConfig().local_steps
 
 
 def test_without_a_budget_the_site_trains_without_dp(tmp_path: Path) -> None:
-    assert site_plan(RunConfig(epsilon=0.0), 1, JobState(), tmp_path).privacy is None
+    assert site_plan(RunConfig(epsilon=0.0), 1, CoordinatorCheckpoint(), tmp_path).privacy is None
 
 
 def test_an_unknown_key_is_named() -> None:

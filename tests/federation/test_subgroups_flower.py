@@ -19,7 +19,7 @@ import pytest
 from radfed.federation import launcher
 from radfed.federation.cohort import is_held_out, study_key
 from radfed.federation.coordinator import read_metrics
-from radfed.federation.launcher import FederationOptions, LocalFederation
+from radfed.federation.loopback import FederationOptions, LoopbackFederation
 from radfed.inference.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.synthetic.sites import site_profile
@@ -71,7 +71,7 @@ def held_out_cells(indices: tuple[int, ...]) -> Counter[str]:
     return cells
 
 
-def add_second_vendor(federation: LocalFederation) -> None:
+def add_second_vendor(federation: LoopbackFederation) -> None:
     for site in federation.sites:
         index = PROFILES[site.name][1]
         with site.labels.open(newline="") as handle:
@@ -92,7 +92,7 @@ def test_subgroups_are_pooled_and_no_cell_under_the_minimum_leaves_a_site(
     expected = {name: held_out_cells(indices) for name, indices in PROFILES.items()}
     small = {name: {c for c, n in cells.items() if n < MIN_CELL} for name, cells in expected.items()}
     assert all(small.values()), expected  # the check below is not vacuous: each site has a cell of one study
-    federation = LocalFederation(
+    federation = LoopbackFederation(
         tmp_path / "fed",
         recording_app(tmp_path),
         FederationOptions(sites=2, studies_per_site=STUDIES, seed=SEED, secure=False),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.coordinator import JobState, append_metrics, evaluation_line, model_card
+from radfed.federation.coordinator import CoordinatorCheckpoint, append_metrics, evaluation_line, model_card
 from radfed.federation.evaluation import EvaluationCounts, evaluate_model, histogram_auc
 from radfed.federation.experiments import load_site_cohorts
 from radfed.federation.training import TrainingSettings, new_model, train_local
@@ -44,7 +44,7 @@ def _job_folder(tmp_path: Path, synth_root: Path) -> Path:
     """Two 'rounds' of real training and evaluation per site, written as the coordinator writes them."""
     out = tmp_path / "job"
     out.mkdir()
-    state = JobState()
+    state = CoordinatorCheckpoint()
     cohorts = load_site_cohorts({site.name: site for site in sorted(synth_root.glob("site-*"))}, load_task_spec())
     spec = next(iter(cohorts.values())).spec  # one plan for every site, as the coordinator makes it
     model = new_model(spec)

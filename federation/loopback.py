@@ -1,6 +1,6 @@
 """A whole federation on one machine, for tests, benchmarks and the demo: one Orthanc per hospital holding
 its own synthetic non-IID studies, a SuperLink (TLS + SuperNode authentication by default) and one
-SuperNode per hospital, all on 127.0.0.1. Everything started here is stopped by :meth:`LocalFederation.stop`.
+SuperNode per hospital, all on 127.0.0.1. Everything started here is stopped by :meth:`LoopbackFederation.stop`.
 
 A real deployment runs the same pieces on separate machines (deploy/flower/README.md)."""
 
@@ -134,7 +134,7 @@ class JobOutcome:
 
 
 @dataclass
-class LocalFederation:
+class LoopbackFederation:
     workdir: Path
     app_dir: Path  # deploy/flower
     options: FederationOptions = field(default_factory=FederationOptions)
@@ -152,7 +152,7 @@ class LocalFederation:
     def env(self) -> dict[str, str]:
         return flower_environment(self.workdir / "flwr-home")
 
-    def start(self, progress: Callable[[str], None] = lambda _: None) -> LocalFederation:
+    def start(self, progress: Callable[[str], None] = lambda _: None) -> LoopbackFederation:
         """Credentials, Orthancs with data, SuperLink, registered SuperNodes; all or nothing."""
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
