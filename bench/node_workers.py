@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import table
+from bench.running_node import stable_times
 from radfed.inference.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.orthanc.launcher import OrthancOptions, start_orthanc
@@ -40,18 +41,6 @@ class WorkersRun:
     per_hour: float  # batch
     batch: int
     workers_used: int  # worker processes that ran at least one batch job
-
-
-def _stable_times(client: OrthancClient, stop: threading.Event, seen: dict[str, float]) -> None:
-    since = 0
-    while not stop.is_set():
-        changes, last, _done = client.changes(since, limit=500)
-        now = time.time()
-        for change in changes:
-            if change.change_type == "StableStudy":
-                seen.setdefault(change.resource_id, now)
-        since = last
-        stop.wait(0.1)
 
 
 def _done(node: NodeProcess) -> list[dict[str, Any]]:
@@ -86,7 +75,7 @@ def run_setup(
         ]  # fmt: skip
     stable: dict[str, float] = {}
     stop = threading.Event()
-    poller = threading.Thread(target=_stable_times, args=(OrthancClient(orthanc.endpoint), stop, stable))
+    poller = threading.Thread(target=stable_times, args=(OrthancClient(orthanc.endpoint), stop, stable))
     client = OrthancClient(orthanc.endpoint)
     try:
         identity = load_artifact(artifact).identity

@@ -21,7 +21,7 @@ from radfed.plugin.ledger import Job, JobStatus
 from radfed.plugin.service import NodeService
 
 
-def _stable_times(client: OrthancClient, stop: threading.Event, seen: dict[str, float]) -> None:
+def stable_times(client: OrthancClient, stop: threading.Event, seen: dict[str, float]) -> None:
     since = 0
     while not stop.is_set():
         changes, last, _done = client.changes(since, limit=500)
@@ -83,7 +83,7 @@ def running_node(root: Path, artifact_dir: Path, name: str, **settings: Any) -> 
     service.registry.activate(artifact.identity.name, artifact.identity.version)
     stop = threading.Event()
     node = RunningNode(service, OrthancClient(orthanc.endpoint), config, {})
-    poller = threading.Thread(target=_stable_times, args=(OrthancClient(orthanc.endpoint), stop, node.stable))
+    poller = threading.Thread(target=stable_times, args=(OrthancClient(orthanc.endpoint), stop, node.stable))
     try:
         poller.start()
         service.start()

@@ -12,7 +12,24 @@ from radfed.federation.networks import build_network
 from radfed.inference.artifact import ModelArtifact
 from radfed.inference.findings import ModelIdentity
 from radfed.inference.plan import Architecture, Normalization, PlanOverrides, derive_plan
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.taskspec import TaskSpec, load_task_spec
+
+
+def small_spec(context_slices: int = 0) -> TaskSpec:
+    """The shipped task planned as a tiny 2-D DynUNet (32 x 32 patches at batch 2, filters 8-16-32): for tests
+    that train or predict for real in seconds."""
+    shipped = load_task_spec()
+    overrides = PlanOverrides(
+        {c.name: c.modality for c in shipped.channels},
+        spacing_mm=(3.0, 1.0, 1.0),
+        patch_size=(1, 32, 32),
+        spatial_dims=2,
+        batch_size=2,
+        normalization=Normalization.ZSCORE,
+        filters=(8, 16, 32),
+        context_slices=context_slices,
+    )
+    return shipped.planned(derive_plan(overrides, None))
 
 
 def small_artifact(folder: Path, *, fp16: bool = False, seed: int = 0) -> ModelArtifact:

@@ -15,24 +15,14 @@ from radfed.federation.cohort import TrainingSample
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.export import PARITY_TOLERANCE, export_onnx, parity_error
 from radfed.federation.training import PatchSampler, TrainingSettings, new_model, train_local
-from radfed.inference.plan import Normalization, Plan, PlanOverrides, derive_plan
+from radfed.inference.plan import Plan
 from radfed.inference.taskspec import TaskSpec, TaskSpecError, load_task_spec, parse_task_spec
 from radfed.inference.windows import predict_study, with_context
+from tests.small_model import small_spec
 
 
 def _spec(context: int) -> TaskSpec:
-    shipped = load_task_spec()
-    overrides = PlanOverrides(
-        {c.name: c.modality for c in shipped.channels},
-        spacing_mm=(3.0, 1.0, 1.0),
-        patch_size=(1, 32, 32),
-        spatial_dims=2,
-        batch_size=2,
-        normalization=Normalization.ZSCORE,
-        filters=(8, 16, 32),
-        context_slices=context,
-    )
-    spec = shipped.planned(derive_plan(overrides, None))
+    spec = small_spec(context)
     return replace(spec, training=replace(spec.training, augmentations=(), warmup_steps=0, time_limit_minutes=0))
 
 

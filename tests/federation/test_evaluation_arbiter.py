@@ -14,22 +14,11 @@ from radfed.federation.cohort import TrainingSample
 from radfed.federation.evaluation import evaluate_model
 from radfed.federation.networks import build_network
 from radfed.inference.arbiter import DeviceArbiter
-from radfed.inference.plan import Normalization, PlanOverrides, derive_plan
-from radfed.inference.taskspec import load_task_spec
+from tests.small_model import small_spec
 
 
 def test_evaluation_waits_while_a_clinical_job_holds_the_device(tmp_path: Path) -> None:
-    shipped = load_task_spec()
-    overrides = PlanOverrides(
-        {c.name: c.modality for c in shipped.channels},
-        spacing_mm=(3.0, 1.0, 1.0),
-        patch_size=(1, 32, 32),
-        spatial_dims=2,
-        batch_size=2,
-        normalization=Normalization.ZSCORE,
-        filters=(8, 16, 32),
-    )
-    spec = shipped.planned(derive_plan(overrides, None))
+    spec = small_spec()
     spec = replace(spec, inference=replace(spec.inference, mirror=False))
     assert spec.plan is not None
     model = build_network(spec.plan.network, len(spec.channels))

@@ -11,22 +11,12 @@ import torch
 from radfed.federation.cohort import TrainingSample
 from radfed.federation.networks import build_network
 from radfed.federation.training import FILL_STEPS_CAP, TrainingLog, TrainingSettings, train_local
-from radfed.inference.plan import Normalization, PlanOverrides, derive_plan
 from radfed.inference.taskspec import TaskSpec, load_task_spec
+from tests.small_model import small_spec
 
 
 def _small_task(time_limit_minutes: float) -> tuple[TaskSpec, list[TrainingSample]]:
-    shipped = load_task_spec()
-    overrides = PlanOverrides(
-        {c.name: c.modality for c in shipped.channels},
-        spacing_mm=(3.0, 1.0, 1.0),
-        patch_size=(1, 32, 32),
-        spatial_dims=2,
-        batch_size=2,
-        normalization=Normalization.ZSCORE,
-        filters=(8, 16, 32),
-    )
-    spec = shipped.planned(derive_plan(overrides, None))
+    spec = small_spec()
     training = replace(spec.training, time_limit_minutes=time_limit_minutes, augmentations=(), warmup_steps=0)
     spec = replace(spec, training=training)
     rng = np.random.default_rng(0)
