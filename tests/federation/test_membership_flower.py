@@ -6,7 +6,6 @@ site (recorded by the test ClientApp: record and metric names, never values) hol
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,12 @@ from radfed.federation.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.membership import METRICS
 from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS
 from radfed.inference.artifact import load_artifact
+from tests.federation.flower_apps import recording_app
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("hospital-1", "hospital-2")
-
-
-def recording_app(tmp_path: Path) -> Path:
-    """The Flower app with the test ClientApp that describes every reply it sends (no fault injected)."""
-    app = tmp_path / "flower-app"
-    shutil.copytree(ROOT / "deploy" / "flower", app)
-    pyproject = app / "pyproject.toml"
-    text = pyproject.read_text().replace("radfed.federation.client_app:app", "tests.federation.poisoned_client_app:app")
-    pyproject.write_text(text)
-    return app
 
 
 def test_each_sites_audit_reaches_the_coordinator_and_the_card_and_no_score_leaves(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.synthetic.sites import site_profile
 from radfed.inference.synthetic.study import SyntheticStudy
 from radfed.inference.synthetic.writer import iter_site_studies, label_row, upload_study, write_labels
+from tests.federation.flower_apps import recording_app
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
@@ -33,16 +33,6 @@ STUDIES, SEED, MIN_CELL, HELD_OUT = 4, 5, 2, 0.5
 # 70s 1: cells of one study at both.
 PROFILES = {"hospital-1": (1, 6), "hospital-2": (2, 3)}
 VENDORS = {"SIEMENS": "siemens", "GE MEDICAL SYSTEMS": "ge", "Philips Medical Systems": "philips"}
-
-
-def recording_app(tmp_path: Path) -> Path:
-    """The Flower app with the test ClientApp that describes every reply it sends (no fault injected)."""
-    app = tmp_path / "flower-app"
-    shutil.copytree(ROOT / "deploy" / "flower", app)
-    pyproject = app / "pyproject.toml"
-    text = pyproject.read_text().replace("radfed.federation.client_app:app", "tests.federation.poisoned_client_app:app")
-    pyproject.write_text(text)
-    return app
 
 
 def truth(study: SyntheticStudy, index: int) -> dict[str, str]:
