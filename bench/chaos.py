@@ -28,12 +28,12 @@ import requests
 from pydicom.dataset import Dataset
 
 from bench.report import table
-from radfed.federation.train_local import train_local_artifact
+from radfed.federation.learning.train_local import train_local_artifact
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancOptions, OrthancProcess, free_port, start_orthanc
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
-from radfed.inference.synthetic.writer import study_datasets, synthesize_to_folder
+from radfed.inference.testing.orthanc_server import OrthancOptions, OrthancProcess, free_port, start_orthanc
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.testing.synthetic.writer import study_datasets, synthesize_to_folder
 
 TOKEN = "chaos-bench-token"
 COMMAND = "PYTHONPATH=. nice -n 15 bash .ci/isolated .venv/bin/python -m bench chaos"

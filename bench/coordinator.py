@@ -60,12 +60,12 @@ def default_shapes() -> list[tuple[int, ...]]:
     """The array shapes of the default task's network as a job plans it (private job, from a synthetic cohort)."""
     import torch
 
-    from radfed.federation.cohort import source_fingerprints
-    from radfed.federation.planning import job_plan
-    from radfed.federation.training import new_model
-    from radfed.inference.plan import DatasetFingerprint
-    from radfed.inference.synthetic.writer import synthesize_to_folder
-    from radfed.inference.taskspec import load_task_spec
+    from radfed.federation.job.planning import job_plan
+    from radfed.federation.learning.cohort import source_fingerprints
+    from radfed.federation.learning.training import new_model
+    from radfed.inference.model.plan import DatasetFingerprint
+    from radfed.inference.model.taskspec import load_task_spec
+    from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
     torch.set_num_threads(1)
     spec = load_task_spec()
@@ -98,7 +98,7 @@ class Updates:
         return out
 
     def __call__(self, sites: int) -> Iterator[tuple[str, list[np.ndarray], int]]:
-        from radfed.federation.aggregation import flatten
+        from radfed.federation.learning.aggregation import flatten
 
         base = flatten(self.base).astype(np.float32)
         for i in range(1, sites + 1):
@@ -130,8 +130,8 @@ class Clock:
 
 def run_arm(arm: Arm, updates: Updates, sites: int) -> tuple[Clock, int, list[str], list[np.ndarray]]:
     """Time in aggregation + screening, peak traced bytes (from the first update received), flags, result."""
-    from radfed.federation.aggregation import SiteUpdate, aggregate
-    from radfed.federation.streaming import StreamingAggregator
+    from radfed.federation.learning.aggregation import SiteUpdate, aggregate
+    from radfed.federation.learning.streaming import StreamingAggregator
 
     tracemalloc.start()
     clock = Clock()
@@ -154,7 +154,7 @@ def run_arm(arm: Arm, updates: Updates, sites: int) -> tuple[Clock, int, list[st
 
 
 def main() -> None:
-    from radfed.federation.aggregation import flatten
+    from radfed.federation.learning.aggregation import flatten
 
     sites_list = [int(n) for n in os.environ.get("RADFED_BENCH_COORDINATOR_SITES", "10,100,1000").split(",")]
     max_bytes = float(os.environ.get("RADFED_BENCH_COORDINATOR_MAX_GB", "8")) * 2**30

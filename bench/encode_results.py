@@ -29,7 +29,8 @@ from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile
 from radfed.dicom_sr.seg import build_seg
 from radfed.inference.coding import CodedTerm
-from radfed.inference.findings import (
+from radfed.inference.dicom.series import volume_from_datasets
+from radfed.inference.pipeline.findings import (
     ClassCategory,
     InferenceResult,
     LesionFinding,
@@ -37,10 +38,9 @@ from radfed.inference.findings import (
     StudyFinding,
     TaskCodes,
 )
-from radfed.inference.lesions import measure_lesion
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import render_study
+from radfed.inference.pipeline.lesions import measure_lesion
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import render_study
 
 CODES = TaskCodes(
     procedure=CodedTerm("BENCH", "99RADFED", "Benchmark procedure"),

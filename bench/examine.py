@@ -47,14 +47,14 @@ def measure(url: str, username: str, password: str, study_ids: list[str], repeat
     ``radfed.inference`` is imported (the input planner where it exists, else what the examiner did before)."""
     import importlib.util
 
-    from radfed.inference.findings import input_fingerprint
+    from radfed.inference.dicom.selection import select_series
+    from radfed.inference.dicom.study_source import OrthancStudy
+    from radfed.inference.model.taskspec import load_task_spec
     from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
-    from radfed.inference.preprocess import load_study
-    from radfed.inference.selection import select_series
-    from radfed.inference.study_source import OrthancStudy
-    from radfed.inference.taskspec import load_task_spec
+    from radfed.inference.pipeline.findings import input_fingerprint
+    from radfed.inference.pipeline.preprocess import load_study
 
-    planner = importlib.util.find_spec("radfed.inference.input_plan") is not None
+    planner = importlib.util.find_spec("radfed.inference.pipeline.input_plan") is not None
     spec = load_task_spec(None)
     rows: dict[str, list[float]] = {}
     fingerprints = []
@@ -62,7 +62,7 @@ def measure(url: str, username: str, password: str, study_ids: list[str], repeat
         for study_id in study_ids:
             for _ in range(repeats):
                 if planner:
-                    from radfed.inference.input_plan import plan_study
+                    from radfed.inference.pipeline.input_plan import plan_study
 
                     plan, *examine = _measured(client, lambda s=study_id: plan_study(OrthancStudy(client, s), spec))
                     fingerprint = plan.fingerprint
@@ -116,10 +116,10 @@ def _baseline(revision: str, args: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     from radfed.inference.orthanc.client import OrthancClient
-    from radfed.inference.orthanc.launcher import OrthancOptions, start_orthanc
-    from radfed.inference.synthetic.sites import site_profile
-    from radfed.inference.synthetic.study import render_study
-    from radfed.inference.synthetic.writer import upload_study
+    from radfed.inference.testing.orthanc_server import OrthancOptions, start_orthanc
+    from radfed.inference.testing.synthetic.sites import site_profile
+    from radfed.inference.testing.synthetic.study import render_study
+    from radfed.inference.testing.synthetic.writer import upload_study
 
     baseline = os.environ.get("RADFED_BENCH_EXAMINE_BASELINE")
     studies = [render_study(site_profile(1 + n % 3), n + 1, seed=5) for n in range(STUDIES)]

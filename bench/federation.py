@@ -21,21 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import table
-from radfed.federation.cohort import SiteCohort
-from radfed.federation.coordinator import read_metrics
-from radfed.federation.experiments import Arm, ArmResult, Attack, Budget, Experiment, Mode, load_site_cohorts
-from radfed.federation.loopback import FederationOptions, LoopbackFederation
-from radfed.federation.membership import (
+from radfed.federation.coordinator.checkpoint import read_metrics
+from radfed.federation.lab.experiments import Arm, ArmResult, Attack, Budget, Experiment, Mode, load_site_cohorts
+from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
+from radfed.federation.learning.cohort import SiteCohort
+from radfed.federation.learning.membership import (
     MembershipAudit,
     evaluate_attack,
     lira_offline_scores,
     logit_confidence,
     loss_scores,
 )
-from radfed.federation.membership_audit import AuditSettings, reference_confidences, study_losses
-from radfed.federation.site import arrays_to_model
-from radfed.inference.synthetic.writer import synthesize_to_folder
-from radfed.inference.taskspec import TaskSpec, load_task_spec
+from radfed.federation.learning.training import arrays_to_model
+from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
+from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 8  # at 5, the federated Dice still moved by +-0.1 from round to round
@@ -333,7 +333,7 @@ def _run_privacy_arm(data: Path, budget: Budget, arm: Arm) -> ArmResult:
     """One arm of the privacy curve, its cohorts loaded in the worker: sent from the parent, 3 sites x 100
     studies cost each worker 5.4 GB and two workers beside the parent's copy ran a 23 GB machine out of memory."""
     roots = {p.name: p for p in sorted(data.glob("site-*"))}
-    # planned as the coordinator plans the job: a DP job keeps batches of >= 8 (inference/plan.py)
+    # planned as the coordinator plans the job: a DP job keeps batches of >= 8 (inference/model/plan.py)
     cohorts = load_site_cohorts(roots, load_task_spec(None), private=bool(arm.epsilon))
     return Experiment(next(iter(cohorts.values())).spec, cohorts, budget).run(arm)
 

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 from bench.report import table
+from radfed.inference.dicom.resample import resample_to
+from radfed.inference.dicom.series import volume_from_datasets
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancOptions, start_orthanc
-from radfed.inference.resample import resample_to
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.inference.synthetic.writer import upload_study
+from radfed.inference.testing.orthanc_server import OrthancOptions, start_orthanc
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import render_study
+from radfed.inference.testing.synthetic.writer import upload_study
 
 REPEATS = 7
 

@@ -20,15 +20,15 @@ from bench.node_training import run_beside_training, training_rows
 from bench.node_workers import workers_table
 from bench.report import table
 from bench.running_node import running_node
-from radfed.federation.train_local import train_local_artifact
-from radfed.inference.arbiter import DevicePolicy
-from radfed.inference.artifact import load_artifact
-from radfed.inference.preprocess import load_study, prepare
-from radfed.inference.study_source import OrthancStudy
-from radfed.inference.synthetic.sites import site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
-from radfed.inference.synthetic.writer import synthesize_to_folder, upload_study
-from radfed.plugin.ledger import JobStatus
+from radfed.federation.learning.train_local import train_local_artifact
+from radfed.inference.dicom.study_source import OrthancStudy
+from radfed.inference.model.arbiter import DevicePolicy
+from radfed.inference.model.artifact import load_artifact
+from radfed.inference.pipeline.preprocess import load_study, prepare
+from radfed.inference.testing.synthetic.sites import site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.testing.synthetic.writer import synthesize_to_folder, upload_study
+from radfed.plugin.node.ledger.store import JobStatus
 
 STUDIES = int(os.environ.get("RADFED_BENCH_STUDIES", "12"))  # the batch (throughput)
 SEQUENTIAL = int(os.environ.get("RADFED_BENCH_SEQUENTIAL", "10"))  # one at a time (latency, no queueing)

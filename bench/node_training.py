@@ -16,8 +16,8 @@ from pathlib import Path
 
 from bench.running_node import running_node
 from bench.site_training import read_steps
-from radfed.inference.arbiter import DevicePolicy
-from radfed.inference.synthetic.study import SyntheticStudy
+from radfed.inference.model.arbiter import DevicePolicy
+from radfed.inference.testing.synthetic.study import SyntheticStudy
 
 WARM_STEPS = 2  # steps left out at the start (the first steps pay for warm-up)
 ALONE_STEPS = int(os.environ.get("RADFED_BENCH_ALONE_STEPS", "8"))  # steps timed before the first study

@@ -19,11 +19,11 @@ from typing import Any
 
 from bench.report import table
 from bench.running_node import stable_times
-from radfed.inference.artifact import load_artifact
+from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancOptions, start_orthanc
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import upload_study
+from radfed.inference.testing.orthanc_server import OrthancOptions, start_orthanc
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import upload_study
 from tests.plugin.node_harness import NodeProcess
 from tests.postgres_server import PostgresServer, start_postgres
 

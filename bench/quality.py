@@ -154,7 +154,7 @@ def _brain_dataset(work: Path) -> tuple[Path, dict[str, int]]:
 
 
 def _jobs(work: Path) -> list[Job]:
-    from radfed.federation.cohort import study_key
+    from radfed.federation.learning.cohort import study_key
 
     jobs = []
     if "brain" in SETS and BRAIN.is_dir():
@@ -176,8 +176,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
-        from radfed.inference.synthetic.writer import synthesize_to_folder
-        from radfed.inference.taskspec import load_task_spec
+        from radfed.inference.model.taskspec import load_task_spec
+        from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
         synthesize_to_folder(work / "prostate", sites=3, studies_per_site=12, seed=11, small=True)
         shipped = load_task_spec(None).source_text
@@ -192,12 +192,12 @@ def _jobs(work: Path) -> list[Job]:
 
 
 def _run(job: Job) -> dict[str, Any]:
-    from radfed.federation.calibration import reference_fraction
-    from radfed.federation.train_local import fit, set_threads
+    from radfed.federation.learning.calibration import reference_fraction
+    from radfed.federation.learning.train_local import fit, set_threads
 
     set_threads(1)  # one torch thread per process, processes side by side on the cores
-    from radfed.federation.cohort import SiteCohort, cohort_from_sources
-    from radfed.inference.taskspec import parse_task_spec
+    from radfed.federation.learning.cohort import SiteCohort, cohort_from_sources
+    from radfed.inference.model.taskspec import parse_task_spec
 
     spec = parse_task_spec(job.spec_text, f"{job.dataset}/{job.arm}")
     if MINUTES is not None:
@@ -214,7 +214,7 @@ def _run(job: Job) -> dict[str, Any]:
         train = [s for s in cohort.samples if s.key not in job.test_keys]
         test = [s for s in cohort.samples if s.key in job.test_keys]
         # the plan must see only the training folds: derive it again from them
-        from radfed.inference.plan import DatasetFingerprint, derive_plan
+        from radfed.inference.model.plan import DatasetFingerprint, derive_plan
 
         prints = [e.fingerprint for e in cohort.entries if e.key not in job.test_keys and e.fingerprint]
         spec = cohort.spec
@@ -270,7 +270,7 @@ def _run(job: Job) -> dict[str, Any]:
 def _evaluate(model: Any, test: list[Any], spec: Any, names: dict[str, str]) -> tuple[Any, list[dict[str, Any]]]:
     """The evaluation counts over the test studies, and each study's reference volume, Dice and false
     positives (the fold mean hides that small lesions decide it)."""
-    from radfed.federation.evaluation import EvaluationCounts, predict_samples, study_counts
+    from radfed.federation.learning.evaluation import EvaluationCounts, predict_samples, study_counts
 
     total, studies = EvaluationCounts(), []
     for sample, prediction in zip(test, predict_samples(model, test, spec), strict=True):
@@ -317,7 +317,7 @@ def _per_study_table(results: list[dict[str, Any]]) -> None:
 def _share_rule_unprotected() -> Iterator[None]:
     """The share-of-largest rule as session 9 shipped it: any component under the share dropped, however large
     (for one side-by-side row; the rule now keeps components of several minimum volumes)."""
-    from radfed.inference import lesions
+    from radfed.inference.pipeline import lesions
 
     saved = lesions.SHARE_PROTECTED_VOLUMES
     lesions.SHARE_PROTECTED_VOLUMES = math.inf
@@ -329,11 +329,11 @@ def _share_rule_unprotected() -> Iterator[None]:
 
 def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[str, Any]:
     """The same fold trained by FedAvg over two simulated hospitals (no DP), as many steps in all as the
-    centralised arm, the job's own site training and aggregation code (federation/experiments.py)."""
+    centralised arm, the job's own site training and aggregation code (federation/lab/experiments.py)."""
     import time
 
-    from radfed.federation.calibration import reference_fraction
-    from radfed.federation.experiments import Arm, Budget, Experiment
+    from radfed.federation.lab.experiments import Arm, Budget, Experiment
+    from radfed.federation.learning.calibration import reference_fraction
 
     sites = {f"site-{i + 1}": [s for s in train if s.key in keys] for i, keys in enumerate(job.site_keys)}
     # the share-of-largest rule from the sites' reference masks (an aggregate: kept-volume fractions)

@@ -11,14 +11,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from radfed.inference.artifact import load_artifact
+from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancOptions, start_orthanc
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import upload_study
-from radfed.plugin.config import NodeConfig, load_config
-from radfed.plugin.ledger import Job, JobStatus
-from radfed.plugin.service import NodeService
+from radfed.inference.testing.orthanc_server import OrthancOptions, start_orthanc
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import upload_study
+from radfed.plugin.node.config import NodeConfig, load_config
+from radfed.plugin.node.ledger.store import Job, JobStatus
+from radfed.plugin.node.service import NodeService
 
 
 def stable_times(client: OrthancClient, stop: threading.Event, seen: dict[str, float]) -> None:

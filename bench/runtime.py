@@ -19,17 +19,17 @@ import numpy as np
 import torch
 
 from bench.report import table
-from radfed.federation.cohort import cohort_from_sources
-from radfed.federation.export import export_artifact
-from radfed.federation.networks import build_network
-from radfed.inference.artifact import ModelArtifact
-from radfed.inference.device import RuntimeSettings, probe_device
-from radfed.inference.findings import ModelIdentity
-from radfed.inference.preprocess import load_study, prepare
-from radfed.inference.runtime import OnnxModel
-from radfed.inference.study_source import FolderStudy
-from radfed.inference.synthetic.writer import synthesize_to_folder
-from radfed.inference.taskspec import load_task_spec
+from radfed.federation.learning.cohort import cohort_from_sources
+from radfed.federation.learning.export import export_artifact
+from radfed.federation.learning.networks import build_network
+from radfed.inference.dicom.study_source import FolderStudy
+from radfed.inference.model.artifact import ModelArtifact
+from radfed.inference.model.device import RuntimeSettings, probe_device
+from radfed.inference.model.runtime import OnnxModel
+from radfed.inference.model.taskspec import load_task_spec
+from radfed.inference.pipeline.findings import ModelIdentity
+from radfed.inference.pipeline.preprocess import load_study, prepare
+from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
 SECONDS = float(os.environ.get("RADFED_BENCH_RUNTIME_S", "8"))  # model runs timed per row
 BATCHES = tuple(int(b) for b in os.environ.get("RADFED_BENCH_RUNTIME_BATCHES", "1,2,4,8").split(","))

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from radfed.inference.arbiter import DeviceArbiter, DevicePolicy
+from radfed.inference.model.arbiter import DeviceArbiter, DevicePolicy
 
 
 class RecordingArbiter(DeviceArbiter):
@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # Heavy imports after parsing: --help stays quick.
-    from radfed.federation import site as site_code
-    from radfed.federation.cohort import source_fingerprints
-    from radfed.federation.planning import job_plan
-    from radfed.federation.run_config import RunConfig
-    from radfed.federation.site_config import SiteConfig
-    from radfed.federation.train_local import set_threads
-    from radfed.federation.training import new_model
-    from radfed.inference.plan import DatasetFingerprint
-    from radfed.inference.taskspec import load_task_spec
+    from radfed.federation.job.planning import job_plan
+    from radfed.federation.job.run_config import RunConfig
+    from radfed.federation.learning.cohort import source_fingerprints
+    from radfed.federation.learning.train_local import set_threads
+    from radfed.federation.learning.training import new_model
+    from radfed.federation.site import rounds as site_code
+    from radfed.federation.site.config import SiteConfig
+    from radfed.inference.model.plan import DatasetFingerprint
+    from radfed.inference.model.taskspec import load_task_spec
 
     set_threads(1)
     epsilon = RunConfig().epsilon if args.epsilon is None else args.epsilon

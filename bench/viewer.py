@@ -17,10 +17,10 @@ import numpy as np
 from bench.report import table
 from radfed.dicom_sr.outputs import build_results
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import start_orthanc
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.plugin.viewer import OrthancTarget, ViewerServer, default_dist
+from radfed.inference.testing.orthanc_server import start_orthanc
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import render_study
+from radfed.plugin.tools.viewer import OrthancTarget, ViewerServer, default_dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

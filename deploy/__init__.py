@@ -19,6 +19,7 @@ __all__ = ["ASSETS", "asset"]
 ASSETS: dict[str, tuple[str, ...]] = {
     "orthanc-plugin": ("orthanc", "radfed_orthanc_plugin.py"),
     "orthanc-config": ("orthanc", "orthanc-radfed.json"),
+    "orthanc-explorer-2": ("orthanc", "orthanc-explorer-2-radfed.json"),
     "node-config": ("node", "radfed-node.toml"),
     "flower-app": ("flower",),
     "ohif-config": ("ohif", "app-config.js"),

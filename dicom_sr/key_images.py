@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from radfed.dicom_sr import codes, marking
 from radfed.dicom_sr.profile import OutputProfile
 from radfed.dicom_sr.seg import lesion_colour, result_key
-from radfed.inference.findings import InferenceResult, LesionFinding
+from radfed.inference.pipeline.findings import InferenceResult, LesionFinding
 
 BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE"
 _MIN_WIDTH = 512  # upscale small matrices so the banner text stays legible

@@ -7,7 +7,7 @@ from importlib import metadata
 import highdicom as hd
 
 from radfed.dicom_sr import codes
-from radfed.inference.findings import ModelIdentity
+from radfed.inference.pipeline.findings import ModelIdentity
 
 RADFED_MANUFACTURER = "radfed"
 _LO_MAX = 64  # VR LO holds at most 64 characters

@@ -12,7 +12,7 @@ from radfed.dicom_sr.qa import encoded, verify_seg_geometry, verify_sr
 from radfed.dicom_sr.seg import build_seg, result_key
 from radfed.dicom_sr.sr import build_sr
 from radfed.dicom_sr.uids import ResultKey
-from radfed.inference.findings import InferenceResult
+from radfed.inference.pipeline.findings import InferenceResult
 from radfed.inference.timing import StageTimer
 
 

@@ -22,10 +22,10 @@ from pydicom.sr.coding import Code
 
 from radfed.dicom_sr.profile import SrVariant
 from radfed.dicom_sr.seg_exact import exact_mismatch
+from radfed.inference.dicom.seg_reader import read_segmentation_labels
+from radfed.inference.dicom.volume import Volume
 from radfed.inference.errors import ResultQualityError
-from radfed.inference.findings import InferenceResult
-from radfed.inference.segmentation import read_segmentation_labels
-from radfed.inference.volume import Volume
+from radfed.inference.pipeline.findings import InferenceResult
 
 
 def encoded(ds: Dataset) -> Dataset:

@@ -17,7 +17,7 @@ from radfed.dicom_sr import codes, marking
 from radfed.dicom_sr.profile import OutputProfile, SegEncoding
 from radfed.dicom_sr.uids import ResultKey
 from radfed.inference.coding import CodedTerm
-from radfed.inference.findings import InferenceResult
+from radfed.inference.pipeline.findings import InferenceResult
 
 # Distinct colours (sRGB) for lesions 1, 2, ...; cycled beyond ten.
 LESION_COLOURS_RGB: tuple[tuple[int, int, int], ...] = (

@@ -1,6 +1,6 @@
 """Voxel-exact check of an encoded SEG against the label volume it was built from, in numpy.
 
-radfed's general SEG reader (:mod:`radfed.inference.segmentation`) places any writer's frames one at a time,
+radfed's general SEG reader (:mod:`radfed.inference.dicom.seg_reader`) places any writer's frames one at a time,
 which costs ~1 s for a CT with 50 lesions (842 frames). Here every frame's position, orientation, spacing,
 source reference and segment number are read once from the re-read dataset (pydicom, not highdicom, which
 wrote them), the frames are placed on the grid with the grid's own affine, and the stored pixels are compared
@@ -17,9 +17,9 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
-from radfed.inference.volume import Volume
+from radfed.inference.dicom.volume import Volume
 
-# The general reader's tolerances (radfed.inference.segmentation), restated because they are private there.
+# The general reader's tolerances (radfed.inference.dicom.seg_reader), restated because they are private there.
 _IN_PLANE_TOLERANCE_VOXELS = 0.1
 _THROUGH_PLANE_TOLERANCE_SLICES = 0.1
 _ORIENTATION_TOLERANCE = 1e-3

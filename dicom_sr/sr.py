@@ -21,7 +21,7 @@ from radfed.dicom_sr import codes, marking
 from radfed.dicom_sr.profile import OutputProfile, SrVariant, StudyFindingPlacement
 from radfed.dicom_sr.seg import concept, ordered_sources, result_key
 from radfed.dicom_sr.uids import ResultKey, device_uid
-from radfed.inference.findings import InferenceResult, LesionFinding
+from radfed.inference.pipeline.findings import InferenceResult, LesionFinding
 
 
 def _algorithm(result: InferenceResult) -> hd.sr.AlgorithmIdentification:

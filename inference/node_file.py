@@ -1,6 +1,6 @@
 """Where a node lives, as its TOML file says: the Orthanc it serves, its state and models folders, and how it
-shares its device. Both readers of that file own these keys here: the node (``plugin/config.py``) and the
-federated site beside it (``federation/site_config.py``, whose SuperNode ``--node-config`` may name the file
+shares its device. Both readers of that file own these keys here: the node (``plugin/node/config.py``) and the
+federated site beside it (``federation/site/config.py``, whose SuperNode ``--node-config`` may name the file
 instead of repeating its values). Environment variables override the file, the same for both."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from radfed.inference.arbiter import DevicePolicy
 from radfed.inference.errors import RadfedError
+from radfed.inference.model.arbiter import DevicePolicy
 
 DEFAULT_ORTHANC_URL = "http://127.0.0.1:8042"
 DEFAULT_STATE_DIR = "/var/lib/radfed"

@@ -2,6 +2,6 @@
 
 import sys
 
-from radfed.plugin.cli import main
+from radfed.plugin.commands.cli import main
 
 sys.exit(main())

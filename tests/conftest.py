@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancOptions, OrthancProcess, start_orthanc
-from radfed.inference.synthetic.sites import site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.testing.orthanc_server import OrthancOptions, OrthancProcess, start_orthanc
+from radfed.inference.testing.synthetic.sites import site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
 from tests.postgres_server import PostgresServer, start_postgres
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def small_study() -> SyntheticStudy:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two small sites x three studies, written as ``radfed synth`` writes them."""
-    from radfed.inference.synthetic.writer import synthesize_to_folder
+    from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
     root = tmp_path_factory.mktemp("synth")
     synthesize_to_folder(root, sites=2, studies_per_site=3, seed=4, small=True)
@@ -95,8 +95,8 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def planned_spec(synth_root: Path) -> Any:
     """The shipped prostate spec with the plan its training data give (the synthetic sites)."""
-    from radfed.federation.cohort import cohort_from_sources
-    from radfed.inference.taskspec import load_task_spec
+    from radfed.federation.learning.cohort import cohort_from_sources
+    from radfed.inference.model.taskspec import load_task_spec
 
     return cohort_from_sources(load_task_spec(), [str(synth_root)]).spec
 
@@ -104,7 +104,7 @@ def planned_spec(synth_root: Path) -> Any:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
     """A model artifact trained for a few steps (mechanics, not accuracy)."""
-    from radfed.federation.train_local import train_local_artifact
+    from radfed.federation.learning.train_local import train_local_artifact
 
     out = tmp_path_factory.mktemp("artifact")
     train_local_artifact(task=None, sources=[str(synth_root)], out=out, steps=6, version="0.0.1")

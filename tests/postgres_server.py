@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 
-from radfed.inference.orthanc.launcher import free_port
+from radfed.inference.testing.orthanc_server import free_port
 
 
 def _server_bin() -> Path:

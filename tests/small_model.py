@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from radfed.federation.export import export_artifact
-from radfed.federation.networks import build_network
-from radfed.inference.artifact import ModelArtifact
-from radfed.inference.findings import ModelIdentity
-from radfed.inference.plan import Architecture, Normalization, PlanOverrides, derive_plan
-from radfed.inference.taskspec import TaskSpec, load_task_spec
+from radfed.federation.learning.export import export_artifact
+from radfed.federation.learning.networks import build_network
+from radfed.inference.model.artifact import ModelArtifact
+from radfed.inference.model.plan import Architecture, Normalization, PlanOverrides, derive_plan
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
+from radfed.inference.pipeline.findings import ModelIdentity
 
 
 def small_spec(context_slices: int = 0) -> TaskSpec:

@@ -35,7 +35,7 @@ def test_every_source_package_is_packaged() -> None:
 def test_plugin_import_is_light() -> None:
     """``import radfed.plugin`` (and the CLI module) must not pull torch, opacus or flwr."""
     code = (
-        "import sys, radfed.plugin, radfed.plugin.cli; "
+        "import sys, radfed.plugin, radfed.plugin.commands.cli; "
         "heavy = [m for m in ('torch', 'opacus', 'flwr', 'onnxruntime', 'highdicom') if m in sys.modules]; "
         "print(','.join(heavy))"
     )

@@ -14,9 +14,9 @@ from pynetdicom import VerificationPresentationContexts
 
 from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile
-from radfed.inference.synthetic.sites import site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.plugin.scp import STORAGE_CONTEXTS
+from radfed.inference.testing.synthetic.sites import site_profile
+from radfed.inference.testing.synthetic.study import render_study
+from radfed.plugin.node.scp import STORAGE_CONTEXTS
 from tests.dicom_sr.conftest import result_from_study
 
 STATEMENT = Path(__file__).resolve().parents[1] / "docs" / "conformance-statement.md"

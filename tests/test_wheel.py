@@ -27,6 +27,7 @@ BUILD_TIMEOUT_S = 120
 SHIPPED_DEPLOY_FILES = (
     "orthanc/radfed_orthanc_plugin.py",
     "orthanc/orthanc-radfed.json",
+    "orthanc/orthanc-explorer-2-radfed.json",
     "node/radfed-node.toml",
     "flower/pyproject.toml",
     "flower/make-credentials.sh",
@@ -98,17 +99,17 @@ def test_wheel_carries_the_deployment_files(wheel: BuiltWheel) -> None:
 
 
 def test_wheel_carries_every_shipped_task_spec(wheel: BuiltWheel) -> None:
-    specs = sorted(p.name for p in (REPO / "inference" / "tasks").glob("*.toml"))
+    specs = sorted(p.name for p in (REPO / "inference" / "model" / "tasks").glob("*.toml"))
     assert specs
-    assert [name for name in specs if f"radfed/inference/tasks/{name}" not in wheel.names] == []
+    assert [name for name in specs if f"radfed/inference/model/tasks/{name}" not in wheel.names] == []
 
 
 def test_wheel_carries_the_ledger_migrations(wheel: BuiltWheel) -> None:
     """The node migrates its ledger at start-up from the installed package: env.py and every revision."""
-    folder = REPO / "plugin" / "ledger_migrations"
+    folder = REPO / "plugin" / "node" / "ledger" / "migrations"
     shipped = [p.relative_to(folder).as_posix() for p in folder.rglob("*.py")]
     assert "env.py" in shipped and any(name.startswith("versions/v0001") for name in shipped)
-    assert [name for name in shipped if f"radfed/plugin/ledger_migrations/{name}" not in wheel.names] == []
+    assert [name for name in shipped if f"radfed/plugin/node/ledger/migrations/{name}" not in wheel.names] == []
 
 
 def test_wheel_keeps_radfed_a_namespace(wheel: BuiltWheel) -> None:
@@ -116,7 +117,7 @@ def test_wheel_keeps_radfed_a_namespace(wheel: BuiltWheel) -> None:
 
 
 def test_build_leaves_no_data_folder_out(wheel: BuiltWheel) -> None:
-    """setuptools warns when a data folder is not a listed package (it used to be inference/tasks)."""
+    """setuptools warns when a data folder is not a listed package (inference/model/tasks is one)."""
     assert "would be ignored" not in wheel.log
     assert "absent from the `packages` configuration" not in wheel.log
 
@@ -125,8 +126,8 @@ def test_unpacked_wheel_finds_its_assets_without_the_checkout(wheel: BuiltWheel,
     code = """if True:
         import json, sys
         from radfed.deploy import ASSETS, asset
-        from radfed.plugin.federation_command import find_app_dir
-        from radfed.plugin.viewer import default_dist
+        from radfed.plugin.commands.federation import find_app_dir
+        from radfed.plugin.tools.viewer import default_dist
         print(json.dumps({
             "assets": {name: str(asset(*parts)) for name, parts in ASSETS.items()},
             "flower": str(find_app_dir(None)),
@@ -150,15 +151,15 @@ def test_unpacked_wheel_finds_its_assets_without_the_checkout(wheel: BuiltWheel,
 def test_unpacked_wheel_loads_a_shipped_task_spec(wheel: BuiltWheel, tmp_path: Path) -> None:
     code = """if True:
         from importlib import resources
-        spec = resources.files("radfed.inference") / "tasks"
+        spec = resources.files("radfed.inference.model") / "tasks"
         import json; print(json.dumps(sorted(p.name for p in spec.iterdir() if p.name.endswith(".toml"))))
         print(spec)
     """
     result = _run_isolated(wheel, code, tmp_path)
     assert result.returncode == 0, result.stderr
     names, folder = result.stdout.strip().splitlines()
-    assert Path(folder) == wheel.unpacked / "radfed" / "inference" / "tasks"
-    assert json.loads(names) == sorted(p.name for p in (REPO / "inference" / "tasks").glob("*.toml"))
+    assert Path(folder) == wheel.unpacked / "radfed" / "inference" / "model" / "tasks"
+    assert json.loads(names) == sorted(p.name for p in (REPO / "inference" / "model" / "tasks").glob("*.toml"))
 
 
 def test_python_dash_m_radfed_plugin_runs_the_command_from_the_wheel(wheel: BuiltWheel, tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """radfed's thin Orthanc Python plugin (runs inside Orthanc's embedded Python).
 
 It only (1) pushes a notification to the radfed node when a study becomes stable, so results start
-without waiting for the node's next /changes poll, and (2) shows the radfed job status of a study in
-Orthanc Explorer, with the federation's open poisoning alerts (a hospital's update flagged in a job this
-site takes part in). Heavy work never runs here: no torch, opacus, flwr, numpy, not even radfed itself
-(Orthanc's GIL and deadlock history). The node also follows /changes, so a lost push loses nothing.
+without waiting for the node's next /changes poll, and (2) shows the radfed job status of a study, with the
+federation's open poisoning alerts (a hospital's update flagged in a job this site takes part in): in the legacy
+Orthanc Explorer's study page, and as a page (``/radfed/study-page/<id>``) that Orthanc Explorer 2 opens from a
+study button (``orthanc-explorer-2-radfed.json`` beside this script). Heavy work never runs here: no torch, opacus,
+flwr, numpy, not even radfed itself (Orthanc's GIL and deadlock history). The node also follows /changes, so a
+lost push loses nothing.
 
 Orthanc configuration (the PACS admin adds it next to "PythonScript"):
 
@@ -13,6 +15,7 @@ Orthanc configuration (the PACS admin adds it next to "PythonScript"):
 (RADFED_NODE_URL and RADFED_API_TOKEN in Orthanc's environment override it.)
 """
 
+import html
 import json
 import os
 import threading
@@ -26,6 +29,8 @@ _settings = json.loads(orthanc.GetConfiguration()).get("Radfed", {})
 NODE_URL = os.environ.get("RADFED_NODE_URL", _settings.get("Url", "http://127.0.0.1:8700")).rstrip("/")
 TOKEN = os.environ.get("RADFED_API_TOKEN", _settings.get("Token", ""))
 TIMEOUT_S = 5
+# what orthanc.RestApiGet raises for an unknown resource (OrthancException in current orthanc-python)
+_ORTHANC_ERRORS = (getattr(orthanc, "OrthancException", ValueError), ValueError)
 
 
 def _node_request(method, path, body=None):
@@ -52,19 +57,62 @@ def on_change(change_type, level, resource_id):
         threading.Thread(target=_notify, args=(resource_id,), daemon=True).start()
 
 
-def study_status(output, uri, **request):
-    """GET /radfed/study-status/<orthanc study id> -> the node's jobs for that study."""
-    study_id = request["groups"][0]
+def _status(study_id):
+    """The node's jobs for one Orthanc study (newest first) and its open alerts, or an error in words."""
     try:
         study = json.loads(orthanc.RestApiGet("/studies/" + study_id))
+    except _ORTHANC_ERRORS:
+        return {"error": "no such study in this Orthanc"}
+    try:
         uid = study["MainDicomTags"]["StudyInstanceUID"]
         jobs = _node_request("GET", "/jobs?" + urllib.parse.urlencode({"study_instance_uid": uid, "limit": 20}))
-        answer = [
-            {"state": j["state"], "model": j["model"], "reason": j["reason"], "result": j["result"]} for j in jobs
-        ]
-        output.AnswerBuffer(json.dumps({"jobs": answer, "alerts": _open_alerts()}), "application/json")
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-        output.AnswerBuffer(json.dumps({"error": f"radfed node unreachable: {exc}"}), "application/json")
+        return {"error": f"radfed node unreachable: {exc}"}
+    answer = [{"state": j["state"], "model": j["model"], "reason": j["reason"], "result": j["result"]} for j in jobs]
+    return {"jobs": answer, "alerts": _open_alerts()}
+
+
+def study_status(output, uri, **request):
+    """GET /radfed/study-status/<orthanc study id> -> the node's jobs for that study (JSON)."""
+    output.AnswerBuffer(json.dumps(_status(request["groups"][0])), "application/json")
+
+
+def _job_line(job):
+    line = f"{job['model']}: {job['state']}"
+    result = job.get("result") or {}
+    if job["state"] == "done" and "lesions" in result:
+        line += f" - {result['lesions']} lesion(s), {result.get('category', '')}"
+    if job["state"] == "failed":
+        line += f" - {job['reason']}"
+    return line
+
+
+def study_page(output, uri, **request):
+    """GET /radfed/study-page/<orthanc study id> -> the same as a small HTML page, for Orthanc Explorer 2's study
+    button (OE2 has no hook for a status box; its CustomButtons open a URL with the study's {UUID})."""
+    status = _status(request["groups"][0])
+    if "error" in status:
+        items = [f"<li>{html.escape(status['error'])}</li>"]
+    elif not status["jobs"]:
+        items = ["<li>no AI job for this study</li>"]
+    else:
+        items = [f"<li>{html.escape(_job_line(job))}</li>" for job in status["jobs"]]
+    alerts = [
+        f"<li>job {html.escape(str(a['job']))}, round {html.escape(str(a['round']))}: the update of "
+        f"{html.escape(str(a['site']))} was flagged ({html.escape(str(a['rule']))}) and left out; review before "
+        "installing its model</li>"
+        for a in status.get("alerts", [])
+    ]
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>radfed AI status</title></head><body>'
+        "<h1>radfed AI results for this study</h1><p><strong>For research use only.</strong> Results are stored in "
+        "the study as a DICOM SEG and SR (series descriptions: AI &lt;model&gt; v&lt;version&gt; SEG / SR - "
+        "RESEARCH USE ONLY).</p>"
+        f'<h2>Jobs (newest first)</h2><ul id="radfed-jobs">{"".join(items)}</ul>'
+        + (f'<h2>Federation alerts</h2><ul id="radfed-alerts">{"".join(alerts)}</ul>' if alerts else "")
+        + "</body></html>"
+    )
+    output.AnswerBuffer(page, "text/html; charset=utf-8")
 
 
 def _open_alerts():
@@ -109,4 +157,5 @@ $('#study').live('pagebeforeshow', function() { radfedStatus($.mobile.pageData.u
 
 orthanc.RegisterOnChangeCallback(on_change)
 orthanc.RegisterRestCallback("/radfed/study-status/(.*)", study_status)
+orthanc.RegisterRestCallback("/radfed/study-page/(.*)", study_page)
 orthanc.ExtendOrthancExplorer(_EXPLORER_JS)

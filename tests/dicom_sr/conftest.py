@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from radfed.inference.coding import CodedTerm
-from radfed.inference.findings import (
+from radfed.inference.dicom.resample import resample_to
+from radfed.inference.dicom.series import volume_from_datasets
+from radfed.inference.pipeline.findings import (
     ClassCategory,
     InferenceResult,
     LesionFinding,
@@ -17,11 +19,9 @@ from radfed.inference.findings import (
     TaskCodes,
     input_fingerprint,
 )
-from radfed.inference.lesions import measure_lesion
-from radfed.inference.resample import resample_to
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.pipeline.lesions import measure_lesion
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
 
 PROSTATE_CODES = TaskCodes(
     procedure=CodedTerm("719178004", "SCT", "Multiparametric MRI of prostate"),

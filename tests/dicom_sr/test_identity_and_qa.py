@@ -15,10 +15,10 @@ from radfed.dicom_sr.profile import OutputProfile, SegEncoding, SrVariant, Study
 from radfed.dicom_sr.qa import encoded, verify_seg_geometry, verify_sr
 from radfed.dicom_sr.seg import build_seg
 from radfed.dicom_sr.validation import ObjectKind, check_dciodvfy, check_strict_read, validate_file
+from radfed.inference.dicom.seg_reader import read_segmentation
 from radfed.inference.errors import ResultQualityError
-from radfed.inference.findings import InferenceResult, LesionFinding, ModelIdentity
-from radfed.inference.segmentation import read_segmentation
-from radfed.plugin.cli import main
+from radfed.inference.pipeline.findings import InferenceResult, LesionFinding, ModelIdentity
+from radfed.plugin.commands.cli import main
 from tests.dicom_sr.conftest import BRAIN_CODES, ResultFactory
 
 

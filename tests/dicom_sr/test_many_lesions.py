@@ -14,9 +14,9 @@ from radfed.dicom_sr.profile import OutputProfile
 from radfed.dicom_sr.qa import encoded, verify_seg_geometry, verify_sr
 from radfed.dicom_sr.seg import build_seg, result_key
 from radfed.dicom_sr.seg_exact import exact_mismatch
+from radfed.inference.dicom.seg_reader import read_segmentation_labels
 from radfed.inference.errors import ResultQualityError
-from radfed.inference.findings import InferenceResult
-from radfed.inference.segmentation import read_segmentation_labels
+from radfed.inference.pipeline.findings import InferenceResult
 
 LESIONS = 50
 

@@ -14,7 +14,7 @@ import pytest
 
 from radfed.dicom_sr.outputs import ResultObjects, build_results
 from radfed.dicom_sr.validation import ObjectKind, check_dciodvfy, check_strict_read, find_tool
-from radfed.inference.findings import InferenceResult
+from radfed.inference.pipeline.findings import InferenceResult
 from tests.dicom_sr.conftest import ResultFactory
 
 CASES = [(0, False), (1, False), (5, False), (0, True), (1, True), (5, True)]

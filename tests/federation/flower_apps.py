@@ -13,6 +13,8 @@ def recording_app(tmp_path: Path) -> Path:
     app = tmp_path / "flower-app"
     shutil.copytree(ROOT / "deploy" / "flower", app)
     pyproject = app / "pyproject.toml"
-    text = pyproject.read_text().replace("radfed.federation.client_app:app", "tests.federation.poisoned_client_app:app")
+    text = pyproject.read_text().replace(
+        "radfed.federation.site.client_app:app", "tests.federation.poisoned_client_app:app"
+    )
     pyproject.write_text(text)
     return app

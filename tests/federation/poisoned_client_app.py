@@ -16,8 +16,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from radfed.federation import client_app, records
-from radfed.federation.alerts import ALERTS_CONFIG_KEY
+from radfed.federation.job import records
+from radfed.federation.job.alerts import ALERTS_CONFIG_KEY
+from radfed.federation.site import client_app
 
 app = ClientApp()
 Handler = Callable[[Message, Context], Message]

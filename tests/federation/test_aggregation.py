@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.aggregation import AggregationRule, ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.learning.aggregation import AggregationRule, ServerOptimizer, SiteUpdate, aggregate
 
 
 def _honest(rng: np.random.Generator, base: list[np.ndarray], step: list[np.ndarray], n: int) -> list[SiteUpdate]:
@@ -58,7 +58,7 @@ def test_fedavg_weights_by_studies() -> None:
 
 
 def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) -> None:
-    from radfed.federation.coordinator import CoordinatorCheckpoint
+    from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint
 
     base = [np.zeros((2, 2), np.float32), np.ones(3, np.float32)]
     step = [np.full((2, 2), 0.1, np.float32), np.full(3, -0.1, np.float32)]
@@ -96,10 +96,10 @@ def test_the_job_and_the_command_line_default_to_the_measured_server_learning_ra
     launcher passes a chosen rate through and otherwise leaves the app's."""
     import tomllib
 
-    from radfed.federation.aggregation import DEFAULT_SERVER_LEARNING_RATE
-    from radfed.federation.experiments import Arm
-    from radfed.plugin.cli import build_parser
-    from radfed.plugin.federation_command import run_config
+    from radfed.federation.lab.experiments import Arm
+    from radfed.federation.learning.aggregation import DEFAULT_SERVER_LEARNING_RATE
+    from radfed.plugin.commands.cli import build_parser
+    from radfed.plugin.commands.federation import run_config
 
     app = tomllib.loads((Path(__file__).parents[2] / "deploy/flower/pyproject.toml").read_text())
     assert app["tool"]["flwr"]["app"]["config"]["server-learning-rate"] == DEFAULT_SERVER_LEARNING_RATE != 1.0
@@ -118,7 +118,7 @@ def _partly_agreeing(rng: np.random.Generator, sites: int, size: int = 20_000) -
 
 @pytest.mark.parametrize("sites", [3, 4, 6])
 def test_a_sign_flipped_site_is_flagged_among_partly_agreeing_honest_ones(sites: int) -> None:
-    from radfed.federation.aggregation import detect_anomalies
+    from radfed.federation.learning.aggregation import detect_anomalies
 
     for seed in range(5):
         deltas = _partly_agreeing(np.random.default_rng(seed), sites)
@@ -141,7 +141,7 @@ def _with_cosines(cosines: np.ndarray, norms: list[float], size: int = 5_000) ->
 def test_an_honest_site_opposed_by_one_large_update_is_not_flagged() -> None:
     """Round 8 of a clean 3-site run (measured): site-3 opposed site-2's 2.5x larger update and was orthogonal
     to site-1's, so against the others' mean it scored -0.32; it was left out and the Dice fell from 0.74 to 0.34."""
-    from radfed.federation.aggregation import detect_anomalies
+    from radfed.federation.learning.aggregation import detect_anomalies
 
     cosines = np.array([[1.0, 0.163, -0.059], [0.163, 1.0, -0.339], [-0.059, -0.339, 1.0]])
     deltas = _with_cosines(cosines, [3.55, 8.79, 5.30])

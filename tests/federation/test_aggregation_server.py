@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from radfed.federation import records
-from radfed.federation.aggregation import SiteUpdate, aggregate
-from radfed.federation.coordinator import CoordinatorCheckpoint
-from radfed.federation.run_config import RunConfig
-from radfed.federation.server_app import RoundDriver
+from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint
+from radfed.federation.coordinator.server_app import RoundDriver
+from radfed.federation.job import records
+from radfed.federation.job.run_config import RunConfig
+from radfed.federation.learning.aggregation import SiteUpdate, aggregate
 
 
 class _Grid:

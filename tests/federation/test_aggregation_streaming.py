@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.aggregation import (
+from radfed.federation.learning.aggregation import (
     EXACT_UP_TO_SITES,
     CountSketch,
     Screening,
@@ -18,7 +18,7 @@ from radfed.federation.aggregation import (
     detect_anomalies_sketched,
     flatten,
 )
-from radfed.federation.streaming import StreamingAggregator
+from radfed.federation.learning.streaming import StreamingAggregator
 
 SHAPES = [(6, 5, 3, 3), (6,), (1, 6, 1, 1), (1,)]  # a conv, its bias, a head: like a model's arrays
 

@@ -10,8 +10,8 @@ from typing import Any, cast
 
 import pytest
 
-from radfed.federation.aggregation import AnomalyRule
-from radfed.federation.alerts import (
+from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint, model_card
+from radfed.federation.job.alerts import (
     ALERTS_CONFIG_KEY,
     AlertStore,
     PoisoningAlert,
@@ -20,11 +20,11 @@ from radfed.federation.alerts import (
     federation_id,
     provenance_alerts,
 )
-from radfed.federation.coordinator import CoordinatorCheckpoint, model_card
-from radfed.federation.messages import ALERT_FIELDS, ALERT_RULES, AlertLeakError, allowed_alert
-from radfed.federation.run_config import RoundConfig, RunConfig
-from radfed.federation.site_config import SiteConfig
-from radfed.federation.site_worker import keep_alerts
+from radfed.federation.job.run_config import RoundConfig, RunConfig
+from radfed.federation.learning.aggregation import AnomalyRule
+from radfed.federation.learning.messages import ALERT_FIELDS, ALERT_RULES, AlertLeakError, allowed_alert
+from radfed.federation.site.config import SiteConfig
+from radfed.federation.site.worker import keep_alerts
 
 NORM, DIRECTION = AnomalyRule.UPDATE_NORM, AnomalyRule.UPDATE_DIRECTION
 FLAGS = [
@@ -81,7 +81,7 @@ def test_a_site_name_that_is_not_an_id_travels_as_a_hash() -> None:
 
 
 def test_anonymised_alerts_name_no_site_and_keep_one_pseudonym_per_site(tmp_path: Path) -> None:
-    from radfed.federation.server_app import RoundDriver
+    from radfed.federation.coordinator.server_app import RoundDriver
 
     state = CoordinatorCheckpoint(flags=list(FLAGS))
     run = RunConfig(job="job-a", anonymise_alerts=True, out_dir=str(tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.federation.calibration import (
+from radfed.federation.learning.calibration import (
     FRACTIONS,
     MULTI_SLICE,
     calibrate,
@@ -14,10 +14,10 @@ from radfed.federation.calibration import (
     reference_kept,
     reference_slices,
 )
-from radfed.federation.cohort import UNKNOWN_LABEL, TrainingSample
-from radfed.federation.messages import LESION_KEPT_LENGTH
-from radfed.inference.lesions import kept_components
-from radfed.inference.windows import Prediction
+from radfed.federation.learning.cohort import UNKNOWN_LABEL, TrainingSample
+from radfed.federation.learning.messages import LESION_KEPT_LENGTH
+from radfed.inference.model.windows import Prediction
+from radfed.inference.pipeline.lesions import kept_components
 
 
 def _study(key: str, label: int, lesion: bool, speck: bool, score: float) -> tuple[TrainingSample, Prediction]:
@@ -99,7 +99,7 @@ def test_calibration_drops_specks_beside_a_large_lesion_by_their_share() -> None
 
 
 def test_the_federation_pools_the_sites_reference_statistics_exactly() -> None:
-    from radfed.federation.coordinator import CoordinatorCheckpoint
+    from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint
 
     site_a = [_masked("a", [400, 2, 2]), _masked("b", [300, 1])]
     site_b = [_masked("c", [400, 30, 10]), _masked("d", [200, 15, 6])]

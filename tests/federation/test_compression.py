@@ -11,9 +11,9 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from radfed.federation import records
-from radfed.federation import site as site_code
-from radfed.federation.compression import (
+from radfed.federation.job import records
+from radfed.federation.job.run_config import RunConfig, RunConfigError
+from radfed.federation.learning.compression import (
     RESIDUAL,
     Compression,
     ErrorFeedback,
@@ -24,10 +24,10 @@ from radfed.federation.compression import (
     payload_nbytes,
     restore_reply,
 )
-from radfed.federation.run_config import RunConfig, RunConfigError
-from radfed.federation.site_config import SiteConfig
-from radfed.federation.training import new_model
-from radfed.inference.taskspec import TaskSpec
+from radfed.federation.learning.training import new_model
+from radfed.federation.site import rounds as site_code
+from radfed.federation.site.config import SiteConfig
+from radfed.inference.model.taskspec import TaskSpec
 
 # a small network's tensor shapes: convolutions, biases, a norm's scalars
 SHAPES = [(32, 16, 3, 3, 3), (32,), (64, 32, 3, 3, 3), (64,), (2, 64, 1, 1, 1), (2,)]

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.cohort import TrainingSample
-from radfed.federation.evaluation import evaluate_model
-from radfed.federation.export import PARITY_TOLERANCE, export_onnx, parity_error
-from radfed.federation.training import PatchSampler, TrainingSettings, new_model, train_local
-from radfed.inference.plan import Plan
-from radfed.inference.taskspec import TaskSpec, TaskSpecError, load_task_spec, parse_task_spec
-from radfed.inference.windows import predict_study, with_context
+from radfed.federation.learning.cohort import TrainingSample
+from radfed.federation.learning.evaluation import evaluate_model
+from radfed.federation.learning.export import PARITY_TOLERANCE, export_onnx, parity_error
+from radfed.federation.learning.training import PatchSampler, TrainingSettings, new_model, train_local
+from radfed.inference.model.plan import Plan
+from radfed.inference.model.taskspec import TaskSpec, TaskSpecError, load_task_spec, parse_task_spec
+from radfed.inference.model.windows import predict_study, with_context
 from tests.small_model import small_spec
 
 

@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from radfed.federation.cohort import cohort_from_sources
-from radfed.federation.datasets import DatasetLayoutError, read_dataset, volume_from_nifti
-from radfed.federation.train_local import train_local_artifact
-from radfed.inference.artifact import load_artifact
-from radfed.inference.taskspec import parse_task_spec
+from radfed.federation.learning.cohort import cohort_from_sources
+from radfed.federation.learning.datasets import DatasetLayoutError, read_dataset, volume_from_nifti
+from radfed.federation.learning.train_local import train_local_artifact
+from radfed.inference.model.artifact import load_artifact
+from radfed.inference.model.taskspec import parse_task_spec
 
 SPEC = """
 [task]

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from radfed.federation.cohort import EMPTY_REFERENCE_SEG, SiteCohort, cohort_from_sources
-from radfed.inference.segmentation import read_segmentation
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import REFERENCE_SEG_FOLDER, write_study
-from radfed.inference.taskspec import TaskSpec
+from radfed.federation.learning.cohort import EMPTY_REFERENCE_SEG, SiteCohort, cohort_from_sources
+from radfed.inference.dicom.seg_reader import read_segmentation
+from radfed.inference.dicom.series import volume_from_datasets
+from radfed.inference.model.taskspec import TaskSpec
+from radfed.inference.testing.synthetic.sites import Sequence
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import REFERENCE_SEG_FOLDER, write_study
 
 FAINT = 1 / 255
 GLAND = 1  # segment numbers of the synthetic reference SEG: the gland, then one per lesion

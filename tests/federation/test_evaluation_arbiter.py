@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from radfed.federation.cohort import TrainingSample
-from radfed.federation.evaluation import evaluate_model
-from radfed.federation.networks import build_network
-from radfed.inference.arbiter import DeviceArbiter
+from radfed.federation.learning.cohort import TrainingSample
+from radfed.federation.learning.evaluation import evaluate_model
+from radfed.federation.learning.networks import build_network
+from radfed.inference.model.arbiter import DeviceArbiter
 from tests.small_model import small_spec
 
 

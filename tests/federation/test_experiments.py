@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.experiments import Arm, Attack, Budget, Experiment, Mode, load_site_cohorts
-from radfed.inference.synthetic.writer import synthesize_to_folder
-from radfed.inference.taskspec import load_task_spec
+from radfed.federation.lab.experiments import Arm, Attack, Budget, Experiment, Mode, load_site_cohorts
+from radfed.inference.model.taskspec import load_task_spec
+from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_a_manipulated_update_is_flagged_only_when_screening(agreeing: Experimen
 
 
 def test_experiment_command_writes_table_report_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from radfed.plugin.cli import main
+    from radfed.plugin.commands.cli import main
 
     args = ["experiment", "harmonisation", "--studies-per-site", "4", "--rounds", "1", "--local-steps", "2"]
     assert main([*args, "--workdir", str(tmp_path)]) == 0

@@ -22,20 +22,20 @@ import pytest
 import requests
 from playwright.sync_api import sync_playwright
 
-from radfed.federation.alerts import AlertStore
-from radfed.federation.coordinator import read_metrics
-from radfed.federation.loopback import FederationOptions, LoopbackFederation
-from radfed.federation.messages import (
+from radfed.federation.coordinator.checkpoint import read_metrics
+from radfed.federation.job.alerts import AlertStore
+from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
+from radfed.federation.learning.messages import (
     ALERT_FIELDS,
     ALLOWED_METRICS,
     ALLOWED_VECTORS,
     FINGERPRINT_PREFIX,
     LANDMARK_PREFIX,
 )
-from radfed.federation.training import new_model
-from radfed.inference.artifact import load_artifact
+from radfed.federation.learning.training import new_model
+from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess, free_port
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
 from tests.plugin.node_harness import TOKEN, NodeProcess
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower, pytest.mark.browser]
@@ -49,7 +49,8 @@ def poisoning_app(tmp_path: Path) -> Path:
     pyproject = app / "pyproject.toml"
     pyproject.write_text(
         pyproject.read_text().replace(
-            'clientapp = "radfed.federation.client_app:app"', 'clientapp = "tests.federation.poisoned_client_app:app"'
+            'clientapp = "radfed.federation.site.client_app:app"',
+            'clientapp = "tests.federation.poisoned_client_app:app"',
         )
     )
     return app

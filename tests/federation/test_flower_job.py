@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.coordinator import CoordinatorCheckpoint, read_metrics
-from radfed.federation.loopback import FederationOptions, LoopbackFederation
-from radfed.federation.messages import MetricLeakError, allowed_metrics
-from radfed.inference.artifact import load_artifact
+from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint, read_metrics
+from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
+from radfed.federation.learning.messages import MetricLeakError, allowed_metrics
+from radfed.inference.model.artifact import load_artifact
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 

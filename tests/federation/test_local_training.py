@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from radfed.federation.calibration import FRACTIONS, MULTI_SLICE
-from radfed.federation.cohort import cohort_from_sources
-from radfed.inference.artifact import ArtifactError, load_artifact, manifest_digest
-from radfed.inference.taskspec import TaskSpec, load_task_spec
+from radfed.federation.learning.calibration import FRACTIONS, MULTI_SLICE
+from radfed.federation.learning.cohort import cohort_from_sources
+from radfed.inference.model.artifact import ArtifactError, load_artifact, manifest_digest
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 
 
 def test_artifact_is_complete_and_verified(tiny_artifact: Path) -> None:
@@ -87,7 +87,7 @@ def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> Non
 
     import torch
 
-    from radfed.federation.train_local import train_local_artifact
+    from radfed.federation.learning.train_local import train_local_artifact
 
     before = torch.get_num_threads()
     try:
@@ -103,7 +103,7 @@ def test_the_thread_setting_is_honoured(tmp_path: Path, synth_root: Path) -> Non
 
 
 def test_automatic_threads_take_the_cores_that_are_not_busy() -> None:
-    from radfed.federation.train_local import free_cores
+    from radfed.federation.learning.train_local import free_cores
 
     assert free_cores(load=0.3, cpus=2) == 2  # an idle 2-core machine: both
     assert free_cores(load=1.2, cpus=2) == 1  # another training on one of them
@@ -144,9 +144,9 @@ def test_cache_is_reused(tmp_path: Path, synth_root: Path) -> None:
 def test_cohort_from_an_orthanc_url(orthanc: object, orthanc_client: object, synth_root: Path) -> None:
     """``radfed train --local --data http://user:pw@host:port --labels labels.csv`` reads studies from Orthanc."""
     from radfed.inference.orthanc.client import OrthancClient
-    from radfed.inference.orthanc.launcher import OrthancProcess
-    from radfed.inference.synthetic.sites import site_profile
-    from radfed.inference.synthetic.writer import iter_site_studies, upload_study
+    from radfed.inference.testing.orthanc_server import OrthancProcess
+    from radfed.inference.testing.synthetic.sites import site_profile
+    from radfed.inference.testing.synthetic.writer import iter_site_studies, upload_study
 
     assert isinstance(orthanc, OrthancProcess) and isinstance(orthanc_client, OrthancClient)
     for study in iter_site_studies(site_profile(1, small=True), 3, seed=4):  # the same studies as synth_root/site-1
@@ -171,8 +171,8 @@ def test_a_site_continues_its_optimiser_from_its_previous_round(
     (they are on disk), and never into another job."""
     import torch
 
-    from radfed.federation.site import RoundPlan, SiteConfig, model_to_arrays, train_round
-    from radfed.federation.training import new_model
+    from radfed.federation.learning.training import model_to_arrays, new_model
+    from radfed.federation.site.rounds import RoundPlan, SiteConfig, train_round
 
     site = SiteConfig(name="hospital-1", data=(str(synth_root / "site-1"),), state_dir=tmp_path / "state")
     assert planned_spec.plan is not None
@@ -196,7 +196,7 @@ def test_a_site_continues_its_optimiser_from_its_previous_round(
 def test_a_seed_fixes_the_initial_weights_whatever_ran_before(planned_spec: TaskSpec) -> None:
     import torch
 
-    from radfed.federation.training import new_model
+    from radfed.federation.learning.training import new_model
 
     spec = planned_spec
     first = new_model(spec, seed=3).state_dict()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from radfed.federation import membership
-from radfed.federation.membership import (
+from radfed.federation.learning import membership
+from radfed.federation.learning.membership import (
     LOW_FPR,
     METRICS,
     MembershipAudit,
@@ -25,7 +25,7 @@ from radfed.federation.membership import (
     site_audits,
     tpr_at_fpr,
 )
-from radfed.federation.messages import ALLOWED_METRICS, allowed_metrics
+from radfed.federation.learning.messages import ALLOWED_METRICS, allowed_metrics
 
 
 def pairwise_auc(members: list[float], others: list[float]) -> float:

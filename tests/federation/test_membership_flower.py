@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.coordinator import read_metrics
-from radfed.federation.loopback import FederationOptions, LoopbackFederation
-from radfed.federation.membership import METRICS
-from radfed.federation.messages import ALLOWED_METRICS, ALLOWED_VECTORS
-from radfed.inference.artifact import load_artifact
+from radfed.federation.coordinator.checkpoint import read_metrics
+from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
+from radfed.federation.learning.membership import METRICS
+from radfed.federation.learning.messages import ALLOWED_METRICS, ALLOWED_VECTORS
+from radfed.inference.model.artifact import load_artifact
 from tests.federation.flower_apps import recording_app
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation import site as site_code
-from radfed.federation.cohort import TrainingSample
-from radfed.federation.membership import METRICS
-from radfed.federation.membership_audit import study_loss
-from radfed.federation.messages import allowed_metrics
-from radfed.federation.site_config import SiteConfig
-from radfed.federation.training import new_model
-from radfed.inference.taskspec import TaskSpec
-from radfed.inference.windows import Prediction
+from radfed.federation.learning.cohort import TrainingSample
+from radfed.federation.learning.membership import METRICS
+from radfed.federation.learning.messages import allowed_metrics
+from radfed.federation.learning.training import new_model
+from radfed.federation.site import rounds as site_code
+from radfed.federation.site.config import SiteConfig
+from radfed.federation.site.membership_audit import study_loss
+from radfed.inference.model.taskspec import TaskSpec
+from radfed.inference.model.windows import Prediction
 
 
 def final_message(planned_spec: TaskSpec, audit: str) -> site_code.RoundPlan:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from radfed.federation.export import PARITY_TOLERANCE, export_onnx, parity_error
-from radfed.federation.networks import build_network
-from radfed.inference.plan import Architecture, Normalization, PlanOverrides, derive_plan
-from radfed.inference.taskspec import TaskSpec, load_task_spec
+from radfed.federation.learning.export import PARITY_TOLERANCE, export_onnx, parity_error
+from radfed.federation.learning.networks import build_network
+from radfed.inference.model.plan import Architecture, Normalization, PlanOverrides, derive_plan
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 
 CASES = [
     (Architecture.DYNUNET, 2),

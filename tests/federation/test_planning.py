@@ -7,17 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.cohort import source_fingerprints
-from radfed.federation.messages import MetricLeakError, allowed_metrics
-from radfed.federation.planning import (
+from radfed.federation.job.planning import (
     fingerprint_from_metrics,
     fingerprint_metrics,
     job_plan,
     needs_fingerprint,
     planned_spec,
 )
-from radfed.inference.plan import PRIVATE_MIN_BATCH, DatasetFingerprint, PlanError
-from radfed.inference.taskspec import load_task_spec
+from radfed.federation.learning.cohort import source_fingerprints
+from radfed.federation.learning.messages import MetricLeakError, allowed_metrics
+from radfed.inference.model.plan import PRIVATE_MIN_BATCH, DatasetFingerprint, PlanError
+from radfed.inference.model.taskspec import load_task_spec
 
 
 def test_sites_fingerprints_travel_as_allowed_aggregates_and_plan_one_network(synth_root: Path) -> None:

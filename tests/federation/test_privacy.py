@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from radfed.federation.cohort import TrainingSample, cohort_from_sources
-from radfed.federation.privacy import (
+from radfed.federation.learning.cohort import TrainingSample, cohort_from_sources
+from radfed.federation.learning.privacy import (
     PrivacyBudgetExceededError,
     PrivacySettings,
     epsilon_spent,
     load_accountant_state,
     train_private,
 )
-from radfed.federation.training import TrainingSettings, new_model
-from radfed.inference.taskspec import TaskSpec, load_task_spec
+from radfed.federation.learning.training import TrainingSettings, new_model
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 
 
 @pytest.fixture(scope="module")

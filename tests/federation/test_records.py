@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from radfed.federation import records
-from radfed.federation.site import model_to_arrays
-from radfed.federation.training import new_model
-from radfed.inference.taskspec import TaskSpec
+from radfed.federation.job import records
+from radfed.federation.learning.training import model_to_arrays, new_model
+from radfed.inference.model.taskspec import TaskSpec
 
 
 def test_the_model_round_trips_through_two_arrays(planned_spec: TaskSpec) -> None:

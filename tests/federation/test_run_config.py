@@ -16,14 +16,15 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from flwr.serverapp import Grid
 
-from radfed.federation import client_app, site_worker
-from radfed.federation.aggregation import AggregationRule, AnomalyRule, Screening
-from radfed.federation.alerts import PoisoningAlert
-from radfed.federation.coordinator import CoordinatorCheckpoint
-from radfed.federation.membership import MembershipAudit
-from radfed.federation.run_config import RoundConfig, RunConfig, RunConfigError
-from radfed.federation.server_app import RoundDriver
-from radfed.federation.site import RoundPlan
+from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint
+from radfed.federation.coordinator.server_app import RoundDriver
+from radfed.federation.job.alerts import PoisoningAlert
+from radfed.federation.job.run_config import RoundConfig, RunConfig, RunConfigError
+from radfed.federation.learning.aggregation import AggregationRule, AnomalyRule, Screening
+from radfed.federation.learning.membership import MembershipAudit
+from radfed.federation.site import client_app
+from radfed.federation.site import worker as site_worker
+from radfed.federation.site.rounds import RoundPlan
 
 APP = Path(__file__).parents[2] / "deploy" / "flower" / "pyproject.toml"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.site_config import SiteConfig
-from radfed.inference.arbiter import DevicePolicy
-from radfed.plugin.config import ConfigError, load_config
+from radfed.federation.site.config import SiteConfig
+from radfed.inference.model.arbiter import DevicePolicy
+from radfed.plugin.node.config import ConfigError, load_config
 
 NODE_TOML = """
 [orthanc]

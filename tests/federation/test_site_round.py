@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from radfed.federation import site as site_code
-from radfed.federation.site_config import SiteConfig
-from radfed.federation.training import new_model
-from radfed.inference.taskspec import TaskSpec
+from radfed.federation.learning.training import new_model
+from radfed.federation.site import rounds as site_code
+from radfed.federation.site.config import SiteConfig
+from radfed.inference.model.taskspec import TaskSpec
 
 
 def test_a_repeated_round_is_replayed_not_trained_again(

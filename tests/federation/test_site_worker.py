@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from radfed.federation.site_worker import (
+from radfed.federation.site.worker import (
     Frame,
     Request,
     SiteWorkerError,
@@ -69,7 +69,7 @@ def test_one_warm_worker_serves_every_request_and_survives_a_failed_one(
 def test_worker_exits_when_its_supernode_is_gone(tmp_path: Path) -> None:
     supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     worker = subprocess.Popen(
-        [sys.executable, "-m", "radfed.federation.site_worker", "--state-dir", str(tmp_path), "--parent-pid",
+        [sys.executable, "-m", "radfed.federation.site.worker", "--state-dir", str(tmp_path), "--parent-pid",
          str(supernode.pid)],
     )  # fmt: skip
     try:

@@ -12,17 +12,17 @@ import pytest
 from pydicom.dataset import Dataset
 from scipy import stats
 
-from radfed.federation.evaluation import EvaluationCounts, histogram_auc
-from radfed.federation.messages import SCORE_BINS, MetricLeakError, allowed_metrics
-from radfed.federation.run_config import RunConfig, RunConfigError
-from radfed.federation.subgroup_cells import (
+from radfed.federation.job.run_config import RunConfig, RunConfigError
+from radfed.federation.learning.evaluation import EvaluationCounts, histogram_auc
+from radfed.federation.learning.messages import SCORE_BINS, MetricLeakError, allowed_metrics
+from radfed.federation.learning.subgroup_cells import (
     SUPPRESSED,
     Attribute,
     StudySubgroups,
     cell_name,
     subgroups_from_header,
 )
-from radfed.federation.subgroups import (
+from radfed.federation.learning.subgroups import (
     auc_interval,
     card_section,
     mean_interval,
@@ -54,7 +54,7 @@ def test_header_values_map_onto_the_closed_vocabulary() -> None:
 
 
 def test_a_synthetic_folder_s_studies_get_their_site_s_vendor_and_field_strength(synth_root: Path) -> None:
-    from radfed.federation.cohort import folder_studies, study_key
+    from radfed.federation.learning.cohort import folder_studies, study_key
 
     studies = [s for s, _, _ in folder_studies(synth_root) if s is not None]
     keys = {study_key(s.study_instance_uid) for s in studies}
@@ -201,8 +201,8 @@ def test_age_band_from_dates_is_whole_years() -> None:
 
 
 def test_the_job_report_shows_the_pooled_subgroups(tmp_path: Path) -> None:
-    from radfed.federation.coordinator import append_metrics, evaluation_line
-    from radfed.plugin.report import write_job_report
+    from radfed.federation.coordinator.checkpoint import append_metrics, evaluation_line
+    from radfed.plugin.tools.report import write_job_report
 
     rows = site_studies()
     total = sum((counts for counts, _ in rows), EvaluationCounts())

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.cohort import is_held_out, study_key
-from radfed.federation.coordinator import read_metrics
-from radfed.federation.loopback import FederationOptions, LoopbackFederation
-from radfed.inference.artifact import load_artifact
+from radfed.federation.coordinator.checkpoint import read_metrics
+from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
+from radfed.federation.learning.cohort import is_held_out, study_key
+from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.synthetic.sites import site_profile
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import iter_site_studies, label_row, upload_study, write_labels
+from radfed.inference.testing.synthetic.sites import site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import iter_site_studies, label_row, upload_study, write_labels
 from tests.federation.flower_apps import recording_app
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from radfed.inference.orthanc.launcher import free_port
+from radfed.inference.testing.orthanc_server import free_port
 
 
 def test_the_superexec_exits_with_its_supernode() -> None:
     address = f"127.0.0.1:{free_port()}"  # nothing listens: the SuperNode "dies" before serving
     started = subprocess.run(
-        [sys.executable, "-m", "radfed.federation.superexec", "--runtime-api-address", address, "--",
+        [sys.executable, "-m", "radfed.federation.site.superexec", "--runtime-api-address", address, "--",
          "sh", "-c", "sleep 1; exit 3"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -22,7 +22,7 @@ def test_the_superexec_exits_with_its_supernode() -> None:
 
 def test_it_needs_a_supernode_to_follow() -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "radfed.federation.superexec", "--runtime-api-address", "127.0.0.1:9"],
+        [sys.executable, "-m", "radfed.federation.site.superexec", "--runtime-api-address", "127.0.0.1:9"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert refused.returncode == 2 and "--supernode-pid" in refused.stderr

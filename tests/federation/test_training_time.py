@@ -8,10 +8,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from radfed.federation.cohort import TrainingSample
-from radfed.federation.networks import build_network
-from radfed.federation.training import FILL_STEPS_CAP, TrainingLog, TrainingSettings, train_local
-from radfed.inference.taskspec import TaskSpec, load_task_spec
+from radfed.federation.learning.cohort import TrainingSample
+from radfed.federation.learning.networks import build_network
+from radfed.federation.learning.training import FILL_STEPS_CAP, TrainingLog, TrainingSettings, train_local
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 from tests.small_model import small_spec
 
 
@@ -89,7 +89,7 @@ def test_validation_passes_take_at_most_the_recipes_share_of_the_run() -> None:
 
 
 def test_validation_interval_follows_the_cost_of_a_pass() -> None:
-    from radfed.federation.training import validation_interval
+    from radfed.federation.learning.training import validation_interval
 
     recipe = replace(load_task_spec().training, validate_every=250, validation_share=0.1)
     log = TrainingLog(steps=250, validation=[(250, 0.5)], validation_seconds=90.0)

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from radfed.inference.arbiter import TRAINING_NICE, DeviceArbiter, DevicePolicy
+from radfed.inference.model.arbiter import TRAINING_NICE, DeviceArbiter, DevicePolicy
 
 STEP_S = 0.05
 
@@ -102,7 +102,7 @@ def _holding(folder: Path, side: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from radfed.inference.arbiter import DeviceArbiter\n"
+            "import sys, time; from pathlib import Path; from radfed.inference.model.arbiter import DeviceArbiter\n"
             f"with DeviceArbiter(Path(sys.argv[1])).{side}():\n"
             "    print('held', flush=True); time.sleep(600)",
             str(folder),
@@ -151,8 +151,8 @@ def _one_step(folder: Path) -> list[float]:
 def test_the_site_worker_and_the_node_name_the_same_arbiter(tmp_path: Path) -> None:
     import pytest
 
-    from radfed.federation.site_config import SiteConfig
-    from radfed.plugin.config import ConfigError, load_config
+    from radfed.federation.site.config import SiteConfig
+    from radfed.plugin.node.config import ConfigError, load_config
 
     site = SiteConfig.from_node_config({"data": "x", "node-state-dir": str(tmp_path)})
     arbiter = site.arbiter()

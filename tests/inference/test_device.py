@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from radfed.inference.device import (
+from radfed.inference.model.device import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     TENSORRT_PROVIDER,

@@ -12,9 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from radfed.inference.dicom.series import volume_from_datasets
 from radfed.inference.errors import DicomInputError, NotAVolumeError, VolumeErrorCause
-from radfed.inference.series import volume_from_datasets
-from radfed.plugin.failures import failure_label
+from radfed.plugin.node.failures import failure_label
 
 _SIZE = 8
 

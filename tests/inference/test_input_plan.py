@@ -14,8 +14,13 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from radfed.inference.findings import input_fingerprint
-from radfed.inference.input_plan import (
+from radfed.inference.dicom.selection import NoMatchingSeriesError
+from radfed.inference.dicom.study_source import FolderStudy, OrthancStudy
+from radfed.inference.model.taskspec import load_task_spec
+from radfed.inference.orthanc.client import OrthancClient
+from radfed.inference.orthanc.tags import dataset_from_short_tags
+from radfed.inference.pipeline.findings import input_fingerprint
+from radfed.inference.pipeline.input_plan import (
     InputPlan,
     SeriesInstances,
     image_fingerprint,
@@ -23,15 +28,10 @@ from radfed.inference.input_plan import (
     plan_study,
     study_series,
 )
-from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.tags import dataset_from_short_tags
-from radfed.inference.preprocess import load_study
-from radfed.inference.selection import NoMatchingSeriesError
-from radfed.inference.study_source import FolderStudy, OrthancStudy
-from radfed.inference.synthetic.sites import Sequence
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import write_study
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.pipeline.preprocess import load_study
+from radfed.inference.testing.synthetic.sites import Sequence
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import write_study
 from tests.inference.test_vendor_series import enhanced_mr, raw_data_beside
 
 SPEC = load_task_spec(None)

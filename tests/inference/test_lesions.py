@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from radfed.inference.lesions import extract_lesions, kept_components
-from radfed.inference.volume import Volume
+from radfed.inference.dicom.volume import Volume
+from radfed.inference.pipeline.lesions import extract_lesions, kept_components
 
 
 def test_components_are_kept_whole_ordered_by_peak_and_filtered_by_volume() -> None:

@@ -7,13 +7,13 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from radfed.inference.dicom.series import volume_from_datasets
 from radfed.inference.errors import OrthancRequestError, OrthancUnavailableError
 from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
-from radfed.inference.orthanc.launcher import OrthancProcess, free_port
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.plugin.cli import main
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import render_study
+from radfed.plugin.commands.cli import main
 
 STUDIES_PER_SITE = 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.inference.plan import (
+from radfed.inference.model.plan import (
     MIN_BATCH,
     PRIVATE_MIN_BATCH,
     Architecture,

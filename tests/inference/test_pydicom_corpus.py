@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_files
 
+from radfed.inference.dicom.series import read_series_files, volume_from_datasets
 from radfed.inference.errors import DicomInputError, NotAVolumeError
-from radfed.inference.series import read_series_files, volume_from_datasets
 
 
 def test_every_corpus_file_loads_or_raises_the_documented_error() -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from radfed.inference.dicom.resample import resample_above, resample_to
+from radfed.inference.dicom.series import volume_from_datasets
+from radfed.inference.dicom.volume import Volume, same_grid
 from radfed.inference.errors import DicomInputError
-from radfed.inference.resample import resample_above, resample_to
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence, SeriesGrid
-from radfed.inference.synthetic.study import SyntheticStudy, grid_volume
-from radfed.inference.volume import Volume, same_grid
+from radfed.inference.testing.synthetic.sites import Sequence, SeriesGrid
+from radfed.inference.testing.synthetic.study import SyntheticStudy, grid_volume
 
 
 def _linear_field(volume: Volume, gradient: np.ndarray, offset: float) -> Volume:

@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from radfed.federation.export import FP16_PARITY_TOLERANCE
-from radfed.inference.artifact import ArtifactError, ModelArtifact, load_artifact, sha256_of
-from radfed.inference.device import (
+from radfed.federation.learning.export import FP16_PARITY_TOLERANCE
+from radfed.inference.model.artifact import ArtifactError, ModelArtifact, load_artifact, sha256_of
+from radfed.inference.model.device import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     Device,
@@ -24,7 +24,7 @@ from radfed.inference.device import (
     RuntimeSettings,
     gather_facts,
 )
-from radfed.inference.runtime import OnnxModel
+from radfed.inference.model.runtime import OnnxModel
 from tests.small_model import small_artifact
 
 CPU = RuntimeSettings(device=Device.CPU, warmup=False)

@@ -16,13 +16,13 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
+from radfed.inference.dicom.seg_reader import read_segmentation
+from radfed.inference.dicom.series import volume_from_datasets
+from radfed.inference.dicom.volume import Volume
 from radfed.inference.errors import SegmentationReadError
-from radfed.inference.segmentation import read_segmentation
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import write_study
-from radfed.inference.volume import Volume
+from radfed.inference.testing.synthetic.sites import Sequence
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import write_study
 
 
 @pytest.fixture(scope="module")

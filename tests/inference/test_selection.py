@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from radfed.inference.selection import NoMatchingSeriesError, SeriesInfo, obliquity_deg, select_series
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.dicom.selection import NoMatchingSeriesError, SeriesInfo, obliquity_deg, select_series
+from radfed.inference.model.taskspec import load_task_spec
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import render_study
 
 
 def _infos(study: object) -> list[SeriesInfo]:

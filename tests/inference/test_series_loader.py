@@ -11,11 +11,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from radfed.inference.dicom.series import volume_from_datasets
 from radfed.inference.errors import NotAVolumeError, VolumeErrorCause
 from radfed.inference.redaction import uid_digest
-from radfed.inference.series import volume_from_datasets
-from radfed.inference.synthetic.sites import Sequence
-from radfed.inference.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.sites import Sequence
+from radfed.inference.testing.synthetic.study import SyntheticStudy
 
 
 def _t2w(study: SyntheticStudy) -> list[Dataset]:
@@ -35,8 +35,8 @@ def test_geometry_matches_generator_grid(small_study: SyntheticStudy) -> None:
 
 
 def test_oblique_series_affine_is_not_axial() -> None:
-    from radfed.inference.synthetic.sites import site_profile
-    from radfed.inference.synthetic.study import render_study
+    from radfed.inference.testing.synthetic.sites import site_profile
+    from radfed.inference.testing.synthetic.study import render_study
 
     site = site_profile(3, small=True)
     study = next(s for s in (render_study(site, n, 5) for n in range(1, 30)) if s.oblique)

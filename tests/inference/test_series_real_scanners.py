@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from radfed.inference.series import load_series_folder
-from radfed.inference.study_source import FolderStudy
+from radfed.inference.dicom.series import load_series_folder
+from radfed.inference.dicom.study_source import FolderStudy
 
 LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 

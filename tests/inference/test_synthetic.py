@@ -12,12 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from radfed.inference.series import load_series_folder, volume_from_datasets
-from radfed.inference.synthetic.phantom import Tissue
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
-from radfed.inference.synthetic.writer import synthesize_to_folder
-from radfed.plugin.cli import main
+from radfed.inference.dicom.series import load_series_folder, volume_from_datasets
+from radfed.inference.testing.synthetic.phantom import Tissue
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.testing.synthetic.writer import synthesize_to_folder
+from radfed.plugin.commands.cli import main
 
 DCIODVFY = shutil.which("dciodvfy") or str(Path(__file__).resolve().parents[2] / ".venv/bin/dciodvfy")
 
@@ -138,7 +138,7 @@ def test_reference_seg_is_on_the_t2w_grid(tmp_path: Path, small_study: Synthetic
 
 @pytest.mark.parametrize("sequence", list(Sequence))
 def test_written_series_load_back(tmp_path: Path, small_study: SyntheticStudy, sequence: Sequence) -> None:
-    from radfed.inference.synthetic.writer import write_study
+    from radfed.inference.testing.synthetic.writer import write_study
 
     folder = write_study(small_study, tmp_path)
     volume = load_series_folder(folder / sequence.value.upper())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.inference.plan import PlanError
-from radfed.inference.taskspec import StudyScore, TaskSpecError, load_task_spec, parse_task_spec
-from radfed.inference.windows import Prediction
+from radfed.inference.model.plan import PlanError
+from radfed.inference.model.taskspec import StudyScore, TaskSpecError, load_task_spec, parse_task_spec
+from radfed.inference.model.windows import Prediction
 
 
 def test_default_spec_is_prostate_mpmri() -> None:

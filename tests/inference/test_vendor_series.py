@@ -20,15 +20,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from radfed.inference.dicom.selection import SeriesInfo, frame_pick
+from radfed.inference.dicom.series import FramePick, volume_from_datasets
+from radfed.inference.dicom.study_source import FolderStudy, OrthancStudy
 from radfed.inference.errors import NotAVolumeError, VolumeErrorCause
+from radfed.inference.model.taskspec import load_task_spec
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.redaction import uid_digest
-from radfed.inference.selection import SeriesInfo, frame_pick
-from radfed.inference.series import FramePick, volume_from_datasets
-from radfed.inference.study_source import FolderStudy, OrthancStudy
-from radfed.inference.synthetic.sites import Sequence as MriSequence
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.testing.synthetic.sites import Sequence as MriSequence
+from radfed.inference.testing.synthetic.study import SyntheticStudy
 
 RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
 ROWS, COLUMNS = 6, 5

@@ -6,7 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from radfed.inference.windows import gaussian_importance, predict_windows
+from radfed.inference.model.windows import gaussian_importance, predict_windows
 
 
 def _constant(value: float):  # type: ignore[no-untyped-def]

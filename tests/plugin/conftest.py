@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from radfed.inference.orthanc.launcher import OrthancProcess
+from radfed.inference.testing.orthanc_server import OrthancProcess
 from tests.plugin.node_harness import NodeProcess
 
 

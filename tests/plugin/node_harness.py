@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from radfed.inference.orthanc.launcher import OrthancProcess, free_port
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
 
 TOKEN = "test-token-not-secret"
 

@@ -20,7 +20,7 @@ from schemathesis import GenerationMode
 from schemathesis.core import NotSet
 from schemathesis.core.result import Err
 
-from radfed.inference.orthanc.launcher import OrthancProcess
+from radfed.inference.testing.orthanc_server import OrthancProcess
 from tests.plugin.node_harness import NodeProcess
 
 EXAMPLES_PER_OPERATION = 25

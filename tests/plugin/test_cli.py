@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import write_study
-from radfed.plugin.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, main, orthanc_endpoint_from_url
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import write_study
+from radfed.plugin.commands.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_USAGE, main, orthanc_endpoint_from_url
 
 
 def test_volume_json(tmp_path: Path, small_study: SyntheticStudy, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 
 from bench.site_training import read_steps
-from radfed.inference.arbiter import STEP_LOCK, DeviceArbiter
+from radfed.inference.model.arbiter import STEP_LOCK, DeviceArbiter
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess
-from radfed.inference.synthetic.sites import site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.inference.synthetic.writer import upload_study
+from radfed.inference.testing.orthanc_server import OrthancProcess
+from radfed.inference.testing.synthetic.sites import site_profile
+from radfed.inference.testing.synthetic.study import render_study
+from radfed.inference.testing.synthetic.writer import upload_study
 from tests.plugin.node_harness import NodeProcess, wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from radfed.federation.export import FP16_PARITY_TOLERANCE
-from radfed.inference.artifact import load_artifact
-from radfed.inference.device import CPU_PROVIDER, CUDA_PROVIDER, Device, RuntimeSettings, gather_facts
-from radfed.inference.orthanc.launcher import OrthancProcess
-from radfed.plugin.cli import main
-from radfed.plugin.config import NodeConfig, load_config
-from radfed.plugin.service import NodeService
+from radfed.federation.learning.export import FP16_PARITY_TOLERANCE
+from radfed.inference.model.artifact import load_artifact
+from radfed.inference.model.device import CPU_PROVIDER, CUDA_PROVIDER, Device, RuntimeSettings, gather_facts
+from radfed.inference.testing.orthanc_server import OrthancProcess
+from radfed.plugin.commands.cli import main
+from radfed.plugin.node.config import NodeConfig, load_config
+from radfed.plugin.node.service import NodeService
 from tests.small_model import small_artifact
 
 

@@ -13,10 +13,10 @@ import pydicom
 import pytest
 
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess, free_port
-from radfed.inference.synthetic.sites import site_profile
-from radfed.inference.synthetic.study import render_study
-from radfed.inference.synthetic.writer import upload_study, write_study
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
+from radfed.inference.testing.synthetic.sites import site_profile
+from radfed.inference.testing.synthetic.study import render_study
+from radfed.inference.testing.synthetic.writer import upload_study, write_study
 from tests.plugin.node_harness import NodeProcess, wait_until
 
 
@@ -107,8 +107,8 @@ def test_stow_rs_destination(
 def test_cstore_store_sends_seg_and_sr(storescp: tuple[int, Path]) -> None:
     """radfed's C-STORE SCU delivers a BINARY SEG and its SR to a DCMTK peer, byte-for-byte readable."""
     from radfed.dicom_sr.outputs import build_results
-    from radfed.plugin.config import CStoreTarget
-    from radfed.plugin.writeback import CStoreStore
+    from radfed.plugin.node.config import CStoreTarget
+    from radfed.plugin.node.writeback import CStoreStore
     from tests.dicom_sr.conftest import result_from_study
 
     port, received = storescp

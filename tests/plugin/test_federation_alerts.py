@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from radfed.federation.aggregation import AnomalyRule
-from radfed.federation.alerts import PROVENANCE_KEY, PoisoningAlert
-from radfed.federation.site_config import SiteConfig
-from radfed.federation.site_worker import keep_alerts
-from radfed.inference.artifact import MODEL_FILE, load_artifact, write_artifact
-from radfed.inference.findings import ModelIdentity
-from radfed.plugin.api import create_app
-from radfed.plugin.config import load_config
-from radfed.plugin.service import NodeService
+from radfed.federation.job.alerts import PROVENANCE_KEY, PoisoningAlert
+from radfed.federation.learning.aggregation import AnomalyRule
+from radfed.federation.site.config import SiteConfig
+from radfed.federation.site.worker import keep_alerts
+from radfed.inference.model.artifact import MODEL_FILE, load_artifact, write_artifact
+from radfed.inference.pipeline.findings import ModelIdentity
+from radfed.plugin.node.api import create_app
+from radfed.plugin.node.config import load_config
+from radfed.plugin.node.service import NodeService
 
 TOKEN = "test-token-not-secret"
 FLAGS = [

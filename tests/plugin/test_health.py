@@ -13,12 +13,12 @@ import sqlalchemy as sa
 
 from radfed.inference.errors import NotAVolumeError, OrthancRequestError, VolumeErrorCause
 from radfed.inference.orthanc.client import OrthancEndpoint
-from radfed.inference.orthanc.launcher import free_port
-from radfed.plugin.config import NodeConfig
-from radfed.plugin.failures import FailureKind, failure_label
-from radfed.plugin.health import LoopMonitor, LoopStatus
-from radfed.plugin.ledger import LedgerBackend
-from radfed.plugin.service import NodeService, ReprocessError
+from radfed.inference.testing.orthanc_server import free_port
+from radfed.plugin.node.config import NodeConfig
+from radfed.plugin.node.failures import FailureKind, failure_label
+from radfed.plugin.node.health import LoopMonitor, LoopStatus
+from radfed.plugin.node.ledger.store import LedgerBackend
+from radfed.plugin.node.service import NodeService, ReprocessError
 
 
 def _status(monitor: LoopMonitor) -> dict[str, LoopStatus]:

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from radfed.dicom_sr.validation import check_dciodvfy
-from radfed.plugin.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from radfed.plugin.commands.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 
 @pytest.mark.validators

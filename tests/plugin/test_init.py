@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from radfed.inference.orthanc.launcher import OrthancProcess, free_port
-from radfed.plugin.init_command import InitError, node_file_text
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
+from radfed.plugin.commands.init import InitError, node_file_text
 from tests.plugin.node_harness import wait_until
 
 pytestmark = pytest.mark.orthanc

@@ -10,13 +10,13 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from radfed.inference.input_plan import InputPlan, plan_study
-from radfed.inference.study_source import FolderStudy
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.inference.synthetic.writer import write_study
-from radfed.inference.taskspec import load_task_spec
-from radfed.plugin.ledger import JobStatus, Ledger
-from radfed.plugin.ledger_migrations import LOCATION
+from radfed.inference.dicom.study_source import FolderStudy
+from radfed.inference.model.taskspec import load_task_spec
+from radfed.inference.pipeline.input_plan import InputPlan, plan_study
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.inference.testing.synthetic.writer import write_study
+from radfed.plugin.node.ledger.migrations import LOCATION
+from radfed.plugin.node.ledger.store import JobStatus, Ledger
 
 
 def test_a_claimed_job_carries_the_plan_it_was_created_with(tmp_path: Path, small_study: SyntheticStudy) -> None:

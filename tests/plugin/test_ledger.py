@@ -15,10 +15,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from radfed.plugin.config import ConfigError, load_config
-from radfed.plugin.ledger import Job, JobStatus, Ledger, LedgerBackend, LedgerError, Worker
-from radfed.plugin.ledger_migrations import LOCATION
-from radfed.plugin.ledger_schema import metadata
+from radfed.plugin.node.config import ConfigError, load_config
+from radfed.plugin.node.ledger.migrations import LOCATION
+from radfed.plugin.node.ledger.schema import metadata
+from radfed.plugin.node.ledger.store import Job, JobStatus, Ledger, LedgerBackend, LedgerError, Worker
 
 
 @pytest.fixture(params=[LedgerBackend.SQLITE, LedgerBackend.POSTGRESQL])

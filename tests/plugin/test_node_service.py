@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import io
+import json
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,11 +16,11 @@ import requests
 
 from radfed.dicom_sr.validation import check_dciodvfy
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess
 from radfed.inference.redaction import uid_digest
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
-from radfed.inference.synthetic.writer import study_datasets, upload_study
+from radfed.inference.testing.orthanc_server import OrthancProcess
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.testing.synthetic.writer import study_datasets, upload_study
 from tests.plugin.node_harness import TOKEN, NodeProcess, wait_until
 
 
@@ -311,7 +313,7 @@ PLUGIN_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "orthanc" / "ra
 def test_orthanc_plugin_pushes_and_shows_status(
     orthanc_factory: Callable[..., OrthancProcess], node_factory: Callable[..., NodeProcess]
 ) -> None:
-    from radfed.inference.orthanc.launcher import free_port
+    from radfed.inference.testing.orthanc_server import free_port
 
     api_port = free_port()
     orthanc = orthanc_factory(
@@ -329,10 +331,33 @@ def test_orthanc_plugin_pushes_and_shows_status(
         study_id = client.find_study(study.identity.study_instance_uid)
         status = client.get_json(f"/radfed/study-status/{study_id}")
     assert status["jobs"][0]["state"] == "done"
+    # Orthanc Explorer 2's study button, as the shipped configuration defines it, resolved the way the browser does
+    # from OE2's app page (<Root>app/, Root /ui/ by default): it must reach the plugin's page for this study.
+    button = _oe2_study_button()
+    page_url = urllib.parse.urljoin(f"{orthanc.endpoint.url}/ui/app/", button["Url"].replace("{UUID}", study_id))
+    auth = (orthanc.endpoint.username, orthanc.endpoint.password) if orthanc.endpoint.username else None
+    page = requests.get(page_url, auth=auth, timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    job = status["jobs"][0]
+    assert f"{job['model']}: done - {job['result']['lesions']} lesion(s)" in page.text
+    assert "research use only" in page.text.lower()
+    assert study.identity.patient_id not in page.text  # the page names no patient
+    # An unknown study is a readable line on the page, not a plugin traceback.
+    missing = requests.get(urllib.parse.urljoin(f"{orthanc.endpoint.url}/ui/app/", "../../radfed/study-page/nope"),
+                           auth=auth, timeout=10)  # fmt: skip
+    assert missing.status_code == 200 and "no such study in this Orthanc" in missing.text
     assert "Traceback" not in orthanc.log_tail(400)
+
+
+def _oe2_study_button() -> dict[str, str]:
+    config = json.loads((PLUGIN_SCRIPT.parent / "orthanc-explorer-2-radfed.json").read_text())
+    buttons = config["OrthancExplorer2"]["UiOptions"]["CustomButtons"]["study"]
+    (button,) = [b for b in buttons if b["Id"] == "radfed-study-status"]
+    assert button["HttpMethod"] == "GET" and "{UUID}" in button["Url"]
+    return button
 
 
 def test_orthanc_plugin_stays_thin() -> None:
     source = PLUGIN_SCRIPT.read_text()
     imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= {"json", "os", "threading", "urllib", "orthanc"}, imports
+    assert imports <= {"html", "json", "os", "threading", "urllib", "orthanc"}, imports

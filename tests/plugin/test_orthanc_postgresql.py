@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess
-from radfed.inference.synthetic.writer import study_datasets, upload_study
+from radfed.inference.testing.orthanc_server import OrthancProcess
+from radfed.inference.testing.synthetic.writer import study_datasets, upload_study
 from tests.plugin.node_harness import NodeProcess, wait_until
 from tests.plugin.test_node_service import _results_per_study, _studies
 from tests.postgres_server import USER, PostgresServer

@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 import pytest
 
-from radfed.inference.findings import input_fingerprint
+from radfed.inference.dicom.selection import select_series
+from radfed.inference.dicom.study_source import OrthancStudy
+from radfed.inference.model.taskspec import load_task_spec
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess
-from radfed.inference.selection import select_series
-from radfed.inference.study_source import OrthancStudy
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
-from radfed.inference.synthetic.writer import upload_study
-from radfed.inference.taskspec import load_task_spec
+from radfed.inference.pipeline.findings import input_fingerprint
+from radfed.inference.testing.orthanc_server import OrthancProcess
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
+from radfed.inference.testing.synthetic.writer import upload_study
 from tests.plugin.node_harness import NodeProcess, wait_until
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.coordinator import CoordinatorCheckpoint, append_metrics, evaluation_line, model_card
-from radfed.federation.evaluation import EvaluationCounts, evaluate_model, histogram_auc
-from radfed.federation.experiments import load_site_cohorts
-from radfed.federation.training import TrainingSettings, new_model, train_local
-from radfed.inference.taskspec import load_task_spec
-from radfed.plugin.report import SampleSlice, SiteIntensities, write_job_report
+from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint, append_metrics, evaluation_line, model_card
+from radfed.federation.lab.experiments import load_site_cohorts
+from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, histogram_auc
+from radfed.federation.learning.training import TrainingSettings, new_model, train_local
+from radfed.inference.model.taskspec import load_task_spec
+from radfed.plugin.tools.report import SampleSlice, SiteIntensities, write_job_report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, installed by make install (never skipped)
 

@@ -27,10 +27,10 @@ from pydicom.uid import (
 )
 
 from radfed.inference.orthanc.client import OrthancClient, OrthancEndpoint
-from radfed.inference.orthanc.launcher import OrthancProcess, free_port
 from radfed.inference.redaction import uid_digest
-from radfed.plugin.config import ConfigError, ScpSettings, load_config
-from radfed.plugin.scp import STORAGE_CONTEXTS, peer_allowed, start_storage_scp
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
+from radfed.plugin.node.config import ConfigError, ScpSettings, load_config
+from radfed.plugin.node.scp import STORAGE_CONTEXTS, peer_allowed, start_storage_scp
 
 ScpFactory = Callable[..., int]
 
@@ -80,7 +80,9 @@ def _storescu(port: int, calling: str, *files: Path) -> subprocess.CompletedProc
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "radfed.plugin.scp" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "radfed.plugin.node.scp" and r.levelno >= logging.WARNING
+    ]
 
 
 def test_allowed_calling_ae_and_peer_store_into_orthanc(
@@ -98,7 +100,7 @@ def test_allowed_calling_ae_and_peer_store_into_orthanc(
 def test_calling_ae_outside_the_allow_list_is_rejected(
     scp: ScpFactory, orthanc_client: OrthancClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="radfed.plugin.scp")
+    caplog.set_level(logging.WARNING, logger="radfed.plugin.node.scp")
     port = scp(allowed_aets=frozenset({"MODALITY"}))
     path, ds = _instance(tmp_path, MRImageStorage, "MR")
     sent = _storescu(port, "INTRUDER", path)
@@ -113,7 +115,7 @@ def test_calling_ae_outside_the_allow_list_is_rejected(
 def test_peer_outside_the_allowed_networks_is_rejected(
     scp: ScpFactory, orthanc_client: OrthancClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="radfed.plugin.scp")
+    caplog.set_level(logging.WARNING, logger="radfed.plugin.node.scp")
     port = scp(allowed_aets=frozenset({"MODALITY"}), allowed_peers=(ipaddress.ip_network("10.0.0.0/8"),))
     path, ds = _instance(tmp_path, MRImageStorage, "MR")
     sent = _storescu(port, "MODALITY", path)
@@ -135,7 +137,7 @@ def test_storage_classes_the_node_does_not_use_are_refused(
     sop_class: str,
     name: str,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="radfed.plugin.scp")
+    caplog.set_level(logging.WARNING, logger="radfed.plugin.node.scp")
     port = scp()
     path, ds = _instance(tmp_path, sop_class, "OT")
     sent = _storescu(port, "MODALITY", path)
@@ -164,7 +166,7 @@ def test_peer_allowed() -> None:
 
 
 def test_a_store_that_fails_logs_no_uid(scp: ScpFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="radfed.plugin.scp")
+    caplog.set_level(logging.WARNING, logger="radfed.plugin.node.scp")
     port = scp(OrthancEndpoint(f"http://127.0.0.1:{free_port()}"))  # nobody listens: Orthanc unreachable
     path, ds = _instance(tmp_path, MRImageStorage, "MR")
     _storescu(port, "MODALITY", path)

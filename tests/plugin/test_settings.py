@@ -1,4 +1,4 @@
-"""The node file's schema (plugin/settings.py): environment overrides for every key, unknown keys refused,
+"""The node file's schema (plugin/node/settings.py): environment overrides for every key, unknown keys refused,
 the shipped templates valid, ``radfed config schema`` / ``check``."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from radfed.plugin.cli import main
-from radfed.plugin.config import ConfigError, load_config
+from radfed.plugin.commands.cli import main
+from radfed.plugin.node.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

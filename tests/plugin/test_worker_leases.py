@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from radfed.inference.model.runtime import OnnxModel
 from radfed.inference.orthanc.client import OrthancEndpoint
-from radfed.inference.orthanc.launcher import free_port
-from radfed.inference.runtime import OnnxModel
-from radfed.plugin import service as service_module
-from radfed.plugin.config import NodeConfig, NodeRole
-from radfed.plugin.ledger import JobStatus, Ledger
-from radfed.plugin.service import NodeService
+from radfed.inference.testing.orthanc_server import free_port
+from radfed.plugin.node import service as service_module
+from radfed.plugin.node.config import NodeConfig, NodeRole
+from radfed.plugin.node.ledger.store import JobStatus, Ledger
+from radfed.plugin.node.service import NodeService
 
 LEASE_S = 5.0  # heartbeats every 1.7 s: a loaded machine does not make a live worker miss three in a row
 LOAD_S = 3 * LEASE_S

@@ -20,12 +20,12 @@ import pytest
 from radfed.dicom_sr.outputs import build_results
 from radfed.dicom_sr.profile import OutputProfile, SrVariant
 from radfed.dicom_sr.seg import lesion_colour
-from radfed.inference.findings import InferenceResult
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess
-from radfed.inference.synthetic.sites import Sequence, site_profile
-from radfed.inference.synthetic.study import SyntheticStudy, render_study
-from radfed.plugin.viewer import OrthancTarget, ViewerServer, default_dist
+from radfed.inference.pipeline.findings import InferenceResult
+from radfed.inference.testing.orthanc_server import OrthancProcess
+from radfed.inference.testing.synthetic.sites import Sequence, site_profile
+from radfed.inference.testing.synthetic.study import SyntheticStudy, render_study
+from radfed.plugin.tools.viewer import OrthancTarget, ViewerServer, default_dist
 from tests.dicom_sr.conftest import result_from_study
 from tests.viewer.ohif_driver import ViewerPage, chromium_page, dice, overlay_mask, projected_mask
 
@@ -38,7 +38,7 @@ MIN_OVERLAP = 0.85
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancProcess, ViewerServer]]:
-    from radfed.inference.orthanc.launcher import start_orthanc
+    from radfed.inference.testing.orthanc_server import start_orthanc
 
     orthanc = start_orthanc(tmp_path_factory.mktemp("ohif-orthanc"))
     viewer = ViewerServer(

@@ -25,10 +25,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.orthanc.launcher import OrthancProcess, start_orthanc
-from radfed.inference.synthetic.sites import Sequence
-from radfed.inference.synthetic.study import SyntheticStudy
-from radfed.plugin.viewer import OrthancTarget, ViewerServer, app_config_js, default_dist, serving
+from radfed.inference.testing.orthanc_server import OrthancProcess, start_orthanc
+from radfed.inference.testing.synthetic.sites import Sequence
+from radfed.inference.testing.synthetic.study import SyntheticStudy
+from radfed.plugin.tools.viewer import OrthancTarget, ViewerServer, app_config_js, default_dist, serving
 
 pytestmark = pytest.mark.orthanc
 

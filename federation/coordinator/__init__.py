@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp and its durable checkpoint."""

@@ -1,0 +1,439 @@
+"""The Flower ServerApp: harmonisation, rounds of site training with evaluation, robust aggregation, a
+checkpoint and a metrics line per round, then the ONNX artifact, its model card and the rollout to every
+site's model registry. Thin over radfed.federation (the bookkeeping is in coordinator.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from radfed.federation.coordinator.checkpoint import (
+    CoordinatorCheckpoint,
+    QuorumError,
+    append_metrics,
+    evaluation_line,
+    landmark_metrics,
+    model_card,
+    reference_landmarks,
+)
+from radfed.federation.job import records
+from radfed.federation.job.alerts import PROVENANCE_KEY, PoisoningAlert, federation_id
+from radfed.federation.job.planning import (
+    PLAN_CONFIG_KEY,
+    fingerprint_from_metrics,
+    job_plan,
+    needs_fingerprint,
+    planned_spec,
+)
+from radfed.federation.job.run_config import RoundConfig, RunConfig
+from radfed.federation.learning.aggregation import ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.learning.compression import payload_nbytes, restore_reply
+from radfed.federation.learning.export import export_artifact
+from radfed.federation.learning.membership import SiteAudit, card_section, site_audits
+from radfed.federation.learning.streaming import StreamingAggregator
+from radfed.federation.learning.subgroups import card_section as bias_section
+from radfed.federation.learning.subgroups import subgroup_table
+from radfed.federation.learning.training import arrays_to_model, model_to_arrays, new_model
+from radfed.inference.model.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
+from radfed.inference.model.taskspec import TaskSpec, load_task_spec
+from radfed.inference.pipeline.findings import ModelIdentity
+
+app = ServerApp()
+REPLY_POLL_S = 0.25  # between pulls for replies (a cheap request to the SuperLink)
+
+
+def say(text: str) -> None:
+    """The operator's run log (``flwr run --stream`` / ``flwr log``); never patient data."""
+    print(f"radfed: {text}", flush=True)
+
+
+class RoundDriver:
+    """One federated job at the coordinator: sends each round's messages through Flower's grid, screens and
+    aggregates the replies, and keeps the CoordinatorCheckpoint a restarted ServerApp resumes from."""
+
+    def __init__(self, grid: Grid, run: RunConfig) -> None:
+        self.grid = grid
+        self.run = run
+        self.rounds = run.num_server_rounds
+        self.min_sites = run.min_sites
+        self.timeout = run.round_timeout
+        self.attempts = run.round_attempts
+        self.out = Path(run.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.server = ServerOptimizer(run.server_learning_rate, run.server_momentum)
+
+    def config(self, server_round: int, state: CoordinatorCheckpoint) -> ConfigRecord:
+        """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
+        round, the plan and reference landmarks once fixed, and every poisoning alert of the job so far."""
+        alerts = state.alerts(self.run.anonymise_alerts)
+        values: dict[str, Any] = RoundConfig(
+            self.run, server_round, state.plan, state.harmonisation, alerts
+        ).to_record()
+        return ConfigRecord(values)
+
+    def nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.timeout
+        while len(nodes := sorted(self.grid.get_node_ids())) < self.min_sites:
+            if time.monotonic() > deadline:
+                raise QuorumError(f"{len(nodes)} site(s) connected after {self.timeout:.0f} s; quorum {self.min_sites}")
+            time.sleep(1)
+        return nodes
+
+    def exchange(
+        self,
+        message_type: str,
+        content: RecordDict,
+        group: str,
+        fold: Callable[[str, dict[str, Any], RecordDict], None] | None = None,
+    ) -> tuple[dict[str, tuple[int, dict[str, Any], RecordDict]], dict[str, str]]:
+        """Send to every connected site; a site that fails or times out is reported, never fatal by itself.
+        Below quorum, only the sites that have not answered yet are asked again (a site that already
+        trained must not spend privacy budget twice for one round). With ``fold``, each reply's content is
+        handed to it as it arrives and not kept (an empty record in its place)."""
+        replies: dict[str, tuple[int, dict[str, Any], RecordDict]] = {}
+        errors: dict[str, str] = {}
+        answered: set[int] = set()
+        for _ in range(self.attempts):
+            pending = [n for n in self.nodes() if n not in answered]
+            messages = [
+                Message(content=content, message_type=message_type, dst_node_id=n, group_id=group) for n in pending
+            ]
+            destination = {m.object_id: m.metadata.dst_node_id for m in messages}  # the id Flower assigns on push
+            heard: set[int] = set()
+            for reply in self._send_and_receive(messages):
+                node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                heard.add(node)
+                if reply.has_error():
+                    errors[f"node-{node}"] = str(reply.error.reason)[:300]
+                    continue
+                answered.add(node)
+                errors.pop(f"node-{node}", None)
+                site = str(reply.content["site"]["name"]) if "site" in reply.content else f"node-{node}"
+                metrics = records.metrics(reply.content)
+                if fold is not None:
+                    if site in replies:
+                        continue  # folded in already
+                    fold(site, metrics, reply.content)
+                replies[site] = (node, metrics, reply.content if fold is None else RecordDict())
+            for node in set(pending) - heard:
+                errors[f"node-{node}"] = f"no reply within {self.timeout:.0f} s"
+            if len(replies) >= self.min_sites:
+                return replies, errors
+            say(f"{message_type} {group}: {len(replies)} site(s) answered, quorum {self.min_sites}; errors {errors}")
+        raise QuorumError(
+            f"{message_type} {group}: quorum of {self.min_sites} not reached in {self.attempts} attempts ({errors})"
+        )
+
+    def _send_and_receive(self, messages: list[Message]) -> Iterator[Message]:
+        """Push the messages, then collect replies until all are in or ``round-timeout`` passes. Flower's own
+        ``send_and_receive`` sleeps 3 s between pulls, which every round paid on average 1.5 s of."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(waiting)):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                yield reply
+            if waiting:
+                time.sleep(REPLY_POLL_S)
+
+    def plan(self, spec: TaskSpec, state: CoordinatorCheckpoint) -> TaskSpec:
+        """Fix the job's plan before round 1: from the spec alone when it fixes the grid and patch, otherwise
+        from the sites' fingerprint summaries (merged, study-weighted)."""
+        started = time.perf_counter()
+        site_prints = None
+        errors: dict[str, str] = {}
+        if needs_fingerprint(spec):
+            replies, errors = self.exchange(
+                "query.fingerprint", RecordDict({"config": self.config(0, state)}), "fingerprint"
+            )
+            site_prints = {site: fingerprint_from_metrics(m) for site, (_, m, _) in replies.items()}
+        plan = job_plan(spec, site_prints, private=self.run.epsilon > 0)
+        state.plan = plan.to_json()
+        append_metrics(
+            self.out,
+            {
+                "stage": "plan",
+                "seconds": time.perf_counter() - started,
+                "sites": sorted(site_prints or {}),
+                "plan": json.loads(state.plan),
+                "errors": errors,
+            },
+        )
+        say(f"plan: {plan.reasons[-1] if plan.reasons else 'from the task spec'}; patch {list(plan.patch_size)}")
+        return spec.planned(plan)
+
+    def start_from(self, base: ModelArtifact, spec: TaskSpec, state: CoordinatorCheckpoint) -> TaskSpec:
+        """Fine-tune a base model: its plan and weights start the job (the sites' fingerprints are not asked)."""
+        if base.spec.name != spec.name or base.spec.plan is None or base.weights_path is None:
+            raise ValueError(f"base model {base.key} is not a {spec.name} model with a plan and torch weights")
+        state.plan = base.spec.plan.to_json()
+        with np.load(base.weights_path) as saved:
+            state.arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        planned = spec.planned(base.spec.plan)
+        expected = [tuple(t.shape) for t in new_model(planned).state_dict().values()]
+        if [a.shape for a in state.arrays] != expected:
+            raise ValueError(f"base model {base.key}'s weights do not fit its plan's network")
+        append_metrics(self.out, {"stage": "plan", "base_model": base.key, "plan": json.loads(state.plan)})
+        say(f"fine-tuning base model {base.key} ({base.provenance.get('steps')} steps on public data)")
+        return planned
+
+    def harmonise(self, state: CoordinatorCheckpoint) -> None:
+        started = time.perf_counter()
+        replies, errors = self.exchange("query.landmarks", RecordDict({"config": self.config(0, state)}), "landmarks")
+        found = {site: landmark_metrics(m) for site, (_, m, _) in replies.items()}
+        weights = {site: int(m.get("landmark_studies", 0)) for site, (_, m, _) in replies.items()}
+        state.harmonisation = reference_landmarks(found, weights)
+        append_metrics(
+            self.out,
+            {
+                "stage": "harmonisation",
+                "seconds": time.perf_counter() - started,
+                "site_landmarks": found,
+                "reference": state.harmonisation,
+                "errors": errors,
+            },
+        )
+        say(f"harmonisation: reference landmarks from {len(found)} site(s)")
+
+    def train_round(self, server_round: int, state: CoordinatorCheckpoint) -> None:
+        started = time.perf_counter()
+        sent = records.pack_arrays(state.arrays)
+        content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
+        down = int(sum(a.nbytes for a in state.arrays))
+        # Many sites, FedAvg or multi-Krum, sketched screening: fold each update into one sum as it arrives.
+        screening = self.run.screening.resolve(len(list(self.grid.get_node_ids())))
+        streams = StreamingAggregator.streams(self.run.aggregation, screening)
+        updates: list[SiteUpdate] = []
+        bytes_up: dict[str, int] = {}
+        unreadable: dict[str, str] = {}
+        with (
+            StreamingAggregator(state.arrays, self.run.aggregation, spill_root=self.out) if streams else nullcontext()
+        ) as stream:
+
+            def fold(site: str, metrics: dict[str, Any], reply: RecordDict) -> None:
+                received = records.arrays(reply)
+                bytes_up[site] = payload_nbytes(received)
+                try:  # a compressed reply becomes the site's full model again: screening sees every site's update
+                    arrays = restore_reply(self.run.update_compression, state.arrays, received)
+                except ValueError as exc:
+                    unreadable[site] = f"unreadable reply: {exc}"[:300]
+                    return
+                update = SiteUpdate(site, arrays, int(metrics.get("num-examples", 1)))
+                if stream is not None:
+                    stream.add(update)
+                else:
+                    updates.append(update)
+
+            replies, errors = self.exchange(MessageType.TRAIN, content, str(server_round), fold)
+            readable = len(replies) - len(unreadable)
+            if readable < self.min_sites:
+                raise QuorumError(f"round {server_round}: {readable} readable update(s), quorum {self.min_sites}")
+            if stream is not None:
+                outcome = stream.outcome()
+            else:
+                updates.sort(key=lambda u: u.site)
+                outcome = aggregate(state.arrays, updates, self.run.aggregation, screening=screening)
+        errors |= unreadable
+        site_lines: dict[str, dict[str, Any]] = {}
+        for site, (_, metrics, _) in sorted(replies.items()):
+            if site in unreadable:
+                continue
+            state.studies_per_site[site] = int(metrics.get("num-examples", 0))
+            if "epsilon" in metrics:
+                state.epsilon_per_site[site] = float(metrics["epsilon"])
+            if "lesion_kept" in metrics:
+                kept = metrics["lesion_kept"]
+                state.lesion_kept_per_site[site] = (
+                    [float(v) for v in kept] if isinstance(kept, list) else [],
+                    int(metrics.get("lesion_kept_studies", 0)),
+                )
+            if "lesion_extent_total_mm3" in metrics:
+                state.lesion_extent_per_site[site] = (
+                    float(metrics.get("lesion_extent_kept_mm3", 0.0)),
+                    float(metrics["lesion_extent_total_mm3"]),
+                )
+            scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
+            site_lines[site] = scalars | {"bytes_down": down, "bytes_up": bytes_up[site]}  # as sent
+        state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
+        # every site hears of these with its next message (the next round's, or the final evaluation's)
+        state.flags += [
+            PoisoningAlert(self.run.job, server_round, federation_id(f.site), f.rule) for f in outcome.flags
+        ]
+        state.completed_round = server_round
+        state.save(self.out)
+        seconds = time.perf_counter() - started
+        compute = max(_compute_seconds(m) for m in site_lines.values())
+        append_metrics(
+            self.out,
+            {
+                "round": server_round,
+                "seconds": seconds,
+                "site_compute_seconds": compute,
+                "overhead_seconds": max(0.0, seconds - compute),
+                "overhead_parts": overhead_parts(seconds, site_lines),
+                "sites": site_lines,
+                "errors": errors,
+                "aggregated": list(outcome.used),
+                "flagged": [{"site": f.site, "rule": str(f.rule), "reason": f.reason} for f in outcome.flags],
+                # the global model of the previous round, evaluated by each site before it trained
+                "evaluation": evaluation_line({s: m for s, (_, m, _) in replies.items()}),
+                "evaluated_round": server_round - 1,
+            },
+        )
+        flagged = "; ".join(f"{f.site}: {f.reason}" for f in outcome.flags) or "none"
+        say(f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}")
+
+    def evaluate_final(self, state: CoordinatorCheckpoint) -> tuple[dict[str, Any] | None, dict[str, SiteAudit]]:
+        """The job's last message to the sites: they evaluate the final model and, with ``membership-audit``,
+        attack it on their own studies. Returns the pooled evaluation and each site's audit."""
+        content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": self.config(self.rounds, state)})
+        replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
+        site_metrics = {s: m for s, (_, m, _) in replies.items()}
+        evaluation = evaluation_line(site_metrics)
+        if evaluation is not None:  # bias checks: the sites' subgroup cells, pooled
+            evaluation["subgroups"] = subgroup_table(site_metrics, self.run.bias_min_cell)
+        membership = site_audits(site_metrics)
+        append_metrics(
+            self.out,
+            {
+                "stage": "final",
+                "evaluated_round": self.rounds,
+                "evaluation": evaluation,
+                "membership_audit": {"attack": str(self.run.membership_audit), "sites": membership},
+                "errors": errors,
+            },
+        )
+        if membership:
+            say(
+                "membership audit: "
+                + "; ".join(f"{site} loss AUC {a.get('loss_auc', float('nan')):.3f}" for site, a in membership.items())
+            )
+        return evaluation, membership
+
+    def rollout(self, artifact_folder: Path) -> list[str]:
+        files = {name: (artifact_folder / name).read_bytes() for name in (MODEL_FILE, MANIFEST)}
+        content = RecordDict({"artifact": ConfigRecord(files), "config": ConfigRecord({})})  # type: ignore[arg-type]
+        try:
+            replies, errors = self.exchange("query.rollout", content, "rollout")
+        except QuorumError as exc:  # the model exists either way; the operator can roll it out again
+            replies, errors = {}, {"rollout": str(exc)}
+        installed = sorted(replies)
+        append_metrics(self.out, {"stage": "rollout", "installed": installed, "errors": errors})
+        say(f"rollout: model stored at {', '.join(installed)}" + (f"; failed: {errors}" if errors else ""))
+        return installed
+
+
+def _compute_seconds(site_line: dict[str, Any]) -> float:
+    return float(site_line.get("train_seconds", 0)) + float(site_line.get("evaluation_seconds", 0))
+
+
+def overhead_parts(seconds: float, site_lines: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Where the round's time went outside training, along the site that took longest end to end:
+    Flower moving the messages (push, the SuperNode's pickup, the reply), the ClientApp's process from its
+    start (or fork, with the warm SuperExec) to our handler, which includes waiting for the message's
+    objects, the ClientApp forwarding to the site worker, and the worker's own work around training
+    (cohort split, optimiser state, privacy accounting)."""
+    if not site_lines:
+        return {}
+    line = max(
+        site_lines.values(),
+        key=lambda m: float(m.get("clientapp_start_seconds", 0)) + float(m.get("clientapp_seconds", 0)),
+    )
+    start, clientapp = float(line.get("clientapp_start_seconds", 0)), float(line.get("clientapp_seconds", 0))
+    worker = float(line.get("site_seconds", 0))
+    return {
+        "flower_transport": max(0.0, seconds - start - clientapp),
+        "clientapp_start": start,
+        "clientapp_forwarding": max(0.0, clientapp - worker),
+        "site_worker_other": max(0.0, worker - _compute_seconds(line)),
+    }
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunConfig.from_run_config(context.run_config)
+    job = RoundDriver(grid, run)
+    spec = load_task_spec(run.task or None)
+    state = CoordinatorCheckpoint.load(job.out)
+    base = load_artifact(Path(run.base_model)) if run.base_model else None
+    if state is None or state.plan is None:
+        state = CoordinatorCheckpoint()
+        if base is not None:
+            spec = job.start_from(base, spec, state)
+        else:
+            spec = job.plan(spec, state)
+            state.arrays = model_to_arrays(new_model(spec, seed=run.seed))
+        state.save(job.out)
+    else:
+        spec = planned_spec(spec, {PLAN_CONFIG_KEY: state.plan})
+        say(f"resuming after round {state.completed_round} from {job.out}")
+    if run.harmonise and state.harmonisation is None:
+        job.harmonise(state)
+        state.save(job.out)
+    for server_round in range(state.completed_round + 1, job.rounds + 1):
+        job.train_round(server_round, state)
+    final, membership = job.evaluate_final(state)
+    epsilon, delta = run.epsilon, run.delta
+    alerts = state.alerts(run.anonymise_alerts)
+    if spec.outputs.min_lesion_fraction is None and state.lesion_kept_per_site:
+        # the share-of-largest rule from the sites' summed reference-mask statistics (never a mask)
+        spec = spec.with_outputs(min_lesion_fraction=state.lesion_fraction())
+    if spec.outputs.min_lesion_slices is None and state.lesion_extent_per_site:
+        spec = spec.with_outputs(min_lesion_slices=state.lesion_slices())
+    artifact = export_artifact(
+        arrays_to_model(spec, state.arrays),
+        spec,
+        job.out / "artifact",
+        ModelIdentity(spec.name, run.model_version),
+        harmonisation=state.harmonisation,
+        provenance={
+            "training": "federated",
+            "job": run.job,
+            "rounds": run.num_server_rounds,
+            "aggregation": str(run.aggregation),
+            "server_learning_rate": run.server_learning_rate,
+            "server_momentum": run.server_momentum,
+            "proximal_mu": run.proximal_mu,
+            "base_model": {"key": base.key, **{k: base.provenance.get(k) for k in ("steps", "studies_per_site")}}
+            if base is not None
+            else None,
+            "studies_per_site": state.studies_per_site,
+            "differential_privacy": {"epsilon_budget": epsilon, "delta": delta, "epsilon_spent": state.epsilon_per_site}
+            if epsilon > 0
+            else None,
+            "validation": final,
+            "membership_audit": {"attack": str(run.membership_audit), "sites": membership},
+            PROVENANCE_KEY: [a.as_dict() for a in alerts],  # a node may refuse the model while these are open
+        },
+    )
+    card = model_card(
+        job=run.job,
+        model_key=artifact.key,
+        rounds=run.num_server_rounds,
+        aggregation=str(run.aggregation),
+        state=state,
+        epsilon_budget=epsilon,
+        delta=delta,
+        final_evaluation=final,
+        base_model=f"{base.key}, trained {base.provenance.get('steps')} steps on "
+        f"{sum((base.provenance.get('studies_per_site') or {}).values())} public studies"
+        if base is not None
+        else None,
+        alerts=alerts,
+        sections=[
+            card_section(membership, run.membership_audit, epsilon),
+            bias_section((final or {}).get("subgroups"), run.bias_min_cell),
+        ],
+    )
+    (job.out / "model-card.md").write_text(card)
+    say(f"artifact {artifact.key} written to {job.out / 'artifact'} (sha256 {artifact.sha256[:12]})")
+    if run.rollout:
+        job.rollout(artifact.folder)

@@ -1,0 +1,1 @@
+"""Lab tools: a whole federation on loopback, and side-by-side experiments."""

@@ -1,0 +1,290 @@
+"""Side-by-side experiments on the same data: centralised vs federated vs local-only, with and without
+harmonisation, DP at several epsilons, one poisoned site under FedAvg vs robust aggregation, update
+compression (what each site sends per round, and what it costs in Dice).
+
+The federated arms run the job's own pieces in one process (the site's training and DP code, the
+coordinator's harmonisation, aggregation and evaluation); only Flower's transport is left out, so every
+arm sees the same studies, the same held-out test set (drawn from all sites) and the same number of
+gradient steps. The transport's cost is measured separately, on real Flower processes (bench federation).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from radfed.federation.coordinator.checkpoint import reference_landmarks
+from radfed.federation.job.planning import job_plan, needs_fingerprint
+from radfed.federation.learning.aggregation import (
+    DEFAULT_SERVER_LEARNING_RATE,
+    Arrays,
+    ServerOptimizer,
+    SiteUpdate,
+    aggregate,
+)
+from radfed.federation.learning.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
+from radfed.federation.learning.compression import (
+    Compression,
+    ErrorFeedback,
+    compress_reply,
+    payload_nbytes,
+    restore_reply,
+)
+from radfed.federation.learning.evaluation import evaluate_model
+from radfed.federation.learning.privacy import PrivacySettings, train_private
+from radfed.federation.learning.training import (
+    OptimizerState,
+    TrainingSettings,
+    arrays_to_model,
+    model_to_arrays,
+    new_model,
+    train_local,
+)
+from radfed.inference.model.plan import DatasetFingerprint
+from radfed.inference.model.taskspec import TaskSpec
+
+
+class Mode(StrEnum):
+    FEDERATED = "federated"
+    CENTRALISED = "centralised"
+    LOCAL = "local-only"
+
+
+class Attack(StrEnum):
+    SCALE = "scale"  # the site's honest update x20
+    SIGN_FLIP = "sign-flip"  # the site's honest update, negated
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    mode: Mode = Mode.FEDERATED
+    harmonise: bool = True
+    epsilon: float = 0.0  # 0: no DP
+    aggregation: str = "fedavg"
+    screen: bool = True  # leave flagged updates out (radfed's default)
+    proximal_mu: float = 0.0
+    poisoned_site: str | None = None  # this site sends a manipulated update
+    attack: Attack = Attack.SCALE
+    server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
+    server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # the coordinator's step (1: plain FedAvg)
+    left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
+    compression: str = "none"  # what each site sends (run-config key compression: none | fp16 | int8 | topk:F)
+
+
+EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
+    "centralised-vs-federated": (
+        Arm("centralised", Mode.CENTRALISED),
+        Arm("federated (FedAvg)"),
+        Arm("federated (FedProx mu=0.1)", proximal_mu=0.1),
+        Arm("local-only", Mode.LOCAL),
+    ),
+    "harmonisation": (Arm("federated, harmonised"), Arm("federated, own scaling", harmonise=False)),
+    "privacy": (Arm("no DP"), Arm("DP epsilon 8", epsilon=8.0), Arm("DP epsilon 2", epsilon=2.0)),
+    "poisoning": (
+        Arm("clean, FedAvg"),
+        Arm("poisoned, FedAvg unscreened", poisoned_site="site-3", screen=False),
+        Arm("poisoned, FedAvg + screening", poisoned_site="site-3"),
+        Arm("poisoned, median", poisoned_site="site-3", aggregation="median", screen=False),
+        Arm("poisoned, multi-Krum", poisoned_site="site-3", aggregation="multi-krum", screen=False),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    rounds: int = 5
+    local_steps: int = 30
+    held_out_fraction: float = 0.25
+    seed: int = 0
+    every_round: bool = True  # evaluate the global model after every round (else after the last only)
+
+
+@dataclass
+class ArmResult:
+    arm: Arm
+    pooled: dict[str, float | int | None]
+    per_round: list[dict[str, float | int | None]] = field(default_factory=list)
+    seconds: float = 0.0
+    local_sites: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)
+    flag_reasons: list[str] = field(default_factory=list)  # "round N site: reason"
+    seed: int = 0
+    final_arrays: Arrays | None = None  # the federated arms' last global model
+    bytes_up: float | None = None  # federated arms: mean bytes a site sent per round (the compressed payload)
+
+
+def load_site_cohorts(
+    roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None, *, private: bool = False
+) -> dict[str, SiteCohort]:
+    """Every site's cohort under one plan, made as the coordinator makes it (from the sites' merged
+    fingerprint summaries where the spec leaves the grid or patch open; ``private``: for a job with DP)."""
+    if spec.plan is None:
+        prints = None
+        if needs_fingerprint(spec):
+            prints = {
+                name: DatasetFingerprint.from_studies(source_fingerprints(spec, [str(root)], None))
+                for name, root in roots.items()
+            }
+        spec = spec.planned(job_plan(spec, prints, private=private))
+    return {
+        name: cohort_from_sources(spec, [str(root)], cache_dir=cache / name if cache else None)
+        for name, root in roots.items()
+    }
+
+
+class Experiment:
+    def __init__(self, spec: TaskSpec, cohorts: Mapping[str, SiteCohort], budget: Budget) -> None:
+        self.cohorts = dict(cohorts)
+        # the cohorts carry the job's plan (load_site_cohorts); the spec given may be the unplanned one
+        self.spec = next(iter(self.cohorts.values())).spec if self.cohorts else spec
+        self.budget = budget
+        # No cohorts: the caller brings its own split (``federate``), unharmonised.
+        self.landmarks = (
+            reference_landmarks(
+                {s: c.channel_landmarks(budget.held_out_fraction) for s, c in self.cohorts.items()},
+                {s: len(c.split(budget.held_out_fraction)[0]) for s, c in self.cohorts.items()},
+            )
+            if self.cohorts
+            else None
+        )
+
+    def split(self, harmonise: bool) -> tuple[dict[str, list[TrainingSample]], list[TrainingSample]]:
+        harmonisation = self.landmarks if harmonise else None
+        train, test = {}, []
+        for site, cohort in self.cohorts.items():
+            site_train, site_test = cohort.split(self.budget.held_out_fraction, harmonisation)
+            train[site] = site_train
+            test += site_test
+        return train, test
+
+    def _settings(self, seed: int, steps: int, mu: float = 0.0, server_round: int | None = None) -> TrainingSettings:
+        """``steps`` of the recipe; in a federated arm, round ``server_round``'s slice of the job's schedule."""
+        if server_round is None:
+            return TrainingSettings.from_spec(self.spec, seed=seed, steps=steps, proximal_mu=mu)
+        return TrainingSettings.from_spec(
+            self.spec,
+            seed=seed,
+            steps=steps,
+            proximal_mu=mu,
+            schedule_offset=(server_round - 1) * steps,
+            schedule_total=self.budget.rounds * steps,
+        )
+
+    def run(self, arm: Arm, progress: Callable[[str], None] = lambda _: None) -> ArmResult:
+        started = time.perf_counter()
+        train, test = self.split(arm.harmonise)
+        if arm.mode is Mode.CENTRALISED:
+            result = self._centralised(arm, train, test)
+        elif arm.mode is Mode.LOCAL:
+            result = self._local(arm, train, test)
+        else:
+            result = self._federated(arm, train, test, progress)
+        result.seconds = time.perf_counter() - started
+        result.seed = self.budget.seed
+        return result
+
+    def federate(
+        self,
+        arm: Arm,
+        train: dict[str, list[TrainingSample]],
+        test: list[TrainingSample],
+        progress: Callable[[str], None] = lambda _: None,
+    ) -> ArmResult:
+        """A federated arm on a split the caller made (e.g. patient-level folds of a real set)."""
+        return self._federated(arm, train, test, progress)
+
+    def _centralised(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
+        pooled = [s for samples in train.values() for s in samples]
+        model = new_model(self.spec, seed=self.budget.seed)
+        steps = self.budget.rounds * self.budget.local_steps * len(train)  # as many steps as the federation
+        train_local(model, pooled, self.spec, self._settings(self.budget.seed, steps))
+        return ArmResult(arm, evaluate_model(model, test, self.spec).summary())
+
+    def _local(self, arm: Arm, train: dict[str, list[TrainingSample]], test: list[TrainingSample]) -> ArmResult:
+        sites = {}
+        for site, samples in train.items():
+            model = new_model(self.spec, seed=self.budget.seed)
+            steps = self.budget.rounds * self.budget.local_steps
+            train_local(model, samples, self.spec, self._settings(self.budget.seed, steps))
+            sites[site] = evaluate_model(model, test, self.spec).summary()
+        best = max(sites.values(), key=lambda m: (m.get("dice") or 0.0) + (m.get("auc") or 0.0))
+        return ArmResult(arm, dict(best), local_sites=sites)
+
+    def _federated(
+        self,
+        arm: Arm,
+        train: dict[str, list[TrainingSample]],
+        test: list[TrainingSample],
+        progress: Callable[[str], None],
+    ) -> ArmResult:
+        arrays = model_to_arrays(new_model(self.spec, seed=self.budget.seed))
+        result = ArmResult(arm, {})
+        compression = Compression.parse(arm.compression)
+        sent_bytes: list[int] = []
+        optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
+        server = ServerOptimizer(learning_rate=arm.server_learning_rate, momentum=arm.server_momentum)
+        velocity: Arrays | None = None
+        with tempfile.TemporaryDirectory() as accountants:
+            for server_round in range(1, self.budget.rounds + 1):
+                updates = []
+                for site, samples in train.items():
+                    if site in arm.left_out:
+                        continue
+                    model = arrays_to_model(self.spec, arrays)
+                    settings = self._settings(
+                        self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu, server_round
+                    )
+                    state = optimizer_states.get(site)
+                    if arm.epsilon > 0:
+                        privacy = PrivacySettings(
+                            arm.epsilon, 1e-5, planned_steps=self.budget.rounds * self.budget.local_steps
+                        )
+                        accountant = Path(accountants) / f"{site}.json"
+                        log, _ = train_private(
+                            model, samples, self.spec, settings, privacy, accountant, self.budget.local_steps, state
+                        )
+                    else:
+                        log = train_local(model, samples, self.spec, settings, optimizer_state=state)
+                    optimizer_states[site] = log.optimizer_state
+                    sent = model_to_arrays(model)
+                    if site == arm.poisoned_site:
+                        factor = -1.0 if Attack(arm.attack) is Attack.SIGN_FLIP else 20.0
+                        sent = [(g + factor * (h - g)).astype(h.dtype) for g, h in zip(arrays, sent, strict=True)]
+                    # as the job does: the site compresses its update (top-k's residual in its own folder),
+                    # the coordinator restores the full model before screening and aggregation
+                    feedback = ErrorFeedback(Path(accountants) / f"{site}-feedback")
+                    reply = compress_reply(compression, arrays, sent, feedback, server_round)
+                    sent_bytes.append(payload_nbytes(reply))
+                    updates.append(SiteUpdate(site, restore_reply(compression, arrays, reply), len(samples)))
+                outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
+                arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
+                result.flagged += [f.site for f in outcome.flags]
+                result.flag_reasons += [f"round {server_round} {f.site}: {f.reason}" for f in outcome.flags]
+                if self.budget.every_round or server_round == self.budget.rounds:
+                    summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
+                    result.per_round.append({"round": server_round, **summary})
+                    progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
+        result.final_arrays = arrays
+        result.bytes_up = sum(sent_bytes) / len(sent_bytes) if sent_bytes else None
+        result.pooled = dict(result.per_round[-1])
+        result.pooled.pop("round", None)
+        return result
+
+
+def results_table(results: Sequence[ArmResult]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for r in results:
+        p = r.pooled
+        flagged = ",".join(sorted(set(r.flagged))) or "-"
+        rows.append(
+            [r.arm.name, p.get("studies"), p.get("dice"), p.get("auc"), p.get("lesion_sensitivity"), r.seconds, flagged]
+        )
+    return rows
+
+
+TABLE_HEADER = ["arm", "test studies", "Dice", "AUC", "lesion sensitivity", "seconds", "flagged"]

@@ -1,0 +1,87 @@
+"""The Flower ClientApp: thin on purpose. Flower starts a new process for every message, so this one
+imports only flwr and numpy and forwards each message to the site's long-lived worker
+(radfed.federation.site.worker), where torch, the cohort and the job's state stay warm.
+
+Message types: ``train`` (evaluate the incoming global model on held-out studies, then train),
+``evaluate`` (the final model), ``query.fingerprint`` (dataset statistics for the job's plan),
+``query.landmarks`` (harmonisation statistics) and ``query.rollout``
+(store the finished artifact in the node's model registry). Every reply's metrics pass the allow-list.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from radfed.federation.job import records
+from radfed.federation.learning.messages import allowed_metrics
+from radfed.federation.site.worker import Frame, Request, call_site_worker
+
+app = ClientApp()
+
+
+def _config(msg: Message) -> dict[str, Any]:
+    record = msg.content["config"]
+    if not isinstance(record, ConfigRecord):
+        raise ValueError("the message's config is not a ConfigRecord")
+    return {k: v for k, v in record.items() if not isinstance(v, bytes)}
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux: start time in clock ticks after boot)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, with_arrays: bool) -> Message:
+    started, start_cost = time.perf_counter(), _process_age_s()
+    reply = call_site_worker(dict(context.node_config), request, frame)
+    site_name = str(context.node_config.get("site-name", "site"))
+    timings = {
+        "site_seconds": float(reply.header.get("worker_seconds", 0.0)),
+        "clientapp_start_seconds": start_cost,  # this task's process (new or forked) up to the handler
+        "clientapp_seconds": time.perf_counter() - started,
+    }
+    metrics = allowed_metrics(reply.header["metrics"] | timings)
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site_name})})
+    if with_arrays:
+        content["arrays"] = records.pack_arrays(reply.arrays)
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    frame = Frame({"config": _config(msg)}, records.arrays(msg.content))
+    return _forward(msg, context, Request.TRAIN, frame, with_arrays=True)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    frame = Frame({"config": _config(msg)}, records.arrays(msg.content))
+    return _forward(msg, context, Request.EVALUATE, frame, with_arrays=False)
+
+
+@app.query("landmarks")
+def landmarks(msg: Message, context: Context) -> Message:
+    return _forward(msg, context, Request.LANDMARKS, Frame({"config": _config(msg)}, []), with_arrays=False)
+
+
+@app.query("fingerprint")
+def fingerprint(msg: Message, context: Context) -> Message:
+    return _forward(msg, context, Request.FINGERPRINT, Frame({"config": _config(msg)}, []), with_arrays=False)
+
+
+@app.query("rollout")
+def rollout(msg: Message, context: Context) -> Message:
+    files = records.files(msg.content["artifact"])
+    frame = Frame({"files": list(files)}, [np.frombuffer(content, dtype=np.uint8) for content in files.values()])
+    return _forward(msg, context, Request.ROLLOUT, frame, with_arrays=False)

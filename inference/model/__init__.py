@@ -1,0 +1,2 @@
+"""The model and its contract: task specs (and the shipped tasks), the plan and recipe, artifacts, the registry, the
+ONNX runtime and its device."""

@@ -1,0 +1,2 @@
+"""Clinical inference for one study: the input plan, preprocessing, landmarks, the model's windows into lesions and
+findings."""

@@ -1,0 +1,1 @@
+"""The durable job ledger: queries, engine (SQLite or PostgreSQL) and Alembic migrations."""
