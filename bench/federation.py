@@ -7,6 +7,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES=100 RADFED_BENCH_PRIVACY_EPSILONS=8 ...  # goal pair
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
     RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
+    RADFED_BENCH_FEDERATION=stragglers python -m bench federation    # a late site: wait, drop or fold its update
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from radfed.federation.learning.membership import (
     logit_confidence,
     loss_scores,
 )
+from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.training import arrays_to_model
 from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
@@ -218,6 +220,57 @@ def compression(work: Path, quick: bool) -> None:
         f"RADFED_BENCH_FEDERATION=compression RADFED_BENCH_COMPRESSION_STUDIES={studies} "
         f"RADFED_BENCH_COMPRESSION_ROUNDS={rounds} RADFED_BENCH_COMPRESSION_STEPS={steps} python -m bench federation",
     )
+
+
+def stragglers(work: Path, quick: bool) -> None:
+    """A straggler (site-3's update arrives 2 rounds late): waiting for it every round, against rounds that close
+    at the quorum with its late update dropped or folded (staleness-weighted, rebased; run-config late-updates), on
+    the same studies, splits and rounds. The coordinator's time is in units of one round of the prompt sites.
+    Sizes: RADFED_BENCH_STRAGGLER_STUDIES, _ROUNDS, _STEPS, _LATE."""
+    studies = int(os.environ.get("RADFED_BENCH_STRAGGLER_STUDIES", 4 if quick else 8))
+    rounds = int(os.environ.get("RADFED_BENCH_STRAGGLER_ROUNDS", 3 if quick else 8))
+    steps = int(os.environ.get("RADFED_BENCH_STRAGGLER_STEPS", 3 if quick else 15))
+    late = int(os.environ.get("RADFED_BENCH_STRAGGLER_LATE", 2))
+    budget = Budget(rounds=rounds, local_steps=steps, every_round=False)
+    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
+    spec = load_task_spec(None)
+    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    arms = [
+        Arm("wait for every site", straggler="site-3", late_by=late),
+        Arm("quorum, late update dropped", straggler="site-3", late_by=late, late_updates=LateUpdates.DROP),
+        Arm("quorum, late update folded", straggler="site-3", late_by=late, late_updates=LateUpdates.FOLD),
+    ]
+    jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(arms), os.cpu_count() or 1)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
+        results = [f.result() for f in [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in arms]]
+    clean = results[0].pooled.get("dice")
+    rows = [
+        [
+            arm.name,
+            _f(result.pooled.get("dice")),
+            _f(_ratio_of(result.pooled.get("dice"), clean)),
+            _f(result.pooled.get("auc")),
+            str(result.time_units),
+            str(len(result.late)),
+        ]
+        for arm, result in zip(arms, results, strict=True)
+    ]
+    table(
+        f"Stragglers (3 small synthetic sites x {studies} studies, {rounds} rounds x {steps} steps, no DP; site-3's "
+        f"update {late} rounds late; the same held-out studies for every arm; one seed)",
+        ["arm", "Dice", "Dice / waiting", "AUC", "coordinator time (rounds of the prompt sites)", "late updates"],
+        rows,
+        f"RADFED_BENCH_FEDERATION=stragglers RADFED_BENCH_STRAGGLER_STUDIES={studies} "
+        f"RADFED_BENCH_STRAGGLER_ROUNDS={rounds} RADFED_BENCH_STRAGGLER_STEPS={steps} "
+        f"RADFED_BENCH_STRAGGLER_LATE={late} python -m bench federation",
+    )
+
+
+def _ratio_of(value: object, reference: object) -> float | None:
+    if isinstance(value, float) and isinstance(reference, float) and reference:
+        return value / reference
+    return None
 
 
 MEMBERSHIP_ARMS = (Arm("federated, no DP"), Arm("federated, DP eps 8", epsilon=8.0))
@@ -450,6 +503,8 @@ def main() -> None:
             compression(Path(tmp) / "compression", quick)
         if "membership" in parts:
             membership(Path(tmp) / "membership", quick)
+        if "stragglers" in parts:
+            stragglers(Path(tmp) / "stragglers", quick)
 
 
 if __name__ == "__main__":

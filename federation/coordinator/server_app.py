@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from radfed.federation.learning.aggregation import ServerOptimizer, SiteUpdate, 
 from radfed.federation.learning.compression import payload_nbytes, restore_reply
 from radfed.federation.learning.export import export_artifact
 from radfed.federation.learning.membership import SiteAudit, card_section, site_audits
+from radfed.federation.learning.staleness import LateUpdates, rebase, staleness_weight
 from radfed.federation.learning.streaming import StreamingAggregator
 from radfed.federation.learning.subgroups import card_section as bias_section
 from radfed.federation.learning.subgroups import subgroup_table
@@ -48,6 +50,18 @@ from radfed.inference.pipeline.findings import ModelIdentity
 
 app = ServerApp()
 REPLY_POLL_S = 0.25  # between pulls for replies (a cheap request to the SuperLink)
+
+
+@dataclass(frozen=True)
+class Outstanding:
+    """A training message whose round closed before the site answered: the site is still training on it."""
+
+    origin_round: int
+    node: int
+    sent: float  # time.monotonic() at push; after round-timeout without a reply the site is asked again
+
+
+LateHandler = Callable[[str, Outstanding, Message], None]
 
 
 def say(text: str) -> None:
@@ -69,6 +83,11 @@ class RoundDriver:
         self.out = Path(run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.server = ServerOptimizer(run.server_learning_rate, run.server_momentum)
+        # Stragglers (run config round-quorum / round-deadline): message id -> the round it belongs to, and the
+        # global model each such round started from (a folded late update is rebased from it). In memory only: a
+        # restarted ServerApp no longer waits for them (their updates are lost, as dropped ones are).
+        self.outstanding: dict[str, Outstanding] = {}
+        self.origins: dict[int, list[np.ndarray]] = {}
 
     def config(self, server_round: int, state: CoordinatorCheckpoint) -> ConfigRecord:
         """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
@@ -93,22 +112,40 @@ class RoundDriver:
         content: RecordDict,
         group: str,
         fold: Callable[[str, dict[str, Any], RecordDict], None] | None = None,
+        late: LateHandler | None = None,
+        server_round: int = 0,
     ) -> tuple[dict[str, tuple[int, dict[str, Any], RecordDict]], dict[str, str]]:
         """Send to every connected site; a site that fails or times out is reported, never fatal by itself.
         Below quorum, only the sites that have not answered yet are asked again (a site that already
         trained must not spend privacy budget twice for one round). With ``fold``, each reply's content is
-        handed to it as it arrives and not kept (an empty record in its place)."""
+        handed to it as it arrives and not kept (an empty record in its place).
+
+        With ``late`` (a training round of a job whose rounds may close early), the round closes at the run
+        config's round-quorum or round-deadline; a site still training then is not asked again while it is, and
+        its reply, whenever it comes, goes to ``late`` (with the round it belongs to) instead of its round."""
         replies: dict[str, tuple[int, dict[str, Any], RecordDict]] = {}
         errors: dict[str, str] = {}
         answered: set[int] = set()
+        started = time.monotonic()
         for _ in range(self.attempts):
-            pending = [n for n in self.nodes() if n not in answered]
+            busy = self._busy() if late is not None else set()
+            pending = [n for n in self.nodes() if n not in answered and n not in busy]
             messages = [
                 Message(content=content, message_type=message_type, dst_node_id=n, group_id=group) for n in pending
             ]
             destination = {m.object_id: m.metadata.dst_node_id for m in messages}  # the id Flower assigns on push
             heard: set[int] = set()
-            for reply in self._send_and_receive(messages):
+
+            def closed() -> bool:
+                fresh = len(replies)
+                if late is None or fresh < self.min_sites:
+                    return False
+                quorum = self.run.round_quorum
+                deadline = self.run.round_deadline
+                return (quorum > 0 and fresh >= quorum) or (deadline > 0 and time.monotonic() - started >= deadline)
+
+            unanswered: set[str] = set()
+            for reply in self._send_and_receive(messages, closed if late is not None else None, unanswered, late):
                 node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
                 heard.add(node)
                 if reply.has_error():
@@ -117,12 +154,17 @@ class RoundDriver:
                 answered.add(node)
                 errors.pop(f"node-{node}", None)
                 site = str(reply.content["site"]["name"]) if "site" in reply.content else f"node-{node}"
-                metrics = records.metrics(reply.content)
+                metrics: dict[str, Any] = dict(records.metrics(reply.content))
                 if fold is not None:
                     if site in replies:
                         continue  # folded in already
                     fold(site, metrics, reply.content)
                 replies[site] = (node, metrics, reply.content if fold is None else RecordDict())
+            if late is not None and closed():  # closed early: the sites still training are stragglers, not errors
+                now = time.monotonic()
+                for message_id in unanswered:
+                    self.outstanding[message_id] = Outstanding(server_round, destination[message_id], now)
+                heard |= {destination[m] for m in unanswered}
             for node in set(pending) - heard:
                 errors[f"node-{node}"] = f"no reply within {self.timeout:.0f} s"
             if len(replies) >= self.min_sites:
@@ -132,17 +174,45 @@ class RoundDriver:
             f"{message_type} {group}: quorum of {self.min_sites} not reached in {self.attempts} attempts ({errors})"
         )
 
-    def _send_and_receive(self, messages: list[Message]) -> Iterator[Message]:
-        """Push the messages, then collect replies until all are in or ``round-timeout`` passes. Flower's own
+    def _send_and_receive(
+        self,
+        messages: list[Message],
+        closed: Callable[[], bool] | None = None,
+        unanswered: set[str] | None = None,
+        late: LateHandler | None = None,
+    ) -> Iterator[Message]:
+        """Push the messages, then collect replies until all are in, ``closed()`` says the round is closed, or
+        ``round-timeout`` passes; the ids still without a reply are left in ``unanswered``. With ``late``, replies
+        to earlier rounds' outstanding messages are pulled too and handed to it. Flower's own
         ``send_and_receive`` sleeps 3 s between pulls, which every round paid on average 1.5 s of."""
         waiting = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + self.timeout
-        while waiting and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(waiting)):
-                waiting.discard(reply.metadata.reply_to_message_id)
-                yield reply
-            if waiting:
+        while time.monotonic() < deadline and waiting and not (closed is not None and closed()):
+            asked = list(waiting | set(self.outstanding)) if late is not None else list(waiting)
+            for reply in self.grid.pull_messages(asked):
+                message_id = reply.metadata.reply_to_message_id
+                if message_id in waiting:
+                    waiting.discard(message_id)
+                    yield reply
+                elif late is not None and message_id in self.outstanding:
+                    outstanding = self.outstanding.pop(message_id)
+                    late(f"node-{outstanding.node}", outstanding, reply)
+            if waiting and not (closed is not None and closed()):
                 time.sleep(REPLY_POLL_S)
+        if unanswered is not None:
+            unanswered |= waiting
+
+    def _busy(self) -> set[int]:
+        """Sites still training on an earlier round's message; one silent for round-timeout is given up on (it
+        may have died: it is asked again, and its old reply, should it still come, is ignored)."""
+        now = time.monotonic()
+        for message_id, outstanding in list(self.outstanding.items()):
+            if now - outstanding.sent > self.timeout:
+                del self.outstanding[message_id]
+                say(f"node-{outstanding.node}: no reply to round {outstanding.origin_round} in {self.timeout:.0f} s")
+        rounds = {o.origin_round for o in self.outstanding.values()}
+        self.origins = {r: a for r, a in self.origins.items() if r in rounds}
+        return {o.node for o in self.outstanding.values()}
 
     def plan(self, spec: TaskSpec, state: CoordinatorCheckpoint) -> TaskSpec:
         """Fix the job's plan before round 1: from the spec alone when it fixes the grid and patch, otherwise
@@ -214,6 +284,8 @@ class RoundDriver:
         updates: list[SiteUpdate] = []
         bytes_up: dict[str, int] = {}
         unreadable: dict[str, str] = {}
+        late_lines: list[dict[str, Any]] = []
+        origin = state.arrays
         with (
             StreamingAggregator(state.arrays, self.run.aggregation, spill_root=self.out) if streams else nullcontext()
         ) as stream:
@@ -232,8 +304,53 @@ class RoundDriver:
                 else:
                     updates.append(update)
 
-            replies, errors = self.exchange(MessageType.TRAIN, content, str(server_round), fold)
-            readable = len(replies) - len(unreadable)
+            def late(node: str, outstanding: Outstanding, reply: Message) -> None:
+                """An earlier round's update, arriving now: dropped or folded (run config late-updates)."""
+                staleness = server_round - outstanding.origin_round
+                line: dict[str, Any] = {"origin_round": outstanding.origin_round, "staleness": staleness}
+                if reply.has_error():
+                    late_lines.append(line | {"site": node, "action": "error", "reason": str(reply.error.reason)[:300]})
+                    return
+                site = str(reply.content["site"]["name"]) if "site" in reply.content else node
+                metrics: dict[str, Any] = dict(records.metrics(reply.content))
+                if "epsilon" in metrics:  # its budget is spent whatever happens to the update
+                    state.epsilon_per_site[site] = float(metrics["epsilon"])
+                line["site"] = site
+                if self.run.late_updates is LateUpdates.DROP or site in bytes_up:
+                    late_lines.append(line | {"action": "dropped"})
+                    return
+                try:
+                    received = restore_reply(
+                        self.run.update_compression,
+                        self.origins[outstanding.origin_round],
+                        records.arrays(reply.content),
+                    )
+                except (KeyError, ValueError) as exc:
+                    late_lines.append(line | {"action": "dropped", "reason": f"unreadable: {exc}"[:300]})
+                    return
+                examples = int(metrics.get("num-examples", 1))
+                weight = staleness_weight(examples, staleness, self.run.staleness_exponent)
+                bytes_up[site] = payload_nbytes(records.arrays(reply.content))
+                update = SiteUpdate(site, rebase(received, self.origins[outstanding.origin_round], origin), weight)
+                if stream is not None:
+                    stream.add(update)
+                else:
+                    updates.append(update)
+                late_lines.append(line | {"action": "folded", "examples": examples, "weight": weight})
+
+            closes_early = self.run.closes_early
+            replies, errors = self.exchange(
+                MessageType.TRAIN,
+                content,
+                str(server_round),
+                fold,
+                late if closes_early else None,
+                server_round,
+            )
+            if any(o.origin_round == server_round for o in self.outstanding.values()):
+                self.origins[server_round] = origin
+            folded = [line["site"] for line in late_lines if line["action"] == "folded"]
+            readable = len(replies) - len(unreadable) + len(folded)
             if readable < self.min_sites:
                 raise QuorumError(f"round {server_round}: {readable} readable update(s), quorum {self.min_sites}")
             if stream is not None:
@@ -282,6 +399,12 @@ class RoundDriver:
                 "sites": site_lines,
                 "errors": errors,
                 "aggregated": list(outcome.used),
+                # stragglers: still training when this round closed (round-quorum / round-deadline), and the
+                # earlier rounds' updates that arrived during it (late-updates: dropped or folded)
+                "stragglers": sorted(
+                    f"node-{o.node}" for o in self.outstanding.values() if o.origin_round == server_round
+                ),
+                "late": late_lines,
                 "flagged": [{"site": f.site, "rule": str(f.rule), "reason": f.reason} for f in outcome.flags],
                 # the global model of the previous round, evaluated by each site before it trained
                 "evaluation": evaluation_line({s: m for s, (_, m, _) in replies.items()}),
@@ -289,7 +412,14 @@ class RoundDriver:
             },
         )
         flagged = "; ".join(f"{f.site}: {f.reason}" for f in outcome.flags) or "none"
-        say(f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}")
+        waiting = [o for o in self.outstanding.values() if o.origin_round == server_round]
+        late_note = f"; {len(waiting)} still training" if waiting else ""
+        late_note += "".join(
+            f"; {line['site']} from round {line['origin_round']} {line['action']}" for line in late_lines
+        )
+        say(
+            f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}{late_note}"
+        )
 
     def evaluate_final(self, state: CoordinatorCheckpoint) -> tuple[dict[str, Any] | None, dict[str, SiteAudit]]:
         """The job's last message to the sites: they evaluate the final model and, with ``membership-audit``,
@@ -309,6 +439,10 @@ class RoundDriver:
                 "evaluation": evaluation,
                 "membership_audit": {"attack": str(self.run.membership_audit), "sites": membership},
                 "errors": errors,
+                # stragglers whose update was still under way when the last round closed: never aggregated
+                "late_never_aggregated": sorted(
+                    f"node-{o.node} (round {o.origin_round})" for o in self.outstanding.values()
+                ),
             },
         )
         if membership:

@@ -20,6 +20,7 @@ from radfed.federation.job.planning import PLAN_CONFIG_KEY
 from radfed.federation.learning.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule, Screening
 from radfed.federation.learning.compression import Compression
 from radfed.federation.learning.membership import MembershipAudit
+from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.subgroup_cells import MIN_CELL_FLOOR
 from radfed.inference.errors import RadfedError
 
@@ -60,6 +61,14 @@ class RunConfig:
     harmonise: bool = True  # share intensity landmarks before round 1
     held_out_fraction: float = 0.25  # share of each site's studies kept for evaluation
     round_attempts: int = 3  # a round below quorum is retried with the sites connected then
+    # Stragglers (federation/learning/staleness.py): a training round closes as soon as round-quorum sites have sent
+    # their update (0: every site asked), or round-deadline seconds after it started once min-sites have (0: no
+    # deadline); round-timeout still bounds every wait. A site still training is not asked again until it answers;
+    # its late update is dropped or folded into the round in which it arrives, weighted (1 + staleness) ** -exponent.
+    round_quorum: int = 0
+    round_deadline: float = 0.0
+    late_updates: LateUpdates = LateUpdates.DROP  # drop | fold
+    staleness_exponent: float = 0.5
     rollout: bool = True  # store the final artifact in every site's model registry
     seed: int = 0  # the initial global model's weights
     base_model: str = ""  # an artifact folder at the coordinator to fine-tune (its plan wins)
@@ -83,6 +92,10 @@ class RunConfig:
         _require(self.min_sites >= 1, "min-sites", self.min_sites, "at least 1")
         _require(self.round_attempts >= 1, "round-attempts", self.round_attempts, "at least 1")
         _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        quorum_ok = self.round_quorum == 0 or self.round_quorum >= self.min_sites
+        _require(quorum_ok, "round-quorum", self.round_quorum, f"0 (every site) or >= min-sites ({self.min_sites})")
+        _require(self.round_deadline >= 0, "round-deadline", self.round_deadline, ">= 0 (0: none)")
+        _require(self.staleness_exponent >= 0, "staleness-exponent", self.staleness_exponent, ">= 0")
         _require(self.epsilon >= 0, "epsilon", self.epsilon, ">= 0")
         _require(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
         _require(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
@@ -98,6 +111,11 @@ class RunConfig:
             Compression.parse(self.compression)
         except ValueError as exc:
             raise RunConfigError(f"run-config key compression {exc}") from None
+
+    @property
+    def closes_early(self) -> bool:
+        """Whether a training round may close before every site asked has answered."""
+        return self.round_quorum > 0 or self.round_deadline > 0
 
     @property
     def update_compression(self) -> Compression:

@@ -36,6 +36,7 @@ from radfed.federation.learning.compression import (
 )
 from radfed.federation.learning.evaluation import evaluate_model
 from radfed.federation.learning.privacy import PrivacySettings, train_private
+from radfed.federation.learning.staleness import LateUpdates, rebase, staleness_weight
 from radfed.federation.learning.training import (
     OptimizerState,
     TrainingSettings,
@@ -74,6 +75,14 @@ class Arm:
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # the coordinator's step (1: plain FedAvg)
     left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
     compression: str = "none"  # what each site sends (run-config key compression: none | fp16 | int8 | topk:F)
+    # A straggler: this site's update takes late_by extra rounds to arrive. late_updates None: the coordinator
+    # waits for it every round (synchronous; each round then lasts 1 + late_by rounds of the others); drop / fold:
+    # rounds close without it (round-quorum), it is asked again once its update is in, which is then dropped or
+    # folded as the job's RoundDriver does (federation/learning/staleness.py).
+    straggler: str | None = None
+    late_by: int = 0
+    late_updates: LateUpdates | None = None
+    staleness_exponent: float = 0.5
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -116,6 +125,10 @@ class ArmResult:
     seed: int = 0
     final_arrays: Arrays | None = None  # the federated arms' last global model
     bytes_up: float | None = None  # federated arms: mean bytes a site sent per round (the compressed payload)
+    # straggler arms: the coordinator's time in units of one round of the prompt sites, and what became of the
+    # straggler's late updates
+    time_units: int | None = None
+    late: list[str] = field(default_factory=list)
 
 
 def load_site_cohorts(
@@ -229,12 +242,23 @@ class Experiment:
         optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
         server = ServerOptimizer(learning_rate=arm.server_learning_rate, momentum=arm.server_momentum)
         velocity: Arrays | None = None
+        in_flight: list[tuple[int, Arrays, Arrays, int]] = []  # the straggler's: (round, origin, model, examples)
+        asynchronous = arm.straggler is not None and arm.late_updates is not None
         with tempfile.TemporaryDirectory() as accountants:
             for server_round in range(1, self.budget.rounds + 1):
                 updates = []
+                arrived = [f for f in in_flight if f[0] + arm.late_by == server_round]
+                for origin_round, origin, late_model, examples in arrived:
+                    in_flight.remove((origin_round, origin, late_model, examples))
+                    if arm.late_updates is LateUpdates.FOLD:
+                        weight = staleness_weight(examples, arm.late_by, arm.staleness_exponent)
+                        updates.append(SiteUpdate(str(arm.straggler), rebase(late_model, origin, arrays), weight))
+                    result.late.append(f"round {origin_round} -> {server_round}: {arm.late_updates}")
                 for site, samples in train.items():
                     if site in arm.left_out:
                         continue
+                    if asynchronous and site == arm.straggler and (in_flight or arrived):
+                        continue  # still training at this round's start (its late update comes in during it)
                     model = arrays_to_model(self.spec, arrays)
                     settings = self._settings(
                         self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu, server_round
@@ -260,6 +284,11 @@ class Experiment:
                     feedback = ErrorFeedback(Path(accountants) / f"{site}-feedback")
                     reply = compress_reply(compression, arrays, sent, feedback, server_round)
                     sent_bytes.append(payload_nbytes(reply))
+                    if asynchronous and site == arm.straggler and arm.late_by > 0:
+                        in_flight.append(
+                            (server_round, arrays, restore_reply(compression, arrays, reply), len(samples))
+                        )
+                        continue
                     updates.append(SiteUpdate(site, restore_reply(compression, arrays, reply), len(samples)))
                 outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
                 arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
@@ -270,6 +299,8 @@ class Experiment:
                     result.per_round.append({"round": server_round, **summary})
                     progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
         result.final_arrays = arrays
+        if arm.straggler is not None:
+            result.time_units = self.budget.rounds * (1 if asynchronous else 1 + arm.late_by)
         result.bytes_up = sum(sent_bytes) / len(sent_bytes) if sent_bytes else None
         result.pooled = dict(result.per_round[-1])
         result.pooled.pop("round", None)

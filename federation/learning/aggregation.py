@@ -39,7 +39,7 @@ class AggregationRule(StrEnum):
 class SiteUpdate:
     site: str
     arrays: Arrays
-    weight: int
+    weight: float  # FedAvg: the site's examples (times a staleness factor for a late update; staleness.py)
 
 
 class Screening(StrEnum):

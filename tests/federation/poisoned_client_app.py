@@ -2,6 +2,8 @@
 
 - Fault injection: a site whose node config says ``poison='sign-flip'`` or ``poison='scale'`` sends a
   manipulated update (a malicious or broken hospital). The real radfed ClientApp has no such switch.
+- A straggler: a site whose node config says ``hold-round-1='<file>'`` answers round 1's training message only
+  once that file exists (the test creates it when it wants the late update to arrive).
 - Inspection: every reply a site sends is described (record names and kinds, metric names, array shapes;
   never values) in ``<state-dir>/sent.jsonl`` so the test can check what left the site, beside the poisoning
   alerts the message brought (as received) so the test can check what the coordinator told every site.
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,8 +74,21 @@ def recorded(handler: Handler) -> Handler:
     return wrapper
 
 
+HOLD_LIMIT_S = 600
+
+
+def _hold(msg: Message, context: Context) -> None:
+    gate = str(context.node_config.get("hold-round-1", ""))
+    config = msg.content.get("config")
+    if gate and isinstance(config, ConfigRecord) and int(str(config.get("server-round", 0))) == 1:
+        waited = time.monotonic()
+        while not Path(gate).exists() and time.monotonic() - waited < HOLD_LIMIT_S:
+            time.sleep(0.2)
+
+
 @recorded
 def _train(msg: Message, context: Context) -> Message:
+    _hold(msg, context)
     reply = client_app.train(msg, context)
     attack = str(context.node_config.get("poison", ""))
     if attack:

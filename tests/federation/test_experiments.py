@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from radfed.federation.lab.experiments import Arm, Attack, Budget, Experiment, Mode, load_site_cohorts
+from radfed.federation.learning.staleness import LateUpdates
 from radfed.inference.model.taskspec import load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
@@ -34,6 +35,20 @@ def test_every_arm_sees_the_same_test_set(experiment: Experiment) -> None:
         assert dice is None or 0.0 <= dice <= 1.0
     assert [m["round"] for m in results[1].per_round] == [1, 2]
     assert set(results[2].local_sites) == {"site-1", "site-2", "site-3"}  # each site alone, same test set
+
+
+def test_a_straggler_is_waited_for_dropped_or_folded(experiment: Experiment) -> None:
+    """site-3's update one round late over 2 rounds: waiting costs 2 rounds of time each; with a quorum its round-1
+    update arrives in round 2 (dropped or folded) and it is not asked in round 2 (it was still training)."""
+    quick = Experiment(experiment.spec, experiment.cohorts, replace(experiment.budget, every_round=False))
+    waited = quick.run(Arm("wait", straggler="site-3", late_by=1))
+    dropped = quick.run(Arm("drop", straggler="site-3", late_by=1, late_updates=LateUpdates.DROP))
+    folded = quick.run(Arm("fold", straggler="site-3", late_by=1, late_updates=LateUpdates.FOLD))
+    assert (waited.time_units, dropped.time_units, folded.time_units) == (4, 2, 2)
+    assert waited.late == [] and dropped.late == ["round 1 -> 2: drop"] and folded.late == ["round 1 -> 2: fold"]
+    # the same first round (site-3 left out of it either way), a different second: the fold changed the model
+    assert dropped.final_arrays is not None and folded.final_arrays is not None
+    assert any(not np.array_equal(a, b) for a, b in zip(dropped.final_arrays, folded.final_arrays, strict=True))
 
 
 def test_harmonisation_changes_what_the_model_sees(experiment: Experiment) -> None:

@@ -22,6 +22,7 @@ from radfed.federation.job.alerts import PoisoningAlert
 from radfed.federation.job.run_config import RoundConfig, RunConfig, RunConfigError
 from radfed.federation.learning.aggregation import AggregationRule, AnomalyRule, Screening
 from radfed.federation.learning.membership import MembershipAudit
+from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.site import client_app
 from radfed.federation.site import worker as site_worker
 from radfed.federation.site.rounds import RoundPlan
@@ -66,6 +67,10 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         harmonise=False,
         held_out_fraction=0.4,
         round_attempts=5,
+        round_quorum=4,
+        round_deadline=30.0,
+        late_updates=LateUpdates.FOLD,
+        staleness_exponent=1.0,
         rollout=False,
         seed=11,
         base_model="/srv/base-model",
@@ -131,11 +136,27 @@ def test_an_integer_is_a_valid_number() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("delta", 1.5), ("max-grad-norm", 0.0), ("num-server-rounds", 0), ("held-out-fraction", 1.0)]
+    ("key", "value"),
+    [
+        ("delta", 1.5),
+        ("max-grad-norm", 0.0),
+        ("num-server-rounds", 0),
+        ("held-out-fraction", 1.0),
+        ("round-quorum", 1),  # below min-sites (2): a round could close without its quorum
+        ("round-deadline", -1.0),
+        ("staleness-exponent", -0.5),
+    ],
 )
 def test_a_value_out_of_range_is_named(key: str, value: object) -> None:
     with pytest.raises(RunConfigError, match=f"run-config key {key} must be"):
         RunConfig.from_run_config({key: value})
+
+
+def test_late_updates_are_dropped_or_folded_and_nothing_else() -> None:
+    assert RunConfig.from_run_config({"late-updates": "fold", "round-quorum": 2}).closes_early
+    assert not RunConfig().closes_early  # by default every round waits for every site, as before
+    with pytest.raises(RunConfigError, match="drop, fold"):
+        RunConfig.from_run_config({"late-updates": "sometimes"})
 
 
 def test_an_unknown_aggregation_rule_lists_the_rules() -> None:
