@@ -1,6 +1,6 @@
 """A site's federated rounds beside a node, in a process of their own: ``python -m bench.site_training``.
 
-Runs what a site worker runs for each round (``federation.site.train_round``: cohort, evaluation of the
+Runs what a site worker runs for each round (``federation.site.rounds.train_round``: cohort, evaluation of the
 incoming model, local training, DP-SGD by default) with the device arbiter of the node's state folder, one
 torch thread, round after round until stopped. Each step's turn on the device is appended to a JSON-lines
 record (``entered``, ``left``: wall clock once the turn was granted and after the step; ``cpu``: this

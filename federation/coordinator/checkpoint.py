@@ -39,7 +39,7 @@ class CoordinatorCheckpoint:
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     velocity: list[npt.NDArray[Any]] | None = None
     plan: str | None = None  # the job's plan (JSON), fixed before round 1
-    # per site: summed kept reference volume per share (calibration.FRACTIONS) and its study count
+    # per site: summed kept reference volume per share (learning.calibration.FRACTIONS) and its study count
     lesion_kept_per_site: dict[str, tuple[list[float], int]] = field(default_factory=dict)
     flags: list[PoisoningAlert] = field(default_factory=list)  # every site the screening flagged, by its name
     # per site: reference lesion volume spanning two or more slices, and all of it (mm3)

@@ -1,7 +1,7 @@
 """Poisoning alerts: when the coordinator's screening flags a site's update, every site of the job hears of it.
 
 The coordinator sends every flag of the job so far in each message's config (``poisoning-alerts``: a JSON list of
-entries with only ``messages.ALERT_FIELDS``: round, site, rule), so a site that missed a round still learns of
+entries with only ``learning.messages.ALERT_FIELDS``: round, site, rule), so a site that missed a round still learns of
 it, and the final model's provenance and model card list them all. A job whose run config says
 ``anonymise-alerts = true`` names flagged sites by pseudonyms (``flagged-site-1``, ... in the order they were
 first flagged): the hospitals learn that an update was flagged, by which rule and when, not whose.
@@ -72,7 +72,7 @@ class PoisoningAlert:
 
 
 def federation_id(site_name: str) -> str:
-    """A site's name as alerts carry it: as is when it is an id (``messages.SITE_ID``), else a hash of it (a
+    """A site's name as alerts carry it: as is when it is an id (``learning.messages.SITE_ID``), else a hash of it (a
     site-name with spaces or other text must not make the coordinator fail, nor travel as free text)."""
     if SITE_ID.fullmatch(site_name):
         return site_name

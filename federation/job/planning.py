@@ -22,7 +22,7 @@ def needs_fingerprint(spec: TaskSpec) -> bool:
 
 
 def fingerprint_metrics(fingerprint: DatasetFingerprint) -> dict[str, MetricValue]:
-    """A site's fingerprint as allow-listed metrics (see messages.FINGERPRINT_PREFIX)."""
+    """A site's fingerprint as allow-listed metrics (see learning.messages.FINGERPRINT_PREFIX)."""
     metrics: dict[str, MetricValue] = {
         "fingerprint_studies": fingerprint.studies,
         FINGERPRINT_PREFIX + "spacing": list(fingerprint.median_spacing_mm),

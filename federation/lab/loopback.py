@@ -2,7 +2,7 @@
 its own synthetic non-IID studies, a SuperLink (TLS + SuperNode authentication by default) and one
 SuperNode per hospital, all on 127.0.0.1. Everything started here is stopped by :meth:`LoopbackFederation.stop`.
 
-A real deployment runs the same pieces on separate machines (deploy/flower/README.md)."""
+A real deployment runs the same pieces on separate machines (README.md, "Federated training")."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ class FederationOptions:
     small: bool = True  # reduced-size studies (tests, CI); full size for the demo's realism
     secure: bool = True  # TLS + SuperNode authentication, as a real deployment
     persistent_superlink: bool = True  # SuperLink state in SQLite: node registrations survive its restart
-    warm_clientapp: bool = True  # SuperNodes in --isolation process with radfed's warm SuperExec (superexec.py)
+    warm_clientapp: bool = True  # SuperNodes in --isolation process with the warm SuperExec (site/superexec.py)
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Membership-inference attacks, as a site runs them against a job's final model to measure what it leaks about
-its own training studies (run-config key ``membership-audit``); the model code is in ``membership_audit.py``.
+its own training studies (run-config key ``membership-audit``); the model code is in
+``federation/site/membership_audit.py``.
 
 Two attacks, written from their published descriptions:
 

@@ -300,7 +300,7 @@ def train_local(
     arbiter: DeviceArbiter | None = None,
 ) -> TrainingLog:
     """Plain (non-private) training of ``model`` on ``samples``; returns the loss history and the optimiser's
-    state. A federated site passes the state of its previous round back in (see ``site.train_round``).
+    state. A federated site passes the state of its previous round back in (see ``site.rounds.train_round``).
 
     With ``validate`` (a score to maximise, e.g. mean Dice on validation studies), the model is scored
     every ``validate_every`` steps and at the end, and the best-scoring weights are kept."""

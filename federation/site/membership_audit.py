@@ -1,6 +1,7 @@
 """A site's membership-inference audit of a job's final model (run-config ``membership-audit``): how well an
 attacker holding the model tells the site's training studies (members) from its held-out ones (non-members).
-The attacks are in ``membership.py``; this module gives them per-study losses, and trains LiRA's reference models.
+The attacks are in ``federation/learning/membership.py``; this module gives them per-study losses, and trains LiRA's
+reference models.
 
 A study's loss is the task's own training objective over the whole study, from the same sliding-window
 prediction the evaluation runs: the recipe's voxel cross-entropy + soft Dice of the lesion probability map
@@ -8,7 +9,7 @@ against the reference mask, plus its classification loss on the study probabilit
 
 LiRA's reference models (``membership-references`` of them, ``membership-steps`` steps each) are trained at the
 site, without DP, on random halves of all its studies (members and non-members alike, in complementary pairs:
-``membership.reference_partitions``), each from its own seeded random initialisation, so every study is left
+``learning.membership.reference_partitions``), each from its own seeded random initialisation, so every study is left
 out of half of them. The job's final model never enters them. Only the attacks' AUC and TPR at 1 % FPR leave the
 site (``AttackResult.as_metrics``): never a loss or a score."""
 
@@ -105,7 +106,8 @@ def audit_model(
     settings: AuditSettings,
     arbiter: DeviceArbiter | None = None,
 ) -> dict[str, float | int]:
-    """The audit's allow-listed metrics (``membership.METRICS``); empty when it is off or a side has no study."""
+    """The audit's allow-listed metrics (``learning.membership.METRICS``); empty when it is off or a side has no
+    study."""
     if settings.audit is MembershipAudit.OFF or not members or not non_members:
         return {}
     started = time.perf_counter()

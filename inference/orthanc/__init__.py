@@ -1,1 +1,2 @@
-"""Orthanc: a REST client and a launcher for local instances (tests, demo, local federation)."""
+"""Orthanc: the REST client and its tag names (the launcher for local instances is in
+``inference/testing/orthanc_server.py``)."""

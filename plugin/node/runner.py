@@ -189,7 +189,8 @@ class JobRunner:
     ) -> None:
         timings = self._timings(timer, started)
         if self.arbiter.active:
-            timings["device_wait"] = round(device_wait, 4)  # taking the arbiter's clinical lock (~0: see arbiter.py)
+            # taking the arbiter's clinical lock (~0: see inference/model/arbiter.py)
+            timings["device_wait"] = round(device_wait, 4)
         if ahead is not None:
             timings.update({f"ahead_{stage}": seconds for stage, seconds in ahead.seconds.items()})
         recorded = self.ledger.finish(

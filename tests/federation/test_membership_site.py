@@ -1,4 +1,4 @@
-"""A site's membership-inference audit at the end of a job (``site.evaluate_round``, the job's last message):
+"""A site's membership-inference audit at the end of a job (``site.rounds.evaluate_round``, the job's last message):
 its metrics pass the allow-list, hold each attack's AUC and TPR at 1 % FPR and the two study counts, and nothing
 per study; ``off`` sends none of them. The per-study loss ranks a right prediction below a wrong one."""
 

@@ -1,8 +1,9 @@
 """Where the ledger lives, and bringing it up: a SQLite file (the default) or a PostgreSQL database.
 
 Opening checks the database (SQLite: ``quick_check``; PostgreSQL checks its own pages) and runs the Alembic
-migrations shipped in ``ledger_migrations`` up to the newest, in one transaction. A SQLite ledger made before
-migrations existed has no ``alembic_version`` table: it is stamped with the baseline revision (its schema) first.
+migrations shipped in ``migrations/`` (beside this module) up to the newest, in one transaction. A SQLite ledger
+made before migrations existed has no ``alembic_version`` table: it is stamped with the baseline revision (its
+schema) first.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ledger's tables as the newest migration leaves them (SQLAlchemy Core, for the queries).
 
-The schema itself is made only by the migrations in ``ledger_migrations/versions``; a change here without a new
-migration there is a bug (tests compare the migrated database with these tables).
+The schema itself is made only by the migrations in ``migrations/versions`` (beside this module); a change here
+without a new migration there is a bug (tests compare the migrated database with these tables).
 """
 
 from __future__ import annotations

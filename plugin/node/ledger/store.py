@@ -5,7 +5,7 @@ and wait for their StableStudy (``pending``), and jobs keyed by (StudyInstanceUI
 input fingerprint). That key makes results exactly once: a repeated StableStudy, our own results arriving, or a
 restart find the existing job; late instances change the fingerprint and give a new, superseding job. A crash
 leaves jobs ``running``; start-up puts them back in the queue (result UIDs are deterministic, so a re-run
-overwrites). The schema is made by the migrations (``ledger_migrations``); see ``ledger_engine``.
+overwrites). The schema is made by the migrations (``ledger/migrations``); see ``ledger/engine.py``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every schema change is a new file in ``versions/``: ``revision`` the next number, ``down_revision`` the newest one
 before it, ``upgrade()`` with Alembic's ``op`` (``op.batch_alter_table`` where SQLite cannot ALTER), and the tables
-in ``ledger_schema.py`` changed to match. A migration is frozen once shipped: it never imports ``ledger_schema``.
+in ``ledger/schema.py`` changed to match. A migration is frozen once shipped: it never imports ``schema.py``.
 """
 
 from pathlib import Path
