@@ -1,8 +1,9 @@
-"""Stragglers on real Flower processes (issue 19 item 5): three hospitals, ``round-quorum = 2``, late updates
-folded. Hospital-3 holds its round-1 update (the test ClientApp waits for a file) until round 2 has closed, so the
-job cannot wait for it: round 1 closes with the other two, hospital-3 is not asked again while it trains, and its
-round-1 update, when it comes, is folded into the round it arrives in with the staleness weight, rebased onto that
-round's global model. The job then goes on with all three."""
+"""Stragglers on real Flower processes (issue 19 item 5): three hospitals, a round deadline, late updates folded.
+Hospital-3 holds its round-1 update (the test ClientApp waits for a file) until round 2 has closed, so the job
+cannot wait for it: round 1 closes at the deadline with the other two, hospital-3 is not asked again while it
+trains, and its round-1 update, when it comes, is folded into the round it arrives in with the staleness weight,
+rebased onto that round's global model. The job then goes on with all three. (``round-quorum`` closes rounds
+through the same code: a run with quorum 2 instead of the deadline folded hospital-3's update in round 3.)"""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.federation.flower_apps import recording_app
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
 ROOT = Path(__file__).resolve().parents[2]
-ROUNDS, EXPONENT = 8, 0.5
+ROUNDS, EXPONENT, DEADLINE_S = 8, 0.5, 6.0
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -55,7 +56,7 @@ def test_a_straggler_is_not_waited_for_and_its_late_update_is_folded(
                 "num-server-rounds": ROUNDS,
                 "local-steps": 1,
                 "min-sites": 2,
-                "round-quorum": 2,
+                "round-deadline": DEADLINE_S,
                 "late-updates": "fold",
                 "staleness-exponent": EXPONENT,
                 "epsilon": 0.0,
@@ -76,10 +77,11 @@ def test_a_straggler_is_not_waited_for_and_its_late_update_is_folded(
     rounds = [m for m in read_metrics(out) if "round" in m]
     assert [m["round"] for m in rounds] == list(range(1, ROUNDS + 1))
     first = rounds[0]
-    assert sorted(first["aggregated"]) == ["hospital-1", "hospital-2"]  # closed at the quorum, not waited for
+    assert sorted(first["aggregated"]) == ["hospital-1", "hospital-2"]  # closed at the deadline, not waited for
+    assert DEADLINE_S <= first["seconds"] < 120  # hospital-3 was held far longer (until round 2 had closed)
     assert len(first["stragglers"]) == 1 and not first["errors"], first
-    # Every late update is folded into the round it arrives in, with its staleness weight. With 3 sites and a
-    # quorum of 2 the slowest site of any round is a straggler, so later rounds have their own late updates too.
+    # Every late update is folded into the round it arrives in, with its staleness weight. A site slower than the
+    # deadline in a later round is a straggler too, so later rounds may have their own late updates.
     late_lines = [(line, late) for line in rounds for late in line["late"]]
     for line, late in late_lines:
         assert late["action"] == "folded" and late["staleness"] == line["round"] - late["origin_round"] >= 1
