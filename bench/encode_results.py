@@ -2,10 +2,9 @@
 (a) a 24 x 256 x 256 mp-MRI grid with 3 lesions and (b) a 300 x 512 x 512 CT grid with 50 lesions,
 in the default profile (BINARY) and LABELMAP (RLE).
 
-``RADFED_BENCH_ENCODE_BASELINE=<git revision>`` also times the full build of case (b) with that revision's
-``dicom_sr`` and ``inference`` (exported to a temporary folder and imported first, in a subprocess), so that
-a change is compared with what it replaced in one run on one machine.
-"""
+``RADFED_BENCH_ENCODE_BASELINE=<git revision>`` (9f4c10e or later: before it, the modules had other paths) also times
+the full build of case (b) with that revision's ``dicom_sr`` and ``inference`` (exported to a temporary folder and
+imported first, in a subprocess), so that a change is compared with what it replaced in one run on one machine."""
 
 from __future__ import annotations
 

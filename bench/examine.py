@@ -1,10 +1,10 @@
 """What deciding a study's inputs costs: seconds and bytes from a real Orthanc per study, for the examiner (series
 selection + input fingerprint) and for the job's load (which, before input plans, examined the study again).
 
-``RADFED_BENCH_EXAMINE_BASELINE=<git revision>`` measures that revision's ``inference`` package too (exported
-with ``git archive`` into a temporary folder imported first, in a subprocess), on the same Orthanc in the same
-run. Bytes are the HTTP bodies Orthanc sent, counted on the client's session.
-"""
+``RADFED_BENCH_EXAMINE_BASELINE=<git revision>`` (9f4c10e or later: before it, the modules had other paths) measures
+that revision's ``inference`` package too (exported with ``git archive`` into a temporary folder imported first, in a
+subprocess), on the same Orthanc in the same run. Bytes are the HTTP bodies Orthanc sent, counted on the client's
+session."""
 
 from __future__ import annotations
 
