@@ -338,14 +338,13 @@ class RoundDriver:
                     updates.append(update)
                 late_lines.append(line | {"action": "folded", "examples": examples, "weight": weight})
 
-            closes_early = self.run.closes_early
             replies, errors = self.exchange(
                 MessageType.TRAIN,
                 content,
                 str(server_round),
                 fold,
-                late if closes_early else None,
-                server_round,
+                late=late if self.run.closes_early else None,
+                server_round=server_round,
             )
             if any(o.origin_round == server_round for o in self.outstanding.values()):
                 self.origins[server_round] = origin

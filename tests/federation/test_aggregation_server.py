@@ -49,7 +49,9 @@ def _round(
     base, updates = _updates(sites)
     held = 0  # bytes still allocated once every reply was folded in and dropped
 
-    def exchange(self: RoundDriver, message_type: str, content: RecordDict, group: str, fold: Any = None) -> Any:
+    def exchange(
+        self: RoundDriver, message_type: str, content: RecordDict, group: str, fold: Any = None, **_: Any
+    ) -> Any:  # late updates and the round number (stragglers) do not arise here
         nonlocal held
         replies = {}
         tracemalloc.start()
