@@ -68,9 +68,7 @@ def quality(work: Path, quick: bool) -> None:
     )
     # one seed by default (about 50 min here for every arm); the README's table used RADFED_BENCH_SEEDS=0,1,2
     seeds = [int(s) for s in os.environ.get("RADFED_BENCH_SEEDS", "0").split(",")]
-    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
-    spec = load_task_spec(None)
-    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    spec, cohorts = _synthetic_sites(work, studies)
     chosen = os.environ.get("RADFED_BENCH_ARMS")  # e.g. "centralised;federated": a subset, by exact name
     arms = [a for a in ARMS if not chosen or a.name in chosen.split(";")]
     runs: dict[str, list[ArmResult]] = {arm.name: [] for arm in arms}
@@ -165,7 +163,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
         clean = results[(size, "no DP")].pooled.get("dice")
         for arm in arms:
             dice = results[(size, arm.name)].pooled.get("dice")
-            ratio = dice / clean if isinstance(dice, float) and isinstance(clean, float) and clean else None
+            ratio = _ratio_of(dice, clean)
             rows.append([size, arm.name, _f(dice), _f(ratio), _f(results[(size, arm.name)].pooled.get("auc"))])
     table(
         f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
@@ -189,14 +187,9 @@ def compression(work: Path, quick: bool) -> None:
     rounds = int(os.environ.get("RADFED_BENCH_COMPRESSION_ROUNDS", 2 if quick else 4))
     steps = int(os.environ.get("RADFED_BENCH_COMPRESSION_STEPS", 3 if quick else 15))
     budget = Budget(rounds=rounds, local_steps=steps, every_round=False)
-    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
-    spec = load_task_spec(None)
-    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    spec, cohorts = _synthetic_sites(work, studies)
     arms = [Arm(f"federated, compression {c}", compression=c) for c in COMPRESSIONS]
-    jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(arms), os.cpu_count() or 1)))
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
-        results = [f.result() for f in [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in arms]]
+    results = _run_arms(spec, cohorts, budget, arms)
     full = results[0].bytes_up
     clean = results[0].pooled.get("dice")
     rows = []
@@ -206,7 +199,7 @@ def compression(work: Path, quick: bool) -> None:
             [
                 arm.compression,
                 _f(dice),
-                _f(dice / clean if isinstance(dice, float) and isinstance(clean, float) and clean else None),
+                _f(_ratio_of(dice, clean)),
                 f"{(result.bytes_up or 0) / 1e3:.0f}",
                 f"{full / result.bytes_up:.1f}x" if full and result.bytes_up else "n/a",
                 ",".join(sorted(set(result.flagged))) or "-",
@@ -232,18 +225,13 @@ def stragglers(work: Path, quick: bool) -> None:
     steps = int(os.environ.get("RADFED_BENCH_STRAGGLER_STEPS", 3 if quick else 15))
     late = int(os.environ.get("RADFED_BENCH_STRAGGLER_LATE", 2))
     budget = Budget(rounds=rounds, local_steps=steps, every_round=False)
-    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
-    spec = load_task_spec(None)
-    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    spec, cohorts = _synthetic_sites(work, studies)
     arms = [
         Arm("wait for every site", straggler="site-3", late_by=late),
         Arm("quorum, late update dropped", straggler="site-3", late_by=late, late_updates=LateUpdates.DROP),
         Arm("quorum, late update folded", straggler="site-3", late_by=late, late_updates=LateUpdates.FOLD),
     ]
-    jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(arms), os.cpu_count() or 1)))
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
-        results = [f.result() for f in [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in arms]]
+    results = _run_arms(spec, cohorts, budget, arms)
     clean = results[0].pooled.get("dice")
     rows = [
         [
@@ -265,6 +253,22 @@ def stragglers(work: Path, quick: bool) -> None:
         f"RADFED_BENCH_STRAGGLER_ROUNDS={rounds} RADFED_BENCH_STRAGGLER_STEPS={steps} "
         f"RADFED_BENCH_STRAGGLER_LATE={late} python -m bench federation",
     )
+
+
+def _synthetic_sites(work: Path, studies: int) -> tuple[TaskSpec, dict[str, SiteCohort]]:
+    """3 small synthetic sites (seed 5) and their cohorts under one plan, as the bench's side-by-side tables use."""
+    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
+    spec = load_task_spec(None)
+    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    return spec, cohorts
+
+
+def _run_arms(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, arms: list[Arm]) -> list[ArmResult]:
+    """Every arm in its own spawned worker (RADFED_BENCH_JOBS at a time, one torch thread each), in order."""
+    jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(arms), os.cpu_count() or 1)))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
+        return [f.result() for f in [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in arms]]
 
 
 def _ratio_of(value: object, reference: object) -> float | None:
@@ -289,9 +293,7 @@ def membership(work: Path, quick: bool) -> None:
     steps = int(environ("RADFED_BENCH_MEMBERSHIP_STEPS", 3 if quick else 15))
     references = int(environ("RADFED_BENCH_MEMBERSHIP_REFERENCES", 2 if quick else 4))
     budget = Budget(rounds=rounds, local_steps=steps, held_out_fraction=0.5, every_round=False)
-    synthesize_to_folder(work / "data", sites=3, studies_per_site=studies, seed=5, small=True)
-    spec = load_task_spec(None)
-    cohorts = load_site_cohorts({p.name: p for p in sorted((work / "data").glob("site-*"))}, spec, work / "cache")
+    spec, cohorts = _synthetic_sites(work, studies)
     sites = sorted(cohorts)
     settings = AuditSettings(MembershipAudit.LIRA, references, rounds * steps)  # as a site would train them
     jobs = int(os.environ.get("RADFED_BENCH_JOBS", os.cpu_count() or 1))

@@ -290,6 +290,12 @@ class RoundDriver:
             StreamingAggregator(state.arrays, self.run.aggregation, spill_root=self.out) if streams else nullcontext()
         ) as stream:
 
+            def add(update: SiteUpdate) -> None:
+                if stream is not None:
+                    stream.add(update)
+                else:
+                    updates.append(update)
+
             def fold(site: str, metrics: dict[str, Any], reply: RecordDict) -> None:
                 received = records.arrays(reply)
                 bytes_up[site] = payload_nbytes(received)
@@ -298,11 +304,7 @@ class RoundDriver:
                 except ValueError as exc:
                     unreadable[site] = f"unreadable reply: {exc}"[:300]
                     return
-                update = SiteUpdate(site, arrays, int(metrics.get("num-examples", 1)))
-                if stream is not None:
-                    stream.add(update)
-                else:
-                    updates.append(update)
+                add(SiteUpdate(site, arrays, int(metrics.get("num-examples", 1))))
 
             def late(node: str, outstanding: Outstanding, reply: Message) -> None:
                 """An earlier round's update, arriving now: dropped or folded (run config late-updates)."""
@@ -331,11 +333,7 @@ class RoundDriver:
                 examples = int(metrics.get("num-examples", 1))
                 weight = staleness_weight(examples, staleness, self.run.staleness_exponent)
                 bytes_up[site] = payload_nbytes(records.arrays(reply.content))
-                update = SiteUpdate(site, rebase(received, self.origins[outstanding.origin_round], origin), weight)
-                if stream is not None:
-                    stream.add(update)
-                else:
-                    updates.append(update)
+                add(SiteUpdate(site, rebase(received, self.origins[outstanding.origin_round], origin), weight))
                 late_lines.append(line | {"action": "folded", "examples": examples, "weight": weight})
 
             replies, errors = self.exchange(
