@@ -5,6 +5,8 @@ site's model registry. Thin over radfed.federation (the bookkeeping is in coordi
 from __future__ import annotations
 
 import json
+import random
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -88,6 +90,7 @@ class RoundDriver:
         # restarted ServerApp no longer waits for them (their updates are lost, as dropped ones are).
         self.outstanding: dict[str, Outstanding] = {}
         self.origins: dict[int, list[np.ndarray]] = {}
+        self.asked: set[int] = set()  # the sites asked in the latest exchange
 
     def config(self, server_round: int, state: CoordinatorCheckpoint) -> ConfigRecord:
         """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
@@ -114,6 +117,7 @@ class RoundDriver:
         fold: Callable[[str, dict[str, Any], RecordDict], None] | None = None,
         late: LateHandler | None = None,
         server_round: int = 0,
+        sample: int = 0,
     ) -> tuple[dict[str, tuple[int, dict[str, Any], RecordDict]], dict[str, str]]:
         """Send to every connected site; a site that fails or times out is reported, never fatal by itself.
         Below quorum, only the sites that have not answered yet are asked again (a site that already
@@ -122,14 +126,21 @@ class RoundDriver:
 
         With ``late`` (a training round of a job whose rounds may close early), the round closes at the run
         config's round-quorum or round-deadline; a site still training then is not asked again while it is, and
-        its reply, whenever it comes, goes to ``late`` (with the round it belongs to) instead of its round."""
+        its reply, whenever it comes, goes to ``late`` (with the round it belongs to) instead of its round.
+
+        With ``sample`` (run config sites-per-round), only that many of the sites are asked; a retry below quorum
+        draws the missing number again from the sites not asked yet."""
         replies: dict[str, tuple[int, dict[str, Any], RecordDict]] = {}
         errors: dict[str, str] = {}
         answered: set[int] = set()
+        self.asked = set()
         started = time.monotonic()
-        for _ in range(self.attempts):
+        for attempt in range(self.attempts):
             busy = self._busy() if late is not None else set()
             pending = [n for n in self.nodes() if n not in answered and n not in busy]
+            if sample:
+                pending = self._sample(pending, sample - len(replies), f"{server_round}:{attempt}")
+            self.asked |= set(pending)
             messages = [
                 Message(content=content, message_type=message_type, dst_node_id=n, group_id=group) for n in pending
             ]
@@ -173,6 +184,15 @@ class RoundDriver:
         raise QuorumError(
             f"{message_type} {group}: quorum of {self.min_sites} not reached in {self.attempts} attempts ({errors})"
         )
+
+    def _sample(self, candidates: list[int], wanted: int, draw: str) -> list[int]:
+        """``wanted`` of ``candidates``, drawn from the job's seed (the same job and round draw the same sites
+        among the same ones), preferring sites not yet asked in this round."""
+        fresh = [n for n in candidates if n not in self.asked]
+        again = [n for n in candidates if n in self.asked]
+        rng = random.Random(f"{self.run.job}:{self.run.seed}:{draw}")
+        chosen = rng.sample(fresh, min(max(0, wanted), len(fresh)))
+        return sorted(chosen + again[: max(0, wanted - len(chosen))])
 
     def _send_and_receive(
         self,
@@ -274,12 +294,15 @@ class RoundDriver:
         say(f"harmonisation: reference landmarks from {len(found)} site(s)")
 
     def train_round(self, server_round: int, state: CoordinatorCheckpoint) -> None:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         sent = records.pack_arrays(state.arrays)
         content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
         down = int(sum(a.nbytes for a in state.arrays))
         # Many sites, FedAvg or multi-Krum, sketched screening: fold each update into one sum as it arrives.
-        screening = self.run.screening.resolve(len(list(self.grid.get_node_ids())))
+        updates_expected = len(list(self.grid.get_node_ids()))
+        if self.run.sites_per_round:
+            updates_expected = min(updates_expected, self.run.sites_per_round)
+        screening = self.run.screening.resolve(updates_expected)
         streams = StreamingAggregator.streams(self.run.aggregation, screening)
         updates: list[SiteUpdate] = []
         bytes_up: dict[str, int] = {}
@@ -343,6 +366,7 @@ class RoundDriver:
                 fold,
                 late=late if self.run.closes_early else None,
                 server_round=server_round,
+                sample=self.run.sites_per_round,
             )
             if any(o.origin_round == server_round for o in self.outstanding.values()):
                 self.origins[server_round] = origin
@@ -390,6 +414,11 @@ class RoundDriver:
             {
                 "round": server_round,
                 "seconds": seconds,
+                # this thread's CPU time for the round (packing, screening, aggregation; not waiting) and the
+                # process's peak resident memory so far: the coordinator's own cost as the federation grows
+                "coordinator_cpu_seconds": time.thread_time() - started_cpu,
+                "coordinator_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "sites_asked": len(self.asked),
                 "site_compute_seconds": compute,
                 "overhead_seconds": max(0.0, seconds - compute),
                 "overhead_parts": overhead_parts(seconds, site_lines),

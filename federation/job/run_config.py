@@ -69,6 +69,12 @@ class RunConfig:
     round_deadline: float = 0.0
     late_updates: LateUpdates = LateUpdates.DROP  # drop | fold
     staleness_exponent: float = 0.5
+    # Each training round asks this many of the connected sites, drawn afresh each round from the job's seed (0:
+    # every site; FedAvg's client sampling). Evaluation, planning and harmonisation still ask every site.
+    sites_per_round: int = 0
+    # Flower's simulation runtime only (radfed federation simulate): the folder holding each simulated site's data
+    # (``site-<partition>``) and state; a deployed site never reads it (its data comes from its own node config).
+    simulation_root: str = ""
     rollout: bool = True  # store the final artifact in every site's model registry
     seed: int = 0  # the initial global model's weights
     base_model: str = ""  # an artifact folder at the coordinator to fine-tune (its plan wins)
@@ -92,8 +98,11 @@ class RunConfig:
         _require(self.min_sites >= 1, "min-sites", self.min_sites, "at least 1")
         _require(self.round_attempts >= 1, "round-attempts", self.round_attempts, "at least 1")
         _require(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        every_or_quorum = f"0 (every site) or >= min-sites ({self.min_sites})"
         quorum_ok = self.round_quorum == 0 or self.round_quorum >= self.min_sites
-        _require(quorum_ok, "round-quorum", self.round_quorum, f"0 (every site) or >= min-sites ({self.min_sites})")
+        _require(quorum_ok, "round-quorum", self.round_quorum, every_or_quorum)
+        sample_ok = self.sites_per_round == 0 or self.sites_per_round >= self.min_sites
+        _require(sample_ok, "sites-per-round", self.sites_per_round, every_or_quorum)
         _require(self.round_deadline >= 0, "round-deadline", self.round_deadline, ">= 0 (0: none)")
         _require(self.staleness_exponent >= 0, "staleness-exponent", self.staleness_exponent, ">= 0")
         _require(self.epsilon >= 0, "epsilon", self.epsilon, ">= 0")

@@ -6,6 +6,10 @@ Message types: ``train`` (evaluate the incoming global model on held-out studies
 ``evaluate`` (the final model), ``query.fingerprint`` (dataset statistics for the job's plan),
 ``query.landmarks`` (harmonisation statistics) and ``query.rollout``
 (store the finished artifact in the node's model registry). Every reply's metrics pass the allow-list.
+
+Under Flower's simulation runtime (``radfed federation simulate``) there is no SuperNode and no node config:
+the Ray actor running this app is already warm, so a simulated site is served in this process by the same
+handler the worker runs, its data and state under the job's run-config ``simulation-root`` by partition id.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import PARTITION_ID_KEY
 
 from radfed.federation.job import records
 from radfed.federation.learning.messages import allowed_metrics
-from radfed.federation.site.worker import Frame, Request, call_site_worker
+from radfed.federation.site.worker import Frame, Request, call_site_worker, handle, simulated_node_config
 
 app = ClientApp()
 
@@ -44,8 +49,15 @@ def _process_age_s() -> float:
 
 def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, with_arrays: bool) -> Message:
     started, start_cost = time.perf_counter(), _process_age_s()
-    reply = call_site_worker(dict(context.node_config), request, frame)
-    site_name = str(context.node_config.get("site-name", "site"))
+    node_config = dict(context.node_config)
+    if PARTITION_ID_KEY in node_config:  # a simulated site: no worker, the Ray actor stays warm
+        node_config = simulated_node_config(node_config, frame.header.get("config", {}))
+        reply = handle(Frame({"request": str(request), "node_config": node_config, **frame.header}, frame.arrays))
+        reply.header["worker_seconds"] = time.perf_counter() - started
+        start_cost = 0.0  # the actor is long-lived: nothing started for this message
+    else:
+        reply = call_site_worker(node_config, request, frame)
+    site_name = str(node_config.get("site-name", "site"))
     timings = {
         "site_seconds": float(reply.header.get("worker_seconds", 0.0)),
         "clientapp_start_seconds": start_cost,  # this task's process (new or forked) up to the handler

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from flwr.common.constant import PARTITION_ID_KEY
 
 from radfed.federation.job.alerts import AlertStore, PoisoningAlert
 from radfed.federation.site.config import SiteConfig
@@ -163,6 +164,30 @@ def _tail(state_dir: Path, lines: int = 5) -> str:
     with contextlib.suppress(OSError):
         return " | ".join((state_dir / LOG_FILE).read_text().splitlines()[-lines:])
     return "no log"
+
+
+def simulated_node_config(node_config: Mapping[str, Any], round_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The node config of a site under Flower's simulation runtime, which gives only ``partition-id`` (the
+    message's round config carries the job's ``simulation-root``): site
+    ``site-<partition + 1, 3 digits>`` with its data in ``<simulation-root>/sites/`` and its state (optimiser,
+    accountant, reply cache) in ``<simulation-root>/state/``, so that DP accounting and replay stay per site
+    whichever Ray actor serves it."""
+    root = str(round_config.get("simulation-root", ""))
+    if not root:
+        raise ValueError("a simulated site needs run-config simulation-root (radfed federation simulate sets it)")
+    name = simulated_site_name(int(node_config[PARTITION_ID_KEY]))
+    data = Path(root) / "sites" / name
+    labels = data / "labels.csv"
+    return {
+        "site-name": name,
+        "data": str(data),
+        "state-dir": str(Path(root) / "state" / name),
+        **({"labels": str(labels)} if labels.is_file() else {}),
+    }
+
+
+def simulated_site_name(partition: int) -> str:
+    return f"site-{partition + 1:03d}"
 
 
 # ---------------------------------------------------------------------------------------------- worker side

@@ -71,6 +71,8 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         round_deadline=30.0,
         late_updates=LateUpdates.FOLD,
         staleness_exponent=1.0,
+        sites_per_round=6,
+        simulation_root="/sim",
         rollout=False,
         seed=11,
         base_model="/srv/base-model",
