@@ -361,6 +361,10 @@ def _topology(
     return tuple(kernels[: len(strides)]), tuple(strides)
 
 
+def _minimum_batch(dims: int, private: bool) -> int:
+    return max(MIN_BATCH[dims], PRIVATE_MIN_BATCH if private else 0)
+
+
 def derive_plan(
     overrides: PlanOverrides,
     fingerprint: DatasetFingerprint | None,
@@ -387,12 +391,15 @@ def derive_plan(
         native = np.array(fp.median_spacing_mm) * np.array(fp.median_shape)
         shape = np.maximum(1, np.round(native / np.array(spacing)))
         dims = overrides.spatial_dims or _choose_dims(np.array(spacing), shape, reasons)
-        minimum = overrides.batch_size or max(MIN_BATCH[dims], PRIVATE_MIN_BATCH if private else 0)
-        patch = _fit_patch(shape, dims, budget, minimum)
+        patch = _fit_patch(shape, dims, budget, overrides.batch_size or _minimum_batch(dims, private))
         reasons.append(f"median shape {shape.astype(int).tolist()} at target spacing -> patch {list(patch)}")
     if dims == 2 and patch[0] != 1:
         raise PlanError(f"a 2-D network takes patches of one slice, got {list(patch)}")
-    batch = overrides.batch_size or int(np.clip(budget.batch_voxels // int(np.prod(patch)), 2, 16))
+    # at least the minimum the patch was fitted for: rounding the patch up to multiples of 16 can leave the
+    # budget room for half as many (a 3-D DP job planned 4 where it needs 8)
+    batch = overrides.batch_size or max(
+        _minimum_batch(dims, private), int(np.clip(budget.batch_voxels // int(np.prod(patch)), 2, 16))
+    )
     normalization: dict[str, Normalization] = {}
     for channel, modality in overrides.modalities.items():
         if overrides.normalization is not None:

@@ -75,6 +75,16 @@ def test_a_2d_patch_covers_the_whole_slice_unless_the_job_is_private() -> None:
     assert fixed.batch_size == 4
 
 
+@pytest.mark.parametrize("shape", [(24, 96, 96), (40, 90, 90), (32, 128, 128), (48, 64, 64)])
+def test_a_private_3d_plan_keeps_the_private_batch_after_rounding_the_patch(shape: tuple[int, int, int]) -> None:
+    # the patch is fitted for a batch of 8 and then rounded up to multiples of 16, which left room for only
+    # 4-5 studies in the budget: the batch must stay at the minimum the patch was fitted for
+    plan = derive_plan(PlanOverrides({"mr": "MR"}), _cohort([(1.0, 1.0, 1.0)] * 4, shape), private=True)
+    assert plan.network.spatial_dims == 3
+    assert plan.batch_size >= PRIVATE_MIN_BATCH
+    assert derive_plan(PlanOverrides({"mr": "MR"}), _cohort([(1.0, 1.0, 1.0)] * 4, shape)).batch_size >= MIN_BATCH[3]
+
+
 def test_the_gpu_budget_allows_larger_networks() -> None:
     fingerprint = _cohort([(1.0, 1.0, 1.0)] * 3, (128, 192, 192))
     cpu = derive_plan(PlanOverrides({"mr": "MR"}), fingerprint, ComputeBudget.for_device(Device.CPU))
