@@ -16,14 +16,27 @@ import multiprocessing
 import os
 import statistics
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.report import table
 from radfed.federation.coordinator.checkpoint import read_metrics
-from radfed.federation.lab.experiments import Arm, ArmResult, Attack, Budget, Experiment, Mode, load_site_cohorts
+from radfed.federation.lab.experiments import (
+    Arm,
+    ArmResult,
+    Attack,
+    Budget,
+    Experiment,
+    Mode,
+    Start,
+    load_site_cohorts,
+    planned_spec,
+    train_base_model,
+)
 from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.learning.cohort import SiteCohort
 from radfed.federation.learning.membership import (
@@ -132,28 +145,58 @@ def quality(work: Path, quick: bool) -> None:
 
 PRIVACY_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 PRIVACY_COHORTS = (12, 40, 100)
+PRIVACY_SITES = ("site-1", "site-2", "site-3")
+PUBLIC_STUDIES = 100  # the public set the base model learns from: 2 other scanners x 50 studies
+BASE_STEPS = 480
+FINE_TUNE_LEARNING_RATE = 1e-4  # the demo's (radfed demo --fine-tune-learning-rate)
 
 
 def privacy_curve(work: Path, quick: bool) -> None:
     """What a privacy budget costs at a given cohort size: Dice of the federated model at epsilon 1, 2, 4, 8
     and without DP, for 12, 40 and 100 studies per site (3 synthetic sites, same rounds and steps). DP noise is
-    calibrated to the sampling rate, so more studies per site means less noise per step for the same epsilon."""
+    calibrated to the sampling rate, so more studies per site means less noise per step for the same epsilon.
+
+    Beside each from-scratch arm, the same job fine-tuning a base model trained centrally without DP on public
+    studies from two other scanners (the base-model run-config key, as the demo does), and that base model
+    as it is: whether DP fine-tuning keeps what the sites teach at a budget where DP from scratch learns
+    nothing. RADFED_BENCH_PRIVACY_BASE_STEPS=0 leaves the base arms out."""
     sizes = (6,) if quick else tuple(int(s) for s in os.environ.get("RADFED_BENCH_PRIVACY_STUDIES", "").split(",") if s)
     sizes = sizes or PRIVACY_COHORTS
     budget = Budget(rounds=2, local_steps=3) if quick else Budget(rounds=8, local_steps=30, every_round=False)
     chosen = os.environ.get("RADFED_BENCH_PRIVACY_EPSILONS", "")  # e.g. "8": the no-DP arm and epsilon 8 only
     epsilons = tuple(float(e) for e in chosen.split(",") if e) or PRIVACY_EPSILONS
+    base_steps = int(os.environ.get("RADFED_BENCH_PRIVACY_BASE_STEPS", 4 if quick else BASE_STEPS))
     arms = [Arm("no DP")] + [Arm(f"DP epsilon {e:g}", epsilon=e) for e in epsilons]
-    plan = []
+    tuned = Arm("no DP, fine-tuned", start=Start.BASE, learning_rate=FINE_TUNE_LEARNING_RATE)
+    base_arms = [Arm("base model only", Mode.BASE_ONLY), tuned] + [
+        replace(tuned, name=f"DP epsilon {e:g}, fine-tuned", epsilon=e) for e in epsilons
+    ]
+    public = synthesize_to_folder(
+        work / "public",
+        sites=2,
+        studies_per_site=3 if quick else PUBLIC_STUDIES // 2,
+        seed=1005,
+        small=True,
+        first_site=len(PRIVACY_SITES) + 1,
+    )
+    plan: list[tuple[int, Path, Arm]] = []
+    bases: dict[int, Future[Path]] = {}
     for size in sizes:
         data = work / f"data-{size}"
-        synthesize_to_folder(data, sites=3, studies_per_site=size, seed=5, small=True)
+        synthesize_to_folder(data, sites=len(PRIVACY_SITES), studies_per_site=size, seed=5, small=True)
         plan += [(size, data, arm) for arm in arms]
     jobs = int(os.environ.get("RADFED_BENCH_JOBS", min(len(plan), os.cpu_count() or 1)))
     context = multiprocessing.get_context("spawn")
+    results = {}
     with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
+        if base_steps > 0:
+            for size in sizes:
+                bases[size] = pool.submit(_train_privacy_base, work / f"data-{size}", public, base_steps, work)
         futures = [pool.submit(_run_privacy_arm, data, budget, arm) for _, data, arm in plan]
-        results = {}
+        for size, training in bases.items():
+            base = training.result()
+            plan += [(size, work / f"data-{size}", arm) for arm in base_arms]
+            futures += [pool.submit(_run_privacy_arm, work / f"data-{size}", budget, arm, base) for arm in base_arms]
         for (size, _, arm), future in zip(plan, futures, strict=True):
             results[(size, arm.name)] = future.result()
             # each arm as it ends: at 100 studies per site an arm takes the better part of an hour on one core
@@ -161,14 +204,16 @@ def privacy_curve(work: Path, quick: bool) -> None:
     rows = []
     for size in sizes:
         clean = results[(size, "no DP")].pooled.get("dice")
-        for arm in arms:
+        for arm in arms + (base_arms if base_steps > 0 else []):
             dice = results[(size, arm.name)].pooled.get("dice")
             ratio = _ratio_of(dice, clean)
             rows.append([size, arm.name, _f(dice), _f(ratio), _f(results[(size, arm.name)].pooled.get("auc"))])
     table(
         f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
-        f"{budget.local_steps} steps, delta 1e-5 per site)",
-        ["studies per site", "arm", "Dice", "Dice / no DP (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
+        f"{budget.local_steps} steps, delta 1e-5 per site; fine-tuned: from a base model trained {base_steps} "
+        f"steps without DP on {2 * (3 if quick else PUBLIC_STUDIES // 2)} public studies of two other scanners, "
+        f"learning rate {FINE_TUNE_LEARNING_RATE:g})",
+        ["studies per site", "arm", "Dice", "Dice / no DP from scratch (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
@@ -384,13 +429,29 @@ def _run_arm(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, arm
     return Experiment(spec, cohorts, budget).run(arm)
 
 
-def _run_privacy_arm(data: Path, budget: Budget, arm: Arm) -> ArmResult:
+def _run_privacy_arm(data: Path, budget: Budget, arm: Arm, base: Path | None = None) -> ArmResult:
     """One arm of the privacy curve, its cohorts loaded in the worker: sent from the parent, 3 sites x 100
-    studies cost each worker 5.4 GB and two workers beside the parent's copy ran a 23 GB machine out of memory."""
+    studies cost each worker 5.4 GB and two workers beside the parent's copy ran a 23 GB machine out of memory.
+    ``base``: the base model's weights (an arm that starts from it runs under the plan it was trained for)."""
     roots = {p.name: p for p in sorted(data.glob("site-*"))}
-    # planned as the coordinator plans the job: a DP job keeps batches of >= 8 (inference/model/plan.py)
-    cohorts = load_site_cohorts(roots, load_task_spec(None), private=bool(arm.epsilon))
-    return Experiment(next(iter(cohorts.values())).spec, cohorts, budget).run(arm)
+    # planned as the coordinator plans the job: a DP job keeps batches of >= 8 (inference/model/plan.py); the
+    # base model is trained under the private plan so that every fine-tuned arm shares its network
+    private = bool(arm.epsilon) or base is not None
+    cohorts = load_site_cohorts(roots, load_task_spec(None), private=private)
+    weights = None
+    if base is not None:
+        with np.load(base) as saved:
+            weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    return Experiment(next(iter(cohorts.values())).spec, cohorts, budget, weights).run(arm)
+
+
+def _train_privacy_base(data: Path, public: list[Path], steps: int, work: Path) -> Path:
+    """The base model for the privacy curve's cohort under ``data``: the DP job's plan, public studies only."""
+    roots = {p.name: p for p in sorted(data.glob("site-*"))}
+    spec = planned_spec(roots, load_task_spec(None), private=True)
+    out = work / f"base-{data.name}.npz"
+    np.savez(out, *train_base_model(spec, public, steps))
+    return out
 
 
 def _one_thread() -> None:

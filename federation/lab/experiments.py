@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -53,6 +53,12 @@ class Mode(StrEnum):
     FEDERATED = "federated"
     CENTRALISED = "centralised"
     LOCAL = "local-only"
+    BASE_ONLY = "base model only"  # the base model as it is, no training on the sites' studies
+
+
+class Start(StrEnum):
+    RANDOM = "random"  # random initial weights
+    BASE = "base"  # the experiment's base model (trained centrally on public studies: train_base_model)
 
 
 class Attack(StrEnum):
@@ -83,6 +89,8 @@ class Arm:
     late_by: int = 0
     late_updates: LateUpdates | None = None
     staleness_exponent: float = 0.5
+    start: Start = Start.RANDOM
+    learning_rate: float | None = None  # the recipe's unless set (fine-tuning a base model takes smaller steps)
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -131,27 +139,49 @@ class ArmResult:
     late: list[str] = field(default_factory=list)
 
 
+def planned_spec(roots: Mapping[str, Path], spec: TaskSpec, *, private: bool = False) -> TaskSpec:
+    """The spec under the job's plan, made as the coordinator makes it (from the sites' merged fingerprint
+    summaries where the spec leaves the grid or patch open; ``private``: for a job with DP)."""
+    if spec.plan is not None:
+        return spec
+    prints = None
+    if needs_fingerprint(spec):
+        prints = {
+            name: DatasetFingerprint.from_studies(source_fingerprints(spec, [str(root)], None))
+            for name, root in roots.items()
+        }
+    return spec.planned(job_plan(spec, prints, private=private))
+
+
 def load_site_cohorts(
     roots: Mapping[str, Path], spec: TaskSpec, cache: Path | None = None, *, private: bool = False
 ) -> dict[str, SiteCohort]:
-    """Every site's cohort under one plan, made as the coordinator makes it (from the sites' merged
-    fingerprint summaries where the spec leaves the grid or patch open; ``private``: for a job with DP)."""
-    if spec.plan is None:
-        prints = None
-        if needs_fingerprint(spec):
-            prints = {
-                name: DatasetFingerprint.from_studies(source_fingerprints(spec, [str(root)], None))
-                for name, root in roots.items()
-            }
-        spec = spec.planned(job_plan(spec, prints, private=private))
+    """Every site's cohort under one plan (``planned_spec``)."""
+    spec = planned_spec(roots, spec, private=private)
     return {
         name: cohort_from_sources(spec, [str(root)], cache_dir=cache / name if cache else None)
         for name, root in roots.items()
     }
 
 
+def train_base_model(spec: TaskSpec, public: Sequence[Path], steps: int, seed: int = 0) -> Arrays:
+    """A base model as a consortium would make one before a DP job: trained centrally, without DP, on public
+    studies (other patients and scanners than the sites'), under the job's plan (``spec`` planned), each
+    study in its own scaling (the job's harmonisation is not known yet)."""
+    cohort = cohort_from_sources(spec, [str(root) for root in public])
+    samples = cohort.samples_for(None)
+    if not samples:
+        raise ValueError(f"no usable public studies under {[str(p) for p in public]}")
+    model = new_model(spec, seed=seed)
+    train_local(model, samples, spec, TrainingSettings.from_spec(spec, seed=seed, steps=steps))
+    return model_to_arrays(model)
+
+
 class Experiment:
-    def __init__(self, spec: TaskSpec, cohorts: Mapping[str, SiteCohort], budget: Budget) -> None:
+    def __init__(
+        self, spec: TaskSpec, cohorts: Mapping[str, SiteCohort], budget: Budget, base: Arrays | None = None
+    ) -> None:
+        self.base = base  # what arms with start=BASE fine-tune
         self.cohorts = dict(cohorts)
         # the cohorts carry the job's plan (load_site_cohorts); the spec given may be the unplanned one
         self.spec = next(iter(self.cohorts.values())).spec if self.cohorts else spec
@@ -175,12 +205,27 @@ class Experiment:
             test += site_test
         return train, test
 
-    def _settings(self, seed: int, steps: int, mu: float = 0.0, server_round: int | None = None) -> TrainingSettings:
+    def _arm_spec(self, arm: Arm) -> TaskSpec:
+        if arm.learning_rate is None:
+            return self.spec
+        return replace(self.spec, training=replace(self.spec.training, learning_rate=arm.learning_rate))
+
+    def _initial(self, arm: Arm) -> Arrays:
+        if arm.start is Start.RANDOM:
+            return model_to_arrays(new_model(self.spec, seed=self.budget.seed))
+        if self.base is None:
+            raise ValueError(f"arm {arm.name!r} starts from a base model; the experiment has none")
+        return [a.copy() for a in self.base]
+
+    def _settings(
+        self, seed: int, steps: int, mu: float = 0.0, server_round: int | None = None, spec: TaskSpec | None = None
+    ) -> TrainingSettings:
         """``steps`` of the recipe; in a federated arm, round ``server_round``'s slice of the job's schedule."""
+        spec = spec or self.spec
         if server_round is None:
-            return TrainingSettings.from_spec(self.spec, seed=seed, steps=steps, proximal_mu=mu)
+            return TrainingSettings.from_spec(spec, seed=seed, steps=steps, proximal_mu=mu)
         return TrainingSettings.from_spec(
-            self.spec,
+            spec,
             seed=seed,
             steps=steps,
             proximal_mu=mu,
@@ -191,7 +236,10 @@ class Experiment:
     def run(self, arm: Arm, progress: Callable[[str], None] = lambda _: None) -> ArmResult:
         started = time.perf_counter()
         train, test = self.split(arm.harmonise)
-        if arm.mode is Mode.CENTRALISED:
+        if arm.mode is Mode.BASE_ONLY:
+            model = arrays_to_model(self.spec, self._initial(replace(arm, start=Start.BASE)))
+            result = ArmResult(arm, evaluate_model(model, test, self.spec).summary())
+        elif arm.mode is Mode.CENTRALISED:
             result = self._centralised(arm, train, test)
         elif arm.mode is Mode.LOCAL:
             result = self._local(arm, train, test)
@@ -235,7 +283,8 @@ class Experiment:
         test: list[TrainingSample],
         progress: Callable[[str], None],
     ) -> ArmResult:
-        arrays = model_to_arrays(new_model(self.spec, seed=self.budget.seed))
+        arrays = self._initial(arm)
+        spec = self._arm_spec(arm)
         result = ArmResult(arm, {})
         compression = Compression.parse(arm.compression)
         sent_bytes: list[int] = []
@@ -261,7 +310,7 @@ class Experiment:
                         continue  # still training at this round's start (its late update comes in during it)
                     model = arrays_to_model(self.spec, arrays)
                     settings = self._settings(
-                        self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu, server_round
+                        self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu, server_round, spec
                     )
                     state = optimizer_states.get(site)
                     if arm.epsilon > 0:
@@ -270,10 +319,10 @@ class Experiment:
                         )
                         accountant = Path(accountants) / f"{site}.json"
                         log, _ = train_private(
-                            model, samples, self.spec, settings, privacy, accountant, self.budget.local_steps, state
+                            model, samples, spec, settings, privacy, accountant, self.budget.local_steps, state
                         )
                     else:
-                        log = train_local(model, samples, self.spec, settings, optimizer_state=state)
+                        log = train_local(model, samples, spec, settings, optimizer_state=state)
                     optimizer_states[site] = log.optimizer_state
                     sent = model_to_arrays(model)
                     if site == arm.poisoned_site:

@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.lab.experiments import Arm, Attack, Budget, Experiment, Mode, load_site_cohorts
+from radfed.federation.lab.experiments import (
+    Arm,
+    Attack,
+    Budget,
+    Experiment,
+    Mode,
+    Start,
+    load_site_cohorts,
+    train_base_model,
+)
 from radfed.federation.learning.staleness import LateUpdates
 from radfed.inference.model.taskspec import load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
@@ -113,3 +122,31 @@ def test_a_screened_attacker_has_no_influence_on_the_model(agreeing: Experiment)
     assert attacked.final_arrays is not None and without.final_arrays is not None and clean.final_arrays is not None
     assert all(np.array_equal(a, b) for a, b in zip(attacked.final_arrays, without.final_arrays, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(attacked.final_arrays, clean.final_arrays, strict=True))
+
+
+def test_a_base_model_trained_on_public_studies_starts_the_fine_tuning_arms(
+    experiment: Experiment, tmp_path: Path
+) -> None:
+    public = synthesize_to_folder(tmp_path / "public", sites=1, studies_per_site=2, seed=9, small=True, first_site=4)
+    assert [p.name for p in public] == ["site-4"]  # another scanner than the federation's three
+    base = train_base_model(experiment.spec, public, steps=2)
+    random_start = [a.copy() for a in experiment._initial(Arm("r"))]
+    assert [a.shape for a in base] == [a.shape for a in random_start]
+    assert any(not np.array_equal(a, b) for a, b in zip(base, random_start, strict=True))
+
+    with pytest.raises(ValueError, match="base model"):
+        experiment.run(Arm("needs a base", start=Start.BASE))
+    tuned = Experiment(experiment.spec, experiment.cohorts, replace(experiment.budget, every_round=False), base)
+    only = tuned.run(Arm("base only", Mode.BASE_ONLY))
+    assert only.pooled["studies"] == experiment.run(Arm("f")).pooled["studies"] and only.per_round == []
+    fine = tuned.run(Arm("fine-tuned", start=Start.BASE, learning_rate=1e-5))
+    scratch = tuned.run(Arm("from scratch"))
+    assert fine.final_arrays is not None and scratch.final_arrays is not None
+
+    def distance(arrays: list[np.ndarray]) -> float:
+        return float(sum(np.abs(a.astype(np.float64) - b).sum() for a, b in zip(arrays, base, strict=True)))
+
+    # the fine-tuned model moved from the base (the sites trained it), by little at a small learning rate;
+    # the model trained from random weights never was the base
+    assert 0.0 < distance(fine.final_arrays) < distance(scratch.final_arrays)
+    assert tuned.base is not None and all(np.array_equal(a, b) for a, b in zip(tuned.base, base, strict=True))

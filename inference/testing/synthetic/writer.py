@@ -86,10 +86,14 @@ def write_labels(rows: list[dict[str, str]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def synthesize_to_folder(out: Path, sites: int, studies_per_site: int, seed: int, *, small: bool = False) -> list[Path]:
-    """Write ``out/site-<i>/study-<n>/`` folders and ``out/site-<i>/labels.csv``; returns the site folders."""
+def synthesize_to_folder(
+    out: Path, sites: int, studies_per_site: int, seed: int, *, small: bool = False, first_site: int = 1
+) -> list[Path]:
+    """Write ``out/site-<i>/study-<n>/`` folders and ``out/site-<i>/labels.csv`` for sites ``first_site`` ..
+    (other first sites: other scanners, e.g. a public set that is not from the federation's hospitals);
+    returns the site folders."""
     site_dirs = []
-    for index in range(1, sites + 1):
+    for index in range(first_site, first_site + sites):
         site = site_profile(index, small=small)
         site_dir = out / site.name
         site_dir.mkdir(parents=True, exist_ok=True)
