@@ -8,6 +8,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
     RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
     RADFED_BENCH_FEDERATION=stragglers python -m bench federation    # a late site: wait, drop or fold its update
+    RADFED_BENCH_FEDERATION=scale python -m bench federation         # N = 10, 30, 100 sites on the simulation runtime
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +40,8 @@ from radfed.federation.lab.experiments import (
     train_base_model,
 )
 from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
+from radfed.federation.lab.simulation import CohortSizes, Simulation, final_evaluation, round_costs, synthesize_sites
+from radfed.federation.lab.simulation import run as run_simulation
 from radfed.federation.learning.cohort import SiteCohort
 from radfed.federation.learning.membership import (
     MembershipAudit,
@@ -49,6 +53,7 @@ from radfed.federation.learning.membership import (
 from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.training import arrays_to_model
 from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
+from radfed.federation.site.worker import simulated_site_name
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
@@ -552,6 +557,84 @@ def _f(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "n/a"
 
 
+SCALE_SITES = (10, 30, 100)
+SCALE_PER_ROUND = 10
+
+
+def scale(work: Path, quick: bool) -> None:
+    """The coordinator's cost as the consortium grows, on Flower's simulation runtime (Ray) with the
+    deployment's ServerApp and ClientApp: N = 10, 30, 100 simulated hospitals (long-tailed cohorts of 2-12
+    small studies, vendor profiles cycling), K = 10 asked per training round. Each N runs in its own process
+    (its own Ray instance); the data of N = 10 is the first 10 sites of N = 100. Coordinator seconds are the
+    ServerApp thread's own CPU time (packing, screening, aggregation), not its waiting on the sites."""
+    sites = (4, 6) if quick else tuple(int(n) for n in os.environ.get("RADFED_BENCH_SCALE_SITES", "").split(",") if n)
+    sites = sites or SCALE_SITES
+    per_round = 2 if quick else int(os.environ.get("RADFED_BENCH_SCALE_PER_ROUND", SCALE_PER_ROUND))
+    rounds, steps = (2, 2) if quick else (3, 5)
+    sizes = CohortSizes(smallest=2, largest=12).draw(max(sites), seed=0)
+    synthesize_sites(work, sizes, seed=0)
+    rows: list[list[object]] = []
+    cpu: list[float] = []  # the coordinator's CPU seconds per round, by N
+    context = multiprocessing.get_context("spawn")
+    for n in sites:
+        simulation = Simulation(
+            work / f"n-{n}",
+            n,
+            per_round,
+            rounds=rounds,
+            local_steps=steps,
+            workers=os.cpu_count() or 1,
+            run_config={"task": "prostate_bpmri_highgrade", "harmonise": False, "round-timeout": 3600.0},
+        )
+        (simulation.root / "sites").mkdir(parents=True, exist_ok=True)
+        for index in range(n):  # the shared data, linked: one copy of the studies for every N
+            site = simulated_site_name(index)
+            link = simulation.root / "sites" / site
+            if not link.exists():
+                link.symlink_to(work / "sites" / site, target_is_directory=True)
+        started = time.perf_counter()
+        with ProcessPoolExecutor(1, context) as pool:
+            lines = pool.submit(run_simulation, simulation).result()
+        wall = time.perf_counter() - started
+        costs = round_costs(lines)
+        final = final_evaluation(lines)
+        cpu.append(statistics.mean(c.coordinator_cpu_seconds for c in costs))
+        rows.append(
+            [
+                n,
+                per_round,
+                sum(sizes[:n]),
+                _f(cpu[-1]),
+                _f(_ratio_of(cpu[-1], cpu[0])),
+                _f(statistics.mean(c.seconds for c in costs)),
+                f"{max(c.coordinator_peak_rss_mb for c in costs):.0f}",
+                f"{statistics.mean(c.bytes_per_round for c in costs) / 1e6:.1f}",
+                _f(final.get("dice")),
+                f"{wall:.0f}",
+            ]
+        )
+        print(f"  N = {n}: {rows[-1]}")
+    table(
+        f"Scale on Flower's simulation runtime: K = {per_round} of N sites per round, {rounds} rounds x {steps} "
+        f"steps, task prostate_bpmri_highgrade, no DP, {os.cpu_count()} Ray actors",
+        [
+            "sites N",
+            "asked K",
+            "studies",
+            "coordinator CPU s / round",
+            "vs smallest N (goal at N=100: < 2)",
+            "round seconds",
+            "coordinator peak RSS MB",
+            "MB per round",
+            "final Dice (every site's held-out)",
+            "job seconds",
+        ],
+        rows,
+        f"RADFED_BENCH_FEDERATION=scale RADFED_BENCH_SCALE_SITES={','.join(map(str, sites))} "
+        f"RADFED_BENCH_SCALE_PER_ROUND={per_round} python -m bench federation",
+    )
+
+
 def main() -> None:
     quick = os.environ.get("RADFED_BENCH_QUICK") == "1"
     parts = os.environ.get("RADFED_BENCH_FEDERATION", "quality,transport").split(",")
@@ -568,6 +651,8 @@ def main() -> None:
             membership(Path(tmp) / "membership", quick)
         if "stragglers" in parts:
             stragglers(Path(tmp) / "stragglers", quick)
+        if "scale" in parts:
+            scale(Path(tmp) / "scale", quick)
 
 
 if __name__ == "__main__":
