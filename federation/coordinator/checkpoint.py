@@ -221,6 +221,6 @@ def model_card(
         lines += [f"| {a.server_round} | {a.site} | {a.rule} | {a.alert_id} |" for a in alerts]
     else:
         lines.append(f"None: no site's update was flagged in {rounds} rounds.")
-    lines += [line for section in sections for line in ("", section)]
+    lines += [line for section in sections if section for line in ("", section)]
     lines += ["", "Research use only; not a medical device."]
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from radfed.federation.coordinator.checkpoint import (
     model_card,
     reference_landmarks,
 )
+from radfed.federation.coordinator.secure_aggregation import max_weight, secure_round, secure_section
 from radfed.federation.job import records
 from radfed.federation.job.alerts import PROVENANCE_KEY, PoisoningAlert, federation_id
 from radfed.federation.job.planning import (
@@ -37,7 +38,7 @@ from radfed.federation.job.planning import (
     planned_spec,
 )
 from radfed.federation.job.run_config import RoundConfig, RunConfig
-from radfed.federation.learning.aggregation import ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.learning.aggregation import AggregationOutcome, ServerOptimizer, SiteUpdate, aggregate
 from radfed.federation.learning.compression import payload_nbytes, restore_reply
 from radfed.federation.learning.export import export_artifact
 from radfed.federation.learning.membership import SiteAudit, card_section, site_audits
@@ -64,6 +65,16 @@ class Outstanding:
 
 
 LateHandler = Callable[[str, Outstanding, Message], None]
+# A training round's replies (site -> node, metrics, content), errors, aggregation outcome, bytes each site sent,
+# late-update lines and unreadable replies.
+_Training = tuple[
+    dict[str, tuple[int, dict[str, Any], RecordDict]],
+    dict[str, str],
+    AggregationOutcome,
+    dict[str, int],
+    list[dict[str, Any]],
+    dict[str, str],
+]
 
 
 def say(text: str) -> None:
@@ -281,6 +292,9 @@ class RoundDriver:
         found = {site: landmark_metrics(m) for site, (_, m, _) in replies.items()}
         weights = {site: int(m.get("landmark_studies", 0)) for site, (_, m, _) in replies.items()}
         state.harmonisation = reference_landmarks(found, weights)
+        if self.run.secure_aggregation:  # round 1's max weight (secure_aggregation.max_weight)
+            for site, studies in weights.items():
+                state.studies_per_site.setdefault(site, studies)
         append_metrics(
             self.out,
             {
@@ -293,11 +307,10 @@ class RoundDriver:
         )
         say(f"harmonisation: reference landmarks from {len(found)} site(s)")
 
-    def train_round(self, server_round: int, state: CoordinatorCheckpoint) -> None:
-        started, started_cpu = time.perf_counter(), time.thread_time()
+    def _plain_training(self, server_round: int, state: CoordinatorCheckpoint) -> _Training:
+        """A training round in the clear: every update is screened, then aggregated (streamed when many)."""
         sent = records.pack_arrays(state.arrays)
         content = RecordDict({"arrays": sent, "config": self.config(server_round, state)})
-        down = int(sum(a.nbytes for a in state.arrays))
         # Many sites, FedAvg or multi-Krum, sketched screening: fold each update into one sum as it arrives.
         updates_expected = len(list(self.grid.get_node_ids()))
         if self.run.sites_per_round:
@@ -379,6 +392,44 @@ class RoundDriver:
             else:
                 updates.sort(key=lambda u: u.site)
                 outcome = aggregate(state.arrays, updates, self.run.aggregation, screening=screening)
+        return replies, errors, outcome, bytes_up, late_lines, unreadable
+
+    def _secure_training(self, server_round: int, state: CoordinatorCheckpoint) -> _Training:
+        """A training round through SecAgg+ (run config secure-aggregation): the coordinator receives only masked
+        updates and learns their weighted mean; no screening is possible, the sum is checked for what it allows."""
+        nodes = self.nodes()
+        if self.run.sites_per_round:
+            nodes = self._sample(nodes, self.run.sites_per_round, f"{server_round}:0")
+        self.asked = set(nodes)
+        weight_cap = max_weight(state.studies_per_site)
+        config = self.config(server_round, state)
+        secure = secure_round(self.grid, self.run, server_round, config, state.arrays, nodes, weight_cap, REPLY_POLL_S)
+        replies: dict[str, tuple[int, dict[str, Any], RecordDict]] = {}
+        bytes_up: dict[str, int] = {}
+        for node, reply in sorted(secure.replies.items()):
+            site = str(reply.content["site"]["name"]) if "site" in reply.content else f"node-{node}"
+            replies[site] = (node, dict(records.metrics(reply.content)), RecordDict())
+            bytes_up[site] = secure.masked_bytes(node)
+        errors = {f"node-{node}": reason for node, reason in secure.errors.items()}
+        for node in sorted(set(nodes) - set(secure.replies)):
+            errors.setdefault(f"node-{node}", "no masked update (dropped out of the secure round)")
+        if secure.mean_update is None:
+            raise QuorumError(f"round {server_round}: secure aggregation could not unmask the sum ({errors})")
+        norm = float(np.sqrt(sum(float(np.square(u, dtype=np.float64).sum()) for u in secure.mean_update)))
+        if not np.isfinite(norm) or norm > self.run.update_clip_norm * (1 + 1e-3):
+            # a mean of updates each clipped to the norm cannot be longer: the sum itself is corrupt
+            raise QuorumError(f"round {server_round}: the unmasked mean update's norm {norm:.3g} exceeds the clip")
+        aggregated = [a + u for a, u in zip(state.arrays, secure.mean_update, strict=True)]
+        say(f"round {server_round}: secure aggregation over {len(replies)} site(s), weights up to {weight_cap}")
+        return replies, errors, AggregationOutcome(aggregated, tuple(sorted(replies)), ()), bytes_up, [], {}
+
+    def train_round(self, server_round: int, state: CoordinatorCheckpoint) -> None:
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        down = int(sum(a.nbytes for a in state.arrays))
+        if self.run.secure_aggregation:
+            replies, errors, outcome, bytes_up, late_lines, unreadable = self._secure_training(server_round, state)
+        else:
+            replies, errors, outcome, bytes_up, late_lines, unreadable = self._plain_training(server_round, state)
         errors |= unreadable
         site_lines: dict[str, dict[str, Any]] = {}
         for site, (_, metrics, _) in sorted(replies.items()):
@@ -559,6 +610,7 @@ def main(grid: Grid, context: Context) -> None:
             "job": run.job,
             "rounds": run.num_server_rounds,
             "aggregation": str(run.aggregation),
+            "secure_aggregation": {"update_clip_norm": run.update_clip_norm} if run.secure_aggregation else None,
             "server_learning_rate": run.server_learning_rate,
             "server_momentum": run.server_momentum,
             "proximal_mu": run.proximal_mu,
@@ -589,6 +641,7 @@ def main(grid: Grid, context: Context) -> None:
         else None,
         alerts=alerts,
         sections=[
+            secure_section(run),
             card_section(membership, run.membership_audit, epsilon),
             bias_section((final or {}).get("subgroups"), run.bias_min_cell),
         ],

@@ -48,6 +48,10 @@ def arrays(content: RecordDict, key: str = "arrays") -> list[np.ndarray]:
     return out
 
 
+# A secure round's config (federation/coordinator/secure_aggregation.py) carries the round's max weight: a site masks
+# its update with weight min(its training studies, this) (1: every site weighs the same).
+SECURE_MAX_WEIGHT = "secure-aggregation-max-weight"
+
 # Flower stores and moves every array of a message as its own object: one HTTP request per tensor on each
 # hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back). The model goes as one float32 vector
 # plus its shapes instead: 2 objects in place of 50 (see README, round cost).

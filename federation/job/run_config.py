@@ -91,6 +91,16 @@ class RunConfig:
     # Bias checks (federation/learning/subgroups.py): a site sends its final evaluation per subgroup (vendor, field
     # strength, age band, sex, from DICOM headers) only for subgroups of at least this many held-out studies.
     bias_min_cell: int = 5
+    # Secure aggregation (Flower's SecAgg+, federation/coordinator/secure_aggregation.py): the coordinator learns only
+    # the sum of the sites' updates. Each site first clips its update to update-clip-norm (L2; also the range the
+    # masked integers cover, so no coordinate is ever cut). Robust aggregation, screening, compression and early-closing
+    # rounds need each site's update and are refused with it. secure-aggregation-threshold: the share of a round's
+    # sites whose key shares unmask the sum (more may drop out mid-round and the round still completes);
+    # secure-aggregation-shares: each site's neighbours in SecAgg+ (0: every site of the round, plain SecAgg).
+    secure_aggregation: bool = False
+    update_clip_norm: float = 10.0
+    secure_aggregation_threshold: float = 0.6
+    secure_aggregation_shares: int = 0
 
     def __post_init__(self) -> None:
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "at least 1")
@@ -120,6 +130,22 @@ class RunConfig:
             Compression.parse(self.compression)
         except ValueError as exc:
             raise RunConfigError(f"run-config key compression {exc}") from None
+        _require(self.update_clip_norm > 0, "update-clip-norm", self.update_clip_norm, "> 0")
+        threshold_ok = 0 < self.secure_aggregation_threshold <= 1
+        _require(threshold_ok, "secure-aggregation-threshold", self.secure_aggregation_threshold, "in (0, 1]")
+        shares_ok = self.secure_aggregation_shares == 0 or self.secure_aggregation_shares >= 3
+        _require(shares_ok, "secure-aggregation-shares", self.secure_aggregation_shares, "0 (every site) or >= 3")
+        if self.secure_aggregation:
+            self._require_sum_only()
+
+    def _require_sum_only(self) -> None:
+        """Secure aggregation shows the coordinator only the sum: what needs each site's update is refused."""
+        sum_only = "with secure-aggregation = true (the coordinator sees only the sum of the updates)"
+        _require(self.aggregation is AggregationRule.FEDAVG, "aggregation", str(self.aggregation), f"fedavg {sum_only}")
+        _require(self.compression == "none", "compression", self.compression, f"none {sum_only}")
+        early = f"{self.round_quorum} / {self.round_deadline}"
+        _require(not self.closes_early, "round-quorum / round-deadline", early, f"0 / 0 {sum_only}")
+        _require(self.min_sites >= 2, "min-sites", self.min_sites, f"at least 2 {sum_only}")
 
     @property
     def closes_early(self) -> bool:

@@ -17,6 +17,7 @@ from radfed.inference.pipeline.landmarks import LANDMARK_PERCENTILES
 ALLOWED_METRICS = frozenset(
     {
         "num-examples",
+        "update_clipped",  # secure aggregation: 1 when the site scaled its update down to update-clip-norm
         "studies_found",
         "studies_usable",
         "studies_rejected",

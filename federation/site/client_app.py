@@ -26,15 +26,24 @@ from flwr.common.constant import PARTITION_ID_KEY
 
 from radfed.federation.job import records
 from radfed.federation.learning.messages import allowed_metrics
+from radfed.federation.site.secure_aggregation import (
+    LEGACY_CONFIG,
+    LEGACY_PARAMETERS,
+    clipped_update,
+    is_secure_train,
+    legacy_train_reply,
+    secure_aggregation_mod,
+    secure_weight,
+)
 from radfed.federation.site.worker import Frame, Request, call_site_worker, handle, simulated_node_config
 
-app = ClientApp()
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
-def _config(msg: Message) -> dict[str, Any]:
-    record = msg.content["config"]
+def _config(msg: Message, key: str = "config") -> dict[str, Any]:
+    record = msg.content[key]
     if not isinstance(record, ConfigRecord):
-        raise ValueError("the message's config is not a ConfigRecord")
+        raise ValueError(f"the message's {key} is not a ConfigRecord")
     return {k: v for k, v in record.items() if not isinstance(v, bytes)}
 
 
@@ -72,8 +81,27 @@ def _forward(msg: Message, context: Context, request: Request, frame: Frame, *, 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_secure_train(msg.content):
+        return _secure_train(msg, context)
     frame = Frame({"config": _config(msg)}, records.arrays(msg.content))
     return _forward(msg, context, Request.TRAIN, frame, with_arrays=True)
+
+
+def _secure_train(msg: Message, context: Context) -> Message:
+    """The training step of a secure round: the same training, then the clipped update and its weight in the
+    form Flower's SecAgg+ mod masks (site/secure_aggregation.py)."""
+    config = _config(msg, LEGACY_CONFIG)
+    cap = records.number(config, records.SECURE_MAX_WEIGHT)
+    del config[records.SECURE_MAX_WEIGHT]  # the coordinator's, for this round only: not a run-config key
+    received = records.arrays(msg.content, LEGACY_PARAMETERS)
+    reply = _forward(msg, context, Request.TRAIN, Frame({"config": config}, received), with_arrays=True)
+    clip = records.number(config, "update-clip-norm")
+    update, clipped = clipped_update(records.arrays(reply.content), received, clip)
+    metrics = records.metrics(reply.content)
+    weight = secure_weight(records.integer(metrics, "num-examples", 1), cap)
+    metrics["update_clipped"] = float(clipped)
+    content = RecordDict({"metrics": MetricRecord(allowed_metrics(metrics)), "site": reply.content["site"]})
+    return Message(content=legacy_train_reply(update, weight, content), reply_to=msg)
 
 
 @app.evaluate()

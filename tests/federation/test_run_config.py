@@ -83,9 +83,14 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         membership_references=6,
         membership_steps=12,
         bias_min_cell=3,
+        update_clip_norm=2.5,
+        secure_aggregation_threshold=0.8,
+        secure_aggregation_shares=5,
     )
     default = RunConfig()
-    assert [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)] == []
+    # secure-aggregation excludes multi-krum, compression and early-closing rounds: its own test below
+    unchanged = [f.name for f in fields(run) if getattr(run, f.name) == getattr(default, f.name)]
+    assert unchanged == ["secure_aggregation"]
     return run
 
 
@@ -104,6 +109,14 @@ def test_every_key_reaches_the_site(tmp_path: Path) -> None:
     assert plan.run == run
     assert (plan.server_round, plan.plan, plan.harmonisation) == (4, state.plan, state.harmonisation)
     assert plan.alerts == (PoisoningAlert(run.job, 2, "flagged-site-1", AnomalyRule.UPDATE_NORM),)  # anonymised
+
+
+def test_a_secure_aggregation_job_reaches_the_site(tmp_path: Path) -> None:
+    with pytest.raises(RunConfigError, match="aggregation"):  # multi-krum needs each update
+        replace(every_key_changed(tmp_path / "job"), secure_aggregation=True)
+    run = RunConfig(secure_aggregation=True, update_clip_norm=2.5, secure_aggregation_shares=5, out_dir=str(tmp_path))
+    plan = site_plan(run, 2, CoordinatorCheckpoint(), tmp_path)
+    assert plan.run == run and plan.run.secure_aggregation
 
 
 def test_max_grad_norm_reaches_the_sites_dp_settings(tmp_path: Path) -> None:
