@@ -5,7 +5,8 @@
   element counts), and each masked update of a secure round is saved, without its masked weight
   (``<out-dir>/masked/<round>-<node>.npy``).
 - Site side, what the coordinator must never see: inside SecAgg+'s mod, the clear update each site is about to
-  mask, its weight and the global model it trained from (``<state-dir>/clear/round-<round>.npz``).
+  mask, its weight and the global model it trained from (``<state-dir>/clear/round-<round>.npz``); and a dropout
+  on demand (node config ``drop-secure-round``).
 The real apps have neither recorder.
 """
 
@@ -75,9 +76,14 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def record_clear_update(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Inside SecAgg+'s mod: the clear update of a secure round's training step, saved before it is masked."""
+    """Inside SecAgg+'s mod: the clear update of a secure round's training step, saved before it is masked. A site
+    whose node config says ``drop-secure-round=N`` fails round N's training step instead: a hospital lost after it
+    shared its keys, before it sent its masked update (the dropout SecAgg+ must survive)."""
+    training = LEGACY_PARAMETERS in msg.content.array_records
+    if training and str(context.node_config.get("drop-secure-round", "")) == msg.metadata.group_id:
+        raise RuntimeError("test: this site drops out of the secure round")
     reply = call_next(msg, context)
-    if LEGACY_PARAMETERS in msg.content.array_records and "fitres.parameters" in reply.content.array_records:
+    if training and "fitres.parameters" in reply.content.array_records:
         folder = Path(str(context.node_config.get("state-dir", "."))) / "clear"
         folder.mkdir(parents=True, exist_ok=True)
         update = reply.content.array_records["fitres.parameters"].to_numpy_ndarrays()

@@ -1,8 +1,8 @@
 """Secure aggregation on real Flower processes: three hospitals, TLS and SuperNode authentication, two rounds of
-Flower's SecAgg+ with DP. The job completes; each round's new global model is the plain FedAvg of the clear
-updates the sites masked (recorded at the sites by the test ClientApp, inside the mod); and nothing the ServerApp
-received (recorded by the test ServerApp) holds an update in the clear: no reply carries an array, and each masked
-vector is uncorrelated with the update it hides."""
+Flower's SecAgg+ with DP; in round 2 one hospital drops out after sharing its keys. The job completes; each round's
+new global model is the plain FedAvg of the clear updates the remaining sites masked (recorded at the sites by the
+test ClientApp, inside the mod); and nothing the ServerApp received (recorded by the test ServerApp) holds an update
+in the clear: no reply carries an array, and each masked vector is uncorrelated with the update it hides."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS, SITES, CLIP = 2, 3, 10.0
+DROPPED, DROP_ROUND = "hospital-3", 2  # below SecAgg+'s threshold of 2 of 3 the round could not be unmasked
 
 
 def secure_app(tmp_path: Path) -> Path:
@@ -51,7 +52,10 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the ServerApp and SuperNodes import the recording apps
     federation = LoopbackFederation(
-        tmp_path / "fed", secure_app(tmp_path), FederationOptions(sites=SITES, studies_per_site=4, seed=3)
+        tmp_path / "fed",
+        secure_app(tmp_path),
+        FederationOptions(sites=SITES, studies_per_site=4, seed=3),
+        node_config_extra={DROPPED: f"drop-secure-round={DROP_ROUND}"},
     )
     assert federation.options.secure  # TLS + SuperNode authentication
     federation.start()
@@ -59,7 +63,7 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
     config = {
         "num-server-rounds": ROUNDS,
         "local-steps": 2,
-        "min-sites": SITES,
+        "min-sites": SITES - 1,
         "epsilon": 8.0,
         "secure-aggregation": True,
         "update-clip-norm": CLIP,
@@ -75,8 +79,12 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
 
     rounds = [m for m in read_metrics(out) if "round" in m]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
-    assert all(sorted(r["aggregated"]) == sorted(s.name for s in federation.sites) for r in rounds)
-    assert all(r["flagged"] == [] and not r["errors"] for r in rounds), rounds
+    survivors = {r: [s for s in federation.sites if (s.name, r) != (DROPPED, DROP_ROUND)] for r in range(1, ROUNDS + 1)}
+    assert all(sorted(r["aggregated"]) == sorted(s.name for s in survivors[r["round"]]) for r in rounds)
+    assert all(r["flagged"] == [] for r in rounds), rounds
+    assert not rounds[0]["errors"] and "drops out of the secure round" in str(rounds[DROP_ROUND - 1]["errors"])
+    dropped = next(s for s in federation.sites if s.name == DROPPED)
+    assert not (dropped.state_dir / "clear" / f"round-{DROP_ROUND}.npz").exists()  # it never sent an update
 
     # each round's new global model is the plain FedAvg of the clear updates (server learning rate applied)
     rate = RunConfig().server_learning_rate
@@ -85,7 +93,7 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
     with np.load(final) as saved:
         final_arrays = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     for server_round in range(1, ROUNDS + 1):
-        recorded = [clear(site.state_dir, server_round) for site in federation.sites]
+        recorded = [clear(site.state_dir, server_round) for site in survivors[server_round]]
         start = recorded[0][1]
         assert all(all(np.array_equal(a, b) for a, b in zip(r[1], start, strict=True)) for r in recorded)
         weights = np.array([r[2] for r in recorded])
@@ -102,13 +110,15 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
 
     # what the ServerApp received: no array in the clear, and masked vectors unrelated to the updates they hide
     received = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
-    assert received and not [r for r in received if "error" in r]
+    failed = [(r["type"], r["group"]) for r in received if "error" in r]
+    assert received and failed == [("train", str(DROP_ROUND))], failed  # only the dropout's training step
     with_data = [(r["type"], n) for r in received for n, rec in r["records"].items() if rec.get("arrays")]
     assert not with_data, with_data
     masked = sorted((out / "masked").glob("*.npy"))
-    assert len(masked) == ROUNDS * SITES
+    assert len(masked) == ROUNDS * SITES - 1
     for server_round in range(1, ROUNDS + 1):
-        updates = [np.concatenate([u.ravel() for u in clear(s.state_dir, server_round)[0]]) for s in federation.sites]
+        sites = survivors[server_round]
+        updates = [np.concatenate([u.ravel() for u in clear(s.state_dir, server_round)[0]]) for s in sites]
         for path in (out / "masked").glob(f"{server_round}-*.npy"):
             vector = np.load(path).astype(np.float64)
             assert vector.size >= updates[0].size
