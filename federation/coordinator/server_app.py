@@ -415,6 +415,8 @@ class RoundDriver:
             errors.setdefault(f"node-{node}", "no masked update (dropped out of the secure round)")
         if secure.mean_update is None:
             raise QuorumError(f"round {server_round}: secure aggregation could not unmask the sum ({errors})")
+        if len(replies) < self.min_sites:  # SecAgg+'s threshold may be lower than the job's quorum
+            raise QuorumError(f"round {server_round}: {len(replies)} update(s) in the sum, quorum {self.min_sites}")
         norm = float(np.sqrt(sum(float(np.square(u, dtype=np.float64).sum()) for u in secure.mean_update)))
         if not np.isfinite(norm) or norm > self.run.update_clip_norm * (1 + 1e-3):
             # a mean of updates each clipped to the norm cannot be longer: the sum itself is corrupt
