@@ -149,6 +149,18 @@ class ViewerPage:
                 time.sleep(0.2)
         return np.asarray(mpimg.imread(io.BytesIO(shot), format="png"), dtype=np.float32)[..., :3]
 
+    def settled_canvas_pixels(self, tries: int = 12, gap_s: float = 0.3) -> npt.NDArray[np.float32]:
+        """The canvas once two shots in a row are the same: on a loaded machine OHIF may still be drawing
+        the slice or the overlay a fixed sleep after the change (CI once read a half-drawn overlay)."""
+        shot = self.canvas_pixels()
+        for _ in range(tries):
+            time.sleep(gap_s)
+            again = self.canvas_pixels()
+            if again.shape == shot.shape and np.array_equal(again, shot):
+                return again
+            shot = again
+        raise AssertionError(f"the viewport canvas kept changing for {tries * gap_s:.1f} s")
+
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path))

@@ -81,9 +81,9 @@ def overlay_overlap(viewer: ViewerPage, truth: InferenceResult, lesion: int, nam
     mask = truth.lesion_labels == lesion
     largest = int(np.argmax(mask.sum(axis=(1, 2))))
     viewer.go_to_slice(stack_index(viewer, truth, largest))
-    drawn = viewer.canvas_pixels()
+    drawn = viewer.settled_canvas_pixels()
     viewer.show_segmentation(False)
-    bare = viewer.canvas_pixels()
+    bare = viewer.settled_canvas_pixels()
     viewer.show_segmentation(True)
     assert viewer.current_slice() == stack_index(viewer, truth, largest)  # nothing moved between the shots
     overlay = overlay_mask(drawn, bare)
