@@ -41,7 +41,8 @@ FEDERATED_STEPS = 1500  # the federated arm's whole budget when STEPS is not set
 SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
 # and "federated" (brain), "session-10-plan" (brain: the planned recipe on session 10's 2-D plan, 128 x 128 patches
 # at batch 8, against today's whole slices at batch 2), "2.5-d" (brain: the planned recipe with one slice either
-# side as input channels, [model] context_slices = 1)
+# side as input channels, [model] context_slices = 1), "component" (brain: the planned recipe with forced patches
+# drawing a lesion first, then a voxel in it: [training] foreground_sampling = "component")
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SITES = 2  # the federated arm's hospitals
@@ -174,6 +175,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[preprocessing]\n\n[model]\n", SESSION_10_PLAN)
                 if arm == "2.5-d":
                     text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
+                if arm == "component":
+                    text += '\n[training]\nforeground_sampling = "component"\n'
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec

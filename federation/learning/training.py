@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the PyTorch idiom
 
@@ -27,7 +28,7 @@ from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.networks import build_network
 from radfed.inference.model.arbiter import DeviceArbiter
 from radfed.inference.model.plan import PlanError
-from radfed.inference.model.recipe import Optimizer, Schedule, TrainingRecipe
+from radfed.inference.model.recipe import ForegroundSampling, Optimizer, Schedule, TrainingRecipe
 from radfed.inference.model.taskspec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class PatchSampler:
         assert spec.plan is not None
         self.augment = PatchAugmenter(recipe, self.patch, spec.plan.network.spatial_dims, seed)
         self.context = spec.plan.network.context_slices
+        self._components: dict[tuple[str, tuple[int, ...]], list[npt.NDArray[np.intp]]] = {}  # component sampling
 
     def crop(
         self, sample: TrainingSample, force_foreground: bool
@@ -176,7 +178,7 @@ class PatchSampler:
         rng = self.rng
         start = [int(rng.integers(0, s - p + 1)) for p, s in zip(size, spatial, strict=True)]
         if force_foreground:
-            foreground = np.argwhere(lesions > 0)
+            foreground = self._lesion_voxels(sample, lesions)
             if len(foreground):
                 voxel = foreground[rng.integers(len(foreground))]
                 jitter = self.recipe.foreground_jitter
@@ -197,6 +199,21 @@ class PatchSampler:
         crop_image, crop_mask = self.augment(crop_image, crop_mask)
         target = -1.0 if sample.label < 0 else float(sample.label == 1 and crop_mask.any())
         return np.ascontiguousarray(crop_image), np.ascontiguousarray(crop_mask), target
+
+    def _lesion_voxels(self, sample: TrainingSample, lesions: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
+        """The voxels a forced patch may centre on: every lesion voxel, or those of one lesion drawn
+        uniformly (the components of a study are found once and kept)."""
+        if self.recipe.foreground_sampling is ForegroundSampling.VOXEL:
+            return np.argwhere(lesions > 0)
+        key = (sample.key, lesions.shape)  # the shape tells a padded copy (small studies) from the original
+        components = self._components.get(key)
+        if components is None:
+            found, count = ndimage.label(lesions > 0, structure=np.ones((3, 3, 3), dtype=bool))
+            components = [np.argwhere(found == i) for i in range(1, count + 1)]
+            self._components[key] = components
+        if not components:
+            return np.empty((0, lesions.ndim), dtype=np.intp)
+        return components[int(self.rng.integers(len(components)))]
 
     def batch(self, samples: Sequence[TrainingSample], batch_size: int) -> tuple[torch.Tensor, ...]:
         positives = [s for s in samples if s.lesions.any()]

@@ -22,6 +22,14 @@ class Schedule(StrEnum):
     CONSTANT = "constant"
 
 
+class ForegroundSampling(StrEnum):
+    """How a patch forced onto foreground picks its lesion voxel."""
+
+    VOXEL = "voxel"  # any lesion voxel of the study, uniformly: a large tumour is drawn in proportion to its size
+    COMPONENT = "component"  # a lesion (connected component) first, uniformly, then a voxel in it: the small
+    # lesions of multifocal disease are drawn as often as the large one
+
+
 class Augmentation(StrEnum):
     ROTATE = "rotate"
     SCALE = "scale"
@@ -58,6 +66,7 @@ class TrainingRecipe:
     classification_weight: float = 0.5
     foreground_fraction: float = 0.33  # share of each batch forced to contain lesion voxels
     foreground_jitter: float = 0.5  # where in the patch the forced lesion voxel may fall (0: centre, 1: anywhere)
+    foreground_sampling: ForegroundSampling = ForegroundSampling.VOXEL
     augmentations: tuple[Augmentation, ...] = ALL_AUGMENTATIONS
     flip_axes: tuple[int, ...] = (2,)  # (slice, row, column) axes along which anatomy is symmetric
     rotation_deg: float = 15.0

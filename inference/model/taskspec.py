@@ -16,7 +16,7 @@ from typing import Any
 from radfed.inference.coding import CodedTerm
 from radfed.inference.errors import RadfedError
 from radfed.inference.model.plan import Architecture, Normalization, Plan, PlanError, PlanOverrides
-from radfed.inference.model.recipe import Augmentation, Optimizer, Schedule, TrainingRecipe
+from radfed.inference.model.recipe import Augmentation, ForegroundSampling, Optimizer, Schedule, TrainingRecipe
 from radfed.inference.pipeline.findings import ClassCategory, TaskCodes
 
 DEFAULT_TASK = "prostate_mpmri"
@@ -382,6 +382,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         classification_weight=r.get("classification_weight", float, default.classification_weight),
         foreground_fraction=fraction,
         foreground_jitter=r.get("foreground_jitter", float, default.foreground_jitter),
+        foreground_sampling=r.choice("foreground_sampling", ForegroundSampling, default.foreground_sampling.value),
         augmentations=augmentation,
         flip_axes=flip_axes,
         rotation_deg=r.get("rotation_deg", float, default.rotation_deg),
