@@ -10,6 +10,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     RADFED_BENCH_FEDERATION=stragglers python -m bench federation    # a late site: wait, drop or fold its update
     RADFED_BENCH_FEDERATION=scale python -m bench federation         # N = 10, 30, 100 sites on the simulation runtime
     RADFED_BENCH_FEDERATION=secure python -m bench federation        # SecAgg+ against plain FedAvg on real Flower
+    RADFED_BENCH_FEDERATION=reconstruction python -m bench federation  # gradient inversion, with and without DP
 """
 
 from __future__ import annotations
@@ -707,6 +708,10 @@ def main() -> None:
             scale(Path(tmp) / "scale", quick)
         if "secure" in parts:
             secure(Path(tmp) / "secure", quick)
+        if "reconstruction" in parts:
+            from bench.reconstruction import reconstruction
+
+            reconstruction(quick)
 
 
 if __name__ == "__main__":
