@@ -1,8 +1,13 @@
-"""Bias checks on real Flower processes: two hospitals with two scanner vendors each (each its own Orthanc: the
-launcher's synthetic site, plus the studies of another synthetic site with another vendor and field strength),
-one round, then the final evaluation. The pooled subgroup table reaches the job's metrics, the artifact's
-provenance and the model card; and what left each site (recorded by the test ClientApp: metric names, never
-values) holds no subgroup that had fewer than ``bias-min-cell`` held-out studies there, by the synthetic truth."""
+"""The final evaluation's bias checks and membership-inference audit on real Flower processes, in one job (one
+federation start for both): two hospitals with two scanner vendors each (each its own Orthanc: the launcher's
+synthetic site, plus the studies of another synthetic site with another vendor and field strength), one round at
+DP epsilon 8, then the final evaluation with ``bias-min-cell = 2`` and ``membership-audit = lira``.
+
+- Bias checks: the pooled subgroup table reaches the job's metrics, the artifact's provenance and the model card;
+  what left each site (recorded by the test ClientApp: metric names, never values) holds no subgroup that had
+  fewer than ``bias-min-cell`` held-out studies there, by the synthetic truth.
+- Audit: each site's attack figures reach the coordinator's job metrics, the artifact's provenance and the model
+  card, and what left each site holds only allow-listed scalars, in the final evaluation's reply only."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import pytest
 from radfed.federation.coordinator.checkpoint import read_metrics
 from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.learning.cohort import is_held_out, study_key
+from radfed.federation.learning.membership import METRICS
+from radfed.federation.learning.messages import ALLOWED_METRICS, ALLOWED_VECTORS
 from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.testing.synthetic.sites import site_profile
@@ -71,7 +78,7 @@ def add_second_vendor(federation: LoopbackFederation) -> None:
         write_labels(rows, site.labels)
 
 
-def test_subgroups_are_pooled_and_no_cell_under_the_minimum_leaves_a_site(
+def test_subgroups_and_membership_audit_are_pooled_and_nothing_else_leaves_a_site(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the SuperNodes import the recording ClientApp
@@ -89,12 +96,14 @@ def test_subgroups_are_pooled_and_no_cell_under_the_minimum_leaves_a_site(
         "num-server-rounds": 1,
         "local-steps": 2,
         "min-sites": 2,
-        "epsilon": 0.0,
+        "epsilon": 8.0,
         "held-out-fraction": HELD_OUT,
         "rollout": False,
-        "membership-audit": "off",
+        "membership-audit": "lira",
+        "membership-references": 2,
+        "membership-steps": 2,
         "bias-min-cell": MIN_CELL,
-        "job": "bias",
+        "job": "final-evaluation",
     }
     try:
         add_second_vendor(federation)
@@ -119,7 +128,21 @@ def test_subgroups_are_pooled_and_no_cell_under_the_minimum_leaves_a_site(
     card = (out / "model-card.md").read_text()
     assert "## Bias checks" in card and f"| vendor | philips | {vendors['philips']['studies']} |" in card, card
 
-    # what left each site: subgroup cells only in the final evaluation, none with fewer than k held-out studies
+    # the membership audit: each site's figures in the final metrics, the provenance and the card
+    audit = final["membership_audit"]
+    assert audit["attack"] == "lira" and set(audit["sites"]) == set(PROFILES), audit
+    for found in audit["sites"].values():
+        assert found["members"] >= 1 and found["non_members"] >= 1 and found["references"] == 2
+        for key in ("loss_auc", "loss_tpr_at_1pct_fpr", "lira_auc", "lira_tpr_at_1pct_fpr"):
+            assert isinstance(found[key], float) and 0.0 <= found[key] <= 1.0, (key, found)
+    assert "membership audit: hospital-1 loss AUC" in outcome.log
+    assert load_artifact(out / "artifact").provenance["membership_audit"] == audit
+    assert "## Membership-inference audit" in card and "DP-SGD at epsilon 8" in card
+    for site, found in audit["sites"].items():
+        assert f"| {site} | {found['members']} | {found['non_members']} | {found['loss_auc']:.3f} |" in card, card
+
+    # what left each site: subgroup cells only in the final evaluation, none with fewer than k held-out studies;
+    # the audit's figures likewise, all allow-listed scalars
     for site in federation.sites:
         replies = [json.loads(x) for x in (site.state_dir / "sent.jsonl").read_text().splitlines()]
         evaluated = [r for r in replies if r["type"] == "evaluate"]
@@ -129,4 +152,10 @@ def test_subgroups_are_pooled_and_no_cell_under_the_minimum_leaves_a_site(
         assert not sent & small[site.name]
         assert "subgroup_suppressed" in evaluated[0]["records"]["metrics"]["keys"]
         before = [r["records"].get("metrics", {}).get("keys", []) for r in replies if r["type"] != "evaluate"]
-        assert not [k for keys in before for k in keys if k.startswith("subgroup")]
+        assert not [k for keys in before for k in keys if k.startswith(("subgroup", "membership_"))]
+        keys = evaluated[0]["records"]["metrics"]["keys"]
+        assert set(METRICS) <= set(keys)
+        assert not {k for k in keys if k.startswith("membership_")} - ALLOWED_METRICS
+        assert not {k for k in keys if k.startswith("membership_")} & set(ALLOWED_VECTORS)  # never a vector
+        assert set(evaluated[0]["records"]) == {"metrics", "site"}  # no arrays from the evaluation
+        assert any(r["type"] == "train" for r in replies)
