@@ -188,7 +188,9 @@ def _jobs(work: Path) -> list[Job]:
             site = f"site-{fold + 1}"
             train = tuple(str(p) for p in sorted((work / "prostate").glob("site-*")) if p.name != site)
             for arm in ARMS:
-                text = shipped if arm == "planned" else _first_wave(shipped, "[3.0, 1.0, 1.0]")
+                text = _first_wave(shipped, "[3.0, 1.0, 1.0]") if arm == "first-wave" else shipped
+                if arm == "component":
+                    text = text.replace("[training]\n", '[training]\nforeground_sampling = "component"\n', 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
