@@ -209,7 +209,10 @@ class PatchSampler:
         components = self._components.get(key)
         if components is None:
             found, count = ndimage.label(lesions > 0, structure=np.ones((3, 3, 3), dtype=bool))
-            components = [np.argwhere(found == i) for i in range(1, count + 1)]
+            voxels = np.argwhere(found > 0)  # one pass over the volume, then grouped by component
+            labels = found[tuple(voxels.T)]
+            order = np.argsort(labels, kind="stable")
+            components = np.split(voxels[order], np.cumsum(np.bincount(labels, minlength=count + 1)[1:])[:-1])
             self._components[key] = components
         if not components:
             return np.empty((0, lesions.ndim), dtype=np.intp)
