@@ -10,6 +10,7 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     python -m bench quality
     RADFED_BENCH_QUALITY_STEPS=300 RADFED_BENCH_QUALITY_SETS=brain python -m bench quality   # shorter
     RADFED_BENCH_QUALITY_MINUTES=60 ...   # each training's time limit (default: the recipe's, 40 min)
+    RADFED_BENCH_QUALITY_SEED=1 ...       # another draw of initial weights and patches (same folds)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
 ``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
@@ -39,10 +40,12 @@ STEPS = int(os.environ["RADFED_BENCH_QUALITY_STEPS"]) if os.environ.get("RADFED_
 MINUTES = float(os.environ["RADFED_BENCH_QUALITY_MINUTES"]) if os.environ.get("RADFED_BENCH_QUALITY_MINUTES") else None
 FEDERATED_STEPS = 1500  # the federated arm's whole budget when STEPS is not set (rounds need a count)
 SETS = os.environ.get("RADFED_BENCH_QUALITY_SETS", "brain,prostate").split(",")
+# Training seeds are the fold numbers plus 100 x this (another draw of initial weights and patches; same folds).
+SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # and "federated" (brain), "session-10-plan" (brain: the planned recipe on session 10's 2-D plan, 128 x 128 patches
 # at batch 8, against today's whole slices at batch 2), "2.5-d" (brain: the planned recipe with one slice either
-# side as input channels, [model] context_slices = 1), "component" (brain: the planned recipe with forced patches
-# drawing a lesion first, then a voxel in it: [training] foreground_sampling = "component")
+# side as input channels, [model] context_slices = 1), "voxel" (brain and prostate: the planned recipe with forced
+# patches centred on any lesion voxel, the default before session 18: [training] foreground_sampling = "voxel")
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SITES = 2  # the federated arm's hospitals
@@ -175,8 +178,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[preprocessing]\n\n[model]\n", SESSION_10_PLAN)
                 if arm == "2.5-d":
                     text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
-                if arm == "component":
-                    text += '\n[training]\nforeground_sampling = "component"\n'
+                if arm == "voxel":
+                    text += '\n[training]\nforeground_sampling = "voxel"\n'
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -189,8 +192,8 @@ def _jobs(work: Path) -> list[Job]:
             train = tuple(str(p) for p in sorted((work / "prostate").glob("site-*")) if p.name != site)
             for arm in ARMS:
                 text = _first_wave(shipped, "[3.0, 1.0, 1.0]") if arm == "first-wave" else shipped
-                if arm == "component":
-                    text = text.replace("[training]\n", '[training]\nforeground_sampling = "component"\n', 1)
+                if arm == "voxel":
+                    text = text.replace("[training]\n", '[training]\nforeground_sampling = "voxel"\n', 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
@@ -234,7 +237,7 @@ def _run(job: Job) -> dict[str, Any]:
 
     if job.arm == "federated":
         return [_federated(job, spec, train, test)]
-    trained = fit(spec, train, seed=job.fold, steps=STEPS, progress=progress)
+    trained = fit(spec, train, seed=job.fold + 100 * SEED, steps=STEPS, progress=progress)
     # Postprocessing and test-time variants of the same trained model (free of training noise).
     variants = {job.arm: trained.spec}
     unprotected = "planned, share rule without protecting large components (session 9)"
@@ -344,7 +347,7 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     # the share-of-largest rule from the sites' reference masks (an aggregate: kept-volume fractions)
     spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train, spec.outputs.min_lesion_volume_mm3))
     rounds = max(1, (STEPS or FEDERATED_STEPS) // (FEDERATED_LOCAL_STEPS * len(sites)))
-    budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold, every_round=False)
+    budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
     started = time.perf_counter()
     result = Experiment(spec, {}, budget).federate(
         Arm("federated", harmonise=False), sites, test, lambda line: print(f"  brain fold {job.fold}: {line}")

@@ -27,7 +27,8 @@ class ForegroundSampling(StrEnum):
 
     VOXEL = "voxel"  # any lesion voxel of the study, uniformly: a large tumour is drawn in proportion to its size
     COMPONENT = "component"  # a lesion (connected component) first, uniformly, then a voxel in it: the small
-    # lesions of multifocal disease are drawn as often as the large one
+    # lesions of multifocal disease are drawn as often as the large one (the default since session 18: ahead
+    # on the real brain set and the synthetic prostate sites, README)
 
 
 class Augmentation(StrEnum):
@@ -66,7 +67,7 @@ class TrainingRecipe:
     classification_weight: float = 0.5
     foreground_fraction: float = 0.33  # share of each batch forced to contain lesion voxels
     foreground_jitter: float = 0.5  # where in the patch the forced lesion voxel may fall (0: centre, 1: anywhere)
-    foreground_sampling: ForegroundSampling = ForegroundSampling.VOXEL
+    foreground_sampling: ForegroundSampling = ForegroundSampling.COMPONENT
     augmentations: tuple[Augmentation, ...] = ALL_AUGMENTATIONS
     flip_axes: tuple[int, ...] = (2,)  # (slice, row, column) axes along which anatomy is symmetric
     rotation_deg: float = 15.0

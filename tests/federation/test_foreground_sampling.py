@@ -67,8 +67,8 @@ def test_component_sampling_on_a_study_smaller_than_the_patch_and_on_one_without
 
 def test_the_spec_chooses_it_and_refuses_an_unknown_way() -> None:
     text = load_task_spec().source_text
-    assert load_task_spec().training.foreground_sampling is ForegroundSampling.VOXEL
-    chosen = parse_task_spec(text.replace("[training]\n", '[training]\nforeground_sampling = "component"\n'), "t")
-    assert chosen.training.foreground_sampling is ForegroundSampling.COMPONENT
+    assert load_task_spec().training.foreground_sampling is ForegroundSampling.COMPONENT  # the default
+    chosen = parse_task_spec(text.replace("[training]\n", '[training]\nforeground_sampling = "voxel"\n'), "t")
+    assert chosen.training.foreground_sampling is ForegroundSampling.VOXEL
     with pytest.raises(TaskSpecError, match="foreground_sampling"):
         parse_task_spec(text.replace("[training]\n", '[training]\nforeground_sampling = "lesion"\n'), "t")
