@@ -21,6 +21,7 @@ from radfed.federation.lab.experiments import (
     train_base_model,
 )
 from radfed.federation.learning.staleness import LateUpdates
+from radfed.inference.model.recipe import ForegroundSampling
 from radfed.inference.model.taskspec import load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
@@ -75,11 +76,13 @@ def agreeing(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     data = tmp_path_factory.mktemp("agreeing-data")
     synthesize_to_folder(data, sites=3, studies_per_site=8, seed=8, small=True)
     shipped = load_task_spec()
-    # The plan the agreement was measured with (1 x 128 x 144 patches, batch 7). At 3 local steps it is fragile:
-    # with batch 6 (session 11's whole-slice plan) or 8 the first round's honest updates agreed too little for
-    # the flipped one to stand out in round 1 (it was still flagged in round 2).
+    # The plan and patch draws the agreement was measured with (1 x 128 x 144 patches, batch 7, forced patches
+    # centred on any lesion voxel). At 3 local steps it is fragile: with batch 6 (session 11's whole-slice plan)
+    # or 8, or with session 18's default component sampling (other draws), the first round's honest updates
+    # agreed too little for the flipped one to stand out in round 1 (it was still flagged in round 2).
     pinned = replace(shipped.preprocessing, patch_size=(1, 128, 144))
-    spec = replace(shipped, preprocessing=pinned, model=replace(shipped.model, batch_size=7))
+    voxel = replace(shipped.training, foreground_sampling=ForegroundSampling.VOXEL)
+    spec = replace(shipped, preprocessing=pinned, model=replace(shipped.model, batch_size=7), training=voxel)
     cohorts = load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, spec)
     return Experiment(spec, cohorts, Budget(rounds=2, local_steps=3, every_round=False))
 
