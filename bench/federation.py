@@ -330,42 +330,72 @@ def _ratio_of(value: object, reference: object) -> float | None:
 
 
 MEMBERSHIP_ARMS = (Arm("federated, no DP"), Arm("federated, DP eps 8", epsilon=8.0))
+# From a base model trained without DP on public studies (as the privacy curve and the demo do): a DP job that
+# learns, so that its leakage is measured on a model that fits the sites' studies. The base model alone is the
+# control: it never saw a site's study, so its AUC is what the attack reads from the split alone.
+MEMBERSHIP_BASE_ONLY = Arm("base model only (control)", Mode.BASE_ONLY)
+MEMBERSHIP_BASE_ARMS = (
+    Arm("fine-tuned, no DP", start=Start.BASE, learning_rate=FINE_TUNE_LEARNING_RATE),
+    Arm("fine-tuned, DP eps 8", epsilon=8.0, start=Start.BASE, learning_rate=FINE_TUNE_LEARNING_RATE),
+)
 References = tuple[Any, Any] | None  # (confidences, trained halves), both (references, studies)
 
 
 def membership(work: Path, quick: bool) -> None:
     """What an attacker holding the final model learns about who trained it: each site's audit as a job runs it
     (run-config membership-audit = lira: loss threshold + offline LiRA on its training vs held-out studies), on the
-    federated model without DP and with DP at epsilon 8, on the same studies and splits. The reference models do
-    not depend on the arm (trained at the site, without DP, on halves of its studies), so each site trains them
-    once. Sizes: RADFED_BENCH_MEMBERSHIP_STUDIES, _ROUNDS, _STEPS, _REFERENCES (held-out fraction 0.5)."""
+    federated model without DP and with DP at epsilon 8, from random weights and fine-tuned from a public base
+    model, on the same studies and splits. The reference models do not depend on the arm (trained at the site,
+    without DP, on halves of its studies), so each site trains them once. Every worker loads the cohorts from the
+    cohort cache (sent from the parent, 3 x 64 studies would be pickled for every task). Sizes:
+    RADFED_BENCH_MEMBERSHIP_STUDIES, _ROUNDS, _STEPS, _REFERENCES, _BASE_STEPS (0: no base arms); held-out
+    fraction 0.5. One plan for every arm, the DP job's (batches of >= 8)."""
     environ = os.environ.get
     studies = int(environ("RADFED_BENCH_MEMBERSHIP_STUDIES", 4 if quick else 8))
     rounds = int(environ("RADFED_BENCH_MEMBERSHIP_ROUNDS", 2 if quick else 4))
     steps = int(environ("RADFED_BENCH_MEMBERSHIP_STEPS", 3 if quick else 15))
     references = int(environ("RADFED_BENCH_MEMBERSHIP_REFERENCES", 2 if quick else 4))
+    base_steps = int(environ("RADFED_BENCH_MEMBERSHIP_BASE_STEPS", 4 if quick else BASE_STEPS))
     budget = Budget(rounds=rounds, local_steps=steps, held_out_fraction=0.5, every_round=False)
-    spec, cohorts = _synthetic_sites(work, studies)
-    sites = sorted(cohorts)
+    data = work / "data"
+    synthesize_to_folder(data, sites=3, studies_per_site=studies, seed=5, small=True)
+    roots = {p.name: p for p in sorted(data.glob("site-*"))}
+    spec = planned_spec(
+        roots, load_task_spec(None), private=True
+    )  # planned once: each study's fingerprint costs a load
+    sites = sorted(_membership_cohorts(data, spec))  # builds the cohort cache the workers read
+    public = []
+    if base_steps > 0:
+        per_scanner = 3 if quick else PUBLIC_STUDIES // 2
+        public = synthesize_to_folder(work / "public", sites=2, studies_per_site=per_scanner, seed=1005, small=True,
+                                      first_site=4)  # fmt: skip
     settings = AuditSettings(MembershipAudit.LIRA, references, rounds * steps)  # as a site would train them
     jobs = int(os.environ.get("RADFED_BENCH_JOBS", os.cpu_count() or 1))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
-        arm_runs = [pool.submit(_run_arm, spec, cohorts, budget, arm) for arm in MEMBERSHIP_ARMS]
-        reference_runs = {s: pool.submit(_site_references, spec, cohorts, budget, s, settings) for s in sites}
-        results = [f.result() for f in arm_runs]
+        training = pool.submit(_membership_base, data, spec, public, base_steps) if public else None
+        arm_runs = {arm: pool.submit(_membership_arm, data, spec, budget, arm) for arm in MEMBERSHIP_ARMS}
+        reference_runs = {s: pool.submit(_site_references, data, spec, budget, s, settings) for s in sites}
+        base = training.result() if training is not None else None
+        final: dict[Arm, Any] = {}
+        if base is not None:
+            final[MEMBERSHIP_BASE_ONLY] = base  # the control's model: the base itself
+            base_arms = (MEMBERSHIP_BASE_ONLY, *MEMBERSHIP_BASE_ARMS)
+            arm_runs |= {arm: pool.submit(_membership_arm, data, spec, budget, arm, base) for arm in base_arms}
+        results = {arm: future.result() for arm, future in arm_runs.items()}
+        final |= {arm: r.final_arrays for arm, r in results.items() if r.final_arrays is not None}
         loss_runs = {
-            (arm.name, site): pool.submit(_site_losses, spec, cohorts, budget, site, result.final_arrays)
-            for arm, result in zip(MEMBERSHIP_ARMS, results, strict=True)
+            (arm, site): pool.submit(_site_losses, data, spec, budget, site, arrays)
+            for arm, arrays in final.items()
             for site in sites
         }
         reference = {site: f.result() for site, f in reference_runs.items()}
         losses = {key: f.result() for key, f in loss_runs.items()}
     rows = []
-    for arm, result in zip(MEMBERSHIP_ARMS, results, strict=True):
+    for arm, result in results.items():
         pooled: dict[str, list[Any]] = {"loss_in": [], "loss_out": [], "lira_in": [], "lira_out": []}
         for site in sites:
-            site_losses, members = losses[(arm.name, site)]
+            site_losses, members = losses[(arm, site)]
             site_reference = reference[site]
             if site_reference is None or not 0 < members < len(site_losses):  # no split to attack
                 rows.append([arm.name, site, members, len(site_losses) - members, *["n/a"] * 5])
@@ -387,15 +417,20 @@ def membership(work: Path, quick: bool) -> None:
                 result,
             )
         )
+    public_count = len(public) * (3 if quick else PUBLIC_STUDIES // 2)
+    base_text = (
+        f"; fine-tuned from a base model of {base_steps} steps on {public_count} public studies" if public else ""
+    )
     table(
         f"Membership inference against the federated model (3 small synthetic sites x {studies} studies, half held "
         f"out; {rounds} rounds x {steps} steps; LiRA offline with {references} reference models of {rounds * steps} "
-        "steps per site; 'all sites': the sites' scores pooled; one seed)",
+        f"steps per site{base_text}; 'all sites': the sites' scores pooled; one seed)",
         ["arm", "site", "members", "non-members", "loss AUC", "loss TPR@1%FPR", "LiRA AUC", "LiRA TPR@1%FPR", "Dice"],
         rows,
         f"RADFED_BENCH_FEDERATION=membership RADFED_BENCH_MEMBERSHIP_STUDIES={studies} "
         f"RADFED_BENCH_MEMBERSHIP_ROUNDS={rounds} RADFED_BENCH_MEMBERSHIP_STEPS={steps} "
-        f"RADFED_BENCH_MEMBERSHIP_REFERENCES={references} python -m bench federation",
+        f"RADFED_BENCH_MEMBERSHIP_REFERENCES={references} RADFED_BENCH_MEMBERSHIP_BASE_STEPS={base_steps} "
+        "python -m bench federation",
     )
     print("goal: membership-inference AUC <= 0.55 at epsilon 8 (0.5 is chance; few studies per site: coarse AUCs)")
 
@@ -409,25 +444,36 @@ def _membership_row(arm: str, site: str, loss: Any, lira: Any, members: int, res
     ]  # fmt: skip
 
 
-def _site_split(spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, site: str) -> tuple[list[Any], int]:
+def _membership_cohorts(data: Path, spec: TaskSpec) -> dict[str, SiteCohort]:
+    """The membership bench's cohorts under ``spec`` (planned), from (and into) the cohort cache beside ``data``."""
+    return load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, spec, data.parent / "cache")
+
+
+def _membership_arm(data: Path, spec: TaskSpec, budget: Budget, arm: Arm, base: Any = None) -> ArmResult:
+    return Experiment(spec, _membership_cohorts(data, spec), budget, base).run(arm)
+
+
+def _membership_base(data: Path, spec: TaskSpec, public: list[Path], steps: int) -> Any:
+    return train_base_model(spec, public, steps)
+
+
+def _site_split(cohorts: dict[str, SiteCohort], budget: Budget, site: str) -> tuple[list[Any], int]:
     """A site's studies as its audit sees them: its training studies (members) first, then its held-out ones,
     harmonised as the experiment's federated arms train on them."""
-    landmarks = Experiment(spec, cohorts, budget).landmarks
+    landmarks = Experiment(cohorts[site].spec, cohorts, budget).landmarks
     train, held_out = cohorts[site].split(budget.held_out_fraction, landmarks)
     return [*train, *held_out], len(train)
 
 
-def _site_references(
-    spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, site: str, settings: AuditSettings
-) -> References:
-    studies, _ = _site_split(spec, cohorts, budget, site)
+def _site_references(data: Path, spec: TaskSpec, budget: Budget, site: str, settings: AuditSettings) -> References:
+    cohorts = _membership_cohorts(data, spec)
+    studies, _ = _site_split(cohorts, budget, site)
     return reference_confidences(studies, cohorts[site].spec, settings) if len(studies) >= 2 else None
 
 
-def _site_losses(
-    spec: TaskSpec, cohorts: dict[str, SiteCohort], budget: Budget, site: str, arrays: Any
-) -> tuple[Any, int]:
-    studies, members = _site_split(spec, cohorts, budget, site)
+def _site_losses(data: Path, spec: TaskSpec, budget: Budget, site: str, arrays: Any) -> tuple[Any, int]:
+    cohorts = _membership_cohorts(data, spec)
+    studies, members = _site_split(cohorts, budget, site)
     planned = cohorts[site].spec
     return study_losses(arrays_to_model(planned, arrays), studies, planned), members
 
