@@ -360,11 +360,10 @@ def membership(work: Path, quick: bool) -> None:
     data = work / "data"
     synthesize_to_folder(data, sites=3, studies_per_site=studies, seed=5, small=True)
     roots = {p.name: p for p in sorted(data.glob("site-*"))}
-    spec = planned_spec(
-        roots, load_task_spec(None), private=True
-    )  # planned once: each study's fingerprint costs a load
+    # planned once, here: a plan from the fingerprint loads every study
+    spec = planned_spec(roots, load_task_spec(None), private=True)
     sites = sorted(_membership_cohorts(data, spec))  # builds the cohort cache the workers read
-    public = []
+    public: list[Path] = []
     if base_steps > 0:
         per_scanner = 3 if quick else PUBLIC_STUDIES // 2
         public = synthesize_to_folder(work / "public", sites=2, studies_per_site=per_scanner, seed=1005, small=True,
@@ -373,7 +372,7 @@ def membership(work: Path, quick: bool) -> None:
     jobs = int(os.environ.get("RADFED_BENCH_JOBS", os.cpu_count() or 1))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, context, initializer=_one_thread if jobs > 1 else None) as pool:
-        training = pool.submit(_membership_base, data, spec, public, base_steps) if public else None
+        training = pool.submit(train_base_model, spec, public, base_steps) if public else None
         arm_runs = {arm: pool.submit(_membership_arm, data, spec, budget, arm) for arm in MEMBERSHIP_ARMS}
         reference_runs = {s: pool.submit(_site_references, data, spec, budget, s, settings) for s in sites}
         base = training.result() if training is not None else None
@@ -451,10 +450,6 @@ def _membership_cohorts(data: Path, spec: TaskSpec) -> dict[str, SiteCohort]:
 
 def _membership_arm(data: Path, spec: TaskSpec, budget: Budget, arm: Arm, base: Any = None) -> ArmResult:
     return Experiment(spec, _membership_cohorts(data, spec), budget, base).run(arm)
-
-
-def _membership_base(data: Path, spec: TaskSpec, public: list[Path], steps: int) -> Any:
-    return train_base_model(spec, public, steps)
 
 
 def _site_split(cohorts: dict[str, SiteCohort], budget: Budget, site: str) -> tuple[list[Any], int]:
