@@ -28,7 +28,7 @@ class ForegroundSampling(StrEnum):
     VOXEL = "voxel"  # any lesion voxel of the study, uniformly: a large tumour is drawn in proportion to its size
     COMPONENT = "component"  # a lesion (connected component) first, uniformly, then a voxel in it: the small
     # lesions of multifocal disease are drawn as often as the large one (the default since session 18: ahead
-    # on the real brain set and the synthetic prostate sites, README)
+    # on the synthetic prostate sites, ahead or level on the real brain set over two seeds, README)
 
 
 class Augmentation(StrEnum):
