@@ -158,6 +158,14 @@ BASE_STEPS = 480
 FINE_TUNE_LEARNING_RATE = 1e-4  # the demo's (radfed demo --fine-tune-learning-rate)
 
 
+def _public_studies(work: Path, quick: bool) -> list[Path]:
+    """The public set a base model learns from: two scanners other than the sites' three (site profiles 4, 5)."""
+    per_scanner = 3 if quick else PUBLIC_STUDIES // 2
+    return synthesize_to_folder(
+        work / "public", sites=2, studies_per_site=per_scanner, seed=1005, small=True, first_site=len(PRIVACY_SITES) + 1
+    )
+
+
 def privacy_curve(work: Path, quick: bool) -> None:
     """What a privacy budget costs at a given cohort size: Dice of the federated model at epsilon 1, 2, 4, 8
     and without DP, for 12, 40 and 100 studies per site (3 synthetic sites, same rounds and steps). DP noise is
@@ -178,14 +186,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
     base_arms = [Arm("base model only", Mode.BASE_ONLY), tuned] + [
         replace(tuned, name=f"DP epsilon {e:g}, fine-tuned", epsilon=e) for e in epsilons
     ]
-    public = synthesize_to_folder(
-        work / "public",
-        sites=2,
-        studies_per_site=3 if quick else PUBLIC_STUDIES // 2,
-        seed=1005,
-        small=True,
-        first_site=len(PRIVACY_SITES) + 1,
-    )
+    public = _public_studies(work, quick)
     plan: list[tuple[int, Path, Arm]] = []
     bases: dict[int, Future[Path]] = {}
     for size in sizes:
@@ -363,11 +364,7 @@ def membership(work: Path, quick: bool) -> None:
     # planned once, here: a plan from the fingerprint loads every study
     spec = planned_spec(roots, load_task_spec(None), private=True)
     sites = sorted(_membership_cohorts(data, spec))  # builds the cohort cache the workers read
-    public: list[Path] = []
-    if base_steps > 0:
-        per_scanner = 3 if quick else PUBLIC_STUDIES // 2
-        public = synthesize_to_folder(work / "public", sites=2, studies_per_site=per_scanner, seed=1005, small=True,
-                                      first_site=4)  # fmt: skip
+    public = _public_studies(work, quick) if base_steps > 0 else []
     settings = AuditSettings(MembershipAudit.LIRA, references, rounds * steps)  # as a site would train them
     jobs = int(os.environ.get("RADFED_BENCH_JOBS", os.cpu_count() or 1))
     context = multiprocessing.get_context("spawn")
