@@ -3,9 +3,11 @@ attacker holding the model tells the site's training studies (members) from its 
 The attacks are in ``federation/learning/membership.py``; this module gives them per-study losses, and trains LiRA's
 reference models.
 
-A study's loss is the task's own training objective over the whole study, from the same sliding-window
-prediction the evaluation runs: the recipe's voxel cross-entropy + soft Dice of the lesion probability map
-against the reference mask, plus its classification loss on the study probability where the label is known.
+A study's loss is the task's own training objective over the whole study, from the evaluation's sliding-window
+prediction in one pass without mirroring (what an attacker's query of the model returns; test-time mirroring would
+only smooth the loss, at twice the cost of every pass): the recipe's voxel cross-entropy + soft Dice of the lesion
+probability map against the reference mask, plus its classification loss on the study probability where the label
+is known.
 
 LiRA's reference models (``membership-references`` of them, ``membership-steps`` steps each) are trained at the
 site, without DP, on random halves of all its studies (members and non-members alike, in complementary pairs:
@@ -76,7 +78,8 @@ def study_loss(prediction: Prediction, sample: TrainingSample, spec: TaskSpec) -
 
 
 def study_losses(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> npt.NDArray[np.float64]:
-    predictions = predict_samples(model, samples, spec)
+    plain = replace(spec, inference=replace(spec.inference, mirror=False))
+    predictions = predict_samples(model, samples, plain)
     return np.array([study_loss(p, s, spec) for s, p in zip(samples, predictions, strict=True)], dtype=np.float64)
 
 
