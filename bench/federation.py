@@ -346,8 +346,10 @@ def membership(work: Path, quick: bool) -> None:
     """What an attacker holding the final model learns about who trained it: each site's audit as a job runs it
     (run-config membership-audit = lira: loss threshold + offline LiRA on its training vs held-out studies), on the
     federated model without DP and with DP at epsilon 8, from random weights and fine-tuned from a public base
-    model, on the same studies and splits. The reference models do not depend on the arm (trained at the site,
-    without DP, on halves of its studies), so each site trains them once. Every worker loads the cohorts from the
+    model, on the same studies and splits. The reference models are trained at the site, without DP, on halves of
+    its studies, as a site trains them: from random weights for the arms from random weights, and fine-tuned from
+    the base (at the fine-tuning learning rate) for the arms from the base and the control; so each site trains
+    two sets. Every worker loads the cohorts from the
     cohort cache (sent from the parent, 3 x 64 studies would be pickled for every task). Sizes:
     RADFED_BENCH_MEMBERSHIP_STUDIES, _ROUNDS, _STEPS, _REFERENCES, _BASE_STEPS (0: no base arms); held-out
     fraction 0.5. One plan for every arm, the DP job's (batches of >= 8)."""
@@ -374,10 +376,14 @@ def membership(work: Path, quick: bool) -> None:
         reference_runs = {s: pool.submit(_site_references, data, spec, budget, s, settings) for s in sites}
         base = training.result() if training is not None else None
         final: dict[Arm, Any] = {}
+        base_arms: tuple[Arm, ...] = ()
+        base_reference_runs = {}
         if base is not None:
             final[MEMBERSHIP_BASE_ONLY] = base  # the control's model: the base itself
             base_arms = (MEMBERSHIP_BASE_ONLY, *MEMBERSHIP_BASE_ARMS)
             arm_runs |= {arm: pool.submit(_membership_arm, data, spec, budget, arm, base) for arm in base_arms}
+            tuned = replace(settings, learning_rate=FINE_TUNE_LEARNING_RATE, initial=base)
+            base_reference_runs = {s: pool.submit(_site_references, data, spec, budget, s, tuned) for s in sites}
         results = {arm: future.result() for arm, future in arm_runs.items()}
         final |= {arm: r.final_arrays for arm, r in results.items() if r.final_arrays is not None}
         loss_runs = {
@@ -386,13 +392,14 @@ def membership(work: Path, quick: bool) -> None:
             for site in sites
         }
         reference = {site: f.result() for site, f in reference_runs.items()}
+        base_reference = {site: f.result() for site, f in base_reference_runs.items()}
         losses = {key: f.result() for key, f in loss_runs.items()}
     rows = []
     for arm, result in results.items():
         pooled: dict[str, list[Any]] = {"loss_in": [], "loss_out": [], "lira_in": [], "lira_out": []}
         for site in sites:
             site_losses, members = losses[(arm, site)]
-            site_reference = reference[site]
+            site_reference = (base_reference if arm in base_arms else reference)[site]
             if site_reference is None or not 0 < members < len(site_losses):  # no split to attack
                 rows.append([arm.name, site, members, len(site_losses) - members, *["n/a"] * 5])
                 continue
@@ -420,7 +427,8 @@ def membership(work: Path, quick: bool) -> None:
     table(
         f"Membership inference against the federated model (3 small synthetic sites x {studies} studies, half held "
         f"out; {rounds} rounds x {steps} steps; LiRA offline with {references} reference models of {rounds * steps} "
-        f"steps per site{base_text}; 'all sites': the sites' scores pooled; one seed)",
+        f"steps per site, trained as the arm's model was (from random weights or from the base){base_text}; "
+        "'all sites': the sites' scores pooled; one seed)",
         ["arm", "site", "members", "non-members", "loss AUC", "loss TPR@1%FPR", "LiRA AUC", "LiRA TPR@1%FPR", "Dice"],
         rows,
         f"RADFED_BENCH_FEDERATION=membership RADFED_BENCH_MEMBERSHIP_STUDIES={studies} "

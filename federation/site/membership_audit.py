@@ -11,8 +11,11 @@ is known.
 
 LiRA's reference models (``membership-references`` of them, ``membership-steps`` steps each) are trained at the
 site, without DP, on random halves of all its studies (members and non-members alike, in complementary pairs:
-``learning.membership.reference_partitions``), each from its own seeded random initialisation, so every study is left
-out of half of them. The job's final model never enters them. Only the attacks' AUC and TPR at 1 % FPR leave the
+``learning.membership.reference_partitions``), so every study is left out of half of them. They are trained as the
+target was: from the job's starting model when the job fine-tuned a base model (references trained from random
+weights would score a fine-tuned model's studies against models of another kind, and the attack would read less
+than an attacker who knows the public base), else each from its own seeded random initialisation. The job's final
+model never enters them. Only the attacks' AUC and TPR at 1 % FPR leave the
 site (``AttackResult.as_metrics``): never a loss or a score."""
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from radfed.federation.learning.membership import (
     loss_scores,
     reference_partitions,
 )
-from radfed.federation.learning.training import TrainingSettings, new_model, train_local
+from radfed.federation.learning.training import TrainingSettings, arrays_to_model, new_model, train_local
 from radfed.inference.model.arbiter import DeviceArbiter
 from radfed.inference.model.taskspec import TaskSpec
 from radfed.inference.model.windows import Prediction
@@ -55,6 +58,8 @@ class AuditSettings:
     reference_steps: int = 30
     learning_rate: float = 0.0  # > 0: the job's learning-rate override, for the reference models too
     seed: int = 0  # the reference models' splits, initial weights and crops
+    # the job's starting model when it fine-tuned a base model: the reference models start from it too
+    initial: Sequence[np.ndarray] | None = None
 
 
 def study_loss(prediction: Prediction, sample: TrainingSample, spec: TaskSpec) -> float:
@@ -92,7 +97,10 @@ def reference_confidences(
     recipe = replace(spec.training, learning_rate=settings.learning_rate) if settings.learning_rate else spec.training
     confidence = np.empty(trained.shape, dtype=np.float64)
     for index, half in enumerate(trained):
-        model = new_model(spec, seed=settings.seed + 1 + index)
+        if settings.initial is None:
+            model = new_model(spec, seed=settings.seed + 1 + index)
+        else:
+            model = arrays_to_model(spec, list(settings.initial))
         steps = TrainingSettings.from_spec(
             spec, recipe=recipe, seed=settings.seed + index, steps=settings.reference_steps
         )

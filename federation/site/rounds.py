@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from radfed.federation.learning.calibration import reference_extent_kept, refere
 from radfed.federation.learning.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.learning.compression import ErrorFeedback, compress_reply
 from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, evaluate_studies
+from radfed.federation.learning.membership import MembershipAudit
 from radfed.federation.learning.messages import MetricValue
 from radfed.federation.learning.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
 from radfed.federation.learning.subgroup_cells import StudySubgroups
@@ -39,6 +41,7 @@ from radfed.inference.model.plan import DatasetFingerprint
 from radfed.inference.model.registry import ModelRegistry
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 
+logger = logging.getLogger(__name__)
 Metrics = dict[str, MetricValue]
 
 _COHORTS: dict[str, SiteCohort] = {}
@@ -148,6 +151,8 @@ def save_round_reply(
 
 def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
     spec, cohort, train, held_out = _cohort_split(site, plan)
+    if plan.server_round == 1 and plan.run.base_model:
+        save_starting_model(site.job_dir(plan.run.job), arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
     model = arrays_to_model(spec, arrays)
     evaluation_started = time.perf_counter()
@@ -199,6 +204,26 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     return model_to_arrays(model), metrics
 
 
+STARTING_MODEL = "starting-model.npz"
+
+
+def save_starting_model(job_dir: Path, arrays: list[np.ndarray]) -> None:
+    """Round 1's global model of a job that fine-tunes a base model: the LiRA audit's reference models start
+    from it, as the job's model did."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    partial = job_dir / (STARTING_MODEL + ".partial.npz")
+    np.savez(partial, *arrays)
+    partial.replace(job_dir / STARTING_MODEL)
+
+
+def load_starting_model(job_dir: Path) -> list[np.ndarray] | None:
+    path = job_dir / STARTING_MODEL
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
 OPTIMIZER_STATE = "optimizer.pt"
 
 
@@ -236,8 +261,18 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     groups = study_subgroups(site.data, {sample.key for sample, _ in studies})
     cells = [(counts, groups.get(sample.key, StudySubgroups())) for sample, counts in studies]
     metrics.update(subgroup_metrics(cells, run.bias_min_cell))
+    starting = None
+    if run.base_model and run.membership_audit is MembershipAudit.LIRA:
+        starting = load_starting_model(site.job_dir(run.job))
+        if starting is None:  # the site trained in no round 1 of this job (joined later)
+            logger.warning("no starting model of this job here: LiRA's reference models start from random weights")
     audit = AuditSettings(
-        run.membership_audit, run.membership_references, run.reference_steps, run.learning_rate, run.seed
+        run.membership_audit,
+        run.membership_references,
+        run.reference_steps,
+        run.learning_rate,
+        run.seed,
+        initial=starting,
     )
     metrics.update(audit_model(model, train, held_out, spec, audit, site.arbiter()))
     return metrics

@@ -1,6 +1,8 @@
 """A site's membership-inference audit at the end of a job (``site.rounds.evaluate_round``, the job's last message):
 its metrics pass the allow-list, hold each attack's AUC and TPR at 1 % FPR and the two study counts, and nothing
-per study; ``off`` sends none of them. The per-study loss ranks a right prediction below a wrong one."""
+per study; ``off`` sends none of them. The per-study loss ranks a right prediction below a wrong one. In a job that
+fine-tunes a base model, LiRA's reference models start from the job's starting model (kept by the site in round 1).
+"""
 
 from __future__ import annotations
 
@@ -10,20 +12,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.federation.learning.cohort import TrainingSample
-from radfed.federation.learning.membership import METRICS
+from radfed.federation.learning.cohort import TrainingSample, cohort_from_sources
+from radfed.federation.learning.membership import METRICS, MembershipAudit, logit_confidence
 from radfed.federation.learning.messages import allowed_metrics
 from radfed.federation.learning.training import new_model
 from radfed.federation.site import rounds as site_code
 from radfed.federation.site.config import SiteConfig
-from radfed.federation.site.membership_audit import study_loss
+from radfed.federation.site.membership_audit import (
+    AuditSettings,
+    reference_confidences,
+    study_loss,
+    study_losses,
+)
 from radfed.inference.model.taskspec import TaskSpec
 from radfed.inference.model.windows import Prediction
 
 
-def final_message(planned_spec: TaskSpec, audit: str) -> site_code.RoundPlan:
+def final_message(planned_spec: TaskSpec, audit: str, **overrides: object) -> site_code.RoundPlan:
     assert planned_spec.plan is not None
-    config = {
+    config: dict[str, object] = {
         "job": f"audit-{audit}",
         "server-round": 1,
         "num-server-rounds": 1,
@@ -35,7 +42,7 @@ def final_message(planned_spec: TaskSpec, audit: str) -> site_code.RoundPlan:
         "membership-steps": 1,
         "plan": planned_spec.plan.to_json(),
     }
-    return site_code.RoundPlan.from_config(config)
+    return site_code.RoundPlan.from_config(config | overrides)
 
 
 @pytest.fixture
@@ -76,3 +83,39 @@ def test_a_right_prediction_has_a_lower_study_loss_than_a_wrong_one(planned_spec
     assert study_loss(right, sample, planned_spec) < study_loss(wrong, sample, planned_spec)
     unlabelled = replace(sample, label=-1)  # the classification term needs a known label
     assert study_loss(right, unlabelled, planned_spec) < study_loss(right, sample, planned_spec)
+
+
+def test_lira_references_of_a_fine_tuning_job_start_from_its_starting_model(
+    synth_root: Path, planned_spec: TaskSpec
+) -> None:
+    """At a learning rate too small to move a weight, a reference model is its starting model: from the job's
+    starting model every reference scores the studies as that model does; from random weights they do not."""
+    samples = cohort_from_sources(planned_spec, [str(synth_root / "site-1")]).samples_for(None)
+    start = new_model(planned_spec, seed=7)
+    expected = logit_confidence(study_losses(start, samples, planned_spec))
+    settings = AuditSettings(
+        MembershipAudit.LIRA,
+        references=2,
+        reference_steps=1,
+        learning_rate=1e-12,
+        initial=site_code.model_to_arrays(start),
+    )
+    confidence, _ = reference_confidences(samples, planned_spec, settings)
+    assert confidence.shape == (2, len(samples))
+    np.testing.assert_allclose(confidence, np.broadcast_to(expected, confidence.shape), atol=1e-3)
+    fresh, _ = reference_confidences(samples, planned_spec, replace(settings, initial=None))
+    assert np.abs(fresh - expected).max() > 1e-2
+
+
+def test_a_fine_tuning_job_keeps_its_starting_model_for_the_audit(site: SiteConfig, planned_spec: TaskSpec) -> None:
+    arrays = site_code.model_to_arrays(new_model(planned_spec, seed=3))
+    first = final_message(planned_spec, "lira", **{"base-model": "/coordinator/base"})
+    job_dir = site.job_dir(first.run.job)
+    site_code.train_round(site, first, arrays)
+    kept = site_code.load_starting_model(job_dir)
+    assert kept is not None and len(kept) == len(arrays)
+    assert all(np.array_equal(k, a) for k, a in zip(kept, arrays, strict=True))
+    # a job from random weights keeps none (its references start from their own random weights)
+    plain = final_message(planned_spec, "lira", job="audit-scratch")
+    site_code.train_round(site, plain, arrays)
+    assert site_code.load_starting_model(site.job_dir(plain.run.job)) is None
