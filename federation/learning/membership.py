@@ -213,8 +213,8 @@ def card_section(audits: dict[str, SiteAudit], audit: MembershipAudit, epsilon: 
         f"Each site attacked the final model ({privacy}) on its own training studies (members) vs its held-out"
         " studies (non-members) and sent only each attack's AUC and TPR at 1 % FPR: 0.5 and 0.01 are chance."
         " Loss: a threshold on the study's loss (Yeom et al. 2018); LiRA: offline likelihood ratio against"
-        " reference models trained at the site without the study, as the job's model was (from its base model"
-        " when it fine-tuned one; Carlini et al. 2022). With few held-out"
+        " reference models trained at the site without the study, from the same starting weights as the job's"
+        " model (its base model when it fine-tuned one; Carlini et al. 2022). With few held-out"
         " studies the figures are coarse: at fewer than 100 non-members, TPR at 1 % FPR admits no false positive."
         " The figures come from the sites' studies and are not covered by the DP accounting (two numbers per"
         " attack and site).",

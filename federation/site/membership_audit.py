@@ -1,29 +1,27 @@
-"""A site's membership-inference audit of a job's final model (run-config ``membership-audit``): how well an
-attacker holding the model tells the site's training studies (members) from its held-out ones (non-members).
-The attacks are in ``federation/learning/membership.py``; this module gives them per-study losses, and trains LiRA's
-reference models.
+"""A site's membership-inference audit of a job's final model (run-config ``membership-audit``): how well an attacker
+holding the model tells the site's training studies (members) from its held-out ones (non-members). The attacks are in
+``federation/learning/membership.py``; this module gives them per-study losses, and trains LiRA's reference models.
 
 A study's loss is the task's own training objective over the whole study, from the evaluation's sliding-window
-prediction in one pass without mirroring (what an attacker's query of the model returns; test-time mirroring would
-only smooth the loss, at twice the cost of every pass): the recipe's voxel cross-entropy + soft Dice of the lesion
-probability map against the reference mask, plus its classification loss on the study probability where the label
-is known.
+prediction in one pass without mirroring (an attacker's cheapest query of the model; mirroring would double the cost of
+every pass): the recipe's voxel cross-entropy + soft Dice of the lesion probability map against the reference mask, plus
+its classification loss on the study probability where the label is known.
 
-LiRA's reference models (``membership-references`` of them, ``membership-steps`` steps each) are trained at the
-site, without DP, on random halves of all its studies (members and non-members alike, in complementary pairs:
-``learning.membership.reference_partitions``), so every study is left out of half of them. They are trained as the
-target was: from the job's starting model when the job fine-tuned a base model (references trained from random
-weights would score a fine-tuned model's studies against models of another kind, and the attack would read less
-than an attacker who knows the public base), else each from its own seeded random initialisation. The job's final
-model never enters them. Only the attacks' AUC and TPR at 1 % FPR leave the
-site (``AttackResult.as_metrics``): never a loss or a score."""
+LiRA's reference models (``membership-references`` of them, ``membership-steps`` steps each) are trained at the site,
+without DP, on random halves of all its studies (members and non-members alike, in complementary pairs:
+``learning.membership.reference_partitions``), so every study is left out of half of them. They start from the same
+weights as the target: from the job's starting model when the job fine-tuned a base model (references trained from
+random weights would score a fine-tuned model's studies against models of another kind, and the attack would read less
+than an attacker who knows the public base; a site without that model, not asked in round 1, runs the loss attack only),
+else each from its own seeded random initialisation. The job's final model never enters them. Only the attacks' AUC and
+TPR at 1 % FPR leave the site (``AttackResult.as_metrics``): never a loss or a score."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -59,7 +57,7 @@ class AuditSettings:
     learning_rate: float = 0.0  # > 0: the job's learning-rate override, for the reference models too
     seed: int = 0  # the reference models' splits, initial weights and crops
     # the job's starting model when it fine-tuned a base model: the reference models start from it too
-    initial: Sequence[np.ndarray] | None = None
+    initial: Sequence[np.ndarray] | None = field(default=None, compare=False, repr=False)
 
 
 def study_loss(prediction: Prediction, sample: TrainingSample, spec: TaskSpec) -> float:

@@ -151,7 +151,7 @@ def save_round_reply(
 
 def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
     spec, cohort, train, held_out = _cohort_split(site, plan)
-    if plan.server_round == 1 and plan.run.base_model:
+    if plan.server_round == 1 and plan.run.base_model and plan.run.membership_audit is MembershipAudit.LIRA:
         save_starting_model(site.job_dir(plan.run.job), arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
     model = arrays_to_model(spec, arrays)
@@ -208,8 +208,8 @@ STARTING_MODEL = "starting-model.npz"
 
 
 def save_starting_model(job_dir: Path, arrays: list[np.ndarray]) -> None:
-    """Round 1's global model of a job that fine-tunes a base model: the LiRA audit's reference models start
-    from it, as the job's model did."""
+    """Round 1's global model of a job that fine-tunes a base model, kept with ``membership-audit = lira``: the
+    audit's reference models start from it, as the job's model did."""
     job_dir.mkdir(parents=True, exist_ok=True)
     partial = job_dir / (STARTING_MODEL + ".partial.npz")
     np.savez(partial, *arrays)
@@ -261,13 +261,16 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     groups = study_subgroups(site.data, {sample.key for sample, _ in studies})
     cells = [(counts, groups.get(sample.key, StudySubgroups())) for sample, counts in studies]
     metrics.update(subgroup_metrics(cells, run.bias_min_cell))
-    starting = None
-    if run.base_model and run.membership_audit is MembershipAudit.LIRA:
+    attack, starting = run.membership_audit, None
+    if run.base_model and attack is MembershipAudit.LIRA:
         starting = load_starting_model(site.job_dir(run.job))
-        if starting is None:  # the site trained in no round 1 of this job (joined later)
-            logger.warning("no starting model of this job here: LiRA's reference models start from random weights")
+        if starting is None:
+            # Not asked in round 1 (sites-per-round): references from random weights, at a fine-tuning learning
+            # rate, would be barely trained and LiRA's figure meaningless, so the site sends the loss attack only.
+            logger.warning("LiRA skipped: this site did not train in round 1 and has no starting model of the job")
+            attack = MembershipAudit.LOSS
     audit = AuditSettings(
-        run.membership_audit,
+        attack,
         run.membership_references,
         run.reference_steps,
         run.learning_rate,

@@ -16,6 +16,7 @@ from radfed.federation.learning.cohort import TrainingSample, cohort_from_source
 from radfed.federation.learning.membership import METRICS, MembershipAudit, logit_confidence
 from radfed.federation.learning.messages import allowed_metrics
 from radfed.federation.learning.training import new_model
+from radfed.federation.site import membership_audit
 from radfed.federation.site import rounds as site_code
 from radfed.federation.site.config import SiteConfig
 from radfed.federation.site.membership_audit import (
@@ -107,15 +108,38 @@ def test_lira_references_of_a_fine_tuning_job_start_from_its_starting_model(
     assert np.abs(fresh - expected).max() > 1e-2
 
 
-def test_a_fine_tuning_job_keeps_its_starting_model_for_the_audit(site: SiteConfig, planned_spec: TaskSpec) -> None:
-    arrays = site_code.model_to_arrays(new_model(planned_spec, seed=3))
-    first = final_message(planned_spec, "lira", **{"base-model": "/coordinator/base"})
-    job_dir = site.job_dir(first.run.job)
-    site_code.train_round(site, first, arrays)
-    kept = site_code.load_starting_model(job_dir)
-    assert kept is not None and len(kept) == len(arrays)
-    assert all(np.array_equal(k, a) for k, a in zip(kept, arrays, strict=True))
-    # a job from random weights keeps none (its references start from their own random weights)
-    plain = final_message(planned_spec, "lira", job="audit-scratch")
-    site_code.train_round(site, plain, arrays)
-    assert site_code.load_starting_model(site.job_dir(plain.run.job)) is None
+def test_a_fine_tuning_job_audits_from_its_starting_model(
+    site: SiteConfig, planned_spec: TaskSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 1 keeps the job's starting model, round 2 leaves it, the final evaluation hands it to LiRA; a site not
+    asked in round 1 sends the loss attack only; a job from random weights keeps nothing."""
+    audits: list[AuditSettings] = []
+    monkeypatch.setattr(site_code, "audit_model", lambda *args, **_: audits.append(args[4]) or {})
+    start = site_code.model_to_arrays(new_model(planned_spec, seed=3))
+    later = site_code.model_to_arrays(new_model(planned_spec, seed=4))
+    tuned = {"base-model": "/coordinator/base", "job": "tuned", "num-server-rounds": 2}
+    site_code.train_round(site, final_message(planned_spec, "lira", **tuned), start)
+    site_code.train_round(site, final_message(planned_spec, "lira", **tuned, **{"server-round": 2}), later)
+    kept = site_code.load_starting_model(site.job_dir("tuned"))
+    assert kept is not None and all(np.array_equal(k, a) for k, a in zip(kept, start, strict=True))
+    site_code.evaluate_round(site, final_message(planned_spec, "lira", **tuned), later)
+    assert audits[-1].audit is MembershipAudit.LIRA and audits[-1].initial is not None
+    assert all(np.array_equal(k, a) for k, a in zip(audits[-1].initial, start, strict=True))
+    site_code.evaluate_round(site, final_message(planned_spec, "lira", **tuned | {"job": "tuned-late"}), later)
+    assert audits[-1].audit is MembershipAudit.LOSS and audits[-1].initial is None
+    scratch = final_message(planned_spec, "lira", job="scratch")
+    site_code.train_round(site, scratch, start)
+    assert site_code.load_starting_model(site.job_dir("scratch")) is None
+    site_code.evaluate_round(site, scratch, later)
+    assert audits[-1].audit is MembershipAudit.LIRA and audits[-1].initial is None
+
+
+def test_the_audit_scores_studies_in_one_pass_without_mirroring(
+    planned_spec: TaskSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirrored: list[bool] = []
+    monkeypatch.setattr(
+        membership_audit, "predict_samples", lambda model, samples, spec: mirrored.append(spec.inference.mirror) or []
+    )
+    assert membership_audit.study_losses(new_model(planned_spec, seed=0), [], planned_spec).size == 0
+    assert planned_spec.inference.mirror and mirrored == [False]  # the job's spec mirrors; the audit does not
