@@ -349,8 +349,8 @@ def membership(work: Path, quick: bool) -> None:
     model, on the same studies and splits. The reference models are trained at the site, without DP, on halves of
     its studies, as a site trains them: from random weights for the arms from random weights, and fine-tuned from
     the base (at the fine-tuning learning rate) for the arms from the base and the control; so each site trains
-    two sets. Every worker loads the cohorts from the
-    cohort cache (sent from the parent, 3 x 64 studies would be pickled for every task). Sizes:
+    two sets. Every worker loads the cohorts from the cohort cache (sent from the parent, 3 x 64 studies would be
+    pickled for every task). Sizes:
     RADFED_BENCH_MEMBERSHIP_STUDIES, _ROUNDS, _STEPS, _REFERENCES, _BASE_STEPS (0: no base arms); held-out
     fraction 0.5. One plan for every arm, the DP job's (batches of >= 8)."""
     environ = os.environ.get
