@@ -45,8 +45,12 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # and "federated" (brain), "session-10-plan" (brain: the planned recipe on session 10's 2-D plan, 128 x 128 patches
 # at batch 8, against today's whole slices at batch 2), "2.5-d" (brain: the planned recipe with one slice either
 # side as input channels, [model] context_slices = 1), "voxel" (brain and prostate: the planned recipe with forced
-# patches centred on any lesion voxel, the default before session 18: [training] foreground_sampling = "voxel")
+# patches centred on any lesion voxel, the default before session 18: [training] foreground_sampling = "voxel"),
+# "ensemble" (brain and prostate: the planned recipe with [model] ensemble = RADFED_BENCH_QUALITY_ENSEMBLE networks,
+# default 2, each on a share of the training process's threads; also scores its first network alone, which is the
+# planned arm's model: the same seed)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
+ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SITES = 2  # the federated arm's hospitals
 FEDERATED_LOCAL_STEPS = 50  # per round; rounds = steps / (local steps x sites): the centralised step budget
@@ -180,6 +184,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
                 if arm == "voxel":
                     text += '\n[training]\nforeground_sampling = "voxel"\n'
+                if arm == "ensemble":
+                    text = text.replace("[model]\n", f"[model]\nensemble = {ENSEMBLE}\n")
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -194,6 +200,8 @@ def _jobs(work: Path) -> list[Job]:
                 text = _first_wave(shipped, "[3.0, 1.0, 1.0]") if arm == "first-wave" else shipped
                 if arm == "voxel":
                     text = text.replace("[training]\n", '[training]\nforeground_sampling = "voxel"\n', 1)
+                if arm == "ensemble":
+                    text = text.replace("[model]\n", f"[model]\nensemble = {ENSEMBLE}\n", 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
@@ -240,6 +248,10 @@ def _run(job: Job) -> dict[str, Any]:
     trained = fit(spec, train, seed=job.fold + 100 * SEED, steps=STEPS, progress=progress)
     # Postprocessing and test-time variants of the same trained model (free of training noise).
     variants = {job.arm: trained.spec}
+    models = {job.arm: trained.model}
+    if job.arm == "ensemble":  # its first network alone is the planned arm's model (same seed)
+        variants["ensemble's first network alone"] = trained.spec
+        models["ensemble's first network alone"] = trained.model.members[0]
     unprotected = "planned, share rule without protecting large components (session 9)"
     if job.arm == "planned":
         variants["planned, no share-of-largest rule"] = trained.spec.with_outputs(min_lesion_fraction=0.0)
@@ -254,7 +266,7 @@ def _run(job: Job) -> dict[str, Any]:
     rows = []
     for name, variant in variants.items():
         with _share_rule_unprotected() if name == unprotected else nullcontext():
-            counts, studies = _evaluate(trained.model, test, variant, dict(job.study_names))
+            counts, studies = _evaluate(models.get(name, trained.model), test, variant, dict(job.study_names))
         summary = counts.summary()
         rows.append(
             {
@@ -299,7 +311,11 @@ def _per_study_table(results: list[dict[str, Any]]) -> None:
     """Brain: each held-out study's Dice and false positives under each recipe of the run, smallest reference
     volume first."""
     brain_arms = {r["arm"] for r in results if r["dataset"] == "brain"}
-    arms = [a for a in ("planned", "2.5-d", "session-10-plan", "first-wave") if a in brain_arms]
+    arms = [
+        a
+        for a in ("planned", "ensemble", "ensemble's first network alone", "2.5-d", "session-10-plan", "first-wave")
+        if a in brain_arms
+    ]
     by_study: dict[str, dict[str, Any]] = {}
     for row in results:
         if row["dataset"] == "brain" and row["arm"] in arms:

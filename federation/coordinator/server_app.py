@@ -48,7 +48,7 @@ from radfed.federation.learning.subgroups import card_section as bias_section
 from radfed.federation.learning.subgroups import subgroup_table
 from radfed.federation.learning.training import arrays_to_model, model_to_arrays, new_model
 from radfed.inference.model.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
-from radfed.inference.model.taskspec import TaskSpec, load_task_spec
+from radfed.inference.model.taskspec import TaskSpec, TaskSpecError, load_task_spec
 from radfed.inference.pipeline.findings import ModelIdentity
 
 app = ServerApp()
@@ -281,7 +281,9 @@ class RoundDriver:
         planned = spec.planned(base.spec.plan)
         expected = [tuple(t.shape) for t in new_model(planned).state_dict().values()]
         if [a.shape for a in state.arrays] != expected:
-            raise ValueError(f"base model {base.key}'s weights do not fit its plan's network")
+            ensemble = base.spec.model.ensemble
+            reason = f" (an ensemble of {ensemble} networks: train the base with one)" if ensemble > 1 else ""
+            raise ValueError(f"base model {base.key}'s weights do not fit its plan's network{reason}")
         append_metrics(self.out, {"stage": "plan", "base_model": base.key, "plan": json.loads(state.plan)})
         say(f"fine-tuning base model {base.key} ({base.provenance.get('steps')} steps on public data)")
         return planned
@@ -570,11 +572,22 @@ def overhead_parts(seconds: float, site_lines: dict[str, dict[str, Any]]) -> dic
     }
 
 
+def one_network(spec: TaskSpec) -> TaskSpec:
+    """The job's spec, refused when it asks for an ensemble: a federated job trains one network (its sites'
+    updates average into one set of weights; members would each need their own rounds and privacy budget)."""
+    if spec.model.ensemble > 1:
+        raise TaskSpecError(
+            f"task {spec.name!r} asks for an ensemble of {spec.model.ensemble} networks; a federated job trains "
+            "one network (set [model] ensemble = 1, or leave it out, for federated jobs)"
+        )
+    return spec
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
     job = RoundDriver(grid, run)
-    spec = load_task_spec(run.task or None)
+    spec = one_network(load_task_spec(run.task or None))
     state = CoordinatorCheckpoint.load(job.out)
     base = load_artifact(Path(run.base_model)) if run.base_model else None
     if state is None or state.plan is None:

@@ -161,6 +161,28 @@ class _Slices(nn.Module):
         return tuple(o.unsqueeze(2) if o.dim() == 4 else o for o in outputs)
 
 
+class Ensemble(nn.Module):
+    """Networks of one plan whose probabilities are averaged (nnU-Net averages its fold models' softmax), behind
+    the same two-output contract: each output is the logit of the members' mean probability, so thresholds,
+    temperature and the node's runtime read it as one network's. Members are trained apart (``fit``), never
+    through this module."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [member(x) for member in self.members]
+        segmentation, classification = (_mean_probability_logit([o[index] for o in outputs]) for index in range(2))
+        return segmentation, classification
+
+
+def _mean_probability_logit(logits: list[torch.Tensor]) -> torch.Tensor:
+    # clamped so that a probability of 0 or 1 in float32 stays a finite logit (about +-16)
+    mean = torch.stack([torch.sigmoid(t) for t in logits]).mean(dim=0).clamp(1e-7, 1 - 1e-7)
+    return torch.log(mean) - torch.log(1 - mean)
+
+
 def build_network(plan: NetworkPlan, in_channels: int) -> nn.Module:
     """The network a plan names, behind radfed's two-output contract."""
     if plan.architecture is Architecture.UNET3D:

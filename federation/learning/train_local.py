@@ -3,9 +3,11 @@ validation studies -> ONNX artifact, on one machine."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,15 @@ from radfed.federation.learning.cohort import (
 )
 from radfed.federation.learning.evaluation import evaluate_model, predict_samples
 from radfed.federation.learning.export import export_artifact
-from radfed.federation.learning.training import TrainingLog, TrainingSettings, new_model, train_local
+from radfed.federation.learning.networks import Ensemble
+from radfed.federation.learning.training import (
+    TrainingLog,
+    TrainingSettings,
+    arrays_to_model,
+    model_to_arrays,
+    new_model,
+    train_local,
+)
 from radfed.inference.errors import RadfedError
 from radfed.inference.model.artifact import ModelArtifact
 from radfed.inference.model.plan import ComputeBudget, Device
@@ -99,6 +109,7 @@ class TrainedModel:
     calibration: Calibration | None
     training_studies: int
     validation_studies: int
+    member_logs: tuple[TrainingLog, ...] = ()  # one per network of an ensemble (the first is ``log``)
 
 
 def fit(
@@ -115,10 +126,12 @@ def fit(
     # (brain set, 3 folds: 10 of 14 studies left to train on with a validation split).
     fraction = recipe.validation_fraction if len(samples) >= recipe.min_validation_cohort else 0.0
     train, validation = validation_split(samples, fraction)
-    model = new_model(spec, seed=seed)
-    settings = TrainingSettings.from_spec(spec, steps=steps, seed=seed)
-    validate = validation_dice(spec, validation) if validation else None
-    log = train_local(model, train, spec, settings, progress=progress, validate=validate)
+    if spec.model.ensemble > 1:
+        model, logs = _train_ensemble(spec, train, validation, seed=seed, steps=steps, progress=progress)
+        log = logs[0]
+    else:
+        model, log = _train_member(spec, train, validation, seed=seed, steps=steps, progress=progress)
+        logs = (log,)
     calibration = None
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves it to the data
         share = reference_fraction(train, spec.outputs.min_lesion_volume_mm3) if recipe.calibrate else 0.0
@@ -141,7 +154,75 @@ def fit(
             min_lesion_fraction=calibration.min_lesion_fraction,
             study_temperature=calibration.study_temperature,
         )
-    return TrainedModel(model, spec, log, calibration, len(train), len(validation))
+    return TrainedModel(model, spec, log, calibration, len(train), len(validation), logs)
+
+
+def _train_member(
+    spec: TaskSpec,
+    train: Sequence[TrainingSample],
+    validation: Sequence[TrainingSample],
+    *,
+    seed: int,
+    steps: int | None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[torch.nn.Module, TrainingLog]:
+    model = new_model(spec, seed=seed)
+    settings = TrainingSettings.from_spec(spec, steps=steps, seed=seed)
+    validate = validation_dice(spec, validation) if validation else None
+    return model, train_local(model, train, spec, settings, progress=progress, validate=validate)
+
+
+# Member i trains with seed + i x this: member 0 is the network a one-network recipe trains with the same seed.
+_MEMBER_SEED_STRIDE = 1000
+
+
+def _train_ensemble(
+    spec: TaskSpec,
+    train: Sequence[TrainingSample],
+    validation: Sequence[TrainingSample],
+    *,
+    seed: int,
+    steps: int | None,
+    progress: Callable[[int, int, float], None] | None,
+) -> tuple[torch.nn.Module, tuple[TrainingLog, ...]]:
+    """The spec's networks trained side by side: member 0 here, the others each in a process of its own, the
+    torch threads split between them. The recipe's time limit applies to each, so an ensemble takes one
+    network's wall time; with a time limit and no step count, each network gets its share of the cores."""
+    members = spec.model.ensemble
+    threads = torch.get_num_threads()
+    each = max(1, threads // members)
+    context = multiprocessing.get_context("spawn")  # torch's thread pools do not survive fork
+    with ProcessPoolExecutor(members - 1, mp_context=context) as pool:
+        others = [
+            pool.submit(
+                _member_in_process, spec, list(train), list(validation), seed + i * _MEMBER_SEED_STRIDE, steps, each
+            )
+            for i in range(1, members)
+        ]
+        torch.set_num_threads(each)
+        try:
+            first, first_log = _train_member(spec, train, validation, seed=seed, steps=steps, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
+        networks, logs = [first], [first_log]
+        for future in others:
+            arrays, log = future.result()
+            networks.append(arrays_to_model(spec, arrays))
+            logs.append(log)
+    return Ensemble(networks).eval(), tuple(logs)
+
+
+def _member_in_process(
+    spec: TaskSpec,
+    train: list[TrainingSample],
+    validation: list[TrainingSample],
+    seed: int,
+    steps: int | None,
+    threads: int,
+) -> tuple[list[np.ndarray], TrainingLog]:
+    set_threads(threads)
+    model, log = _train_member(spec, train, validation, seed=seed, steps=steps)
+    return model_to_arrays(model), replace(log, optimizer_state=None)  # the optimiser's state stays here
 
 
 @dataclass(frozen=True)
@@ -165,9 +246,12 @@ class LocalTrainingOutcome:
                 f"plan: {plan.network.spatial_dims}-D {plan.network.architecture.value}, spacing "
                 f"{list(plan.spacing_mm)} mm, patch {list(plan.patch_size)}, batch {plan.batch_size}"
             )
+        trained = f"trained {t.log.steps} steps"
+        if len(t.member_logs) > 1:
+            steps = "/".join(str(m.steps) for m in t.member_logs)
+            trained = f"trained an ensemble of {len(t.member_logs)} networks ({steps} steps)"
         lines.append(
-            f"trained {t.log.steps} steps on {t.training_studies} studies in {self.seconds:.0f} s, "
-            f"final loss {self.final_loss:.3f}"
+            f"{trained} on {t.training_studies} studies in {self.seconds:.0f} s, final loss {self.final_loss:.3f}"
         )
         if t.calibration is not None:
             c = t.calibration
@@ -217,6 +301,7 @@ def train_local_artifact(
         "studies_per_site": {"local": cohort.report.usable},
         "readiness": cohort.report.as_metrics(),
         "steps": trained.log.steps,
+        "ensemble_steps": [member.steps for member in trained.member_logs] if len(trained.member_logs) > 1 else None,
         "training_seconds": round(trained.log.seconds, 1),
         "stopped_by_time_limit": trained.log.stopped_by_time_limit,
         "validation": [[step, round(score, 4)] for step, score in trained.log.validation],

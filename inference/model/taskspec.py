@@ -20,6 +20,7 @@ from radfed.inference.model.recipe import Augmentation, ForegroundSampling, Opti
 from radfed.inference.pipeline.findings import ClassCategory, TaskCodes
 
 DEFAULT_TASK = "prostate_mpmri"
+MAX_ENSEMBLE = 8  # networks in one model: each costs its training and its inference time
 
 
 class TaskSpecError(RadfedError, ValueError):
@@ -114,6 +115,9 @@ class ModelSettings:
     batch_size: int | None
     deep_supervision: int | None
     context_slices: int = 0  # 2.5-D: neighbouring slices as input channels of a 2-D network
+    # Networks trained side by side from other initial weights and patch draws, their probabilities averaged in
+    # one exported model (nnU-Net ensembles its folds' models); local training only: a federation trains one.
+    ensemble: int = 1
 
 
 @dataclass(frozen=True)
@@ -337,6 +341,9 @@ def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
     context = r.get("context_slices", int, 0)
     if not 0 <= context <= 3 or (context and dims_text == 3):
         raise TaskSpecError(f"model.context_slices must be 0-3 and needs a 2-D network, got {context}")
+    ensemble = r.get("ensemble", int, 1)
+    if not 1 <= ensemble <= MAX_ENSEMBLE:
+        raise TaskSpecError(f"model.ensemble must be 1-{MAX_ENSEMBLE} networks, got {ensemble}")
     return ModelSettings(
         architecture=architecture,
         spatial_dims=None if dims_text == "auto" else int(dims_text),
@@ -346,6 +353,7 @@ def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
         batch_size=r.get("batch_size", int, None),
         deep_supervision=r.get("deep_supervision", int, None),
         context_slices=context,
+        ensemble=ensemble,
     )
 
 
