@@ -174,14 +174,17 @@ def privacy_curve(work: Path, quick: bool) -> None:
     Beside each from-scratch arm, the same job fine-tuning a base model trained centrally without DP on public
     studies from two other scanners (the base-model run-config key, as the demo does), and that base model
     as it is: whether DP fine-tuning keeps what the sites teach at a budget where DP from scratch learns
-    nothing. RADFED_BENCH_PRIVACY_BASE_STEPS=0 leaves the base arms out."""
+    nothing. RADFED_BENCH_PRIVACY_BASE_STEPS=0 leaves the base arms out; RADFED_BENCH_PRIVACY_SCRATCH_DP=0 leaves
+    out the DP arms from random weights (they learned nothing at 100 studies per site, and fewer studies mean more
+    noise per step), keeping the no-DP arm the ratios divide by."""
     sizes = (6,) if quick else tuple(int(s) for s in os.environ.get("RADFED_BENCH_PRIVACY_STUDIES", "").split(",") if s)
     sizes = sizes or PRIVACY_COHORTS
     budget = Budget(rounds=2, local_steps=3) if quick else Budget(rounds=8, local_steps=30, every_round=False)
     chosen = os.environ.get("RADFED_BENCH_PRIVACY_EPSILONS", "")  # e.g. "8": the no-DP arm and epsilon 8 only
     epsilons = tuple(float(e) for e in chosen.split(",") if e) or PRIVACY_EPSILONS
     base_steps = int(os.environ.get("RADFED_BENCH_PRIVACY_BASE_STEPS", 4 if quick else BASE_STEPS))
-    arms = [Arm("no DP")] + [Arm(f"DP epsilon {e:g}", epsilon=e) for e in epsilons]
+    scratch_dp = os.environ.get("RADFED_BENCH_PRIVACY_SCRATCH_DP", "1") != "0"
+    arms = [Arm("no DP")] + ([Arm(f"DP epsilon {e:g}", epsilon=e) for e in epsilons] if scratch_dp else [])
     tuned = Arm("no DP, fine-tuned", start=Start.BASE, learning_rate=FINE_TUNE_LEARNING_RATE)
     base_arms = [Arm("base model only", Mode.BASE_ONLY), tuned] + [
         replace(tuned, name=f"DP epsilon {e:g}, fine-tuned", epsilon=e) for e in epsilons
@@ -225,6 +228,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
+        + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
         + "python -m bench federation",
     )
 
