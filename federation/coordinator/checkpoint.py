@@ -44,6 +44,7 @@ class CoordinatorCheckpoint:
     flags: list[PoisoningAlert] = field(default_factory=list)  # every site the screening flagged, by its name
     # per site: reference lesion volume spanning two or more slices, and all of it (mm3)
     lesion_extent_per_site: dict[str, tuple[float, float]] = field(default_factory=dict)
+    job_instance: str = ""  # this run of the job (run_config.JOB_INSTANCE_KEY); "" in checkpoints before it
 
     def alerts(self, anonymise: bool) -> tuple[PoisoningAlert, ...]:
         """The job's flags as every site hears of them (pseudonyms when the job's policy says so)."""
@@ -84,6 +85,7 @@ class CoordinatorCheckpoint:
             "lesion_kept_per_site": self.lesion_kept_per_site,
             "flags": [f.as_dict() for f in self.flags],
             "lesion_extent_per_site": self.lesion_extent_per_site,
+            "job_instance": self.job_instance,
         }
         temporary = out / (JOB_STATE + ".tmp")
         temporary.write_text(json.dumps(meta, indent=1))
@@ -108,6 +110,7 @@ class CoordinatorCheckpoint:
             {site: (list(kept), int(n)) for site, (kept, n) in meta.get("lesion_kept_per_site", {}).items()},
             [PoisoningAlert.from_dict(f) for f in meta.get("flags", [])],
             {site: (float(k), float(t)) for site, (k, t) in meta.get("lesion_extent_per_site", {}).items()},
+            str(meta.get("job_instance", "")),
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -108,7 +109,7 @@ class RoundDriver:
         round, the plan and reference landmarks once fixed, and every poisoning alert of the job so far."""
         alerts = state.alerts(self.run.anonymise_alerts)
         values: dict[str, Any] = RoundConfig(
-            self.run, server_round, state.plan, state.harmonisation, alerts
+            self.run, server_round, state.plan, state.harmonisation, alerts, state.job_instance
         ).to_record()
         return ConfigRecord(values)
 
@@ -591,7 +592,7 @@ def main(grid: Grid, context: Context) -> None:
     state = CoordinatorCheckpoint.load(job.out)
     base = load_artifact(Path(run.base_model)) if run.base_model else None
     if state is None or state.plan is None:
-        state = CoordinatorCheckpoint()
+        state = CoordinatorCheckpoint(job_instance=secrets.token_hex(8))
         if base is not None:
             spec = job.start_from(base, spec, state)
         else:

@@ -27,6 +27,9 @@ from radfed.inference.errors import RadfedError
 ConfigValue = bool | int | float | str | list[float]
 
 SERVER_ROUND_KEY = "server-round"  # 0 before round 1 (plan, harmonisation)
+# One run of a job, drawn by the coordinator when the job starts and kept in its checkpoint (a resumed job keeps
+# it): a site keeps its optimiser, replies and residuals per run, so a new job under an old name starts afresh.
+JOB_INSTANCE_KEY = "job-instance"
 # Round configs of coordinators before RunConfig named the round count differently.
 _FORMER_NAMES = {"num-rounds": "num-server-rounds"}
 
@@ -190,17 +193,20 @@ class RunConfig:
 @dataclass(frozen=True)
 class RoundConfig:
     """The config of every message to a site: the job's whole run config, the server round (0 before round
-    1), what the coordinator fixed before round 1 (the plan's JSON, the reference intensity landmarks) and
-    every poisoning alert of the job so far."""
+    1), what the coordinator fixed before round 1 (the plan's JSON, the reference intensity landmarks), every
+    poisoning alert of the job so far, and which run of the job this is (empty from a coordinator before it)."""
 
     run: RunConfig
     server_round: int = 0
     plan: str | None = None
     harmonisation: dict[str, list[float]] | None = None
     alerts: tuple[PoisoningAlert, ...] = ()
+    job_instance: str = ""
 
     def to_record(self) -> dict[str, ConfigValue]:
         values = self.run.to_record() | {SERVER_ROUND_KEY: self.server_round}
+        if self.job_instance:
+            values[JOB_INSTANCE_KEY] = self.job_instance
         if self.plan:
             values[PLAN_CONFIG_KEY] = self.plan
         if self.alerts:
@@ -215,7 +221,7 @@ class RoundConfig:
         default, an unknown one raises ``RunConfigError`` (a coordinator newer than this site)."""
         run_values: dict[str, Any] = {}
         for key, value in values.items():
-            if key in (SERVER_ROUND_KEY, PLAN_CONFIG_KEY, ALERTS_CONFIG_KEY) or key.startswith(
+            if key in (SERVER_ROUND_KEY, PLAN_CONFIG_KEY, ALERTS_CONFIG_KEY, JOB_INSTANCE_KEY) or key.startswith(
                 records.HARMONISATION_PREFIX
             ):
                 continue
@@ -233,6 +239,7 @@ class RoundConfig:
             plan=records.text(values, PLAN_CONFIG_KEY) or None,
             harmonisation=records.landmarks(values),
             alerts=alerts_from_config(alerts, run.job) if alerts else (),
+            job_instance=records.text(values, JOB_INSTANCE_KEY),
             **extra,
         )
 

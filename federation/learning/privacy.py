@@ -136,7 +136,8 @@ def check_budget(
         spent = epsilon_spent(state, privacy.delta)
         raise PrivacyBudgetExceededError(
             f"training {steps} more steps would reach epsilon {projected:.2f} (delta {privacy.delta:g}); "
-            f"this site's budget is {privacy.epsilon:.2f} and {spent:.2f} is already spent: refusing to train"
+            f"this site's budget is {privacy.epsilon:.2f} and {spent:.2f} is already spent (a job's budget is kept "
+            "under its name, across runs of that name): refusing to train"
         )
     return projected
 

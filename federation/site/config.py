@@ -63,7 +63,16 @@ class SiteConfig:
         return DeviceArbiter(self.node_state_dir, self.device_policy) if self.node_state_dir else None
 
     def job_dir(self, job: str) -> Path:
+        """What the site keeps under a job's name across its runs: the privacy accountant (a job run again
+        under its name spends the same budget)."""
         return self.state_dir / "jobs" / hashlib.sha256(job.encode()).hexdigest()[:16]
+
+    def run_dir(self, job: str, instance: str) -> Path:
+        """What the site keeps for one run of a job (optimiser state, last reply, compression residual, starting
+        model): a new run under an old name starts afresh; a resumed run keeps its instance. Without an instance
+        (a coordinator before it) the job's own folder."""
+        folder = self.job_dir(job)
+        return folder / "runs" / hashlib.sha256(instance.encode()).hexdigest()[:16] if instance else folder
 
 
 def _node_file(path: object) -> NodeLocations | None:

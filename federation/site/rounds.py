@@ -47,10 +47,10 @@ Metrics = dict[str, MetricValue]
 _COHORTS: dict[str, SiteCohort] = {}
 
 
-def site_cohort(site: SiteConfig, spec: TaskSpec, job: str) -> SiteCohort:
-    """The cohort, listed once per job (a new job sees studies stored since); only the current job's stays
-    in memory."""
-    key = json.dumps([site.data, spec.source_text, job])
+def site_cohort(site: SiteConfig, spec: TaskSpec, job: str, instance: str = "") -> SiteCohort:
+    """The cohort, listed once per run of a job (a new run sees studies stored since); only the current run's
+    stays in memory."""
+    key = json.dumps([site.data, spec.source_text, job, instance])
     if key not in _COHORTS:
         _COHORTS.clear()
         _COHORTS[key] = cohort_from_sources(spec, site.data, labels=site.labels, cache_dir=site.state_dir / "cache")
@@ -83,7 +83,7 @@ def _cohort_split(
     site: SiteConfig, plan: RoundPlan
 ) -> tuple[TaskSpec, SiteCohort, list[TrainingSample], list[TrainingSample]]:
     spec = job_spec(plan)
-    cohort = site_cohort(site, spec, plan.run.job)
+    cohort = site_cohort(site, spec, plan.run.job, plan.job_instance)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     train, held_out = cohort.split(plan.run.held_out_fraction, plan.harmonisation)
@@ -101,9 +101,9 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     allow-listed metrics. Asked again for the round it trained last, from the same global model (a
     coordinator that restarted and resumed from its checkpoint), the site sends the same reply again instead
     of training twice: training again would spend privacy budget a second time for one round."""
-    job_dir = site.job_dir(plan.run.job)
+    run_dir = site.run_dir(plan.run.job, plan.job_instance)
     incoming = arrays_digest(arrays)
-    replay = load_round_reply(job_dir, plan.server_round, incoming)
+    replay = load_round_reply(run_dir, plan.server_round, incoming)
     if replay is not None:
         return replay[0], replay[1] | {"round_replayed": 1}
     updated, metrics = _train_round(site, plan, arrays)
@@ -111,13 +111,14 @@ def train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> 
     # privacy. The stored reply is the compressed one, so a replay sends the same bytes and leaves top-k's
     # residual alone.
     reply = compress_reply(
-        plan.run.update_compression, arrays, updated, ErrorFeedback(job_dir), server_round=plan.server_round
+        plan.run.update_compression, arrays, updated, ErrorFeedback(run_dir), server_round=plan.server_round
     )
-    save_round_reply(job_dir, plan.server_round, incoming, reply, metrics)
+    save_round_reply(run_dir, plan.server_round, incoming, reply, metrics)
     return reply, metrics
 
 
 ROUND_REPLY = "last-round.npz"
+ACCOUNTANT = "accountant.json"  # per job name, across its runs (SiteConfig.job_dir)
 
 
 def arrays_digest(arrays: list[np.ndarray]) -> str:
@@ -152,7 +153,7 @@ def save_round_reply(
 def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], Metrics]:
     spec, cohort, train, held_out = _cohort_split(site, plan)
     if plan.server_round == 1 and plan.run.base_model and plan.run.membership_audit is MembershipAudit.LIRA:
-        save_starting_model(site.job_dir(plan.run.job), arrays)
+        save_starting_model(site.run_dir(plan.run.job, plan.job_instance), arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
     model = arrays_to_model(spec, arrays)
     evaluation_started = time.perf_counter()
@@ -171,19 +172,18 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
         schedule_offset=(plan.server_round - 1) * run.local_steps,
         schedule_total=run.num_server_rounds * run.local_steps,
     )
-    job_dir = site.job_dir(run.job)
-    state = load_optimizer_state(job_dir)
+    run_dir = site.run_dir(run.job, plan.job_instance)
+    state = load_optimizer_state(run_dir)
     privacy = plan.privacy
     arbiter = site.arbiter()
     if privacy is None:
         log = train_local(model, train, spec, settings, optimizer_state=state, arbiter=arbiter)
     else:
-        log, spent = train_private(
-            model, train, spec, settings, privacy, job_dir / "accountant.json", run.local_steps, state, arbiter
-        )
+        accountant = site.job_dir(run.job) / ACCOUNTANT
+        log, spent = train_private(model, train, spec, settings, privacy, accountant, run.local_steps, state, arbiter)
         metrics["epsilon"] = spent
         metrics["delta"] = privacy.delta
-    save_optimizer_state(job_dir, log.optimizer_state)
+    save_optimizer_state(run_dir, log.optimizer_state)
     metrics["train_paused_seconds"] = log.paused_seconds
     if spec.outputs.min_lesion_fraction is None:  # the spec leaves the share-of-largest rule to the data
         kept, studies = reference_kept(train, spec.outputs.min_lesion_volume_mm3)
@@ -263,7 +263,7 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     metrics.update(subgroup_metrics(cells, run.bias_min_cell))
     attack, starting = run.membership_audit, None
     if run.base_model and attack is MembershipAudit.LIRA:
-        starting = load_starting_model(site.job_dir(run.job))
+        starting = load_starting_model(site.run_dir(run.job, plan.job_instance))
         if starting is None:
             # Not asked in round 1 (sites-per-round): references from random weights, at a fine-tuning learning
             # rate, would be barely trained and LiRA's figure meaningless, so the site sends the loss attack only.
@@ -285,7 +285,7 @@ def intensity_landmarks(site: SiteConfig, plan: RoundPlan) -> Metrics:
     """The site's share of federated harmonisation: mean landmarks per channel over its training studies."""
     held_out_fraction = plan.run.held_out_fraction
     spec = job_spec(plan)
-    cohort = site_cohort(site, spec, plan.run.job)
+    cohort = site_cohort(site, spec, plan.run.job, plan.job_instance)
     if not cohort.entries:
         raise ValueError(f"site {site.name} has no usable study")
     metrics: Metrics = {f"landmarks.{k}": v for k, v in cohort.channel_landmarks(held_out_fraction).items()}
@@ -318,4 +318,4 @@ def install_rollout(site: SiteConfig, files: dict[str, bytes]) -> str:
 
 
 def privacy_spent(site: SiteConfig, job: str, delta: float) -> float:
-    return epsilon_spent(load_accountant_state(site.job_dir(job) / "accountant.json"), delta)
+    return epsilon_spent(load_accountant_state(site.job_dir(job) / ACCOUNTANT), delta)

@@ -193,6 +193,41 @@ def test_a_site_continues_its_optimiser_from_its_previous_round(
     assert int(fresh["state"][0]["step"]) == 2  # a new job starts its optimiser afresh
 
 
+def test_a_new_run_of_a_job_starts_afresh_and_spends_the_same_privacy_budget(
+    tmp_path: Path, synth_root: Path, planned_spec: TaskSpec
+) -> None:
+    """A job run again under its name (a new instance from its coordinator) starts its optimiser afresh, and
+    its DP-SGD goes on from the budget the name's earlier runs spent; a resumed run (same instance) keeps its
+    optimiser."""
+    import torch
+
+    from radfed.federation.learning.privacy import PrivacyBudgetExceededError
+    from radfed.federation.learning.training import model_to_arrays, new_model
+    from radfed.federation.site.rounds import RoundPlan, SiteConfig, privacy_spent, train_round
+
+    site = SiteConfig(name="hospital-1", data=(str(synth_root / "site-1"),), state_dir=tmp_path / "state")
+    assert planned_spec.plan is not None
+    # the budget is planned for 3 rounds of 2 steps: the three rounds below use it up
+    config = {"job": "job-a", "local-steps": 2, "num-rounds": 3, "held-out-fraction": 0.25, "epsilon": 8.0}
+    config |= {"plan": planned_spec.plan.to_json(), "delta": 1e-5}
+    arrays = model_to_arrays(new_model(planned_spec))
+
+    def steps_taken(instance: str) -> int:
+        state = torch.load(site.run_dir("job-a", instance) / "optimizer.pt", weights_only=True)
+        return int(state["state"][0]["step"])
+
+    train_round(site, RoundPlan.from_config({**config, "job-instance": "first", "server-round": 1}), arrays)
+    spent_first = privacy_spent(site, "job-a", 1e-5)
+    assert steps_taken("first") == 2 and 0 < spent_first <= 8.0
+    train_round(site, RoundPlan.from_config({**config, "job-instance": "second", "server-round": 1}), arrays)
+    assert steps_taken("second") == 2  # not 4: the earlier run's moments stay with it
+    assert privacy_spent(site, "job-a", 1e-5) > spent_first  # the name's budget is one across its runs
+    train_round(site, RoundPlan.from_config({**config, "job-instance": "first", "server-round": 2}), arrays)
+    assert steps_taken("first") == 4  # the first run, resumed, goes on from its own state
+    with pytest.raises(PrivacyBudgetExceededError, match="kept under its name"):
+        train_round(site, RoundPlan.from_config({**config, "job-instance": "third", "server-round": 1}), arrays)
+
+
 def test_a_seed_fixes_the_initial_weights_whatever_ran_before(planned_spec: TaskSpec) -> None:
     import torch
 

@@ -104,10 +104,16 @@ def test_the_flower_app_declares_every_key_with_its_default(app_config: dict[str
 def test_every_key_reaches_the_site(tmp_path: Path) -> None:
     run = every_key_changed(tmp_path / "job")
     flags = [PoisoningAlert(run.job, 2, "hospital-3", AnomalyRule.UPDATE_NORM)]
-    state = CoordinatorCheckpoint(plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]}, flags=flags)
+    state = CoordinatorCheckpoint(
+        plan='{"patch": [1, 2, 3]}', harmonisation={"t2w": [0.0, 1.5, 9.0]}, flags=flags, job_instance="9f2c41d07e"
+    )
     plan = site_plan(run, 4, state, tmp_path / "job")
     assert plan.run == run
     assert (plan.server_round, plan.plan, plan.harmonisation) == (4, state.plan, state.harmonisation)
+    assert plan.job_instance == "9f2c41d07e"
+    state.save(tmp_path)  # a resumed job sends the same instance, so its sites go on with their state
+    restored = CoordinatorCheckpoint.load(tmp_path)
+    assert restored is not None and site_plan(run, 5, restored, tmp_path / "job").job_instance == "9f2c41d07e"
     assert plan.alerts == (PoisoningAlert(run.job, 2, "flagged-site-1", AnomalyRule.UPDATE_NORM),)  # anonymised
 
 
