@@ -80,9 +80,12 @@ def study_loss(prediction: Prediction, sample: TrainingSample, spec: TaskSpec) -
     return loss
 
 
-def study_losses(model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec) -> npt.NDArray[np.float64]:
+def study_losses(
+    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
+) -> npt.NDArray[np.float64]:
+    """Each study's loss under ``model``; with the node's ``arbiter``, clinical jobs go first (as in training)."""
     plain = replace(spec, inference=replace(spec.inference, mirror=False))
-    predictions = predict_samples(model, samples, plain)
+    predictions = predict_samples(model, samples, plain, arbiter)
     return np.array([study_loss(p, s, spec) for s, p in zip(samples, predictions, strict=True)], dtype=np.float64)
 
 
@@ -103,7 +106,7 @@ def reference_confidences(
             spec, recipe=recipe, seed=settings.seed + index, steps=settings.reference_steps
         )
         train_local(model, [s for s, chosen in zip(samples, half, strict=True) if chosen], spec, steps, arbiter=arbiter)
-        confidence[index] = logit_confidence(study_losses(model, samples, spec))
+        confidence[index] = logit_confidence(study_losses(model, samples, spec, arbiter))
     return confidence, trained
 
 
@@ -121,7 +124,7 @@ def audit_model(
         return {}
     started = time.perf_counter()
     studies = [*members, *non_members]
-    losses = study_losses(model, studies, spec)
+    losses = study_losses(model, studies, spec, arbiter)
     references = None
     if settings.audit is MembershipAudit.LIRA:
         references = reference_confidences(studies, spec, settings, arbiter)

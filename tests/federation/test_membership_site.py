@@ -25,6 +25,7 @@ from radfed.federation.site.membership_audit import (
     study_loss,
     study_losses,
 )
+from radfed.inference.model.arbiter import DeviceArbiter
 from radfed.inference.model.taskspec import TaskSpec
 from radfed.inference.model.windows import Prediction
 
@@ -134,12 +135,16 @@ def test_a_fine_tuning_job_audits_from_its_starting_model(
     assert audits[-1].audit is MembershipAudit.LIRA and audits[-1].initial is None
 
 
-def test_the_audit_scores_studies_in_one_pass_without_mirroring(
-    planned_spec: TaskSpec, monkeypatch: pytest.MonkeyPatch
+def test_the_audit_scores_studies_in_one_pass_without_mirroring_and_clinical_work_first(
+    planned_spec: TaskSpec, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    mirrored: list[bool] = []
+    calls: list[tuple[bool, object]] = []
     monkeypatch.setattr(
-        membership_audit, "predict_samples", lambda model, samples, spec: mirrored.append(spec.inference.mirror) or []
+        membership_audit,
+        "predict_samples",
+        lambda model, samples, spec, arbiter=None: calls.append((spec.inference.mirror, arbiter)) or [],
     )
-    assert membership_audit.study_losses(new_model(planned_spec, seed=0), [], planned_spec).size == 0
-    assert planned_spec.inference.mirror and mirrored == [False]  # the job's spec mirrors; the audit does not
+    arbiter = DeviceArbiter(tmp_path)
+    assert membership_audit.study_losses(new_model(planned_spec, seed=0), [], planned_spec, arbiter).size == 0
+    assert planned_spec.inference.mirror  # the job's spec mirrors; the audit does not
+    assert calls == [(False, arbiter)]  # and its passes take their turns on the node's device, as training does
