@@ -8,12 +8,14 @@ batch. Nothing here is tuned to one data set."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,36 @@ logger = logging.getLogger(__name__)
 def device_turn(arbiter: DeviceArbiter | None) -> AbstractContextManager[list[float]]:
     """One training step's turn on the device: clinical work first where a node shares it."""
     return arbiter.training_step() if arbiter is not None else nullcontext([])
+
+
+# CPU flags of native bfloat16 arithmetic (x86 AVX-512 BF16 or AMX; Arm's BF16 extension). Without them torch
+# emulates bf16 and a step is no faster.
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in bfloat16 natively (its flags, as Linux lists them)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in {"flags", "features"}:
+            return bool(_NATIVE_BF16_FLAGS & set(value.split()))
+    return False
+
+
+def mixed_precision(device: torch.device, recipe: TrainingRecipe) -> bool:
+    """bfloat16 autocast for the training steps: on CUDA, and with ``cpu_mixed_precision`` on a CPU with native
+    bf16 (brain set, 2-D plan, this machine's AVX-512 BF16: a step's forward, backward and update 0.65 -> 0.38 s
+    on one thread). The weights, the optimiser, the loss and every evaluation stay float32."""
+    if not recipe.mixed_precision:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and recipe.cpu_mixed_precision and cpu_has_native_bf16()
 
 
 FIT_FIRST = (5, 10, 20)  # early checks of the pace against the time limit (a slow machine shows at once)
@@ -260,7 +292,7 @@ def loss_fn(
 ) -> torch.Tensor:
     """The recipe's segmentation loss (with deep supervision: the lower resolutions weigh 1/2, 1/4, ...,
     normalised) plus the classification loss on studies whose label is known."""
-    outputs = model(images)
+    outputs = [output.float() for output in model(images)]  # the loss in float32 under mixed precision
     seg_logits, cls_logits, aux = outputs[0], outputs[1], outputs[2:]
     weights = [1.0] + [0.5 ** (i + 1) for i in range(len(aux))]
     total = sum(weights)
@@ -338,7 +370,7 @@ def train_local(
     schedule = settings
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.learning_rate_factor(step))
     proximal = ProximalTerm(model, settings.proximal_mu, recipe.learning_rate)
-    autocast = device.type == "cuda" and recipe.mixed_precision
+    autocast = mixed_precision(device, recipe)
     log = TrainingLog()
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     started = time.perf_counter()

@@ -83,6 +83,9 @@ class TrainingRecipe:
     # torch intra-op threads per training process; 0: the cores this process may use that are not busy at start
     # (brain set, this 2-core machine with other work paused: 0.56 s per step on 1 thread, 0.38 s on 2)
     threads: int = 0
-    mixed_precision: bool = True  # on CUDA only
+    mixed_precision: bool = True  # bfloat16 autocast for training steps on CUDA
+    # and on a CPU with native bf16 (AVX-512 BF16, AMX, Arm BF16): 1.7x faster steps on the real brain set here, but
+    # 0.61 mean Dice against float32's 0.66 in the paired run (README), so opt-in
+    cpu_mixed_precision: bool = False
     calibrate: bool = True  # lesion threshold, minimum size and study temperature from validation data
     extra: dict[str, float] = field(default_factory=dict)

@@ -403,6 +403,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         time_limit_minutes=r.get("time_limit_minutes", float, default.time_limit_minutes),
         threads=r.get("threads", int, default.threads),
         mixed_precision=r.get("mixed_precision", bool, default.mixed_precision),
+        cpu_mixed_precision=r.get("cpu_mixed_precision", bool, default.cpu_mixed_precision),
         calibrate=r.get("calibrate", bool, default.calibrate),
     )
     if (
