@@ -84,8 +84,8 @@ class TrainingRecipe:
     # (brain set, this 2-core machine with other work paused: 0.56 s per step on 1 thread, 0.38 s on 2)
     threads: int = 0
     mixed_precision: bool = True  # bfloat16 autocast for training steps on CUDA
-    # and on a CPU with native bf16 (AVX-512 BF16, AMX, Arm BF16): 1.7x faster steps on the real brain set here, but
-    # 0.61 mean Dice against float32's 0.66 in the paired run (README), so opt-in
+    # and on a CPU with native bf16 (AVX-512 BF16, AMX, Arm BF16): 1.65x faster steps on the real brain set here, but
+    # mean Dice 0.61 and 0.61 against float32's 0.66 and 0.61 (two seeds, README): no gain at the same steps, opt-in
     cpu_mixed_precision: bool = False
     calibrate: bool = True  # lesion threshold, minimum size and study temperature from validation data
     extra: dict[str, float] = field(default_factory=dict)
