@@ -52,6 +52,7 @@ from radfed.federation.learning.membership import (
     logit_confidence,
     loss_scores,
 )
+from radfed.federation.learning.networks import TrainableScope
 from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.training import arrays_to_model
 from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
@@ -166,6 +167,17 @@ def _public_studies(work: Path, quick: bool) -> list[Path]:
     )
 
 
+TUNED_ENV = "RADFED_BENCH_PRIVACY_TUNED"
+
+
+def _fine_tunings() -> list[tuple[TrainableScope, float]]:
+    """RADFED_BENCH_PRIVACY_TUNED, e.g. "all@1e-4,norms@1e-3": each entry a family of fine-tuned arms (no DP and
+    every epsilon) updating that scope (run-config dp-trainable) at that learning rate; default: all at 1e-4."""
+    chosen = os.environ.get(TUNED_ENV, f"all@{FINE_TUNE_LEARNING_RATE:g}")
+    families = [entry.split("@") for entry in chosen.split(",") if entry]
+    return [(TrainableScope(scope), float(rate)) for scope, rate in families]
+
+
 def privacy_curve(work: Path, quick: bool) -> None:
     """What a privacy budget costs at a given cohort size: Dice of the federated model at epsilon 1, 2, 4, 8
     and without DP, for 12, 40 and 100 studies per site (3 synthetic sites, same rounds and steps). DP noise is
@@ -185,10 +197,12 @@ def privacy_curve(work: Path, quick: bool) -> None:
     base_steps = int(os.environ.get("RADFED_BENCH_PRIVACY_BASE_STEPS", 4 if quick else BASE_STEPS))
     scratch_dp = os.environ.get("RADFED_BENCH_PRIVACY_SCRATCH_DP", "1") != "0"
     arms = [Arm("no DP")] + ([Arm(f"DP epsilon {e:g}", epsilon=e) for e in epsilons] if scratch_dp else [])
-    tuned = Arm("no DP, fine-tuned", start=Start.BASE, learning_rate=FINE_TUNE_LEARNING_RATE)
-    base_arms = [Arm("base model only", Mode.BASE_ONLY), tuned] + [
-        replace(tuned, name=f"DP epsilon {e:g}, fine-tuned", epsilon=e) for e in epsilons
-    ]
+    base_arms = [Arm("base model only", Mode.BASE_ONLY)]
+    for scope, rate in _fine_tunings():
+        label = "" if (scope, rate) == (TrainableScope.ALL, FINE_TUNE_LEARNING_RATE) else f" ({scope}, lr {rate:g})"
+        tuned = Arm(f"no DP, fine-tuned{label}", start=Start.BASE, learning_rate=rate, trainable=scope)
+        base_arms += [tuned]
+        base_arms += [replace(tuned, name=f"DP epsilon {e:g}, fine-tuned{label}", epsilon=e) for e in epsilons]
     public = _public_studies(work, quick)
     plan: list[tuple[int, Path, Arm]] = []
     bases: dict[int, Future[Path]] = {}
@@ -229,6 +243,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
         + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
+        + (f"{TUNED_ENV}={tunings} " if (tunings := os.environ.get(TUNED_ENV)) else "")
         + "python -m bench federation",
     )
 

@@ -312,13 +312,21 @@ def _evaluate(model: Any, test: list[Any], spec: Any, names: dict[str, str]) -> 
     return total, studies
 
 
-def _per_study_table(results: list[dict[str, Any]]) -> None:
+def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
     """Brain: each held-out study's Dice and false positives under each recipe of the run, smallest reference
     volume first."""
     brain_arms = {r["arm"] for r in results if r["dataset"] == "brain"}
     arms = [
         a
-        for a in ("planned", "ensemble", "ensemble's first network alone", "2.5-d", "session-10-plan", "first-wave")
+        for a in (
+            "planned",
+            "cpu-bf16",
+            "ensemble",
+            "ensemble's first network alone",
+            "2.5-d",
+            "session-10-plan",
+            "first-wave",
+        )
         if a in brain_arms
     ]
     by_study: dict[str, dict[str, Any]] = {}
@@ -339,7 +347,7 @@ def _per_study_table(results: list[dict[str, Any]]) -> None:
     header = ["study", "reference (mL at the set's 1 mm dummy spacing)"]
     for arm in arms:
         header += [f"Dice, {arm}", f"FP, {arm}"]
-    table("Brain set per held-out study, smallest tumour first", header, rows, "python -m bench quality")
+    table("Brain set per held-out study, smallest tumour first", header, rows, reproduce)
 
 
 @contextmanager
@@ -451,4 +459,4 @@ def main() -> None:
         rows,
         f"{env + ' ' if env else ''}python -m bench quality",
     )
-    _per_study_table(results)
+    _per_study_table(results, f"{env + ' ' if env else ''}python -m bench quality")

@@ -20,6 +20,7 @@ from radfed.federation.job.planning import PLAN_CONFIG_KEY
 from radfed.federation.learning.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule, Screening
 from radfed.federation.learning.compression import Compression
 from radfed.federation.learning.membership import MembershipAudit
+from radfed.federation.learning.networks import TrainableScope
 from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.subgroup_cells import MIN_CELL_FLOOR
 from radfed.inference.errors import RadfedError
@@ -48,6 +49,9 @@ class RunConfig:
     epsilon: float = 8.0  # each site's DP budget for the whole job (0: no differential privacy)
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # DP-SGD's per-study gradient clipping norm
+    # What DP-SGD updates: all | norms (normalisation scales and shifts, biases and the output layers, ~1 % of
+    # the weights: the clipped gradient is spread over fewer coordinates against the same noise per coordinate)
+    dp_trainable: TrainableScope = TrainableScope.ALL
     task: str = ""  # a task spec's name or path ("": the default task)
     job: str = "radfed-job"  # names the job's state at every site (optimiser, privacy accountant, replies)
     out_dir: str = "radfed-federated-job"  # the coordinator's checkpoint, metrics and artifact

@@ -35,6 +35,7 @@ from radfed.federation.learning.compression import (
     restore_reply,
 )
 from radfed.federation.learning.evaluation import evaluate_model
+from radfed.federation.learning.networks import TrainableScope, trainable_only
 from radfed.federation.learning.privacy import PrivacySettings, train_private
 from radfed.federation.learning.staleness import LateUpdates, rebase, staleness_weight
 from radfed.federation.learning.training import (
@@ -91,6 +92,7 @@ class Arm:
     staleness_exponent: float = 0.5
     start: Start = Start.RANDOM
     learning_rate: float | None = None  # the recipe's unless set (fine-tuning a base model takes smaller steps)
+    trainable: TrainableScope = TrainableScope.ALL  # what the sites' training updates (run-config dp-trainable)
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -315,14 +317,18 @@ class Experiment:
                     state = optimizer_states.get(site)
                     if arm.epsilon > 0:
                         privacy = PrivacySettings(
-                            arm.epsilon, 1e-5, planned_steps=self.budget.rounds * self.budget.local_steps
+                            arm.epsilon,
+                            1e-5,
+                            planned_steps=self.budget.rounds * self.budget.local_steps,
+                            trainable=arm.trainable,
                         )
                         accountant = Path(accountants) / f"{site}.json"
                         log, _ = train_private(
                             model, samples, spec, settings, privacy, accountant, self.budget.local_steps, state
                         )
                     else:
-                        log = train_local(model, samples, spec, settings, optimizer_state=state)
+                        with trainable_only(model, arm.trainable):
+                            log = train_local(model, samples, spec, settings, optimizer_state=state)
                     optimizer_states[site] = log.optimizer_state
                     sent = model_to_arrays(model)
                     if site == arm.poisoned_site:

@@ -11,6 +11,9 @@ batch norm.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -181,6 +184,54 @@ def _mean_probability_logit(logits: list[torch.Tensor]) -> torch.Tensor:
     # clamped so that a probability of 0 or 1 in float32 stays a finite logit (about +-16)
     mean = torch.stack([torch.sigmoid(t) for t in logits]).mean(dim=0).clamp(1e-7, 1 - 1e-7)
     return torch.log(mean) - torch.log(1 - mean)
+
+
+class TrainableScope(StrEnum):
+    """Which parameters a training run updates (the rest stay as the round's model sent them)."""
+
+    ALL = "all"
+    # Normalisation scales and shifts, every bias, and the layers that produce the outputs (1x1 convolutions to the
+    # lesion channel, the classification head): about 1 % of a DynUNet's weights. Under DP-SGD the clipped
+    # per-study gradient is spread over these few coordinates while the noise per coordinate stays the same.
+    NORMS = "norms"
+
+
+_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm)
+
+
+def _output_layer(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return module.out_features == 1
+    if isinstance(module, nn.Conv2d | nn.Conv3d):
+        return module.out_channels == 1 and all(k == 1 for k in module.kernel_size)
+    return False
+
+
+def scope_parameters(model: nn.Module, scope: TrainableScope) -> list[nn.Parameter]:
+    """The parameters ``scope`` trains, each once."""
+    if scope is TrainableScope.ALL:
+        return list(model.parameters())
+    chosen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        whole = isinstance(module, _NORMS) or _output_layer(module)
+        for name, parameter in module.named_parameters(recurse=False):
+            if whole or name == "bias":
+                chosen[id(parameter)] = parameter
+    return list(chosen.values())
+
+
+@contextmanager
+def trainable_only(model: nn.Module, scope: TrainableScope) -> Iterator[list[nn.Parameter]]:
+    """Within the block only ``scope``'s parameters take gradients; afterwards every parameter does again."""
+    trained = {id(p) for p in scope_parameters(model, scope)}
+    frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        yield [p for p in model.parameters() if id(p) in trained]
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
 
 
 def build_network(plan: NetworkPlan, in_channels: int) -> nn.Module:

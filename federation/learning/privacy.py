@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from radfed.federation.learning.cohort import TrainingSample
+from radfed.federation.learning.networks import TrainableScope, trainable_only
 from radfed.federation.learning.training import (
     OptimizerState,
     PatchSampler,
@@ -58,6 +59,7 @@ class PrivacySettings:
     max_grad_norm: float = 1.0
     planned_steps: int | None = None
     noise_multiplier: float | None = None
+    trainable: TrainableScope = TrainableScope.ALL  # what DP-SGD updates (the guarantee does not depend on it)
 
     def __post_init__(self) -> None:
         if self.epsilon <= 0 or not 0 < self.delta < 1:
@@ -155,8 +157,7 @@ def train_private(
 ) -> tuple[TrainingLog, float]:
     """``steps`` DP-SGD steps on ``model`` (modified in place); returns the log and epsilon spent so far.
     The momentum carried between rounds (``optimizer_state``) is computed from noised gradients only, so
-    keeping it is post-processing and costs no privacy."""
-    from opacus import PrivacyEngine
+    keeping it is post-processing and costs no privacy. Only ``privacy.trainable``'s parameters change."""
     from opacus.validators import ModuleValidator
 
     if not samples:
@@ -171,6 +172,32 @@ def train_private(
     state = load_accountant_state(accountant_path)
     check_budget(state, privacy, noise, sample_rate, steps)
     torch.manual_seed(settings.seed)
+    with trainable_only(model, privacy.trainable):
+        log, engine = _private_steps(
+            model, samples, spec, settings, noise, privacy.max_grad_norm, state, steps, optimizer_state, arbiter
+        )
+    save_accountant_state(accountant_path, engine.accountant)
+    model.eval()
+    spent = float(engine.accountant.get_epsilon(privacy.delta))
+    logger.info("DP-SGD: %d steps, noise %.3f, q %.3f, epsilon spent %.3f", log.steps, noise, sample_rate, spent)
+    return log, spent
+
+
+def _private_steps(
+    model: nn.Module,
+    samples: Sequence[TrainingSample],
+    spec: TaskSpec,
+    settings: TrainingSettings,
+    noise: float,
+    max_grad_norm: float,
+    state: dict[str, Any] | None,
+    steps: int,
+    optimizer_state: OptimizerState | None,
+    arbiter: DeviceArbiter | None,
+) -> tuple[TrainingLog, Any]:
+    """The DP-SGD steps on the parameters that take gradients; returns the log and the privacy engine."""
+    from opacus import PrivacyEngine
+
     loader = DataLoader(_StudyCrops(samples, spec, settings), batch_size=settings.batch_size)
     optimizer = make_optimizer(model, settings)
     if optimizer_state is not None:
@@ -184,7 +211,7 @@ def train_private(
             optimizer=optimizer,
             data_loader=loader,
             noise_multiplier=noise,
-            max_grad_norm=privacy.max_grad_norm,
+            max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="functorch",
         )
@@ -203,7 +230,7 @@ def train_private(
                     private_optimizer.zero_grad()
                     if images.shape[0] == 0:
                         # An empty Poisson batch still releases a noisy (all-noise) step, as the analysis assumes.
-                        for parameter in private_model.parameters():
+                        for parameter in (p for p in private_model.parameters() if p.requires_grad):
                             parameter.grad_sample = torch.zeros((0, *parameter.shape))
                         private_optimizer.step()
                         log.losses.append(math.nan)
@@ -221,12 +248,8 @@ def train_private(
     log.seconds = time.perf_counter() - started
     log.steps = done
     log.optimizer_state = optimizer.state_dict()
-    save_accountant_state(accountant_path, engine.accountant)
     private_model._close()  # detach Opacus' hooks: the plain model can be trained (or made private) again
-    model.eval()
-    spent = float(engine.accountant.get_epsilon(privacy.delta))
-    logger.info("DP-SGD: %d steps, noise %.3f, q %.3f, epsilon spent %.3f", done, noise, sample_rate, spent)
-    return log, spent
+    return log, engine
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -76,6 +76,7 @@ class RoundPlan(RoundConfig):
             delta=run.delta,
             max_grad_norm=run.max_grad_norm,
             planned_steps=run.num_server_rounds * run.local_steps,
+            trainable=run.dp_trainable,
         )
 
 

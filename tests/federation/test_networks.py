@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from radfed.federation.learning.export import PARITY_TOLERANCE, export_onnx, parity_error
-from radfed.federation.learning.networks import build_network
+from radfed.federation.learning.networks import TrainableScope, build_network, scope_parameters, trainable_only
 from radfed.inference.model.plan import Architecture, Normalization, PlanOverrides, derive_plan
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 
@@ -85,3 +85,45 @@ def test_networks_are_dp_compatible(architecture: Architecture, dims: int) -> No
     spec = _spec(architecture, dims)
     assert spec.plan is not None
     assert ModuleValidator.validate(build_network(spec.plan.network, 3), strict=False) == []
+
+
+@pytest.mark.parametrize(("architecture", "dims"), CASES)
+def test_the_norms_scope_is_a_small_share_with_every_norm_and_output_layer(
+    architecture: Architecture, dims: int
+) -> None:
+    spec = _spec(architecture, dims)
+    assert spec.plan is not None
+    model = build_network(spec.plan.network, 3)
+    every = list(model.parameters())
+    assert [id(p) for p in scope_parameters(model, TrainableScope.ALL)] == [id(p) for p in every]
+    chosen = {id(p) for p in scope_parameters(model, TrainableScope.NORMS)}
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.InstanceNorm2d | torch.nn.InstanceNorm3d | torch.nn.GroupNorm)
+    ]
+    assert norms
+    assert all(id(p) in chosen for m in norms for p in m.parameters())
+    # the classification head's last layer (one logit) is in the scope
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    assert len(heads) == 1 and id(heads[0].weight) in chosen
+    # no 3x3 convolution kernel is
+    kernels = [
+        m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Conv3d) and max(m.kernel_size) > 1
+    ]
+    assert kernels and not any(id(k) in chosen for k in kernels)
+    share = sum(every[i].numel() for i in range(len(every)) if id(every[i]) in chosen) / sum(p.numel() for p in every)
+    assert 0 < share < 0.05
+
+
+def test_trainable_only_freezes_the_rest_within_the_block_only() -> None:
+    spec = _spec(Architecture.DYNUNET, 2)
+    assert spec.plan is not None
+    model = build_network(spec.plan.network, 3)
+    with trainable_only(model, TrainableScope.NORMS) as trained:
+        assert {id(p) for p in trained} == {id(p) for p in model.parameters() if p.requires_grad}
+        assert len(trained) < len(list(model.parameters()))
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(RuntimeError, match="inside"), trainable_only(model, TrainableScope.NORMS):
+        raise RuntimeError("inside")
+    assert all(p.requires_grad for p in model.parameters())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from radfed.federation.learning.cohort import TrainingSample, cohort_from_sources
+from radfed.federation.learning.networks import TrainableScope, scope_parameters
 from radfed.federation.learning.privacy import (
     PrivacyBudgetExceededError,
     PrivacySettings,
@@ -74,3 +75,18 @@ def test_settings_need_a_calibration() -> None:
         PrivacySettings(epsilon=1.0, delta=1e-5)
     with pytest.raises(ValueError, match="epsilon"):
         PrivacySettings(epsilon=0.0, delta=1e-5, planned_steps=1)
+
+
+def test_dp_sgd_on_the_norms_scope_changes_only_those_parameters(
+    tmp_path: Path, samples: list[TrainingSample], spec: TaskSpec
+) -> None:
+    privacy = PrivacySettings(epsilon=8.0, delta=1e-5, planned_steps=2, trainable=TrainableScope.NORMS)
+    model = new_model(spec)
+    scope = {id(p) for p in scope_parameters(model, TrainableScope.NORMS)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_private(model, samples, spec, _settings(spec), privacy, tmp_path / "accountant.json", steps=2)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    in_scope = {name for name, p in model.named_parameters() if id(p) in scope}
+    assert len(in_scope) < len(before)
+    assert changed == in_scope  # every step noises every trained parameter, and nothing else moved
+    assert all(p.requires_grad for p in model.parameters())  # the next round (or a plain training) trains all

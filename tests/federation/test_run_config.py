@@ -22,6 +22,7 @@ from radfed.federation.job.alerts import PoisoningAlert
 from radfed.federation.job.run_config import RoundConfig, RunConfig, RunConfigError
 from radfed.federation.learning.aggregation import AggregationRule, AnomalyRule, Screening
 from radfed.federation.learning.membership import MembershipAudit
+from radfed.federation.learning.networks import TrainableScope
 from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.site import client_app
 from radfed.federation.site import worker as site_worker
@@ -54,6 +55,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         epsilon=2.5,
         delta=1e-6,
         max_grad_norm=0.5,
+        dp_trainable=TrainableScope.NORMS,
         task="prostate-lesions",
         job="job-under-test",
         out_dir=str(out_dir),
@@ -126,10 +128,12 @@ def test_a_secure_aggregation_job_reaches_the_site(tmp_path: Path) -> None:
 
 
 def test_max_grad_norm_reaches_the_sites_dp_settings(tmp_path: Path) -> None:
-    run = replace(RunConfig.from_run_config({"max-grad-norm": 0.5, "epsilon": 4.0}), num_server_rounds=5)
+    config = {"max-grad-norm": 0.5, "epsilon": 4.0, "dp-trainable": "norms"}
+    run = replace(RunConfig.from_run_config(config), num_server_rounds=5)
     privacy = site_plan(run, 1, CoordinatorCheckpoint(), tmp_path).privacy
     assert privacy is not None
     assert (privacy.max_grad_norm, privacy.epsilon, privacy.delta) == (0.5, 4.0, 1e-5)
+    assert privacy.trainable is TrainableScope.NORMS
     assert privacy.planned_steps == 5 * RunConfig().local_steps
 
 
