@@ -172,7 +172,7 @@ TUNED_ENV = "RADFED_BENCH_PRIVACY_TUNED"
 
 def _fine_tunings() -> list[tuple[TrainableScope, float]]:
     """RADFED_BENCH_PRIVACY_TUNED, e.g. "all@1e-4,norms@1e-3": each entry a family of fine-tuned arms (no DP and
-    every epsilon) updating that scope (run-config dp-trainable) at that learning rate; default: all at 1e-4."""
+    every epsilon) updating that scope (run-config trainable) at that learning rate; default: all at 1e-4."""
     chosen = os.environ.get(TUNED_ENV, f"all@{FINE_TUNE_LEARNING_RATE:g}")
     families = [entry.split("@") for entry in chosen.split(",") if entry]
     return [(TrainableScope(scope), float(rate)) for scope, rate in families]

@@ -49,9 +49,10 @@ class RunConfig:
     epsilon: float = 8.0  # each site's DP budget for the whole job (0: no differential privacy)
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # DP-SGD's per-study gradient clipping norm
-    # What DP-SGD updates: all | norms (normalisation scales and shifts, biases and the output layers, ~0.2 % of
-    # the weights: the clipped gradient is spread over fewer coordinates against the same noise per coordinate)
-    dp_trainable: TrainableScope = TrainableScope.ALL
+    # What the sites train, with or without DP: all | norms (normalisation scales and shifts, biases and the output
+    # layers, ~0.2 % of the weights; under DP-SGD the clipped gradient is then spread over fewer coordinates
+    # against the same noise per coordinate). Meant for fine-tuning a base model (base-model).
+    trainable: TrainableScope = TrainableScope.ALL
     task: str = ""  # a task spec's name or path ("": the default task)
     job: str = "radfed-job"  # names the job's state at every site (optimiser, privacy accountant, replies)
     out_dir: str = "radfed-federated-job"  # the coordinator's checkpoint, metrics and artifact

@@ -92,7 +92,7 @@ class Arm:
     staleness_exponent: float = 0.5
     start: Start = Start.RANDOM
     learning_rate: float | None = None  # the recipe's unless set (fine-tuning a base model takes smaller steps)
-    trainable: TrainableScope = TrainableScope.ALL  # what the sites' training updates (run-config dp-trainable)
+    trainable: TrainableScope = TrainableScope.ALL  # what the sites' training updates (run-config trainable)
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {

@@ -25,6 +25,7 @@ from radfed.federation.learning.compression import ErrorFeedback, compress_reply
 from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, evaluate_studies
 from radfed.federation.learning.membership import MembershipAudit
 from radfed.federation.learning.messages import MetricValue
+from radfed.federation.learning.networks import trainable_only
 from radfed.federation.learning.privacy import PrivacySettings, epsilon_spent, load_accountant_state, train_private
 from radfed.federation.learning.subgroup_cells import StudySubgroups
 from radfed.federation.learning.subgroups import study_subgroups, subgroup_metrics
@@ -76,7 +77,7 @@ class RoundPlan(RoundConfig):
             delta=run.delta,
             max_grad_norm=run.max_grad_norm,
             planned_steps=run.num_server_rounds * run.local_steps,
-            trainable=run.dp_trainable,
+            trainable=run.trainable,
         )
 
 
@@ -178,7 +179,8 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     privacy = plan.privacy
     arbiter = site.arbiter()
     if privacy is None:
-        log = train_local(model, train, spec, settings, optimizer_state=state, arbiter=arbiter)
+        with trainable_only(model, run.trainable):
+            log = train_local(model, train, spec, settings, optimizer_state=state, arbiter=arbiter)
     else:
         accountant = site.job_dir(run.job) / ACCOUNTANT
         log, spent = train_private(model, train, spec, settings, privacy, accountant, run.local_steps, state, arbiter)

@@ -55,7 +55,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         epsilon=2.5,
         delta=1e-6,
         max_grad_norm=0.5,
-        dp_trainable=TrainableScope.NORMS,
+        trainable=TrainableScope.NORMS,
         task="prostate-lesions",
         job="job-under-test",
         out_dir=str(out_dir),
@@ -128,7 +128,7 @@ def test_a_secure_aggregation_job_reaches_the_site(tmp_path: Path) -> None:
 
 
 def test_max_grad_norm_reaches_the_sites_dp_settings(tmp_path: Path) -> None:
-    config = {"max-grad-norm": 0.5, "epsilon": 4.0, "dp-trainable": "norms"}
+    config = {"max-grad-norm": 0.5, "epsilon": 4.0, "trainable": "norms"}
     run = replace(RunConfig.from_run_config(config), num_server_rounds=5)
     privacy = site_plan(run, 1, CoordinatorCheckpoint(), tmp_path).privacy
     assert privacy is not None

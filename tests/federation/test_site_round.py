@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from radfed.federation.learning.networks import TrainableScope, scope_parameters
 from radfed.federation.learning.training import new_model
 from radfed.federation.site import rounds as site_code
 from radfed.federation.site.config import SiteConfig
@@ -38,3 +39,26 @@ def test_a_repeated_round_is_replayed_not_trained_again(
     moved = [a + np.float32(0.01) for a in start]
     _, third = site_code.train_round(site, plan, moved)
     assert "round_replayed" not in third and site_code.privacy_spent(site, "replay", 1e-5) > spent
+
+
+def test_a_site_asked_to_train_the_norms_only_sends_the_rest_unchanged(
+    tmp_path: Path, synth_root: Path, planned_spec: TaskSpec
+) -> None:
+    site = SiteConfig.from_node_config(
+        {"data": str(synth_root / "site-1"), "state-dir": str(tmp_path / "state"), "site-name": "site-1"}
+    )
+    config = {"job": "norms", "server-round": 1, "num-rounds": 2, "local-steps": 2, "epsilon": 0.0}
+    assert planned_spec.plan is not None
+    plan = site_code.RoundPlan.from_config(config | {"trainable": "norms", "plan": planned_spec.plan.to_json()})
+    model = new_model(planned_spec)
+    scope = {id(p) for p in scope_parameters(model, TrainableScope.NORMS)}
+    scope_names = {name for name, p in model.named_parameters() if id(p) in scope}
+    in_scope = [name in scope_names for name in model.state_dict()]  # the order of the arrays sent
+    start = site_code.model_to_arrays(model)
+    assert len(start) == len(in_scope) and 0 < sum(in_scope) < len(in_scope)
+
+    trained, metrics = site_code.train_round(site, plan, start)
+    assert "epsilon" not in metrics  # no DP in this job
+    changed = [not np.array_equal(a, b) for a, b in zip(start, trained, strict=True)]
+    assert any(changed)
+    assert not any(c and not s for c, s in zip(changed, in_scope, strict=True))  # nothing outside the scope moved
