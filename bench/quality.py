@@ -439,6 +439,7 @@ def main() -> None:
                 ]
             )
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in os.environ.items() if k.startswith("RADFED_BENCH_QUALITY"))
+    reproduce = f"{env + ' ' if env else ''}python -m bench quality"
     table(
         f"Segmentation quality, {FOLDS}-fold cross-validation: brain by patient, prostate by hospital (train on two, "
         f"test on the third); {STEPS or 'time-limited'} training steps per fold "
@@ -457,6 +458,6 @@ def main() -> None:
             "published",
         ],
         rows,
-        f"{env + ' ' if env else ''}python -m bench quality",
+        reproduce,
     )
-    _per_study_table(results, f"{env + ' ' if env else ''}python -m bench quality")
+    _per_study_table(results, reproduce)
