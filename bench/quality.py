@@ -49,7 +49,9 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # "ensemble" (brain and prostate: the planned recipe with [model] ensemble = RADFED_BENCH_QUALITY_ENSEMBLE networks,
 # default 2, each on a share of the training process's threads; also scores its first network alone, which is the
 # planned arm's model: the same seed), "cpu-bf16" (brain and prostate: the planned recipe with bfloat16 autocast on
-# a CPU with native bf16, [training] cpu_mixed_precision = true, against the default's float32)
+# a CPU with native bf16, [training] cpu_mixed_precision = true, against the default's float32), "patch-dice"
+# (brain and prostate: the planned recipe with a Dice per patch holding lesion voxels, [training] dice_over = "patch",
+# against the default's one Dice over the batch)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
@@ -189,6 +191,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[model]\n", f"[model]\nensemble = {ENSEMBLE}\n")
                 if arm == "cpu-bf16":
                     text += "\n[training]\ncpu_mixed_precision = true\n"
+                if arm == "patch-dice":
+                    text += '\n[training]\ndice_over = "patch"\n'
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -207,6 +211,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[model]\n", f"[model]\nensemble = {ENSEMBLE}\n", 1)
                 if arm == "cpu-bf16":
                     text = text.replace("[training]\n", "[training]\ncpu_mixed_precision = true\n", 1)
+                if arm == "patch-dice":
+                    text = text.replace("[training]\n", '[training]\ndice_over = "patch"\n', 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
@@ -321,6 +327,7 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
         for a in (
             "planned",
             "cpu-bf16",
+            "patch-dice",
             "ensemble",
             "ensemble's first network alone",
             "2.5-d",

@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from radfed.federation.learning.training import (
 )
 from radfed.inference.errors import RadfedError
 from radfed.inference.model.arbiter import DeviceArbiter
+from radfed.inference.model.recipe import DiceOver
 from radfed.inference.model.taskspec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,9 @@ def _private_steps(
         )
     scheduler = torch.optim.lr_scheduler.LambdaLR(private_optimizer, settings.learning_rate_factor)
     proximal = ProximalTerm(model, settings.proximal_mu, settings.recipe.learning_rate)
+    # Clipping bounds one study's influence only if each study's gradient depends on that study alone: a Dice
+    # over the whole batch would let every study move the others' gradients, so DP takes the per-patch Dice.
+    recipe = replace(settings.recipe, dice_over=DiceOver.PATCH)
     log = TrainingLog()
     started = time.perf_counter()
     private_model.train()
@@ -235,7 +239,7 @@ def _private_steps(
                         private_optimizer.step()
                         log.losses.append(math.nan)
                     else:
-                        loss = loss_fn(private_model, images, masks, targets, settings.recipe)
+                        loss = loss_fn(private_model, images, masks, targets, recipe)
                         loss.backward()
                         private_optimizer.step()
                         log.losses.append(float(loss.detach()))

@@ -30,7 +30,7 @@ from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.networks import build_network
 from radfed.inference.model.arbiter import DeviceArbiter
 from radfed.inference.model.plan import PlanError
-from radfed.inference.model.recipe import ForegroundSampling, Optimizer, Schedule, TrainingRecipe
+from radfed.inference.model.recipe import DiceOver, ForegroundSampling, Optimizer, Schedule, TrainingRecipe
 from radfed.inference.model.taskspec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -265,15 +265,23 @@ class PatchSampler:
 
 
 def _dice_ce(logits: torch.Tensor, masks: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
-    """Dice over the whole batch (per-patch Dice on the many empty patches would only push every probability
-    down) plus binary cross-entropy, weighted by the recipe."""
+    """Binary cross-entropy plus Dice, weighted by the recipe. ``dice_over = batch``: one Dice over the whole
+    batch (per-patch Dice on the many empty patches would only push every probability down). ``patch``: a Dice
+    per patch holding lesion voxels, summed over the batch and divided by its size, so that the loss is a mean
+    of per-patch terms, as the cross-entropy's voxel mean already is."""
     loss = logits.new_zeros(())
     if recipe.ce_weight:
         weight = torch.tensor(recipe.ce_positive_weight) if recipe.ce_positive_weight != 1 else None
         loss = loss + recipe.ce_weight * F.binary_cross_entropy_with_logits(logits, masks, pos_weight=weight)
     if recipe.dice_weight:
         probs = torch.sigmoid(logits)
-        dice = 1 - (2 * (probs * masks).sum() + 1) / (probs.sum() + masks.sum() + 1)
+        if recipe.dice_over is DiceOver.PATCH:
+            axes = tuple(range(1, probs.ndim))
+            lesion = masks.sum(axes)
+            per_patch = 1 - (2 * (probs * masks).sum(axes) + 1) / (probs.sum(axes) + lesion + 1)
+            dice = torch.where(lesion > 0, per_patch, 0).sum() / probs.shape[0]
+        else:
+            dice = 1 - (2 * (probs * masks).sum() + 1) / (probs.sum() + masks.sum() + 1)
         loss = loss + recipe.dice_weight * dice
     return loss
 
@@ -301,7 +309,11 @@ def loss_fn(
         loss = loss + (weight / total) * _dice_ce(logits, _downsampled(masks, logits.shape[2:]), recipe)
     known = targets >= 0
     if recipe.classification_weight and bool(known.any()):
-        cls = F.binary_cross_entropy_with_logits(cls_logits[known], targets[known])
+        if recipe.dice_over is DiceOver.PATCH:  # a mean of per-patch terms here too: unknown labels count as zero
+            terms = F.binary_cross_entropy_with_logits(cls_logits, targets.clamp(min=0), reduction="none")
+            cls = torch.where(known, terms, 0).sum() / targets.shape[0]
+        else:
+            cls = F.binary_cross_entropy_with_logits(cls_logits[known], targets[known])
         loss = loss + recipe.classification_weight * cls
     return loss
 

@@ -31,6 +31,15 @@ class ForegroundSampling(StrEnum):
     # on the synthetic prostate sites, ahead or level on the real brain set over two seeds, README)
 
 
+class DiceOver(StrEnum):
+    """What the Dice term of the segmentation loss is computed over."""
+
+    BATCH = "batch"  # one Dice over the whole batch: a large tumour's voxels outweigh a small lesion's
+    PATCH = "patch"  # a Dice per patch holding lesion voxels, summed and divided by the batch size (empty patches
+    # get cross-entropy only): a small lesion's patch weighs as much as a large one's, and each patch's loss
+    # depends on that patch alone, as DP-SGD's per-study gradients require (DP jobs always use it)
+
+
 class Augmentation(StrEnum):
     ROTATE = "rotate"
     SCALE = "scale"
@@ -64,6 +73,7 @@ class TrainingRecipe:
     dice_weight: float = 1.0
     ce_weight: float = 1.0
     ce_positive_weight: float = 1.0  # > 1 up-weights lesion voxels in the cross-entropy
+    dice_over: DiceOver = DiceOver.BATCH
     classification_weight: float = 0.5
     foreground_fraction: float = 0.33  # share of each batch forced to contain lesion voxels
     foreground_jitter: float = 0.5  # where in the patch the forced lesion voxel may fall (0: centre, 1: anywhere)

@@ -16,7 +16,14 @@ from typing import Any
 from radfed.inference.coding import CodedTerm
 from radfed.inference.errors import RadfedError
 from radfed.inference.model.plan import Architecture, Normalization, Plan, PlanError, PlanOverrides
-from radfed.inference.model.recipe import Augmentation, ForegroundSampling, Optimizer, Schedule, TrainingRecipe
+from radfed.inference.model.recipe import (
+    Augmentation,
+    DiceOver,
+    ForegroundSampling,
+    Optimizer,
+    Schedule,
+    TrainingRecipe,
+)
 from radfed.inference.pipeline.findings import ClassCategory, TaskCodes
 
 DEFAULT_TASK = "prostate_mpmri"
@@ -387,6 +394,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         dice_weight=r.get("dice_weight", float, default.dice_weight),
         ce_weight=r.get("ce_weight", float, default.ce_weight),
         ce_positive_weight=r.get("ce_positive_weight", float, default.ce_positive_weight),
+        dice_over=r.choice("dice_over", DiceOver, default.dice_over.value),
         classification_weight=r.get("classification_weight", float, default.classification_weight),
         foreground_fraction=fraction,
         foreground_jitter=r.get("foreground_jitter", float, default.foreground_jitter),
