@@ -35,8 +35,8 @@ class DiceOver(StrEnum):
     """What the Dice term of the segmentation loss is computed over."""
 
     BATCH = "batch"  # one Dice over the whole batch: a large tumour's voxels outweigh a small lesion's. The default:
-    # on the real brain set (README, session 23) both gave mean Dice 0.66; patch found more small tumours and
-    # segmented large ones worse, with 0.90 false-positive components per study against 0.04
+    # on the real brain set (README, session 23) both gave mean Dice 0.66 (seed 0) and 0.61 (seed 1); patch found
+    # more small tumours, segmented large ones worse, and left 0.90-1.40 false-positive components per study (0.04-0.18)
     PATCH = "patch"  # a Dice per patch holding lesion voxels, summed and divided by the batch size (empty patches
     # get cross-entropy only): a small lesion's patch weighs as much as a large one's, and each patch's loss
     # depends on that patch alone, as DP-SGD's per-study gradients require (DP jobs always use it)
