@@ -51,8 +51,10 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # planned arm's model: the same seed), "cpu-bf16" (brain and prostate: the planned recipe with bfloat16 autocast on
 # a CPU with native bf16, [training] cpu_mixed_precision = true, against the default's float32), "patch-dice"
 # (brain and prostate: the planned recipe with a Dice per patch holding lesion voxels, [training] dice_over = "patch",
-# against the default's one Dice over the batch)
+# against the default's one Dice over the batch), "lesion-paste" (brain and prostate: the planned recipe with a lesion
+# of another training study pasted into half the patches, carved out with a margin, [training] lesion_paste = 0.5)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
+LESION_PASTE = 0.5  # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SITES = 2  # the federated arm's hospitals
@@ -193,6 +195,8 @@ def _jobs(work: Path) -> list[Job]:
                     text += "\n[training]\ncpu_mixed_precision = true\n"
                 if arm == "patch-dice":
                     text += '\n[training]\ndice_over = "patch"\n'
+                if arm == "lesion-paste":
+                    text += f"\n[training]\nlesion_paste = {LESION_PASTE}\n"
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -213,6 +217,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[training]\n", "[training]\ncpu_mixed_precision = true\n", 1)
                 if arm == "patch-dice":
                     text = text.replace("[training]\n", '[training]\ndice_over = "patch"\n', 1)
+                if arm == "lesion-paste":
+                    text = text.replace("[training]\n", f"[training]\nlesion_paste = {LESION_PASTE}\n", 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
@@ -328,6 +334,7 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
             "planned",
             "cpu-bf16",
             "patch-dice",
+            "lesion-paste",
             "ensemble",
             "ensemble's first network alone",
             "2.5-d",

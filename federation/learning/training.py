@@ -195,10 +195,12 @@ class PatchSampler:
         self._components: dict[tuple[str, tuple[int, ...]], list[npt.NDArray[np.intp]]] = {}  # component sampling
 
     def crop(
-        self, sample: TrainingSample, force_foreground: bool
+        self, sample: TrainingSample, force_foreground: bool, donor: TrainingSample | None = None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], float]:
         """(image patch, lesion patch, classification target); the target is the study label when the
-        patch holds lesion voxels of a positive study, 0 otherwise, and -1 when the label is unknown."""
+        patch holds lesion voxels of a positive study, 0 otherwise, and -1 when the label is unknown.
+        With a ``donor``, one of its lesions is carved out with a margin of its surroundings and pasted
+        into the patch (the recipe's ``lesion_paste``); such a patch's target is -1 (unknown)."""
         size = self.augment.sample_shape()
         image, lesions = sample.image, sample.lesions
         spatial = image.shape[1:]
@@ -226,17 +228,71 @@ class PatchSampler:
             stack = np.asarray(image[:, nearby][(slice(None), slice(None), *window[1:])], dtype=np.float32)
             crop_image = stack.transpose(1, 0, 2, 3).reshape(-1, 1, *stack.shape[2:])
         else:
-            crop_image = np.asarray(image[(slice(None), *window)], dtype=np.float32)
-        crop_mask = np.asarray(lesions[window], dtype=np.float32)
+            crop_image = np.array(image[(slice(None), *window)], dtype=np.float32)  # a copy: pasting writes
+        crop_mask = np.array(lesions[window], dtype=np.float32)
+        shift = [p // 2 for p in pads]  # where the study's own voxel (0, 0, 0) lies in the padded volume
+        pasted = donor is not None and not self.context and self._paste(donor, start, shift, crop_image, crop_mask)
         crop_image, crop_mask = self.augment(crop_image, crop_mask)
-        target = -1.0 if sample.label < 0 else float(sample.label == 1 and crop_mask.any())
+        target = -1.0 if sample.label < 0 or pasted else float(sample.label == 1 and crop_mask.any())
         return np.ascontiguousarray(crop_image), np.ascontiguousarray(crop_mask), target
+
+    def _paste(
+        self,
+        donor: TrainingSample,
+        start: Sequence[int],
+        shift: Sequence[int],
+        image: npt.NDArray[np.float32],
+        mask: npt.NDArray[np.float32],
+    ) -> bool:
+        """Carve one of the donor's lesions out with a margin of its surroundings (CarveMix, Zhang et al.,
+        MICCAI 2021) and paste it into the patch, in place: where it lies in the donor when that is inside
+        the patch, else moved into it. The margin, drawn per paste as a share of the lesion's in-plane extent,
+        keeps the carved region's border off the lesion's, so the edge of a paste does not outline a lesion.
+        Returns whether anything was pasted."""
+        components = self._components_of(donor, donor.lesions)
+        if not components:
+            return False
+        rng = self.rng
+        lesion = components[int(rng.integers(len(components)))]
+        low, high = lesion.min(axis=0), lesion.max(axis=0) + 1
+        margin = max(1, round(float(rng.uniform(0.1, 0.5)) * int(max(high[1:] - low[1:]))))
+        shape = donor.lesions.shape
+        box_low = np.array([low[0], *(max(0, int(v) - margin) for v in low[1:])])
+        box_high = np.array([high[0], *(min(s, int(v) + margin) for v, s in zip(high[1:], shape[1:], strict=True))])
+        own = np.zeros(tuple(box_high - box_low), dtype=bool)
+        own[tuple((lesion - box_low).T)] = True
+        # in-plane distance only: slices may be thick, and the region keeps to the lesion's own slices
+        region = ndimage.distance_transform_edt(~own, sampling=(1e6, 1.0, 1.0)) <= margin
+        # the donor's voxel v goes to patch voxel v + offset: the anchor (one lesion voxel) stays where it lies in
+        # the donor when that place (in this study's padded frame) is in the patch, else goes anywhere in it
+        anchor = lesion[int(rng.integers(len(lesion)))]
+        begin, size = np.asarray(start), np.asarray(image.shape[1:])
+        place = anchor + np.asarray(shift)
+        inside = (place >= begin) & (place < begin + size)
+        offset = np.where(inside, place, begin + rng.integers(0, size)) - anchor - begin
+        lo, hi = np.maximum(0, box_low + offset), np.minimum(size, box_high + offset)
+        if np.any(hi <= lo):
+            return False
+        at = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        source = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(lo, hi, offset, strict=True))
+        keep = region[tuple(slice(s.start - int(b), s.stop - int(b)) for s, b in zip(source, box_low, strict=True))]
+        values = np.asarray(donor.image[(slice(None), *source)], dtype=np.float32)
+        image[(slice(None), *at)] = np.where(keep, values, image[(slice(None), *at)])
+        mask[at] = np.where(keep, donor.lesions[source] > 0, mask[at])
+        return bool(keep.any())
 
     def _lesion_voxels(self, sample: TrainingSample, lesions: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
         """The voxels a forced patch may centre on: every lesion voxel, or those of one lesion drawn
         uniformly (the components of a study are found once and kept)."""
         if self.recipe.foreground_sampling is ForegroundSampling.VOXEL:
             return np.argwhere(lesions > 0)
+        components = self._components_of(sample, lesions)
+        if not components:
+            return np.empty((0, lesions.ndim), dtype=np.intp)
+        return components[int(self.rng.integers(len(components)))]
+
+    def _components_of(self, sample: TrainingSample, lesions: npt.NDArray[np.uint8]) -> list[npt.NDArray[np.intp]]:
+        """The voxels of each lesion (connected component) of a study, found once and kept."""
         key = (sample.key, lesions.shape)  # the shape tells a padded copy (small studies) from the original
         components = self._components.get(key)
         if components is None:
@@ -246,18 +302,22 @@ class PatchSampler:
             order = np.argsort(labels, kind="stable")
             components = np.split(voxels[order], np.cumsum(np.bincount(labels, minlength=count + 1)[1:])[:-1])
             self._components[key] = components
-        if not components:
-            return np.empty((0, lesions.ndim), dtype=np.intp)
-        return components[int(self.rng.integers(len(components)))]
+        return components
 
     def batch(self, samples: Sequence[TrainingSample], batch_size: int) -> tuple[torch.Tensor, ...]:
         positives = [s for s in samples if s.lesions.any()]
         forced = round(batch_size * self.recipe.foreground_fraction) if positives else 0
         crops = []
+        paste = self.recipe.lesion_paste if positives else 0.0
         for index in range(batch_size):
             force = index < forced
             pool = positives if force else samples
-            crops.append(self.crop(pool[int(self.rng.integers(len(pool)))], force))
+            sample = pool[int(self.rng.integers(len(pool)))]
+            donor = None
+            if paste and self.rng.random() < paste:  # no draw at 0, so seeds reproduce runs without pasting
+                others = [s for s in positives if s is not sample] or positives
+                donor = others[int(self.rng.integers(len(others)))]
+            crops.append(self.crop(sample, force, donor))
         images = torch.from_numpy(np.stack([c[0] for c in crops]))
         masks = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]
         targets = torch.tensor([[c[2]] for c in crops], dtype=torch.float32)

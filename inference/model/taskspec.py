@@ -380,8 +380,11 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         raise TaskSpecError(f"training.flip_axes must name axes 0 (slice), 1 (row), 2 (column), got {flip_axes}")
     fraction = r.get("foreground_fraction", float, default.foreground_fraction)
     validation = r.get("validation_fraction", float, default.validation_fraction)
-    if not 0 <= fraction <= 1 or not 0 <= validation < 1:
-        raise TaskSpecError("training.foreground_fraction must be in [0, 1] and validation_fraction in [0, 1)")
+    paste = r.get("lesion_paste", float, default.lesion_paste)
+    if not 0 <= fraction <= 1 or not 0 <= paste <= 1 or not 0 <= validation < 1:
+        raise TaskSpecError(
+            "training.foreground_fraction and lesion_paste must be in [0, 1] and validation_fraction in [0, 1)"
+        )
     scale = r.numbers("scale_range", 2, float, default.scale_range)
     recipe = TrainingRecipe(
         steps=r.get("steps", int, default.steps),
@@ -399,6 +402,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         foreground_fraction=fraction,
         foreground_jitter=r.get("foreground_jitter", float, default.foreground_jitter),
         foreground_sampling=r.choice("foreground_sampling", ForegroundSampling, default.foreground_sampling.value),
+        lesion_paste=paste,
         augmentations=augmentation,
         flip_axes=flip_axes,
         rotation_deg=r.get("rotation_deg", float, default.rotation_deg),
