@@ -51,8 +51,9 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # planned arm's model: the same seed), "cpu-bf16" (brain and prostate: the planned recipe with bfloat16 autocast on
 # a CPU with native bf16, [training] cpu_mixed_precision = true, against the default's float32), "patch-dice"
 # (brain and prostate: the planned recipe with a Dice per patch holding lesion voxels, [training] dice_over = "patch",
-# against the default's one Dice over the batch), "lesion-paste" (brain and prostate: the planned recipe with a lesion
-# of another training study pasted into half the patches, carved out with a margin, [training] lesion_paste = 0.5)
+# against the default's one Dice over the batch), "no-paste" (brain and prostate: the planned recipe without lesion
+# pasting, [training] lesion_paste = 0, the default before session 24), "lesion-paste" (brain and prostate: the
+# planned recipe with [training] lesion_paste = 0.5 set in the spec: since session 24 the default's own value)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 LESION_PASTE = 0.5  # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
@@ -118,6 +119,7 @@ ce_positive_weight = 10.0
 foreground_fraction = 0.6
 foreground_jitter = 0.25
 augmentations = ["flip"]
+lesion_paste = 0.0
 validation_fraction = 0.0
 calibrate = false
 """
@@ -197,6 +199,8 @@ def _jobs(work: Path) -> list[Job]:
                     text += '\n[training]\ndice_over = "patch"\n'
                 if arm == "lesion-paste":
                     text += f"\n[training]\nlesion_paste = {LESION_PASTE}\n"
+                if arm == "no-paste":
+                    text += "\n[training]\nlesion_paste = 0.0\n"
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -219,6 +223,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[training]\n", '[training]\ndice_over = "patch"\n', 1)
                 if arm == "lesion-paste":
                     text = text.replace("[training]\n", f"[training]\nlesion_paste = {LESION_PASTE}\n", 1)
+                if arm == "no-paste":
+                    text = text.replace("[training]\n", "[training]\nlesion_paste = 0.0\n", 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
@@ -335,6 +341,7 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
             "cpu-bf16",
             "patch-dice",
             "lesion-paste",
+            "no-paste",
             "ensemble",
             "ensemble's first network alone",
             "2.5-d",

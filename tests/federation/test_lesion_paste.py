@@ -90,7 +90,7 @@ def test_dp_sgd_never_pastes() -> None:
 
 def test_the_spec_sets_it_and_refuses_a_share_outside_0_1() -> None:
     text = load_task_spec().source_text
-    assert load_task_spec().training.lesion_paste == 0.0  # the default
+    assert load_task_spec().training.lesion_paste == 0.5  # the default
     assert (
         parse_task_spec(text.replace("[training]\n", "[training]\nlesion_paste = 0.3\n"), "t").training.lesion_paste
         == 0.3
