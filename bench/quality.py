@@ -391,11 +391,15 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     import time
 
     from radfed.federation.lab.experiments import Arm, Budget, Experiment
-    from radfed.federation.learning.calibration import reference_fraction
+    from radfed.federation.learning.calibration import reference_fraction, reference_slices
 
     sites = {f"site-{i + 1}": [s for s in train if s.key in keys] for i, keys in enumerate(job.site_keys)}
-    # the share-of-largest rule from the sites' reference masks (an aggregate: kept-volume fractions)
-    spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train, spec.outputs.min_lesion_volume_mm3))
+    # the share-of-largest rule and the minimum slice extent from the sites' reference masks, as the coordinator
+    # pools them (aggregates: kept-volume fractions and extents; pooled exactly, so the union's figures)
+    volume = spec.outputs.min_lesion_volume_mm3
+    spec = spec.with_outputs(
+        min_lesion_fraction=reference_fraction(train, volume), min_lesion_slices=reference_slices(train, volume)
+    )
     rounds = max(1, (STEPS or FEDERATED_STEPS) // (FEDERATED_LOCAL_STEPS * len(sites)))
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
     started = time.perf_counter()
@@ -412,6 +416,7 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
         "steps": rounds * FEDERATED_LOCAL_STEPS * len(sites),
         "seconds_per_step": seconds / (rounds * FEDERATED_LOCAL_STEPS * len(sites)),
         "min_lesion_fraction": spec.outputs.lesion_fraction,
+        "min_lesion_slices": spec.outputs.lesion_slices,
         "plan": spec.plan.reasons[-1] if spec.plan else "",
         **result.pooled,
     }

@@ -200,7 +200,7 @@ class PatchSampler:
         """(image patch, lesion patch, classification target); the target is the study label when the
         patch holds lesion voxels of a positive study, 0 otherwise, and -1 when the label is unknown.
         With a ``donor``, one of its lesions is carved out with a margin of its surroundings and pasted
-        into the patch (the recipe's ``lesion_paste``); such a patch's target is -1 (unknown)."""
+        into the patch (the recipe's ``lesion_paste``; not with 2.5-D input); such a patch's target is -1."""
         size = self.augment.sample_shape()
         image, lesions = sample.image, sample.lesions
         spatial = image.shape[1:]
