@@ -53,11 +53,14 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # (brain and prostate: the planned recipe with a Dice per patch holding lesion voxels, [training] dice_over = "patch",
 # against the default's one Dice over the batch), "no-paste" (brain and prostate: the planned recipe without lesion
 # pasting, [training] lesion_paste = 0, the default before session 24), "lesion-paste" (brain and prostate: the
-# planned recipe with [training] lesion_paste = 0.5 set in the spec: since session 24 the default's own value)
+# planned recipe with [training] lesion_paste = 0.5 set in the spec: since session 24 the default's own value),
+# "federated-no-paste" (brain: the federated arm without lesion pasting), "sgd" (brain and prostate: the planned
+# recipe with nnU-Net's optimiser, SGD with Nesterov momentum 0.99 at 0.01 and poly decay, against AdamW + cosine)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 LESION_PASTE = 0.5  # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
+SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\n'  # the "sgd" arm (nnU-Net's)
 SITES = 2  # the federated arm's hospitals
 FEDERATED_LOCAL_STEPS = 50  # per round; rounds = steps / (local steps x sites): the centralised step budget
 
@@ -199,8 +202,10 @@ def _jobs(work: Path) -> list[Job]:
                     text += '\n[training]\ndice_over = "patch"\n'
                 if arm == "lesion-paste":
                     text += f"\n[training]\nlesion_paste = {LESION_PASTE}\n"
-                if arm == "no-paste":
+                if arm in ("no-paste", "federated-no-paste"):
                     text += "\n[training]\nlesion_paste = 0.0\n"
+                if arm == "sgd":
+                    text += SGD
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -225,6 +230,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[training]\n", f"[training]\nlesion_paste = {LESION_PASTE}\n", 1)
                 if arm == "no-paste":
                     text = text.replace("[training]\n", "[training]\nlesion_paste = 0.0\n", 1)
+                if arm == "sgd":
+                    text = text.replace("[training]\n", SGD.lstrip("\n"), 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
@@ -266,7 +273,7 @@ def _run(job: Job) -> dict[str, Any]:
         if step % 250 == 0 or step == total:
             print(f"  {job.dataset} {job.arm} fold {job.fold}: step {step}/{total}, loss {loss:.3f}", flush=True)
 
-    if job.arm == "federated":
+    if job.arm.startswith("federated"):
         return [_federated(job, spec, train, test)]
     trained = fit(spec, train, seed=job.fold + 100 * SEED, steps=STEPS, progress=progress)
     # Postprocessing and test-time variants of the same trained model (free of training noise).
@@ -342,6 +349,7 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
             "patch-dice",
             "lesion-paste",
             "no-paste",
+            "sgd",
             "ensemble",
             "ensemble's first network alone",
             "2.5-d",
@@ -404,12 +412,12 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
     started = time.perf_counter()
     result = Experiment(spec, {}, budget).federate(
-        Arm("federated", harmonise=False), sites, test, lambda line: print(f"  brain fold {job.fold}: {line}")
+        Arm(job.arm, harmonise=False), sites, test, lambda line: print(f"  brain fold {job.fold} {job.arm}: {line}")
     )
     seconds = time.perf_counter() - started
     return {
         "dataset": job.dataset,
-        "arm": f"federated, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps (no DP)",
+        "arm": f"{job.arm}, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps (no DP)",
         "fold": job.fold,
         "train": len(train),
         "test": len(test),
