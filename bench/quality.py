@@ -11,6 +11,7 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_STEPS=300 RADFED_BENCH_QUALITY_SETS=brain python -m bench quality   # shorter
     RADFED_BENCH_QUALITY_MINUTES=60 ...   # each training's time limit (default: the recipe's, 40 min)
     RADFED_BENCH_QUALITY_SEED=1 ...       # another draw of initial weights and patches (same folds)
+    RADFED_BENCH_QUALITY_PASTE=1.0 ...    # the lesion-paste arm's share of patches (default 0.5)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
 ``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
@@ -53,11 +54,12 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # (brain and prostate: the planned recipe with a Dice per patch holding lesion voxels, [training] dice_over = "patch",
 # against the default's one Dice over the batch), "no-paste" (brain and prostate: the planned recipe without lesion
 # pasting, [training] lesion_paste = 0, the default before session 24), "lesion-paste" (brain and prostate: the
-# planned recipe with [training] lesion_paste = 0.5 set in the spec: since session 24 the default's own value),
+# planned recipe with [training] lesion_paste = RADFED_BENCH_QUALITY_PASTE, default 0.5: the default's own value),
 # "federated-no-paste" (brain: the federated arm without lesion pasting), "sgd" (brain and prostate: the planned
 # recipe with nnU-Net's optimiser, SGD with Nesterov momentum 0.99 at 0.01 and poly decay, against AdamW + cosine)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
-LESION_PASTE = 0.5  # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
+# the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
+LESION_PASTE = float(os.environ.get("RADFED_BENCH_QUALITY_PASTE", "0.5"))
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\n'  # the "sgd" arm (nnU-Net's)
