@@ -12,6 +12,8 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_MINUTES=60 ...   # each training's time limit (default: the recipe's, 40 min)
     RADFED_BENCH_QUALITY_SEED=1 ...       # another draw of initial weights and patches (same folds)
     RADFED_BENCH_QUALITY_PASTE=1.0 ...    # the lesion-paste arm's share of patches (default 0.5)
+    RADFED_BENCH_QUALITY_LOCAL_STEPS=25 ... # the federated arms' local steps per round (default 50)
+    RADFED_BENCH_QUALITY_FOLDS=0 ...      # only these folds (default 0,1,2)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
 ``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
@@ -37,6 +39,8 @@ from bench.report import table
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN = ROOT.parent / "shared" / "data" / "brain_tumor_progression"
 FOLDS = 3
+# the folds to run (all by default; a subset for a quick look, whose means are then not the benchmark's)
+RUN_FOLDS = [int(f) for f in os.environ.get("RADFED_BENCH_QUALITY_FOLDS", "0,1,2").split(",")]
 STEPS = int(os.environ["RADFED_BENCH_QUALITY_STEPS"]) if os.environ.get("RADFED_BENCH_QUALITY_STEPS") else None
 MINUTES = float(os.environ["RADFED_BENCH_QUALITY_MINUTES"]) if os.environ.get("RADFED_BENCH_QUALITY_MINUTES") else None
 FEDERATED_STEPS = 1500  # the federated arm's whole budget when STEPS is not set (rounds need a count)
@@ -64,7 +68,8 @@ ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ens
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\n'  # the "sgd" arm (nnU-Net's)
 SITES = 2  # the federated arm's hospitals
-FEDERATED_LOCAL_STEPS = 50  # per round; rounds = steps / (local steps x sites): the centralised step budget
+# per round; rounds = steps / (local steps x sites): the centralised step budget
+FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
 
 # Published reference figures (README): a 2-D U-Net on single-sequence glioma MRI reaches mean Dice ~0.8
 # (Buda et al., Computers in Biology and Medicine 2019: 0.82 on FLAIR of 110 lower-grade glioma patients).
@@ -180,7 +185,7 @@ def _jobs(work: Path) -> list[Job]:
     if "brain" in SETS and BRAIN.is_dir():
         root, patients = _brain_dataset(work)
         names = tuple((study_key(f"brain/{c}"), c.removeprefix("brain_")) for c in patients)
-        for fold in range(FOLDS):
+        for fold in RUN_FOLDS:
             test = tuple(study_key(f"brain/{c}") for c, p in patients.items() if (p - 1) % FOLDS == fold)
             # the federated arm: the fold's training patients alternate between two hospitals
             training = sorted({p for p in patients.values() if (p - 1) % FOLDS != fold})
@@ -215,7 +220,7 @@ def _jobs(work: Path) -> list[Job]:
 
         synthesize_to_folder(work / "prostate", sites=3, studies_per_site=12, seed=11, small=True)
         shipped = load_task_spec(None).source_text
-        for fold in range(FOLDS):  # the sites are the folds: train on two hospitals, test on the third
+        for fold in RUN_FOLDS:  # the sites are the folds: train on two hospitals, test on the third
             site = f"site-{fold + 1}"
             train = tuple(str(p) for p in sorted((work / "prostate").glob("site-*")) if p.name != site)
             for arm in ARMS:
