@@ -93,6 +93,8 @@ class ChangeFollower:
             since = self.ledger.cursor()
             try:
                 changes, last, done = self.client.changes(since, limit=200)
+                # Orthanc may go away between the two reads: the cursor stays put and the batch is read again
+                changed = self._changed_studies(changes)
             except OrthancUnavailableError:
                 self._orthanc_seen(False)
                 self.health.beat(name)  # waiting for Orthanc is this loop's job (readiness reports Orthanc)
@@ -102,7 +104,6 @@ class ChangeFollower:
             self._orthanc_seen(True)
             backoff = self.config.retry_base_s
             stable = [(c.resource_id, c.seq) for c in changes if c.change_type == STABLE_STUDY]
-            changed = self._changed_studies(changes)
             if self.prefetcher is not None:
                 for change in changes:
                     if change.change_type == STABLE_STUDY:

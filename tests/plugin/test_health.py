@@ -3,6 +3,7 @@ how it is backed up; failure kinds from exceptions. The ledger's own tests are i
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -11,8 +12,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from radfed.inference.errors import NotAVolumeError, OrthancRequestError, VolumeErrorCause
-from radfed.inference.orthanc.client import OrthancEndpoint
+from radfed.inference.errors import NotAVolumeError, OrthancRequestError, OrthancUnavailableError, VolumeErrorCause
+from radfed.inference.orthanc.client import Change, OrthancEndpoint
 from radfed.inference.testing.orthanc_server import free_port
 from radfed.plugin.node.config import NodeConfig
 from radfed.plugin.node.failures import FailureKind, failure_label
@@ -125,4 +126,46 @@ def test_reprocessing_needs_a_real_date(tmp_path: Path) -> None:
             with pytest.raises(ReprocessError, match="since must be a date"):
                 service.reprocess_since(bad)
     finally:
+        service.ledger.close()
+
+
+def test_orthanc_leaving_in_the_middle_of_a_batch_of_changes_keeps_the_follower_alive_and_the_batch(
+    tmp_path: Path,
+) -> None:
+    # The race CI met: /changes answered, then Orthanc restarted before the NewSeries lookup. Injected, since a
+    # real Orthanc cannot be stopped between two of the follower's requests on cue.
+    service = _service(tmp_path)
+    service.health.register("follower")
+    batch = [Change(1, "NewSeries", "Series", "s1"), Change(2, "StableStudy", "Study", "st1")]
+    lookups: list[str] = []
+
+    def changes(since: int, limit: int = 100) -> tuple[list[Change], int, bool]:
+        return (batch, 2, True) if since == 0 else ([], since, True)
+
+    def get_json(path: str, params: Any = None) -> Any:
+        lookups.append(path)
+        if len(lookups) == 1:
+            raise OrthancUnavailableError("Orthanc at test does not answer: restarting")
+        return {"ParentStudy": "st1"}
+
+    service.client.changes = changes  # type: ignore[method-assign]
+    service.client.get_json = get_json  # type: ignore[method-assign]
+    service.follower.config = dataclasses.replace(service.config, retry_base_s=0.05, poll_interval_s=0.05)
+    stop = threading.Event()
+    thread = threading.Thread(target=service.follower.follow, args=("follower", stop), daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 10
+        while service.ledger.cursor() != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.ledger.cursor() == 2, "the batch was never taken once Orthanc was back"
+        assert lookups == ["/series/s1", "/series/s1"], "the series was not looked up again after the outage"
+        assert service.ledger.next_inbox() == ("st1", 2)
+        service.ledger.inbox_done("st1", 2)
+        assert service.ledger.next_inbox() is None, "the StableStudy came into the inbox twice"
+        assert thread.is_alive() and service.orthanc_reachable
+        assert _status(service.health)["follower"] is LoopStatus.OK
+    finally:
+        stop.set()
+        thread.join(5)
         service.ledger.close()
