@@ -13,6 +13,7 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_SEED=1 ...       # another draw of initial weights and patches (same folds)
     RADFED_BENCH_QUALITY_PASTE=1.0 ...    # the lesion-paste arm's share of patches (default 0.5)
     RADFED_BENCH_QUALITY_LOCAL_STEPS=25 ... # the federated arms' local steps per round (default 50)
+    RADFED_BENCH_QUALITY_SERVER_LR=1 ...  # the federated arms' server step (default: the job's, 2)
     RADFED_BENCH_QUALITY_FOLDS=0 ...      # only these folds (default 0,1,2)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
@@ -70,6 +71,10 @@ SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\
 SITES = 2  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
+# the coordinator's step on the sites' mean update (unset: the job's default, 2; 1 is plain FedAvg)
+SERVER_LEARNING_RATE = (
+    float(os.environ["RADFED_BENCH_QUALITY_SERVER_LR"]) if os.environ.get("RADFED_BENCH_QUALITY_SERVER_LR") else None
+)
 
 # Published reference figures (README): a 2-D U-Net on single-sequence glioma MRI reaches mean Dice ~0.8
 # (Buda et al., Computers in Biology and Medicine 2019: 0.82 on FLAIR of 110 lower-grade glioma patients).
@@ -417,14 +422,18 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     )
     rounds = max(1, (STEPS or FEDERATED_STEPS) // (FEDERATED_LOCAL_STEPS * len(sites)))
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
+    arm = Arm(job.arm, harmonise=False)
+    if SERVER_LEARNING_RATE is not None:
+        arm = replace(arm, server_learning_rate=SERVER_LEARNING_RATE)
     started = time.perf_counter()
     result = Experiment(spec, {}, budget).federate(
-        Arm(job.arm, harmonise=False), sites, test, lambda line: print(f"  brain fold {job.fold} {job.arm}: {line}")
+        arm, sites, test, lambda line: print(f"  brain fold {job.fold} {job.arm}: {line}")
     )
     seconds = time.perf_counter() - started
     return {
         "dataset": job.dataset,
-        "arm": f"{job.arm}, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps (no DP)",
+        "arm": f"{job.arm}, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps, "
+        f"server step {arm.server_learning_rate:g} (no DP)",
         "fold": job.fold,
         "train": len(train),
         "test": len(test),
