@@ -87,6 +87,12 @@ def quality(work: Path, quick: bool) -> None:
         if quick
         else (12, Budget(rounds=ROUNDS, local_steps=30, every_round=False))
     )
+    # the same steps in shorter rounds, e.g. RADFED_BENCH_ROUNDS=24 RADFED_BENCH_LOCAL_STEPS=10 (a real job's 10)
+    budget = replace(
+        budget,
+        rounds=int(os.environ.get("RADFED_BENCH_ROUNDS", budget.rounds)),
+        local_steps=int(os.environ.get("RADFED_BENCH_LOCAL_STEPS", budget.local_steps)),
+    )
     # one seed by default (about 50 min here for every arm); the README's table used RADFED_BENCH_SEEDS=0,1,2
     seeds = [int(s) for s in os.environ.get("RADFED_BENCH_SEEDS", "0").split(",")]
     spec, cohorts = _synthetic_sites(work, studies)
@@ -131,6 +137,7 @@ def quality(work: Path, quick: bool) -> None:
             for name, results in runs.items()
         ],
         f"RADFED_BENCH_FEDERATION=quality RADFED_BENCH_SEEDS={','.join(map(str, seeds))}"
+        + (f" RADFED_BENCH_ROUNDS={budget.rounds} RADFED_BENCH_LOCAL_STEPS={budget.local_steps}" if not quick else "")
         + (f' RADFED_BENCH_ARMS="{chosen}"' if chosen else "")
         + " python -m bench federation",
     )

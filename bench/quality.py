@@ -68,7 +68,7 @@ LESION_PASTE = float(os.environ.get("RADFED_BENCH_QUALITY_PASTE", "0.5"))
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\n'  # the "sgd" arm (nnU-Net's)
-SITES = 2  # the federated arm's hospitals
+SITES = int(os.environ.get("RADFED_BENCH_QUALITY_SITES", "2"))  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
 # the coordinator's step on the sites' mean update (unset: the job's default, 2; 1 is plain FedAvg)
@@ -192,7 +192,7 @@ def _jobs(work: Path) -> list[Job]:
         names = tuple((study_key(f"brain/{c}"), c.removeprefix("brain_")) for c in patients)
         for fold in RUN_FOLDS:
             test = tuple(study_key(f"brain/{c}") for c, p in patients.items() if (p - 1) % FOLDS == fold)
-            # the federated arm: the fold's training patients alternate between two hospitals
+            # the federated arm: the fold's training patients dealt in turn to SITES hospitals
             training = sorted({p for p in patients.values() if (p - 1) % FOLDS != fold})
             sites = tuple(
                 tuple(study_key(f"brain/{c}") for c, p in patients.items() if p in training[i::SITES])
@@ -406,7 +406,7 @@ def _share_rule_unprotected() -> Iterator[None]:
 
 
 def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[str, Any]:
-    """The same fold trained by FedAvg over two simulated hospitals (no DP), as many steps in all as the
+    """The same fold trained by FedAvg over SITES simulated hospitals (no DP), as many steps in all as the
     centralised arm, the job's own site training and aggregation code (federation/lab/experiments.py)."""
     import time
 
