@@ -66,7 +66,7 @@ ARMS = (
     Arm("centralised", Mode.CENTRALISED),
     Arm("federated", Mode.FEDERATED),
     Arm("best local-only", Mode.LOCAL),
-    Arm("federated, plain FedAvg (server lr 1)", server_learning_rate=1.0),
+    Arm("federated, server lr 2", server_learning_rate=2.0),  # the default before session 27
     Arm("federated, no harmonisation", harmonise=False),
     Arm("federated, DP eps 8", epsilon=8.0),
     Arm("federated, DP eps 2", epsilon=2.0),

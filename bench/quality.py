@@ -71,7 +71,7 @@ SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\
 SITES = int(os.environ.get("RADFED_BENCH_QUALITY_SITES", "2"))  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
-# the coordinator's step on the sites' mean update (unset: the job's default, 2; 1 is plain FedAvg)
+# the coordinator's step on the sites' mean update (unset: the job's default, 1: plain FedAvg)
 SERVER_LEARNING_RATE = (
     float(os.environ["RADFED_BENCH_QUALITY_SERVER_LR"]) if os.environ.get("RADFED_BENCH_QUALITY_SERVER_LR") else None
 )

@@ -104,9 +104,11 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
         expected = [s + rate * m for s, m in zip(start, mean, strict=True)]
         after = clear(federation.sites[0].state_dir, server_round + 1)[1] if server_round < ROUNDS else final_arrays
         error = max(float(np.abs(a - e).max()) for a, e in zip(after, expected, strict=True))
-        assert error < 1e-4, (server_round, error)  # SecAgg+ quantises to 2 x clip / 2**22 per site
+        tolerance = 1e-4  # SecAgg+ quantises to 2 x clip / 2**22 per site
+        assert error < tolerance, (server_round, error)
         one_site = [s + rate * recorded[0][0][i] for i, s in enumerate(start)]  # not what a sum gives
-        assert max(float(np.abs(a - e).max()) for a, e in zip(after, one_site, strict=True)) > 1e-3
+        # told apart from one site's update by several tolerances (the gap scales with the server step)
+        assert max(float(np.abs(a - e).max()) for a, e in zip(after, one_site, strict=True)) > 5 * tolerance
 
     # what the ServerApp received: no array in the clear, and masked vectors unrelated to the updates they hide
     received = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
