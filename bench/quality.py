@@ -61,13 +61,18 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # pasting, [training] lesion_paste = 0, the default before session 24), "lesion-paste" (brain and prostate: the
 # planned recipe with [training] lesion_paste = RADFED_BENCH_QUALITY_PASTE, default 0.5: the default's own value),
 # "federated-no-paste" (brain: the federated arm without lesion pasting), "sgd" (brain and prostate: the planned
-# recipe with nnU-Net's optimiser, SGD with Nesterov momentum 0.99 at 0.01 and poly decay, against AdamW + cosine)
+# recipe with nnU-Net's optimiser, SGD with Nesterov momentum 0.99 at 0.01 and poly decay, against AdamW + cosine),
+# "nnunet-spatial" (brain and prostate: nnU-Net's spatial ranges, in-plane rotation up to 180 degrees, as nnU-Net
+# uses for square 2-D patches, and scaling 0.7-1.4, against 15 degrees and 0.85-1.25), "strong-aug" (brain and
+# prostate: every augmentation twice as often, [training] augmentation_probability = 0.4, against 0.2)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 LESION_PASTE = float(os.environ.get("RADFED_BENCH_QUALITY_PASTE", "0.5"))
 ENSEMBLE = int(os.environ.get("RADFED_BENCH_QUALITY_ENSEMBLE", "2"))  # the "ensemble" arm's networks
 SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch_size = 8\n"
 SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\n'  # the "sgd" arm (nnU-Net's)
+NNUNET_SPATIAL = "\n[training]\nrotation_deg = 180.0\nscale_range = [0.7, 1.4]\n"  # the "nnunet-spatial" arm
+STRONG_AUG = "\n[training]\naugmentation_probability = 0.4\n"  # the "strong-aug" arm
 SITES = int(os.environ.get("RADFED_BENCH_QUALITY_SITES", "2"))  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
@@ -218,6 +223,10 @@ def _jobs(work: Path) -> list[Job]:
                     text += "\n[training]\nlesion_paste = 0.0\n"
                 if arm == "sgd":
                     text += SGD
+                if arm == "nnunet-spatial":
+                    text += NNUNET_SPATIAL
+                if arm == "strong-aug":
+                    text += STRONG_AUG
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -244,6 +253,10 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[training]\n", "[training]\nlesion_paste = 0.0\n", 1)
                 if arm == "sgd":
                     text = text.replace("[training]\n", SGD.lstrip("\n"), 1)
+                if arm == "nnunet-spatial":
+                    text = text.replace("[training]\n", NNUNET_SPATIAL.lstrip("\n"), 1)
+                if arm == "strong-aug":
+                    text = text.replace("[training]\n", STRONG_AUG.lstrip("\n"), 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs

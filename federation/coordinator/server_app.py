@@ -47,8 +47,9 @@ from radfed.federation.learning.staleness import LateUpdates, rebase, staleness_
 from radfed.federation.learning.streaming import StreamingAggregator
 from radfed.federation.learning.subgroups import card_section as bias_section
 from radfed.federation.learning.subgroups import subgroup_table
-from radfed.federation.learning.training import arrays_to_model, model_to_arrays, new_model
+from radfed.federation.learning.training import arrays_to_model, direction_screened, model_to_arrays, new_model
 from radfed.inference.model.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
+from radfed.inference.model.recipe import TrainingRecipe
 from radfed.inference.model.taskspec import TaskSpec, TaskSpecError, load_task_spec
 from radfed.inference.pipeline.findings import ModelIdentity
 
@@ -87,9 +88,11 @@ class RoundDriver:
     """One federated job at the coordinator: sends each round's messages through Flower's grid, screens and
     aggregates the replies, and keeps the CoordinatorCheckpoint a restarted ServerApp resumes from."""
 
-    def __init__(self, grid: Grid, run: RunConfig) -> None:
+    def __init__(self, grid: Grid, run: RunConfig, recipe: TrainingRecipe | None = None) -> None:
         self.grid = grid
         self.run = run
+        # the job's training recipe: its schedule decides the rounds the direction rule screens (None: every round)
+        self.recipe = recipe
         self.rounds = run.num_server_rounds
         self.min_sites = run.min_sites
         self.timeout = run.round_timeout
@@ -310,6 +313,13 @@ class RoundDriver:
         )
         say(f"harmonisation: reference landmarks from {len(found)} site(s)")
 
+    def screens_direction(self, server_round: int) -> bool:
+        """Whether this round's updates face the direction rule as well as the norm rule (not once the schedule
+        has all but stopped training: aggregation.DIRECTION_MIN_LEARNING_RATE)."""
+        if self.recipe is None:
+            return True
+        return direction_screened(self.recipe, server_round, self.rounds, self.run.local_steps)
+
     def _plain_training(self, server_round: int, state: CoordinatorCheckpoint) -> _Training:
         """A training round in the clear: every update is screened, then aggregated (streamed when many)."""
         sent = records.pack_arrays(state.arrays)
@@ -326,7 +336,14 @@ class RoundDriver:
         late_lines: list[dict[str, Any]] = []
         origin = state.arrays
         with (
-            StreamingAggregator(state.arrays, self.run.aggregation, spill_root=self.out) if streams else nullcontext()
+            StreamingAggregator(
+                state.arrays,
+                self.run.aggregation,
+                screen_direction=self.screens_direction(server_round),
+                spill_root=self.out,
+            )
+            if streams
+            else nullcontext()
         ) as stream:
 
             def add(update: SiteUpdate) -> None:
@@ -394,7 +411,13 @@ class RoundDriver:
                 outcome = stream.outcome()
             else:
                 updates.sort(key=lambda u: u.site)
-                outcome = aggregate(state.arrays, updates, self.run.aggregation, screening=screening)
+                outcome = aggregate(
+                    state.arrays,
+                    updates,
+                    self.run.aggregation,
+                    screening=screening,
+                    screen_direction=self.screens_direction(server_round),
+                )
         return replies, errors, outcome, bytes_up, late_lines, unreadable
 
     def _secure_training(self, server_round: int, state: CoordinatorCheckpoint) -> _Training:
@@ -488,6 +511,8 @@ class RoundDriver:
                 ),
                 "late": late_lines,
                 "flagged": [{"site": f.site, "rule": str(f.rule), "reason": f.reason} for f in outcome.flags],
+                # the direction rule is off in the schedule's decayed tail (the norm rule always screens)
+                "direction_screened": not self.run.secure_aggregation and self.screens_direction(server_round),
                 # the global model of the previous round, evaluated by each site before it trained
                 "evaluation": evaluation_line({s: m for s, (_, m, _) in replies.items()}),
                 "evaluated_round": server_round - 1,
@@ -587,8 +612,8 @@ def one_network(spec: TaskSpec) -> TaskSpec:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
-    job = RoundDriver(grid, run)
     spec = one_network(load_task_spec(run.task or None))
+    job = RoundDriver(grid, run, spec.training)
     state = CoordinatorCheckpoint.load(job.out)
     base = load_artifact(Path(run.base_model)) if run.base_model else None
     if state is None or state.plan is None:

@@ -42,6 +42,7 @@ from radfed.federation.learning.training import (
     OptimizerState,
     TrainingSettings,
     arrays_to_model,
+    direction_screened,
     model_to_arrays,
     new_model,
     train_local,
@@ -345,7 +346,9 @@ class Experiment:
                         )
                         continue
                     updates.append(SiteUpdate(site, restore_reply(compression, arrays, reply), len(samples)))
-                outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen)
+                budget = self.budget
+                directional = direction_screened(spec.training, server_round, budget.rounds, budget.local_steps)
+                outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen, screen_direction=directional)
                 arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
                 result.flagged += [f.site for f in outcome.flags]
                 result.flag_reasons += [f"round {server_round} {f.site}: {f.reason}" for f in outcome.flags]

@@ -50,6 +50,7 @@ class StreamingAggregator:
         rule: AggregationRule | str = AggregationRule.FEDAVG,
         *,
         screen: bool = True,
+        screen_direction: bool = True,
         krum_f: int = 1,
         spill_root: Path | None = None,
     ) -> None:
@@ -59,6 +60,7 @@ class StreamingAggregator:
         self._like = global_arrays
         self._base = flatten(global_arrays)
         self._screen = screen
+        self._screen_direction = screen_direction
         self._krum_f = krum_f
         self._sketch = CountSketch(self._base.size)
         self._sum = np.zeros_like(self._base)  # weighted (FedAvg) or plain (multi-Krum)
@@ -109,7 +111,11 @@ class StreamingAggregator:
         """The aggregated model: screening on norms and sketches, then the sum less every excluded update."""
         if not self._norms:
             raise ValueError("no site update to aggregate")
-        flags: list[AnomalyFlag] = detect_anomalies_sketched(self._norms, self._sketches) if self._screen else []
+        flags: list[AnomalyFlag] = (
+            detect_anomalies_sketched(self._norms, self._sketches, direction=self._screen_direction)
+            if self._screen
+            else []
+        )
         flagged = {f.site for f in flags}
         kept = [s for s in self._norms if s not in flagged]
         excluded = set(flagged)

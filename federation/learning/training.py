@@ -25,6 +25,7 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - the PyTorch idiom
 
+from radfed.federation.learning.aggregation import DIRECTION_MIN_LEARNING_RATE
 from radfed.federation.learning.augmentation import PatchAugmenter
 from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.networks import build_network
@@ -119,6 +120,17 @@ class TrainingSettings:
         if recipe.schedule is Schedule.COSINE:
             return 0.5 * (1 + math.cos(math.pi * position / total))
         return 1.0
+
+
+def direction_screened(recipe: TrainingRecipe, server_round: int, rounds: int, local_steps: int) -> bool:
+    """Whether the coordinator's direction rule screens a federated round: not once the job's schedule, past
+    any warmup, has decayed the round's first learning rate below ``DIRECTION_MIN_LEARNING_RATE`` of its peak
+    (the last 3 of 24 rounds under a cosine schedule, the last 3 of 100 under poly; a constant one never)."""
+    offset = (server_round - 1) * local_steps
+    if offset < recipe.warmup_steps:
+        return True
+    settings = TrainingSettings(recipe, 1, local_steps, schedule_offset=offset, schedule_total=rounds * local_steps)
+    return settings.learning_rate_factor(0) >= DIRECTION_MIN_LEARNING_RATE
 
 
 # An optimiser's state between rounds (Adam's moments, SGD's momentum): torch's own state_dict.

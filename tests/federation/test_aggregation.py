@@ -155,3 +155,32 @@ def test_an_honest_site_opposed_by_one_large_update_is_not_flagged() -> None:
     deltas = _with_cosines(agreeing, [3.55, 8.79, 5.30])
     deltas["site-3"] = -deltas["site-3"]
     assert [f.site for f in detect_anomalies(deltas)] == ["site-3"]
+
+
+def test_the_direction_rule_rests_once_the_schedule_has_decayed() -> None:
+    """Round 24 of 24 of a clean 3-site run (measured; cosine schedule, 10 local steps): updates 1/1000 of round
+    1's, the third opposing both others (-0.21) while they agree (0.15). The direction rule flags it; with the
+    rule off (the schedule's decayed tail) only the norm rule screens, which still catches a scaled update."""
+    from radfed.federation.learning.aggregation import DIRECTION_MIN_LEARNING_RATE, detect_anomalies
+    from radfed.federation.learning.training import direction_screened
+    from radfed.inference.model.recipe import Schedule, TrainingRecipe
+
+    cosines = np.array([[1.0, 0.15, -0.21], [0.15, 1.0, -0.21], [-0.21, -0.21, 1.0]])
+    deltas = _with_cosines(cosines, [0.0044, 0.0068, 0.0040])
+    assert [f.site for f in detect_anomalies(deltas)] == ["site-3"]
+    assert detect_anomalies(deltas, direction=False) == []
+    deltas["site-3"] = 20 * deltas["site-3"]
+    assert [(f.site, str(f.rule)) for f in detect_anomalies(deltas, direction=False)] == [("site-3", "update-norm")]
+    # which rounds the schedule leaves to the norm rule: cosine over 24 rounds x 10 steps, the last 3
+    cosine = TrainingRecipe(schedule=Schedule.COSINE)
+    screened = [direction_screened(cosine, r, 24, 10) for r in range(1, 25)]
+    assert screened == [True] * 21 + [False] * 3
+    assert 0.5 * (1 + np.cos(np.pi * 210 / 240)) < DIRECTION_MIN_LEARNING_RATE <= 0.5 * (1 + np.cos(np.pi * 200 / 240))
+    poly = TrainingRecipe(schedule=Schedule.POLY)
+    assert sum(not direction_screened(poly, r, 100, 10) for r in range(1, 101)) == 3  # (1 - t) ** 0.9 < 0.05
+    constant = TrainingRecipe(schedule=Schedule.CONSTANT)
+    assert all(direction_screened(constant, r, 24, 10) for r in range(1, 25))
+    # a one-round job, and rounds still warming up, are screened whatever the factor
+    assert direction_screened(cosine, 1, 1, 10)
+    warm = TrainingRecipe(schedule=Schedule.COSINE, warmup_steps=50)
+    assert direction_screened(warm, 1, 24, 10) and direction_screened(warm, 5, 24, 10)

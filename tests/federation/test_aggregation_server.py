@@ -18,6 +18,7 @@ from radfed.federation.coordinator.server_app import RoundDriver
 from radfed.federation.job import records
 from radfed.federation.job.run_config import RunConfig
 from radfed.federation.learning.aggregation import SiteUpdate, aggregate
+from radfed.inference.model.recipe import Schedule, TrainingRecipe
 
 
 class _Grid:
@@ -44,7 +45,12 @@ def _updates(sites: int) -> tuple[list[np.ndarray], list[SiteUpdate]]:
 
 
 def _round(
-    tmp_path: Path, screening: str, sites: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    screening: str,
+    sites: int,
+    monkeypatch: pytest.MonkeyPatch,
+    server_round: int = 1,
+    recipe: TrainingRecipe | None = None,
 ) -> tuple[CoordinatorCheckpoint, int]:
     base, updates = _updates(sites)
     held = 0  # bytes still allocated once every reply was folded in and dropped
@@ -69,11 +75,17 @@ def _round(
 
     monkeypatch.setattr(RoundDriver, "exchange", exchange)
     run = RunConfig.from_run_config(
-        {"out-dir": str(tmp_path / screening), "screening": screening, "server-learning-rate": 1.0}
+        {
+            "out-dir": str(tmp_path / screening),
+            "screening": screening,
+            "server-learning-rate": 1.0,
+            "num-server-rounds": 24,
+            "local-steps": 10,
+        }
     )
-    job = RoundDriver(_Grid(sites), run)  # type: ignore[arg-type]
+    job = RoundDriver(_Grid(sites), run, recipe)  # type: ignore[arg-type]
     state = CoordinatorCheckpoint(arrays=base)
-    job.train_round(1, state)
+    job.train_round(server_round, state)
     return state, held
 
 
@@ -98,3 +110,28 @@ def test_a_streaming_round_keeps_no_reply_and_matches_the_batch_round(
     assert len(line["aggregated"]) == sites - 1 and line["flagged"][0]["site"] == "site-04"
     assert line["sites"]["site-01"]["bytes_up"] == sum(a.nbytes for a in updates[0].arrays)
     assert not [p for p in (tmp_path / "auto").iterdir() if p.name.startswith("radfed-spill-")]
+
+
+@pytest.mark.parametrize(("screening", "sites"), [("exact", 5), ("auto", 40)])
+def test_the_schedules_decayed_tail_is_screened_by_norm_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, screening: str, sites: int
+) -> None:
+    """In the job's last rounds, with the cosine schedule's learning rate under 5 % of its peak, the sign-flipped
+    site is aggregated (its update is as small as an honest one's) and the round's metrics say the direction rule
+    was off; in round 21 of 24 it is still flagged. Both the batch and the streaming path."""
+    cosine = TrainingRecipe(schedule=Schedule.COSINE)
+    early, _ = _round(tmp_path / "early", screening, sites, monkeypatch, server_round=21, recipe=cosine)
+    assert [a.site for a in early.flags] == ["site-04"]
+    late, _ = _round(tmp_path / "late", screening, sites, monkeypatch, server_round=22, recipe=cosine)
+    assert late.flags == []
+    line = json.loads((tmp_path / "late" / screening / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["direction_screened"] is False and "site-04" in line["aggregated"]
+    constant, _ = _round(
+        tmp_path / "constant",
+        screening,
+        sites,
+        monkeypatch,
+        server_round=24,
+        recipe=TrainingRecipe(schedule=Schedule.CONSTANT),
+    )
+    assert [a.site for a in constant.flags] == ["site-04"]  # a schedule that never decays screens every round
