@@ -64,7 +64,9 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # recipe with nnU-Net's optimiser, SGD with Nesterov momentum 0.99 at 0.01 and poly decay, against AdamW + cosine),
 # "nnunet-spatial" (brain and prostate: nnU-Net's spatial ranges, in-plane rotation up to 180 degrees, as nnU-Net
 # uses for square 2-D patches, and scaling 0.7-1.4, against 15 degrees and 0.85-1.25), "strong-aug" (brain and
-# prostate: every augmentation twice as often, [training] augmentation_probability = 0.4, against 0.2)
+# prostate: every augmentation twice as often, [training] augmentation_probability = 0.4, against 0.2), "local"
+# (brain: the planned recipe trained on the first of the federated arm's SITES hospitals alone, its own 1/SITES of
+# the fold's training patients: what a hospital reaches without the federation, and a point on the learning curve)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 LESION_PASTE = float(os.environ.get("RADFED_BENCH_QUALITY_PASTE", "0.5"))
@@ -283,6 +285,8 @@ def _run(job: Job) -> dict[str, Any]:
     else:
         cohort = cohort_from_sources(spec, job.sources)
         train = [s for s in cohort.samples if s.key not in job.test_keys]
+        if job.arm == "local":  # hospital 1 alone (the fold's plan: the same grid and patch)
+            train = [s for s in train if s.key in job.site_keys[0]]
         test = [s for s in cohort.samples if s.key in job.test_keys]
         # the plan must see only the training folds: derive it again from them
         from radfed.inference.model.plan import DatasetFingerprint, derive_plan
@@ -370,6 +374,9 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
         a
         for a in (
             "planned",
+            "local",
+            "nnunet-spatial",
+            "strong-aug",
             "cpu-bf16",
             "patch-dice",
             "lesion-paste",
