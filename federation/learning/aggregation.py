@@ -67,7 +67,7 @@ PAIRWISE_SAMPLE = 64  # others sampled per update: P(opposed share off by > 0.25
 # The direction rule applies while a job's schedule keeps the learning rate at or above this share of its peak.
 # Below it the sites' updates are small and their directions mostly noise: in the last round of a clean 3-site run
 # (24 rounds x 10 local steps, cosine schedule; updates 1/1000 of round 1's norm, no shared direction left: the
-# squared norm of their sum equalled the sum of their squared norms, 0.89) an honest site opposed both others
+# squared norm of their sum was 0.89 of the sum of their squared norms) an honest site opposed both others
 # (-0.21, -0.21) while they agreed (0.15), just as a sign-flipped one would, and was flagged. A flipped update that
 # small moves the model by no more than an honest one; a scaled one is still caught by the norm rule.
 DIRECTION_MIN_LEARNING_RATE = 0.05
