@@ -75,6 +75,8 @@ SESSION_10_PLAN = "[preprocessing]\npatch_size = [1, 128, 128]\n\n[model]\nbatch
 SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\n'  # the "sgd" arm (nnU-Net's)
 NNUNET_SPATIAL = "\n[training]\nrotation_deg = 180.0\nscale_range = [0.7, 1.4]\n"  # the "nnunet-spatial" arm
 STRONG_AUG = "\n[training]\naugmentation_probability = 0.4\n"  # the "strong-aug" arm
+# the arms that only add [training] keys to the planned recipe
+TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG}
 SITES = int(os.environ.get("RADFED_BENCH_QUALITY_SITES", "2"))  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
@@ -223,12 +225,7 @@ def _jobs(work: Path) -> list[Job]:
                     text += f"\n[training]\nlesion_paste = {LESION_PASTE}\n"
                 if arm in ("no-paste", "federated-no-paste"):
                     text += "\n[training]\nlesion_paste = 0.0\n"
-                if arm == "sgd":
-                    text += SGD
-                if arm == "nnunet-spatial":
-                    text += NNUNET_SPATIAL
-                if arm == "strong-aug":
-                    text += STRONG_AUG
+                text += TRAINING_ARMS.get(arm, "")
                 jobs.append(Job("brain", arm, fold, text, (str(root),), test, str(work / "cache"), sites, names))
     if "prostate" in SETS:
         from radfed.inference.model.taskspec import load_task_spec
@@ -253,12 +250,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[training]\n", f"[training]\nlesion_paste = {LESION_PASTE}\n", 1)
                 if arm == "no-paste":
                     text = text.replace("[training]\n", "[training]\nlesion_paste = 0.0\n", 1)
-                if arm == "sgd":
-                    text = text.replace("[training]\n", SGD.lstrip("\n"), 1)
-                if arm == "nnunet-spatial":
-                    text = text.replace("[training]\n", NNUNET_SPATIAL.lstrip("\n"), 1)
-                if arm == "strong-aug":
-                    text = text.replace("[training]\n", STRONG_AUG.lstrip("\n"), 1)
+                if arm in TRAINING_ARMS:
+                    text = text.replace("[training]\n", TRAINING_ARMS[arm].lstrip("\n"), 1)
                 jobs.append(Job("prostate", arm, fold, text, (*train, str(work / "prostate" / site)), (site,),
                                 str(work / "cache")))  # fmt: skip
     return jobs
