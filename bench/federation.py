@@ -5,6 +5,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     python -m bench federation            # RADFED_BENCH_QUICK=1 for a smoke-sized run
     RADFED_BENCH_FEDERATION=privacy python -m bench federation   # the privacy curve (long: 15 arms)
     RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES=100 RADFED_BENCH_PRIVACY_EPSILONS=8 ...  # goal pair
+    RADFED_BENCH_PRIVACY_SERVER_LR=2 ...   # the from-scratch arms' coordinator step (default: the job's, 1)
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
     RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
     RADFED_BENCH_FEDERATION=stragglers python -m bench federation    # a late site: wait, drop or fold its update
@@ -203,7 +204,11 @@ def privacy_curve(work: Path, quick: bool) -> None:
     epsilons = tuple(float(e) for e in chosen.split(",") if e) or PRIVACY_EPSILONS
     base_steps = int(os.environ.get("RADFED_BENCH_PRIVACY_BASE_STEPS", 4 if quick else BASE_STEPS))
     scratch_dp = os.environ.get("RADFED_BENCH_PRIVACY_SCRATCH_DP", "1") != "0"
-    arms = [Arm("no DP")] + ([Arm(f"DP epsilon {e:g}", epsilon=e) for e in epsilons] if scratch_dp else [])
+    # The coordinator's step for the arms from random weights (unset: the job's default, plain FedAvg since
+    # session 27; the curve's first runs, session 15, had 2, which short jobs from random weights favour).
+    server_step = os.environ.get("RADFED_BENCH_PRIVACY_SERVER_LR")
+    scratch = Arm("no DP", server_learning_rate=float(server_step)) if server_step else Arm("no DP")
+    arms = [scratch] + ([replace(scratch, name=f"DP epsilon {e:g}", epsilon=e) for e in epsilons] if scratch_dp else [])
     base_arms = [Arm("base model only", Mode.BASE_ONLY)]
     for scope, rate in _fine_tunings():
         label = "" if (scope, rate) == (TrainableScope.ALL, FINE_TUNE_LEARNING_RATE) else f" ({scope}, lr {rate:g})"
@@ -242,7 +247,8 @@ def privacy_curve(work: Path, quick: bool) -> None:
             rows.append([size, arm.name, _f(dice), _f(ratio), _f(results[(size, arm.name)].pooled.get("auc"))])
     table(
         f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
-        f"{budget.local_steps} steps, delta 1e-5 per site; fine-tuned: from a base model trained {base_steps} "
+        f"{budget.local_steps} steps, delta 1e-5 per site, coordinator step {scratch.server_learning_rate:g} from "
+        f"random weights; fine-tuned: from a base model trained {base_steps} "
         f"steps without DP on {2 * (3 if quick else PUBLIC_STUDIES // 2)} public studies of two other scanners, "
         f"learning rate {FINE_TUNE_LEARNING_RATE:g})",
         ["studies per site", "arm", "Dice", "Dice / no DP from scratch (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
@@ -250,6 +256,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
         + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
+        + (f"RADFED_BENCH_PRIVACY_SERVER_LR={server_step} " if server_step else "")
         + (f"{TUNED_ENV}={tunings} " if (tunings := os.environ.get(TUNED_ENV)) else "")
         + "python -m bench federation",
     )
