@@ -76,10 +76,10 @@ SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\
 NNUNET_SPATIAL = "\n[training]\nrotation_deg = 180.0\nscale_range = [0.7, 1.4]\n"  # the "nnunet-spatial" arm
 STRONG_AUG = "\n[training]\naugmentation_probability = 0.4\n"  # the "strong-aug" arm
 # the arms that only add [training] keys to the planned recipe
+TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG}
 # The planned model's probability map cut at other thresholds than the spec's (the brain folds are too
 # small for a validation split, so nothing calibrates it there): an analysis row, not a recipe.
 VARIANT_THRESHOLDS = (0.3, 0.4)
-TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG}
 SITES = int(os.environ.get("RADFED_BENCH_QUALITY_SITES", "2"))  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
