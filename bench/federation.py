@@ -6,6 +6,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     RADFED_BENCH_FEDERATION=privacy python -m bench federation   # the privacy curve (long: 15 arms)
     RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES=100 RADFED_BENCH_PRIVACY_EPSILONS=8 ...  # goal pair
     RADFED_BENCH_PRIVACY_SERVER_LR=2 ...   # the from-scratch arms' coordinator step (default: the job's, 1)
+    RADFED_BENCH_PRIVACY_VARIANTS=no-paste,voxel,voxel+no-paste ...  # no-DP arms from scratch, one recipe change each
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
     RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
     RADFED_BENCH_FEDERATION=stragglers python -m bench federation    # a late site: wait, drop or fold its update
@@ -58,6 +59,7 @@ from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.training import arrays_to_model
 from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
 from radfed.federation.site.worker import simulated_site_name
+from radfed.inference.model.recipe import ForegroundSampling
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
@@ -176,6 +178,28 @@ def _public_studies(work: Path, quick: bool) -> list[Path]:
 
 
 TUNED_ENV = "RADFED_BENCH_PRIVACY_TUNED"
+VARIANTS_ENV = "RADFED_BENCH_PRIVACY_VARIANTS"
+# Recipe changes since the curve's first run (session 15) that a no-DP arm from scratch can undo, one at a time or
+# joined by "+": lesion pasting of a site's own studies (default since session 24) and patches forced onto a
+# lesion component rather than a lesion voxel (session 18).
+RECIPE_VARIANTS: dict[str, tuple[tuple[str, Any], ...]] = {
+    "no-paste": (("lesion_paste", 0.0),),
+    "voxel": (("foreground_sampling", ForegroundSampling.VOXEL),),
+}
+
+
+def _recipe_variants(scratch: Arm) -> list[Arm]:
+    """RADFED_BENCH_PRIVACY_VARIANTS, e.g. "no-paste,voxel+no-paste": no-DP arms from random weights, each with
+    those recipe changes (RECIPE_VARIANTS), beside the plain no-DP arm."""
+    arms = []
+    for variant in filter(None, os.environ.get(VARIANTS_ENV, "").split(",")):
+        parts = variant.split("+")
+        unknown = [p for p in parts if p not in RECIPE_VARIANTS]
+        if unknown:
+            raise SystemExit(f"{VARIANTS_ENV}: unknown {unknown}; choose from {sorted(RECIPE_VARIANTS)}")
+        changes = tuple(change for part in parts for change in RECIPE_VARIANTS[part])
+        arms.append(replace(scratch, name=f"no DP, {variant}", recipe=changes))
+    return arms
 
 
 def _fine_tunings() -> list[tuple[TrainableScope, float]]:
@@ -209,6 +233,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
     server_step = os.environ.get("RADFED_BENCH_PRIVACY_SERVER_LR")
     scratch = Arm("no DP", server_learning_rate=float(server_step)) if server_step else Arm("no DP")
     arms = [scratch] + ([replace(scratch, name=f"DP epsilon {e:g}", epsilon=e) for e in epsilons] if scratch_dp else [])
+    arms += _recipe_variants(scratch)
     base_arms = [Arm("base model only", Mode.BASE_ONLY)]
     for scope, rate in _fine_tunings():
         label = "" if (scope, rate) == (TrainableScope.ALL, FINE_TUNE_LEARNING_RATE) else f" ({scope}, lr {rate:g})"
@@ -257,6 +282,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
         + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
         + (f"RADFED_BENCH_PRIVACY_SERVER_LR={server_step} " if server_step else "")
+        + (f"{VARIANTS_ENV}={variants} " if (variants := os.environ.get(VARIANTS_ENV)) else "")
         + (f"{TUNED_ENV}={tunings} " if (tunings := os.environ.get(TUNED_ENV)) else "")
         + "python -m bench federation",
     )

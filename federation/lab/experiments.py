@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from radfed.federation.coordinator.checkpoint import reference_landmarks
 from radfed.federation.job.planning import job_plan, needs_fingerprint
@@ -94,6 +95,9 @@ class Arm:
     start: Start = Start.RANDOM
     learning_rate: float | None = None  # the recipe's unless set (fine-tuning a base model takes smaller steps)
     trainable: TrainableScope = TrainableScope.ALL  # what the sites' training updates (run-config trainable)
+    # the federated arm's recipe with these fields replaced, e.g. (("lesion_paste", 0.0),): one recipe change
+    # measured against the spec's own in the same run
+    recipe: tuple[tuple[str, Any], ...] = ()
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -208,10 +212,14 @@ class Experiment:
             test += site_test
         return train, test
 
-    def _arm_spec(self, arm: Arm) -> TaskSpec:
-        if arm.learning_rate is None:
+    def arm_spec(self, arm: Arm) -> TaskSpec:
+        """The spec a federated arm trains under: the experiment's, with the arm's learning rate and recipe changes."""
+        changes = dict(arm.recipe)
+        if arm.learning_rate is not None:
+            changes["learning_rate"] = arm.learning_rate
+        if not changes:
             return self.spec
-        return replace(self.spec, training=replace(self.spec.training, learning_rate=arm.learning_rate))
+        return replace(self.spec, training=replace(self.spec.training, **changes))
 
     def _initial(self, arm: Arm) -> Arrays:
         if arm.start is Start.RANDOM:
@@ -287,7 +295,7 @@ class Experiment:
         progress: Callable[[str], None],
     ) -> ArmResult:
         arrays = self._initial(arm)
-        spec = self._arm_spec(arm)
+        spec = self.arm_spec(arm)
         result = ArmResult(arm, {})
         compression = Compression.parse(arm.compression)
         sent_bytes: list[int] = []

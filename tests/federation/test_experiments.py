@@ -171,3 +171,22 @@ def test_a_base_model_trained_on_public_studies_starts_the_fine_tuning_arms(
     # the model trained from random weights never was the base
     assert 0.0 < distance(fine.final_arrays) < distance(scratch.final_arrays)
     assert tuned.base is not None and all(np.array_equal(a, b) for a, b in zip(tuned.base, base, strict=True))
+
+
+def test_an_arms_recipe_changes_are_what_it_trains_under() -> None:
+    spec = load_task_spec()
+    experiment = Experiment(spec, {}, Budget(rounds=1, local_steps=1))
+    assert experiment.arm_spec(Arm("plain")) is spec
+    changed = experiment.arm_spec(
+        Arm(
+            "old recipe",
+            learning_rate=1e-4,
+            recipe=(("lesion_paste", 0.0), ("foreground_sampling", ForegroundSampling.VOXEL)),
+        )
+    )
+    assert spec.training.lesion_paste > 0 and changed.training.lesion_paste == 0.0
+    assert changed.training.foreground_sampling is ForegroundSampling.VOXEL
+    assert changed.training.learning_rate == 1e-4
+    assert replace(changed, training=spec.training) == spec  # nothing else moved
+    with pytest.raises(TypeError):
+        experiment.arm_spec(Arm("typo", recipe=(("lesion_pastes", 0.0),)))
