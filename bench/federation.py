@@ -7,6 +7,7 @@ round (real SuperLink + 3 SuperNodes with TLS and node authentication on loopbac
     RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES=100 RADFED_BENCH_PRIVACY_EPSILONS=8 ...  # goal pair
     RADFED_BENCH_PRIVACY_SERVER_LR=2 ...   # the from-scratch arms' coordinator step (default: the job's, 1)
     RADFED_BENCH_PRIVACY_VARIANTS=no-paste,voxel,voxel+no-paste ...  # no-DP arms from scratch, one recipe change each
+    RADFED_BENCH_PRIVACY_ROUNDS=24 RADFED_BENCH_PRIVACY_LOCAL_STEPS=30 ...  # the job's budget (default 8 x 30)
     RADFED_BENCH_FEDERATION=compression python -m bench federation   # update compression: bytes and Dice
     RADFED_BENCH_FEDERATION=membership python -m bench federation    # membership-inference AUC, with and without DP
     RADFED_BENCH_FEDERATION=stragglers python -m bench federation    # a late site: wait, drop or fold its update
@@ -223,7 +224,9 @@ def privacy_curve(work: Path, quick: bool) -> None:
     noise per step), keeping the no-DP arm the ratios divide by."""
     sizes = (6,) if quick else tuple(int(s) for s in os.environ.get("RADFED_BENCH_PRIVACY_STUDIES", "").split(",") if s)
     sizes = sizes or PRIVACY_COHORTS
-    budget = Budget(rounds=2, local_steps=3) if quick else Budget(rounds=8, local_steps=30, every_round=False)
+    rounds = int(os.environ.get("RADFED_BENCH_PRIVACY_ROUNDS", 2 if quick else 8))
+    local_steps = int(os.environ.get("RADFED_BENCH_PRIVACY_LOCAL_STEPS", 3 if quick else 30))
+    budget = Budget(rounds=rounds, local_steps=local_steps, every_round=quick)
     chosen = os.environ.get("RADFED_BENCH_PRIVACY_EPSILONS", "")  # e.g. "8": the no-DP arm and epsilon 8 only
     epsilons = tuple(float(e) for e in chosen.split(",") if e) or PRIVACY_EPSILONS
     base_steps = int(os.environ.get("RADFED_BENCH_PRIVACY_BASE_STEPS", 4 if quick else BASE_STEPS))
@@ -279,6 +282,8 @@ def privacy_curve(work: Path, quick: bool) -> None:
         ["studies per site", "arm", "Dice", "Dice / no DP from scratch (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
+        + ("" if (rounds, local_steps) == (8, 30) else f"RADFED_BENCH_PRIVACY_ROUNDS={rounds} ")
+        + ("" if (rounds, local_steps) == (8, 30) else f"RADFED_BENCH_PRIVACY_LOCAL_STEPS={local_steps} ")
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
         + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
         + (f"RADFED_BENCH_PRIVACY_SERVER_LR={server_step} " if server_step else "")
