@@ -60,7 +60,7 @@ from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.training import arrays_to_model
 from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
 from radfed.federation.site.worker import simulated_site_name
-from radfed.inference.model.recipe import ForegroundSampling
+from radfed.inference.model.recipe import ForegroundSampling, PasteInto
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
 
@@ -186,6 +186,7 @@ VARIANTS_ENV = "RADFED_BENCH_PRIVACY_VARIANTS"
 RECIPE_VARIANTS: dict[str, tuple[tuple[str, Any], ...]] = {
     "no-paste": (("lesion_paste", 0.0),),
     "voxel": (("foreground_sampling", ForegroundSampling.VOXEL),),
+    "paste-forced": (("paste_into", PasteInto.FORCED),),  # pasting in place of part of the forced share
 }
 
 

@@ -64,7 +64,9 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # recipe with nnU-Net's optimiser, SGD with Nesterov momentum 0.99 at 0.01 and poly decay, against AdamW + cosine),
 # "nnunet-spatial" (brain and prostate: nnU-Net's spatial ranges, in-plane rotation up to 180 degrees, as nnU-Net
 # uses for square 2-D patches, and scaling 0.7-1.4, against 15 degrees and 0.85-1.25), "strong-aug" (brain and
-# prostate: every augmentation twice as often, [training] augmentation_probability = 0.4, against 0.2), "local"
+# prostate: every augmentation twice as often, [training] augmentation_probability = 0.4, against 0.2),
+# "paste-forced" (brain and prostate: lesions pasted only into the patches forced onto foreground, in place of a
+# cut around the study's own lesion, [training] paste_into = "forced", against pasting into any patch), "local"
 # (brain: the planned recipe trained on the first of the federated arm's SITES hospitals alone, its own 1/SITES of
 # the fold's training patients: what a hospital reaches without the federation, and a point on the learning curve)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
@@ -76,7 +78,8 @@ SGD = '\n[training]\noptimizer = "sgd"\nlearning_rate = 0.01\nschedule = "poly"\
 NNUNET_SPATIAL = "\n[training]\nrotation_deg = 180.0\nscale_range = [0.7, 1.4]\n"  # the "nnunet-spatial" arm
 STRONG_AUG = "\n[training]\naugmentation_probability = 0.4\n"  # the "strong-aug" arm
 # the arms that only add [training] keys to the planned recipe
-TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG}
+PASTE_FORCED = '\n[training]\npaste_into = "forced"\n'  # the "paste-forced" arm
+TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG, "paste-forced": PASTE_FORCED}
 # The planned model's probability map cut at other thresholds than the spec's (the brain folds are too
 # small for a validation split, so nothing calibrates it there): an analysis row, not a recipe.
 VARIANT_THRESHOLDS = (0.3, 0.4)
@@ -380,6 +383,7 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
             "patch-dice",
             "lesion-paste",
             "no-paste",
+            "paste-forced",
             "sgd",
             "ensemble",
             "ensemble's first network alone",

@@ -31,7 +31,7 @@ from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.networks import build_network
 from radfed.inference.model.arbiter import DeviceArbiter
 from radfed.inference.model.plan import PlanError
-from radfed.inference.model.recipe import DiceOver, ForegroundSampling, Optimizer, Schedule, TrainingRecipe
+from radfed.inference.model.recipe import DiceOver, ForegroundSampling, Optimizer, PasteInto, Schedule, TrainingRecipe
 from radfed.inference.model.taskspec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -321,15 +321,18 @@ class PatchSampler:
         forced = round(batch_size * self.recipe.foreground_fraction) if positives else 0
         crops = []
         paste = self.recipe.lesion_paste if positives else 0.0
+        anywhere = self.recipe.paste_into is PasteInto.ANY
         for index in range(batch_size):
             force = index < forced
             pool = positives if force else samples
             sample = pool[int(self.rng.integers(len(pool)))]
             donor = None
-            if paste and self.rng.random() < paste:  # no draw at 0, so seeds reproduce runs without pasting
+            # no draw at 0, so seeds reproduce runs without pasting
+            if paste and (force or anywhere) and self.rng.random() < paste:
                 others = [s for s in positives if s is not sample] or positives
                 donor = others[int(self.rng.integers(len(others)))]
-            crops.append(self.crop(sample, force, donor))
+            # into forced patches only: the pasted lesion is the patch's foreground, cut anywhere in the study
+            crops.append(self.crop(sample, force and (anywhere or donor is None), donor))
         images = torch.from_numpy(np.stack([c[0] for c in crops]))
         masks = torch.from_numpy(np.stack([c[1] for c in crops]))[:, None]
         targets = torch.tensor([[c[2]] for c in crops], dtype=torch.float32)

@@ -21,6 +21,7 @@ from radfed.inference.model.recipe import (
     DiceOver,
     ForegroundSampling,
     Optimizer,
+    PasteInto,
     Schedule,
     TrainingRecipe,
 )
@@ -403,6 +404,7 @@ def _training(r: _Reader | None, channels: int) -> TrainingRecipe:
         foreground_jitter=r.get("foreground_jitter", float, default.foreground_jitter),
         foreground_sampling=r.choice("foreground_sampling", ForegroundSampling, default.foreground_sampling.value),
         lesion_paste=paste,
+        paste_into=r.choice("paste_into", PasteInto, default.paste_into.value),
         augmentations=augmentation,
         flip_axes=flip_axes,
         rotation_deg=r.get("rotation_deg", float, default.rotation_deg),

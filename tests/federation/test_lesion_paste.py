@@ -12,6 +12,7 @@ from scipy import ndimage
 from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.privacy import _StudyCrops
 from radfed.federation.learning.training import PatchSampler, TrainingSettings
+from radfed.inference.model.recipe import PasteInto
 from radfed.inference.model.taskspec import TaskSpec, TaskSpecError, load_task_spec, parse_task_spec
 from tests.small_model import small_spec
 
@@ -80,6 +81,24 @@ def test_batches_paste_at_the_recipes_rate_and_not_at_zero() -> None:
     assert pasted_into_blanks(1.0) > 40  # of 100 patches, two thirds drawn from the blank studies
 
 
+def test_pasting_into_forced_patches_only_keeps_the_share_of_lesion_patches() -> None:
+    """paste_into = forced: the forced patch (one of two here) is the one pasted into; the other never is."""
+    samples = [_donor(), _blank("a"), _blank("b")]
+
+    def pasted_by_position(into: PasteInto) -> list[int]:
+        training = replace(_spec(1.0).training, foreground_fraction=0.5, paste_into=into)
+        sampler = PatchSampler(_spec(), training, seed=3)
+        counts = [0, 0]
+        for _ in range(40):
+            _, masks, targets = sampler.batch(samples, 2)
+            for position in (0, 1):
+                counts[position] += int(targets[position, 0] == -1 and bool(masks[position].any()))
+        return counts
+
+    assert pasted_by_position(PasteInto.FORCED) == [40, 0]
+    assert pasted_by_position(PasteInto.ANY)[1] > 0  # the default pastes into the unforced patch too
+
+
 def test_dp_sgd_never_pastes() -> None:
     spec = _spec(1.0)
     crops = _StudyCrops([_blank(), _donor()], spec, TrainingSettings.from_spec(spec))
@@ -97,3 +116,8 @@ def test_the_spec_sets_it_and_refuses_a_share_outside_0_1() -> None:
     )
     with pytest.raises(TaskSpecError, match="lesion_paste"):
         parse_task_spec(text.replace("[training]\n", "[training]\nlesion_paste = 1.5\n"), "t")
+    assert load_task_spec().training.paste_into is PasteInto.ANY
+    forced = parse_task_spec(text.replace("[training]\n", '[training]\npaste_into = "forced"\n'), "t")
+    assert forced.training.paste_into is PasteInto.FORCED
+    with pytest.raises(TaskSpecError, match="paste_into"):
+        parse_task_spec(text.replace("[training]\n", '[training]\npaste_into = "everywhere"\n'), "t")
