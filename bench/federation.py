@@ -266,21 +266,35 @@ def privacy_curve(work: Path, quick: bool) -> None:
         for (size, _, arm), future in zip(plan, futures, strict=True):
             results[(size, arm.name)] = future.result()
             # each arm as it ends: at 100 studies per site an arm takes the better part of an hour on one core
-            print(f"  {size} studies per site, {arm.name}: Dice {_f(results[(size, arm.name)].pooled.get('dice'))}")
+            pooled = results[(size, arm.name)].pooled
+            print(
+                f"  {size} studies per site, {arm.name}: Dice {_f(pooled.get('dice'))}, FP components / study "
+                f"{_f(pooled.get('fp_components_per_study'))}, predicted / true volume {_f(pooled.get('volume_ratio'))}"
+            )
     rows = []
     for size in sizes:
         clean = results[(size, "no DP")].pooled.get("dice")
         for arm in arms + (base_arms if base_steps > 0 else []):
             dice = results[(size, arm.name)].pooled.get("dice")
             ratio = _ratio_of(dice, clean)
-            rows.append([size, arm.name, _f(dice), _f(ratio), _f(results[(size, arm.name)].pooled.get("auc"))])
+            pooled = results[(size, arm.name)].pooled
+            where = [_f(pooled.get("fp_components_per_study")), _f(pooled.get("volume_ratio"))]
+            rows.append([size, arm.name, _f(dice), _f(ratio), _f(pooled.get("auc")), *where])
     table(
         f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
         f"{budget.local_steps} steps, delta 1e-5 per site, coordinator step {scratch.server_learning_rate:g} from "
         f"random weights; fine-tuned: from a base model trained {base_steps} "
         f"steps without DP on {2 * (3 if quick else PUBLIC_STUDIES // 2)} public studies of two other scanners, "
         f"learning rate {FINE_TUNE_LEARNING_RATE:g})",
-        ["studies per site", "arm", "Dice", "Dice / no DP from scratch (goal at eps 8, 100 studies: >= 0.8)", "AUC"],
+        [
+            "studies per site",
+            "arm",
+            "Dice",
+            "Dice / no DP from scratch (goal at eps 8, 100 studies: >= 0.8)",
+            "AUC",
+            "FP components / study",
+            "predicted / true volume",
+        ],
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
         + ("" if (rounds, local_steps) == (8, 30) else f"RADFED_BENCH_PRIVACY_ROUNDS={rounds} ")
