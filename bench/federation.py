@@ -180,9 +180,9 @@ def _public_studies(work: Path, quick: bool) -> list[Path]:
 
 TUNED_ENV = "RADFED_BENCH_PRIVACY_TUNED"
 VARIANTS_ENV = "RADFED_BENCH_PRIVACY_VARIANTS"
-# Recipe changes since the curve's first run (session 15) that a no-DP arm from scratch can undo, one at a time or
-# joined by "+": lesion pasting of a site's own studies (default since session 24) and patches forced onto a
-# lesion component rather than a lesion voxel (session 18).
+# Recipe changes a no-DP arm from scratch can make, one at a time or joined by "+": the two since the curve's first
+# run (session 15) undone, lesion pasting (default since session 24) and patches forced onto a lesion component
+# rather than a lesion voxel (session 18), and pasting into the forced patches only (session 30).
 RECIPE_VARIANTS: dict[str, tuple[tuple[str, Any], ...]] = {
     "no-paste": (("lesion_paste", 0.0),),
     "voxel": (("foreground_sampling", ForegroundSampling.VOXEL),),
@@ -275,11 +275,10 @@ def privacy_curve(work: Path, quick: bool) -> None:
     for size in sizes:
         clean = results[(size, "no DP")].pooled.get("dice")
         for arm in arms + (base_arms if base_steps > 0 else []):
-            dice = results[(size, arm.name)].pooled.get("dice")
-            ratio = _ratio_of(dice, clean)
             pooled = results[(size, arm.name)].pooled
+            dice = pooled.get("dice")
             where = [_f(pooled.get("fp_components_per_study")), _f(pooled.get("volume_ratio"))]
-            rows.append([size, arm.name, _f(dice), _f(ratio), _f(pooled.get("auc")), *where])
+            rows.append([size, arm.name, _f(dice), _f(_ratio_of(dice, clean)), _f(pooled.get("auc")), *where])
     table(
         f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
         f"{budget.local_steps} steps, delta 1e-5 per site, coordinator step {scratch.server_learning_rate:g} from "
@@ -297,8 +296,11 @@ def privacy_curve(work: Path, quick: bool) -> None:
         ],
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "
-        + ("" if (rounds, local_steps) == (8, 30) else f"RADFED_BENCH_PRIVACY_ROUNDS={rounds} ")
-        + ("" if (rounds, local_steps) == (8, 30) else f"RADFED_BENCH_PRIVACY_LOCAL_STEPS={local_steps} ")
+        + (
+            ""
+            if (rounds, local_steps) == (8, 30)
+            else f"RADFED_BENCH_PRIVACY_ROUNDS={rounds} RADFED_BENCH_PRIVACY_LOCAL_STEPS={local_steps} "
+        )
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
         + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
         + (f"RADFED_BENCH_PRIVACY_SERVER_LR={server_step} " if server_step else "")
