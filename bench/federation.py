@@ -33,6 +33,7 @@ import numpy as np
 from bench.report import table
 from radfed.federation.coordinator.checkpoint import read_metrics
 from radfed.federation.lab.experiments import (
+    CALIBRATED_FIGURES,
     Arm,
     ArmResult,
     Attack,
@@ -269,7 +270,10 @@ def privacy_curve(work: Path, quick: bool) -> None:
             pooled = results[(size, arm.name)].pooled
             print(
                 f"  {size} studies per site, {arm.name}: Dice {_f(pooled.get('dice'))}, FP components / study "
-                f"{_f(pooled.get('fp_components_per_study'))}, predicted / true volume {_f(pooled.get('volume_ratio'))}"
+                f"{_f(pooled.get('fp_components_per_study'))}, predicted / true volume "
+                f"{_f(pooled.get('volume_ratio'))}; "
+                f"calibrated: Dice {_f(pooled.get('calibrated_dice'))}, FP components / study "
+                f"{_f(pooled.get('calibrated_fp_components_per_study'))}"
             )
     rows = []
     for size in sizes:
@@ -278,13 +282,17 @@ def privacy_curve(work: Path, quick: bool) -> None:
             pooled = results[(size, arm.name)].pooled
             dice = pooled.get("dice")
             where = [_f(pooled.get("fp_components_per_study")), _f(pooled.get("volume_ratio"))]
-            rows.append([size, arm.name, _f(dice), _f(_ratio_of(dice, clean)), _f(pooled.get("auc")), *where])
+            calibrated = [_f(pooled.get(f"calibrated_{k}")) for k in CALIBRATED_FIGURES]
+            rows.append(
+                [size, arm.name, _f(dice), _f(_ratio_of(dice, clean)), _f(pooled.get("auc")), *where, *calibrated]
+            )
     table(
         f"Privacy curve: federated Dice by budget and cohort size (3 synthetic sites, {budget.rounds} rounds x "
         f"{budget.local_steps} steps, delta 1e-5 per site, coordinator step {scratch.server_learning_rate:g} from "
         f"random weights; fine-tuned: from a base model trained {base_steps} "
         f"steps without DP on {2 * (3 if quick else PUBLIC_STUDIES // 2)} public studies of two other scanners, "
-        f"learning rate {FINE_TUNE_LEARNING_RATE:g})",
+        f"learning rate {FINE_TUNE_LEARNING_RATE:g}; calibrated: the job's output calibration, its settings chosen on "
+        "every other test study and applied to the rest)",
         [
             "studies per site",
             "arm",
@@ -293,6 +301,9 @@ def privacy_curve(work: Path, quick: bool) -> None:
             "AUC",
             "FP components / study",
             "predicted / true volume",
+            "calibrated: Dice",
+            "calibrated: FP / study",
+            "calibrated: volume",
         ],
         rows,
         f"RADFED_BENCH_FEDERATION=privacy RADFED_BENCH_PRIVACY_STUDIES={','.join(map(str, sizes))} "

@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from radfed.federation.coordinator.checkpoint import (
     CoordinatorCheckpoint,
     QuorumError,
     append_metrics,
+    calibration_section,
     evaluation_line,
     landmark_metrics,
     model_card,
@@ -40,6 +41,7 @@ from radfed.federation.job.planning import (
 )
 from radfed.federation.job.run_config import RoundConfig, RunConfig
 from radfed.federation.learning.aggregation import AggregationOutcome, ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.learning.calibration import CalibrationSums
 from radfed.federation.learning.compression import payload_nbytes, restore_reply
 from radfed.federation.learning.export import export_artifact
 from radfed.federation.learning.membership import SiteAudit, card_section, site_audits
@@ -50,7 +52,7 @@ from radfed.federation.learning.subgroups import subgroup_table
 from radfed.federation.learning.training import arrays_to_model, direction_screened, model_to_arrays, new_model
 from radfed.inference.model.artifact import MANIFEST, MODEL_FILE, ModelArtifact, load_artifact
 from radfed.inference.model.recipe import TrainingRecipe
-from radfed.inference.model.taskspec import TaskSpec, TaskSpecError, load_task_spec
+from radfed.inference.model.taskspec import Outputs, TaskSpec, TaskSpecError, load_task_spec
 from radfed.inference.pipeline.findings import ModelIdentity
 
 app = ServerApp()
@@ -107,13 +109,17 @@ class RoundDriver:
         self.origins: dict[int, list[np.ndarray]] = {}
         self.asked: set[int] = set()  # the sites asked in the latest exchange
 
-    def config(self, server_round: int, state: CoordinatorCheckpoint) -> ConfigRecord:
+    def config(self, server_round: int, state: CoordinatorCheckpoint, outputs: Outputs | None = None) -> ConfigRecord:
         """Every message's config: the whole run config (the site parses it back with ``RoundConfig``), the
-        round, the plan and reference landmarks once fixed, and every poisoning alert of the job so far."""
+        round, the plan and reference landmarks once fixed, and every poisoning alert of the job so far; with
+        ``outputs`` (the final evaluation), the artifact's lesion rules."""
         alerts = state.alerts(self.run.anonymise_alerts)
-        values: dict[str, Any] = RoundConfig(
-            self.run, server_round, state.plan, state.harmonisation, alerts, state.job_instance
-        ).to_record()
+        round_config = RoundConfig(self.run, server_round, state.plan, state.harmonisation, alerts, state.job_instance)
+        if outputs is not None:
+            round_config = replace(
+                round_config, lesion_fraction=outputs.lesion_fraction, lesion_slices=outputs.lesion_slices
+            )
+        values: dict[str, Any] = round_config.to_record()
         return ConfigRecord(values)
 
     def nodes(self) -> list[int]:
@@ -528,12 +534,18 @@ class RoundDriver:
             f"round {server_round}/{self.rounds}: {len(outcome.used)} site(s) aggregated, flagged: {flagged}{late_note}"
         )
 
-    def evaluate_final(self, state: CoordinatorCheckpoint) -> tuple[dict[str, Any] | None, dict[str, SiteAudit]]:
-        """The job's last message to the sites: they evaluate the final model and, with ``membership-audit``,
-        attack it on their own studies. Returns the pooled evaluation and each site's audit."""
-        content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": self.config(self.rounds, state)})
+    def evaluate_final(
+        self, state: CoordinatorCheckpoint, outputs: Outputs
+    ) -> tuple[dict[str, Any] | None, dict[str, SiteAudit], CalibrationSums | None]:
+        """The job's last message to the sites: they evaluate the final model under the artifact's lesion rules
+        and, with ``membership-audit``, attack it on their own studies. Returns the pooled evaluation, each
+        site's audit and the sites' calibration sums added up (None when no site sent any)."""
+        config = self.config(self.rounds, state, outputs)
+        content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": config})
         replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
         site_metrics = {s: m for s, (_, m, _) in replies.items()}
+        site_sums = [sums for m in site_metrics.values() if (sums := CalibrationSums.from_metrics(m)) is not None]
+        calibration = sum(site_sums[1:], site_sums[0]) if site_sums else None
         evaluation = evaluation_line(site_metrics)
         if evaluation is not None:  # bias checks: the sites' subgroup cells, pooled
             evaluation["subgroups"] = subgroup_table(site_metrics, self.run.bias_min_cell)
@@ -557,7 +569,7 @@ class RoundDriver:
                 "membership audit: "
                 + "; ".join(f"{site} loss AUC {a.get('loss_auc', float('nan')):.3f}" for site, a in membership.items())
             )
-        return evaluation, membership
+        return evaluation, membership, calibration
 
     def rollout(self, artifact_folder: Path) -> list[str]:
         files = {name: (artifact_folder / name).read_bytes() for name in (MODEL_FILE, MANIFEST)}
@@ -632,14 +644,31 @@ def main(grid: Grid, context: Context) -> None:
         state.save(job.out)
     for server_round in range(state.completed_round + 1, job.rounds + 1):
         job.train_round(server_round, state)
-    final, membership = job.evaluate_final(state)
-    epsilon, delta = run.epsilon, run.delta
-    alerts = state.alerts(run.anonymise_alerts)
     if spec.outputs.min_lesion_fraction is None and state.lesion_kept_per_site:
         # the share-of-largest rule from the sites' summed reference-mask statistics (never a mask)
         spec = spec.with_outputs(min_lesion_fraction=state.lesion_fraction())
     if spec.outputs.min_lesion_slices is None and state.lesion_extent_per_site:
         spec = spec.with_outputs(min_lesion_slices=state.lesion_slices())
+    final, membership, sums = job.evaluate_final(state, spec.outputs)
+    calibration, default_threshold = None, spec.outputs.lesion_threshold
+    if sums is not None and spec.training.calibrate:
+        # threshold, minimum size, share of the largest and study temperature from every site's held-out sums
+        calibration = sums.calibration(spec.outputs.min_lesion_volume_mm3, spec.outputs.lesion_fraction)
+        spec = spec.with_outputs(
+            lesion_threshold=calibration.lesion_threshold,
+            min_lesion_volume_mm3=calibration.min_lesion_volume_mm3,
+            min_lesion_fraction=calibration.min_lesion_fraction,
+            study_temperature=calibration.study_temperature,
+        )
+        append_metrics(job.out, {"stage": "calibration", **calibration.as_dict()})
+        say(
+            f"calibration on {calibration.studies} held-out studies: threshold {calibration.lesion_threshold:g}, "
+            f"minimum volume {calibration.min_lesion_volume_mm3:g} mm3, share of largest "
+            f"{calibration.min_lesion_fraction:g}, study temperature {calibration.study_temperature:.3g} "
+            f"(mean Dice {calibration.validation_dice:.3f})"
+        )
+    epsilon, delta = run.epsilon, run.delta
+    alerts = state.alerts(run.anonymise_alerts)
     artifact = export_artifact(
         arrays_to_model(spec, state.arrays),
         spec,
@@ -663,6 +692,7 @@ def main(grid: Grid, context: Context) -> None:
             if epsilon > 0
             else None,
             "validation": final,
+            "calibration": calibration.as_dict() if calibration is not None else None,
             "membership_audit": {"attack": str(run.membership_audit), "sites": membership},
             PROVENANCE_KEY: [a.as_dict() for a in alerts],  # a node may refuse the model while these are open
         },
@@ -682,6 +712,7 @@ def main(grid: Grid, context: Context) -> None:
         else None,
         alerts=alerts,
         sections=[
+            calibration_section(calibration, default_threshold),
             secure_section(run),
             card_section(membership, run.membership_audit, epsilon),
             bias_section((final or {}).get("subgroups"), run.bias_min_cell),

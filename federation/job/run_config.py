@@ -31,6 +31,13 @@ SERVER_ROUND_KEY = "server-round"  # 0 before round 1 (plan, harmonisation)
 # One run of a job, drawn by the coordinator when the job starts and kept in its checkpoint (a resumed job keeps
 # it): a site keeps its optimiser, replies and residuals per run, so a new job under an old name starts afresh.
 JOB_INSTANCE_KEY = "job-instance"
+# The final evaluation's config: the lesion rules the coordinator fixed from the sites' reference-mask sums
+# (share of the study's largest, minimum slice extent), so sites evaluate and calibrate under the artifact's rules.
+LESION_FRACTION_KEY = "lesion-fraction"
+LESION_SLICES_KEY = "lesion-slices"
+_ROUND_KEYS = frozenset(
+    {SERVER_ROUND_KEY, PLAN_CONFIG_KEY, ALERTS_CONFIG_KEY, JOB_INSTANCE_KEY, LESION_FRACTION_KEY, LESION_SLICES_KEY}
+)
 # Round configs of coordinators before RunConfig named the round count differently.
 _FORMER_NAMES = {"num-rounds": "num-server-rounds"}
 
@@ -199,7 +206,8 @@ class RunConfig:
 class RoundConfig:
     """The config of every message to a site: the job's whole run config, the server round (0 before round
     1), what the coordinator fixed before round 1 (the plan's JSON, the reference intensity landmarks), every
-    poisoning alert of the job so far, and which run of the job this is (empty from a coordinator before it)."""
+    poisoning alert of the job so far, and which run of the job this is (empty from a coordinator before it). The
+    final evaluation's also carries the lesion rules fixed for the artifact."""
 
     run: RunConfig
     server_round: int = 0
@@ -207,6 +215,8 @@ class RoundConfig:
     harmonisation: dict[str, list[float]] | None = None
     alerts: tuple[PoisoningAlert, ...] = ()
     job_instance: str = ""
+    lesion_fraction: float | None = None
+    lesion_slices: int | None = None
 
     def to_record(self) -> dict[str, ConfigValue]:
         values = self.run.to_record() | {SERVER_ROUND_KEY: self.server_round}
@@ -216,6 +226,10 @@ class RoundConfig:
             values[PLAN_CONFIG_KEY] = self.plan
         if self.alerts:
             values[ALERTS_CONFIG_KEY] = alerts_to_config(self.alerts)
+        if self.lesion_fraction is not None:
+            values[LESION_FRACTION_KEY] = self.lesion_fraction
+        if self.lesion_slices is not None:
+            values[LESION_SLICES_KEY] = self.lesion_slices
         for channel, landmarks in (self.harmonisation or {}).items():
             values[records.HARMONISATION_PREFIX + channel] = [float(v) for v in landmarks]
         return values
@@ -226,9 +240,7 @@ class RoundConfig:
         default, an unknown one raises ``RunConfigError`` (a coordinator newer than this site)."""
         run_values: dict[str, Any] = {}
         for key, value in values.items():
-            if key in (SERVER_ROUND_KEY, PLAN_CONFIG_KEY, ALERTS_CONFIG_KEY, JOB_INSTANCE_KEY) or key.startswith(
-                records.HARMONISATION_PREFIX
-            ):
+            if key in _ROUND_KEYS or key.startswith(records.HARMONISATION_PREFIX):
                 continue
             run_values[_FORMER_NAMES.get(key, key)] = value
         for former, key in _FORMER_NAMES.items():
@@ -237,6 +249,10 @@ class RoundConfig:
         extra: dict[str, Any] = {}
         if SERVER_ROUND_KEY in values:
             extra["server_round"] = _typed(SERVER_ROUND_KEY, int, values[SERVER_ROUND_KEY])
+        if LESION_FRACTION_KEY in values:
+            extra["lesion_fraction"] = _typed(LESION_FRACTION_KEY, float, values[LESION_FRACTION_KEY])
+        if LESION_SLICES_KEY in values:
+            extra["lesion_slices"] = _typed(LESION_SLICES_KEY, int, values[LESION_SLICES_KEY])
         run = RunConfig._parse(run_values, "round config")
         alerts = records.text(values, ALERTS_CONFIG_KEY)
         return cls(

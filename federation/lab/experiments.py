@@ -27,6 +27,7 @@ from radfed.federation.learning.aggregation import (
     SiteUpdate,
     aggregate,
 )
+from radfed.federation.learning.calibration import CalibrationSums, reference_fraction, reference_slices
 from radfed.federation.learning.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.learning.compression import (
     Compression,
@@ -35,7 +36,7 @@ from radfed.federation.learning.compression import (
     payload_nbytes,
     restore_reply,
 )
-from radfed.federation.learning.evaluation import evaluate_model
+from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, predict_samples, predictions_counts
 from radfed.federation.learning.networks import TrainableScope, trainable_only
 from radfed.federation.learning.privacy import PrivacySettings, train_private
 from radfed.federation.learning.staleness import LateUpdates, rebase, staleness_weight
@@ -50,6 +51,7 @@ from radfed.federation.learning.training import (
 )
 from radfed.inference.model.plan import DatasetFingerprint
 from radfed.inference.model.taskspec import TaskSpec
+from radfed.inference.model.windows import Prediction
 
 
 class Mode(StrEnum):
@@ -361,7 +363,15 @@ class Experiment:
                 result.flagged += [f.site for f in outcome.flags]
                 result.flag_reasons += [f"round {server_round} {f.site}: {f.reason}" for f in outcome.flags]
                 if self.budget.every_round or server_round == self.budget.rounds:
-                    summary = evaluate_model(arrays_to_model(self.spec, arrays), test, self.spec).summary()
+                    model = arrays_to_model(self.spec, arrays)
+                    predictions = list(predict_samples(model, test, self.spec))
+                    summary = sum(
+                        (counts for _, counts in predictions_counts(test, predictions, self.spec)), EvaluationCounts()
+                    ).summary()
+                    if server_round == self.budget.rounds:
+                        pooled_train = [s for samples in train.values() for s in samples]
+                        calibrated = cross_calibrated(predictions, test, self.spec, pooled_train)
+                        summary |= {f"calibrated_{k}": calibrated.get(k) for k in CALIBRATED_FIGURES}
                     result.per_round.append({"round": server_round, **summary})
                     progress(f"{arm.name}: round {server_round}, Dice {summary.get('dice')}")
         result.final_arrays = arrays
@@ -371,6 +381,51 @@ class Experiment:
         result.pooled = dict(result.per_round[-1])
         result.pooled.pop("round", None)
         return result
+
+
+CALIBRATED_FIGURES = ("dice", "fp_components_per_study", "volume_ratio")
+
+
+def cross_calibrated(
+    predictions: Sequence[Prediction],
+    test: Sequence[TrainingSample],
+    spec: TaskSpec,
+    train: Sequence[TrainingSample],
+) -> dict[str, float | int | None]:
+    """The test figures under what a federated job's artifact does with its output settings, measured on
+    studies that chose none of them: the lesion rules from the training masks (the coordinator's pooled sums
+    equal these), then threshold, minimum size and share chosen on every other test study (as the sites' sums on
+    their held-out studies choose them) and applied to the rest, both ways round. Empty with under 2 studies."""
+    if len(test) < 2:
+        return {}
+    volume = spec.outputs.min_lesion_volume_mm3
+    if spec.outputs.min_lesion_fraction is None:
+        spec = spec.with_outputs(min_lesion_fraction=reference_fraction(train, volume))
+    if spec.outputs.min_lesion_slices is None:
+        spec = spec.with_outputs(min_lesion_slices=reference_slices(train, volume))
+    halves = (range(0, len(test), 2), range(1, len(test), 2))
+    counts = EvaluationCounts()
+    for chosen_on, applied_to in (halves, halves[::-1]):
+        outputs = spec.outputs
+        sums = CalibrationSums.of(
+            [predictions[i] for i in chosen_on],
+            [test[i] for i in chosen_on],
+            volume,
+            outputs.lesion_fraction,
+            outputs.lesion_slices,
+        )
+        chosen = sums.calibration(volume, outputs.lesion_fraction)
+        tuned = spec.with_outputs(
+            lesion_threshold=chosen.lesion_threshold,
+            min_lesion_volume_mm3=chosen.min_lesion_volume_mm3,
+            min_lesion_fraction=chosen.min_lesion_fraction,
+        )
+        studies = [test[i] for i in applied_to]
+        counts += sum(
+            (c for _, c in predictions_counts(studies, [predictions[i] for i in applied_to], tuned)),
+            EvaluationCounts(),
+        )
+    return counts.summary()
 
 
 def results_table(results: Sequence[ArmResult]) -> list[list[object]]:

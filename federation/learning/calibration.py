@@ -3,15 +3,17 @@ minimum lesion volume and minimum share of the study's largest lesion that give 
 (a study without reference lesions scores 1 when nothing is found, 0 otherwise), and a temperature for the
 study probability (minimum negative log-likelihood of the known labels). Without validation studies the
 share comes from the training masks alone (``reference_fraction``). They are stored in the artifact's
-manifest and used by every node."""
+manifest and used by every node. In a federation every site sends sums over its held-out studies
+(``CalibrationSums``) and the coordinator chooses from their total."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from radfed.federation.learning.cohort import TrainingSample
@@ -66,20 +68,160 @@ def _study_dice(found: np.ndarray, reference: np.ndarray) -> float:
     return float(2 * np.logical_and(predicted, reference).sum() / (predicted.sum() + reference.sum()))
 
 
-def _temperature(predictions: Sequence[Prediction], samples: Sequence[TrainingSample]) -> float:
+@dataclass(frozen=True)
+class TemperatureLosses:
+    losses: tuple[float, ...]  # per temperature in TEMPERATURES, summed over labelled studies
+    labelled: int
+    positive: int
+
+    def __add__(self, other: TemperatureLosses) -> TemperatureLosses:
+        losses = tuple(a + b for a, b in zip(self.losses, other.losses, strict=True))
+        return TemperatureLosses(losses, self.labelled + other.labelled, self.positive + other.positive)
+
+    def best(self) -> float:
+        """The temperature of least loss; 1 with one class only (nothing to calibrate against)."""
+        if not 0 < self.positive < self.labelled:
+            return 1.0
+        losses = np.asarray(self.losses)
+        if not np.isfinite(losses).all():
+            return 1.0
+        return TEMPERATURES[int(np.argmin(losses))]
+
+
+def temperature_losses(predictions: Sequence[Prediction], samples: Sequence[TrainingSample]) -> TemperatureLosses:
+    """For each of ``TEMPERATURES``, the summed negative log-likelihood of the known study labels, with the
+    counts of labelled and positive studies: sums that add up across sites."""
     pairs = [(p.study_probability, s.label) for p, s in zip(predictions, samples, strict=True) if s.label >= 0]
-    labels = {label for _, label in pairs}
-    if len(labels) < 2:
-        return 1.0  # one class only: nothing to calibrate against
+    if not pairs:
+        return TemperatureLosses((0.0,) * len(TEMPERATURES), 0, 0)
     probabilities = np.clip(np.array([p for p, _ in pairs]), 1e-12, 1 - 1e-12)
     logits = np.log(probabilities / (1 - probabilities))
     y = np.array([label for _, label in pairs], dtype=np.float64)
+    losses = tuple(float(np.sum(np.logaddexp(0, logits / t) - y * logits / t)) for t in TEMPERATURES)
+    return TemperatureLosses(losses, len(pairs), int(y.sum()))
 
-    def nll(t: float) -> float:
-        z = logits / t
-        return float(np.mean(np.logaddexp(0, z) - y * z))
 
-    return min(TEMPERATURES, key=nll)
+def setting_grid(default_min_volume_mm3: float, default_fraction: float) -> list[Setting]:
+    """The settings tried, in a fixed order and number whatever the defaults (a site sends one score per
+    entry): thresholds x minimum volumes (``VOLUME_FACTORS`` of the spec's) x shares (``FRACTIONS`` and the
+    default; the default repeated when it is one of them)."""
+    volumes = [f * default_min_volume_mm3 for f in VOLUME_FACTORS]
+    fractions = sorted(set(FRACTIONS) | {default_fraction})
+    fractions += [default_fraction] * (len(FRACTIONS) + 1 - len(fractions))
+    return [(t, v, f) for t in THRESHOLDS for v in volumes for f in fractions]
+
+
+GRID_LENGTH = len(THRESHOLDS) * len(VOLUME_FACTORS) * (len(FRACTIONS) + 1)
+
+
+def setting_dice(
+    predictions: Sequence[Prediction], samples: Sequence[TrainingSample], grid: Sequence[Setting], min_slices: int
+) -> npt.NDArray[np.float64]:
+    """Each study's Dice (rows) under each setting of ``grid`` (columns), made with temperature 1 and the
+    minimum slice extent already chosen."""
+    scores = np.zeros((len(samples), len(grid)))
+    components: dict[float, list[tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = {}
+    for j, (threshold, volume, fraction) in enumerate(grid):
+        if threshold not in components:
+            found = [
+                lesion_components(p.probability, threshold, 0.0, s.voxel_mm3)
+                for p, s in zip(predictions, samples, strict=True)
+            ]
+            sizes = [np.bincount(c.ravel())[1:] for c in found]
+            components[threshold] = [
+                (c, size, slice_extents(c, len(size))) for c, size in zip(found, sizes, strict=True)
+            ]
+        for i, ((found_i, size, extent), sample) in enumerate(zip(components[threshold], samples, strict=True)):
+            keep = kept_components(size, sample.voxel_mm3, volume, fraction, extents=extent, min_slices=min_slices)
+            scores[i, j] = _study_dice(np.isin(found_i, np.flatnonzero(keep) + 1), sample.lesions > 0)
+    return scores
+
+
+def choose_setting(scores: Mapping[Setting, float], default: Setting) -> Setting:
+    """The setting of best mean validation Dice. A few validation studies decide little: the default stays
+    unless the best adds ``MIN_GAIN``, and among equal scores the setting nearest to it wins (a minimum volume
+    fitted to three studies would delete any smaller true lesion in the next)."""
+    baseline = scores.get(default, -1.0)
+    threshold_0, volume_0, fraction_0 = default
+
+    def distance(setting: Setting) -> float:
+        threshold, volume, fraction = setting
+        return (
+            abs(threshold - threshold_0)
+            + abs(math.log((volume + 1.0) / (volume_0 + 1.0)))
+            + abs(fraction - fraction_0) * 10
+        )
+
+    best_score = max(scores.values())
+    if best_score <= baseline + MIN_GAIN:
+        return default
+    return min((s for s, v in scores.items() if v >= best_score - 1e-9), key=distance)
+
+
+@dataclass(frozen=True)
+class CalibrationSums:
+    """Validation sums over studies from which the output settings are chosen: each study's Dice per entry of
+    ``setting_grid`` and the study labels' losses per temperature, summed. A federation's sites each send theirs
+    (aggregates, never a per-study value); added up, the choice equals the one made on all their studies
+    together."""
+
+    dice: tuple[float, ...]
+    studies: int
+    temperature: TemperatureLosses
+
+    @classmethod
+    def of(
+        cls,
+        predictions: Sequence[Prediction],
+        samples: Sequence[TrainingSample],
+        default_min_volume_mm3: float,
+        default_fraction: float,
+        min_slices: int,
+    ) -> CalibrationSums:
+        grid = setting_grid(default_min_volume_mm3, default_fraction)
+        dice = setting_dice(predictions, samples, grid, min_slices).sum(axis=0)
+        return cls(tuple(float(d) for d in dice), len(samples), temperature_losses(predictions, samples))
+
+    def __add__(self, other: CalibrationSums) -> CalibrationSums:
+        dice = tuple(a + b for a, b in zip(self.dice, other.dice, strict=True))
+        return CalibrationSums(dice, self.studies + other.studies, self.temperature + other.temperature)
+
+    def as_metrics(self) -> dict[str, int | list[float]]:
+        """What a site sends (``messages.ALLOWED_VECTORS`` / ``ALLOWED_METRICS``)."""
+        return {
+            "calibration_dice": list(self.dice),
+            "calibration_studies": self.studies,
+            "calibration_nll": list(self.temperature.losses),
+            "calibration_labelled": self.temperature.labelled,
+            "calibration_positive": self.temperature.positive,
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, object]) -> CalibrationSums | None:
+        """A site's sums from its reply (None when it sent none: no held-out study, or calibration off)."""
+        dice, nll = metrics.get("calibration_dice"), metrics.get("calibration_nll")
+        if not isinstance(dice, list) or not isinstance(nll, list) or len(dice) != GRID_LENGTH:
+            return None
+        counts = []
+        for key in ("calibration_studies", "calibration_labelled", "calibration_positive"):
+            value = metrics.get(key, 0)
+            if not isinstance(value, int | float):
+                return None
+            counts.append(int(value))
+        studies, labelled, positive = counts
+        temperature = TemperatureLosses(tuple(float(x) for x in nll), labelled, positive)
+        return cls(tuple(float(x) for x in dice), studies, temperature)
+
+    def calibration(self, default_min_volume_mm3: float, default_fraction: float) -> Calibration:
+        """The chosen settings (``choose_setting``) and temperature."""
+        if self.studies <= 0:
+            raise ValueError("calibration needs validation studies")
+        grid = setting_grid(default_min_volume_mm3, default_fraction)
+        scores: dict[Setting, float] = {}
+        for setting, total in zip(grid, self.dice, strict=True):
+            scores.setdefault(setting, total / self.studies)
+        chosen = choose_setting(scores, (0.5, default_min_volume_mm3, default_fraction))
+        return Calibration(*chosen, self.temperature.best(), scores[chosen], self.studies)
 
 
 def reference_kept(samples: Sequence[TrainingSample], min_volume_mm3: float) -> tuple[list[float], int]:
@@ -154,50 +296,5 @@ def calibrate(
     minimum slice extent already chosen."""
     if not samples:
         raise ValueError("calibration needs validation studies")
-    volumes = sorted({f * default_min_volume_mm3 for f in VOLUME_FACTORS} | {0.0})
-    fractions = sorted(set(FRACTIONS) | {default_fraction})
-    scores_by_setting: dict[Setting, float] = {}
-    for threshold in THRESHOLDS:
-        components = [
-            lesion_components(p.probability, threshold, 0.0, s.voxel_mm3)
-            for p, s in zip(predictions, samples, strict=True)
-        ]
-        sizes = [np.bincount(c.ravel())[1:] for c in components]
-        extents = [slice_extents(c, len(size)) for c, size in zip(components, sizes, strict=True)]
-        for volume in volumes:
-            for fraction in fractions:
-                scores = []
-                for found, size, extent, sample in zip(components, sizes, extents, samples, strict=True):
-                    keep = kept_components(
-                        size, sample.voxel_mm3, volume, fraction, extents=extent, min_slices=min_slices
-                    )
-                    kept = np.flatnonzero(keep) + 1
-                    scores.append(_study_dice(np.isin(found, kept), sample.lesions > 0))
-                scores_by_setting[(threshold, volume, fraction)] = float(np.mean(scores))
-    # A few validation studies decide little: leave the default settings only for a clear gain, and among
-    # equal scores take the setting nearest to them (a minimum volume fitted to three studies would delete
-    # any smaller true lesion in the next).
-    default = (0.5, default_min_volume_mm3, default_fraction)
-    baseline = scores_by_setting.get(default, -1.0)
-
-    def distance(setting: Setting) -> float:
-        threshold, volume, fraction = setting
-        return (
-            abs(threshold - 0.5)
-            + abs(math.log((volume + 1.0) / (default_min_volume_mm3 + 1.0)))
-            + abs(fraction - default_fraction) * 10
-        )
-
-    best_score = max(scores_by_setting.values())
-    chosen = default
-    if best_score > baseline + MIN_GAIN:
-        chosen = min((s for s, v in scores_by_setting.items() if v >= best_score - 1e-9), key=distance)
-    temperature = _temperature(predictions, samples)
-    return Calibration(
-        chosen[0],
-        chosen[1],
-        chosen[2],
-        temperature if math.isfinite(temperature) else 1.0,
-        scores_by_setting[chosen],
-        len(samples),
-    )
+    sums = CalibrationSums.of(predictions, samples, default_min_volume_mm3, default_fraction, min_slices)
+    return sums.calibration(default_min_volume_mm3, default_fraction)

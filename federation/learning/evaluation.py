@@ -9,7 +9,7 @@ model grid, and the study score is the same classification probability the node 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -252,7 +252,14 @@ def evaluate_studies(
     model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
 ) -> Iterator[tuple[TrainingSample, EvaluationCounts]]:
     """Each held-out study's own counts (they stay at the site: the bias checks group them by subgroup)."""
-    for sample, prediction in zip(samples, predict_samples(model, samples, spec, arbiter), strict=True):
+    return predictions_counts(samples, predict_samples(model, samples, spec, arbiter), spec)
+
+
+def predictions_counts(
+    samples: Sequence[TrainingSample], predictions: Iterable[Prediction], spec: TaskSpec
+) -> Iterator[tuple[TrainingSample, EvaluationCounts]]:
+    """Each study's counts from the model's predictions of it."""
+    for sample, prediction in zip(samples, predictions, strict=True):
         score = prediction.study_score(spec.outputs.study_score)
         yield sample, study_counts(prediction.probability, score, sample, spec)
 

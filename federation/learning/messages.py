@@ -62,6 +62,11 @@ ALLOWED_METRICS = frozenset(
         # and all of it (the minimum slice extent, federation/learning/calibration.py)
         "lesion_extent_kept_mm3",
         "lesion_extent_total_mm3",
+        # output calibration of the final model on the site's held-out studies (federation/learning/calibration.py):
+        # how many studies the Dice sums cover, how many have a known label and how many of those are positive
+        "calibration_studies",
+        "calibration_labelled",
+        "calibration_positive",
         # the membership-inference audit of the final model (federation/learning/membership.py): each attack's AUC and
         # TPR at 1 % FPR over the site's training vs held-out studies, their counts; never a per-study score
         "membership_loss_auc",
@@ -80,10 +85,16 @@ SCORE_BINS = 64  # study-score histogram bins (federation/learning/evaluation.py
 # Summed over a site's training studies, per share in calibration.FRACTIONS: the part of their reference lesion
 # volume in components of at least that share of the study's largest (federation/learning/calibration.py).
 LESION_KEPT_LENGTH = 5
+# Summed over a site's held-out studies: Dice per output setting (calibration.setting_grid: 5 thresholds x 6
+# minimum volumes x 6 shares) and the study labels' negative log-likelihood per temperature (25).
+CALIBRATION_GRID_LENGTH = 180
+TEMPERATURE_COUNT = 25
 ALLOWED_VECTORS = {
     "eval_scores_positive": SCORE_BINS,
     "eval_scores_negative": SCORE_BINS,
     "lesion_kept": LESION_KEPT_LENGTH,
+    "calibration_dice": CALIBRATION_GRID_LENGTH,
+    "calibration_nll": TEMPERATURE_COUNT,
     SUPPRESSED: len(Attribute),  # bias checks: per attribute, the studies in subgroups held back (subgroups.py)
 }
 LANDMARK_PREFIX = "landmarks."

@@ -19,10 +19,10 @@ import torch
 
 from radfed.federation.job.planning import PLAN_CONFIG_KEY, fingerprint_metrics, planned_spec
 from radfed.federation.job.run_config import RoundConfig
-from radfed.federation.learning.calibration import reference_extent_kept, reference_kept
+from radfed.federation.learning.calibration import CalibrationSums, reference_extent_kept, reference_kept
 from radfed.federation.learning.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.learning.compression import ErrorFeedback, compress_reply
-from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, evaluate_studies
+from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, predict_samples, predictions_counts
 from radfed.federation.learning.membership import MembershipAudit
 from radfed.federation.learning.messages import MetricValue
 from radfed.federation.learning.networks import trainable_only
@@ -251,13 +251,25 @@ def save_optimizer_state(job_dir: Path, state: OptimizerState | None) -> None:
 
 
 def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) -> Metrics:
-    """Evaluate the final global model on the site's held-out studies: the job's last message to a site. With
-    ``membership-audit``, the site then attacks the model on its training vs held-out studies (its AUC and TPR
-    at 1 % FPR join the metrics)."""
+    """Evaluate the final global model on the site's held-out studies: the job's last message to a site. Under
+    the lesion rules the coordinator fixed for the artifact; with the recipe's ``calibrate``, the site also
+    sends its held-out studies' Dice per output setting, summed (the coordinator chooses the artifact's
+    threshold and minimum size from every site's). With ``membership-audit``, the site then attacks the model
+    on its training vs held-out studies (its AUC and TPR at 1 % FPR join the metrics)."""
     spec, cohort, train, held_out = _cohort_split(site, plan)
+    fixed = {"min_lesion_fraction": plan.lesion_fraction, "min_lesion_slices": plan.lesion_slices}
+    spec = spec.with_outputs(**{name: value for name, value in fixed.items() if value is not None})
     model = arrays_to_model(spec, arrays)
     metrics: Metrics = dict(cohort.report.as_metrics())
-    studies = list(evaluate_studies(model, held_out, spec, site.arbiter()))
+    predictions = list(predict_samples(model, held_out, spec, site.arbiter()))
+    studies = list(predictions_counts(held_out, predictions, spec))
+    if spec.training.calibrate and held_out:
+        outputs = spec.outputs
+        sums = CalibrationSums.of(
+            predictions, held_out, outputs.min_lesion_volume_mm3, outputs.lesion_fraction, outputs.lesion_slices
+        )
+        metrics.update(sums.as_metrics())
+    del predictions
     metrics.update(sum((counts for _, counts in studies), EvaluationCounts()).as_metrics())
     run = plan.run
     # bias checks: per subgroup read from the studies' headers, only cells of >= bias-min-cell studies

@@ -150,7 +150,7 @@ class Outputs:
     study_score: StudyScore = StudyScore.CLASSIFIER
     study_temperature: float = 1.0  # divides the classification logit (calibrated on validation data)
     # Components smaller than this share of a study's largest are dropped; None: chosen in training from the
-    # reference masks or validation studies (0 where nothing chose it, e.g. a federated job).
+    # reference masks or validation studies (0 where nothing chose it).
     min_lesion_fraction: float | None = None
     # Components spanning fewer slices of the model grid are dropped (2: a "lesion" seen on one slice only, the
     # typical false positive of a 2-D network); None: chosen in training from the reference masks (1 otherwise).

@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from radfed.federation.lab.experiments import cross_calibrated
 from radfed.federation.learning.calibration import (
     FRACTIONS,
+    GRID_LENGTH,
     MULTI_SLICE,
+    TEMPERATURES,
+    CalibrationSums,
     calibrate,
     reference_extent_kept,
     reference_fraction,
@@ -15,7 +19,14 @@ from radfed.federation.learning.calibration import (
     reference_slices,
 )
 from radfed.federation.learning.cohort import UNKNOWN_LABEL, TrainingSample
-from radfed.federation.learning.messages import LESION_KEPT_LENGTH
+from radfed.federation.learning.evaluation import EvaluationCounts, predictions_counts
+from radfed.federation.learning.messages import (
+    CALIBRATION_GRID_LENGTH,
+    LESION_KEPT_LENGTH,
+    TEMPERATURE_COUNT,
+    allowed_metrics,
+)
+from radfed.inference.model.taskspec import load_task_spec
 from radfed.inference.model.windows import Prediction
 from radfed.inference.pipeline.lesions import kept_components
 
@@ -47,6 +58,36 @@ def test_unknown_labels_do_not_calibrate_the_study_probability() -> None:
     pairs = [_study(f"s{i}", UNKNOWN_LABEL, lesion=True, speck=False, score=0.7) for i in range(3)]
     calibration = calibrate([p[1] for p in pairs], [p[0] for p in pairs], default_min_volume_mm3=1.0)
     assert calibration.study_temperature == 1.0
+
+
+def test_sites_sums_choose_what_all_their_studies_together_choose() -> None:
+    """A federation's calibration: each site sends its sums over its held-out studies, the coordinator adds
+    them up; the settings equal those chosen on every study in one place, and the sums pass the allow-list."""
+    pairs = [_study(f"s{i}", i % 2, lesion=i % 3 != 0, speck=i % 2 == 0, score=0.3 + 0.1 * i) for i in range(7)]
+    samples, predictions = [p[0] for p in pairs], [p[1] for p in pairs]
+    pooled = calibrate(predictions, samples, default_min_volume_mm3=2.0, default_fraction=0.05, min_slices=1)
+    sites = [(0, 3), (3, 5), (5, 7)]
+    sent = [
+        allowed_metrics(CalibrationSums.of(predictions[a:b], samples[a:b], 2.0, 0.05, 1).as_metrics()) for a, b in sites
+    ]
+    received = [r for m in sent if (r := CalibrationSums.from_metrics(m)) is not None]
+    assert len(received) == len(sites)
+    total = sum(received[1:], received[0])
+    assert total.studies == 7
+    federated = total.calibration(2.0, 0.05)
+    assert federated.as_dict() == pytest.approx(pooled.as_dict())
+    assert federated.lesion_threshold != 0.5 or federated.min_lesion_volume_mm3 != 2.0  # a choice was made
+    assert CalibrationSums.from_metrics({"dice": 0.5}) is None  # a site that sent none
+
+
+def test_the_sums_lengths_are_the_allow_lists() -> None:
+    assert GRID_LENGTH == CALIBRATION_GRID_LENGTH
+    assert len(TEMPERATURES) == TEMPERATURE_COUNT
+    # the same length whether or not the default share is one of FRACTIONS (a spec may set any)
+    pairs = [_study("s0", 1, lesion=True, speck=False, score=0.7)]
+    for fraction in (0.05, 0.07):
+        sums = CalibrationSums.of([pairs[0][1]], [pairs[0][0]], 2.0, fraction, 1)
+        assert len(sums.dice) == GRID_LENGTH
 
 
 def _masked(key: str, sizes: list[int]) -> TrainingSample:
@@ -143,3 +184,16 @@ def test_calibration_works_under_the_chosen_slice_extent() -> None:
     assert calibrate(predictions, samples, 10.0, min_slices=MULTI_SLICE).validation_dice == pytest.approx(1.0)
     # without it neither threshold, minimum volume (up to 80 mm3) nor share (the 100 mm3 one is protected) helps
     assert calibrate(predictions, samples, 10.0, 0.0, 1).validation_dice < 0.9
+
+
+def test_cross_calibration_scores_each_study_under_settings_chosen_without_it() -> None:
+    """The experiments' measure of the job's calibration: under-confident lesions (0.45) are missed at the spec's
+    threshold 0.5 and found under the settings the other half of the test studies chose."""
+    spec = load_task_spec(None)
+    pairs = [_study(f"s{i}", i % 2, lesion=i % 4 in (1, 2), speck=i % 3 == 0, score=0.5) for i in range(8)]
+    samples, predictions = [p[0] for p in pairs], [p[1] for p in pairs]
+    plain = sum((c for _, c in predictions_counts(samples, predictions, spec)), EvaluationCounts()).summary()
+    calibrated = cross_calibrated(predictions, samples, spec, samples)
+    assert plain["dice"] == 0.0 and calibrated["studies"] == plain["studies"] == 8
+    assert calibrated["dice"] == pytest.approx(1.0)
+    assert cross_calibrated(predictions[:1], samples[:1], spec, samples) == {}  # nothing to choose on

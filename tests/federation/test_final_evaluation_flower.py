@@ -6,6 +6,8 @@ DP epsilon 8, then the final evaluation with ``bias-min-cell = 2`` and ``members
 - Bias checks: the pooled subgroup table reaches the job's metrics, the artifact's provenance and the model card;
   what left each site (recorded by the test ClientApp: metric names, never values) holds no subgroup that had
   fewer than ``bias-min-cell`` held-out studies there, by the synthetic truth.
+- Calibration: the artifact's threshold, minimum size and study temperature are chosen from both sites' sums over
+  their held-out studies, recorded in the job's metrics, the provenance and the model card.
 - Audit: each site's attack figures reach the coordinator's job metrics, the artifact's provenance and the model
   card, and what left each site holds only allow-listed scalars, in the final evaluation's reply only."""
 
@@ -64,6 +66,14 @@ def held_out_cells(indices: tuple[int, ...]) -> Counter[str]:
             if is_held_out(study_key(study.identity.study_instance_uid), HELD_OUT):
                 cells.update(f"subgroup.{a}.{v}" for a, v in truth(study, index).items())
     return cells
+
+
+def held_out_studies(indices: tuple[int, ...]) -> int:
+    return sum(
+        is_held_out(study_key(study.identity.study_instance_uid), HELD_OUT)
+        for index in indices
+        for study in iter_site_studies(site_profile(index, small=True), STUDIES, SEED)
+    )
 
 
 def add_second_vendor(federation: LoopbackFederation) -> None:
@@ -141,6 +151,21 @@ def test_subgroups_and_membership_audit_are_pooled_and_nothing_else_leaves_a_sit
     for site, found in audit["sites"].items():
         assert f"| {site} | {found['members']} | {found['non_members']} | {found['loss_auc']:.3f} |" in card, card
 
+    # output calibration: chosen from both sites' held-out sums, in the job's metrics, the manifest and the card
+    held_out = sum(held_out_studies(indices) for indices in PROFILES.values())
+    calibration = next(m for m in read_metrics(out) if m.get("stage") == "calibration")
+    assert calibration["validation_studies"] == held_out, calibration
+    artifact = load_artifact(out / "artifact")
+    assert artifact.provenance["calibration"] == {k: v for k, v in calibration.items() if k != "stage"}
+    outputs = artifact.spec.outputs
+    chosen = (outputs.lesion_threshold, outputs.min_lesion_volume_mm3, outputs.study_temperature)
+    assert chosen == (
+        calibration["lesion_threshold"],
+        calibration["min_lesion_volume_mm3"],
+        calibration["study_temperature"],
+    )
+    assert "## Output calibration" in card and f"{held_out} held-out studies" in card, card
+
     # what left each site: subgroup cells only in the final evaluation, none with fewer than k held-out studies;
     # the audit's figures likewise, all allow-listed scalars
     for site in federation.sites:
@@ -152,8 +177,9 @@ def test_subgroups_and_membership_audit_are_pooled_and_nothing_else_leaves_a_sit
         assert not sent & small[site.name]
         assert "subgroup_suppressed" in evaluated[0]["records"]["metrics"]["keys"]
         before = [r["records"].get("metrics", {}).get("keys", []) for r in replies if r["type"] != "evaluate"]
-        assert not [k for keys in before for k in keys if k.startswith(("subgroup", "membership_"))]
+        assert not [k for keys in before for k in keys if k.startswith(("subgroup", "membership_", "calibration_"))]
         keys = evaluated[0]["records"]["metrics"]["keys"]
+        assert {"calibration_dice", "calibration_studies", "calibration_nll"} <= set(keys)
         assert set(METRICS) <= set(keys)
         assert not {k for k in keys if k.startswith("membership_")} - ALLOWED_METRICS
         assert not {k for k in keys if k.startswith("membership_")} & set(ALLOWED_VECTORS)  # never a vector

@@ -27,6 +27,7 @@ from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.site import client_app
 from radfed.federation.site import worker as site_worker
 from radfed.federation.site.rounds import RoundPlan
+from radfed.inference.model.taskspec import Outputs, load_task_spec
 
 APP = Path(__file__).parents[2] / "deploy" / "flower" / "pyproject.toml"
 
@@ -37,10 +38,12 @@ def app_config() -> dict[str, Any]:
     return config
 
 
-def site_plan(run: RunConfig, server_round: int, state: CoordinatorCheckpoint, out_dir: Path) -> RoundPlan:
+def site_plan(
+    run: RunConfig, server_round: int, state: CoordinatorCheckpoint, out_dir: Path, outputs: Outputs | None = None
+) -> RoundPlan:
     """What the site parses from the config the ServerApp sends for ``server_round``."""
     job = RoundDriver(cast(Grid, None), replace(run, out_dir=str(out_dir)))
-    sent = RecordDict({"config": job.config(server_round, state)})
+    sent = RecordDict({"config": job.config(server_round, state, outputs)})
     wire = ProtoRecordDict.FromString(recorddict_to_proto(sent).SerializeToString())
     message = cast(Message, SimpleNamespace(content=recorddict_from_proto(wire)))  # what _config reads
     frame = site_worker.unpack(site_worker.pack(site_worker.Frame({"config": client_app._config(message)}, [])))
@@ -198,3 +201,15 @@ def test_the_round_count_under_its_former_name_is_read() -> None:
 def test_a_site_refuses_a_round_config_key_it_does_not_know() -> None:
     with pytest.raises(RunConfigError, match="round config: clip-norm"):
         RoundPlan.from_config(RunConfig().to_record() | {"clip-norm": 0.5})
+
+
+def test_the_final_evaluation_carries_the_artifacts_lesion_rules_and_training_rounds_do_not(tmp_path: Path) -> None:
+    state = CoordinatorCheckpoint(job_instance="abc")
+    outputs = replace(load_task_spec(None).outputs, min_lesion_fraction=0.1, min_lesion_slices=2)
+    final = site_plan(RunConfig(), 3, state, tmp_path, outputs)
+    assert (final.lesion_fraction, final.lesion_slices) == (0.1, 2)
+    assert (final.run, final.job_instance) == (RunConfig(out_dir=str(tmp_path)), "abc")
+    training = site_plan(RunConfig(), 3, state, tmp_path)
+    assert (training.lesion_fraction, training.lesion_slices) == (None, None)
+    with pytest.raises(RunConfigError, match="lesion-slices must be an integer"):
+        RoundPlan.from_config(RunConfig().to_record() | {"lesion-slices": 1.5})
