@@ -650,17 +650,26 @@ def main(grid: Grid, context: Context) -> None:
     if spec.outputs.min_lesion_slices is None and state.lesion_extent_per_site:
         spec = spec.with_outputs(min_lesion_slices=state.lesion_slices())
     final, membership, sums = job.evaluate_final(state, spec.outputs)
-    calibration, default_threshold = None, spec.outputs.lesion_threshold
+    calibration, default_threshold, calibration_record = None, spec.outputs.lesion_threshold, None
     if sums is not None and spec.training.calibrate:
         # threshold, minimum size, share of the largest and study temperature from every site's held-out sums
-        calibration = sums.calibration(spec.outputs.min_lesion_volume_mm3, spec.outputs.lesion_fraction)
+        before = spec.outputs
+        calibration = sums.calibration(before.min_lesion_volume_mm3, before.lesion_fraction)
+        calibration_record = calibration.as_dict() | {
+            "before": {  # the settings the sites evaluated under (the share: from their reference masks)
+                "lesion_threshold": before.lesion_threshold,
+                "min_lesion_volume_mm3": before.min_lesion_volume_mm3,
+                "min_lesion_fraction": before.lesion_fraction,
+                "study_temperature": before.study_temperature,
+            }
+        }
         spec = spec.with_outputs(
             lesion_threshold=calibration.lesion_threshold,
             min_lesion_volume_mm3=calibration.min_lesion_volume_mm3,
             min_lesion_fraction=calibration.min_lesion_fraction,
             study_temperature=calibration.study_temperature,
         )
-        append_metrics(job.out, {"stage": "calibration", **calibration.as_dict()})
+        append_metrics(job.out, {"stage": "calibration", **calibration_record})
         say(
             f"calibration on {calibration.studies} held-out studies: threshold {calibration.lesion_threshold:g}, "
             f"minimum volume {calibration.min_lesion_volume_mm3:g} mm3, share of largest "
@@ -692,7 +701,7 @@ def main(grid: Grid, context: Context) -> None:
             if epsilon > 0
             else None,
             "validation": final,
-            "calibration": calibration.as_dict() if calibration is not None else None,
+            "calibration": calibration_record,
             "membership_audit": {"attack": str(run.membership_audit), "sites": membership},
             PROVENANCE_KEY: [a.as_dict() for a in alerts],  # a node may refuse the model while these are open
         },
