@@ -314,6 +314,7 @@ def privacy_curve(work: Path, quick: bool) -> None:
         )
         + (f"RADFED_BENCH_PRIVACY_EPSILONS={chosen} " if chosen else "")
         + ("" if scratch_dp else "RADFED_BENCH_PRIVACY_SCRATCH_DP=0 ")
+        + ("" if base_steps == (4 if quick else BASE_STEPS) else f"RADFED_BENCH_PRIVACY_BASE_STEPS={base_steps} ")
         + (f"RADFED_BENCH_PRIVACY_SERVER_LR={server_step} " if server_step else "")
         + (f"{VARIANTS_ENV}={variants} " if (variants := os.environ.get(VARIANTS_ENV)) else "")
         + (f"{TUNED_ENV}={tunings} " if (tunings := os.environ.get(TUNED_ENV)) else "")

@@ -17,6 +17,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import pydicom
 import requests
 from pydicom.dataset import Dataset
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from radfed.inference.errors import OrthancRequestError, OrthancUnavailableError
 from radfed.inference.orthanc.tags import dataset_from_short_tags
@@ -66,6 +68,13 @@ class OrthancClient:
         self._timeout_s = timeout_s
         self._fetch_workers = fetch_workers
         self._session = requests.Session()
+        # A keep-alive connection that Orthanc closes just as the client reuses it ends a request with "Remote end
+        # closed connection without response" (seen under load: a training study rejected for it). Reads are
+        # idempotent, so a GET goes again on a fresh connection; a POST or DELETE never does.
+        retry = Retry(total=2, connect=2, read=1, status=0, allowed_methods=frozenset({"GET"}), backoff_factor=0.1)
+        adapter = HTTPAdapter(max_retries=retry, pool_maxsize=max(10, fetch_workers))
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         if endpoint.username is not None:
             self._session.auth = (endpoint.username, endpoint.password or "")
 
