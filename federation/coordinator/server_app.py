@@ -663,12 +663,7 @@ def main(grid: Grid, context: Context) -> None:
                 "study_temperature": before.study_temperature,
             }
         }
-        spec = spec.with_outputs(
-            lesion_threshold=calibration.lesion_threshold,
-            min_lesion_volume_mm3=calibration.min_lesion_volume_mm3,
-            min_lesion_fraction=calibration.min_lesion_fraction,
-            study_temperature=calibration.study_temperature,
-        )
+        spec = calibration.applied_to(spec)
         append_metrics(job.out, {"stage": "calibration", **calibration_record})
         say(
             f"calibration on {calibration.studies} held-out studies: threshold {calibration.lesion_threshold:g}, "

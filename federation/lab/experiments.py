@@ -414,12 +414,7 @@ def cross_calibrated(
             outputs.lesion_fraction,
             outputs.lesion_slices,
         )
-        chosen = sums.calibration(volume, outputs.lesion_fraction)
-        tuned = spec.with_outputs(
-            lesion_threshold=chosen.lesion_threshold,
-            min_lesion_volume_mm3=chosen.min_lesion_volume_mm3,
-            min_lesion_fraction=chosen.min_lesion_fraction,
-        )
+        tuned = sums.calibration(volume, outputs.lesion_fraction).applied_to(spec)
         studies = [test[i] for i in applied_to]
         counts += sum(
             (c for _, c in predictions_counts(studies, [predictions[i] for i in applied_to], tuned)),

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.evaluation import lesion_components
+from radfed.inference.model.taskspec import TaskSpec
 from radfed.inference.model.windows import Prediction
 from radfed.inference.pipeline.lesions import kept_components, protected_volume_mm3, slice_extents
 
@@ -49,6 +50,15 @@ class Calibration:
     study_temperature: float
     validation_dice: float
     studies: int
+
+    def applied_to(self, spec: TaskSpec) -> TaskSpec:
+        """``spec`` with these output settings (what the artifact's manifest then carries)."""
+        return spec.with_outputs(
+            lesion_threshold=self.lesion_threshold,
+            min_lesion_volume_mm3=self.min_lesion_volume_mm3,
+            min_lesion_fraction=self.min_lesion_fraction,
+            study_temperature=self.study_temperature,
+        )
 
     def as_dict(self) -> dict[str, float | int]:
         return {

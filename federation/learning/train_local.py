@@ -148,12 +148,7 @@ def fit(
             spec.outputs.lesion_fraction,
             spec.outputs.lesion_slices,
         )
-        spec = spec.with_outputs(
-            lesion_threshold=calibration.lesion_threshold,
-            min_lesion_volume_mm3=calibration.min_lesion_volume_mm3,
-            min_lesion_fraction=calibration.min_lesion_fraction,
-            study_temperature=calibration.study_temperature,
-        )
+        spec = calibration.applied_to(spec)
     return TrainedModel(model, spec, log, calibration, len(train), len(validation), logs)
 
 
