@@ -36,7 +36,7 @@ from radfed.federation.learning.compression import (
     payload_nbytes,
     restore_reply,
 )
-from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, predict_samples, predictions_counts
+from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, pooled_counts, predict_samples
 from radfed.federation.learning.networks import TrainableScope, trainable_only
 from radfed.federation.learning.privacy import PrivacySettings, train_private
 from radfed.federation.learning.staleness import LateUpdates, rebase, staleness_weight
@@ -365,9 +365,7 @@ class Experiment:
                 if self.budget.every_round or server_round == self.budget.rounds:
                     model = arrays_to_model(self.spec, arrays)
                     predictions = list(predict_samples(model, test, self.spec))
-                    summary = sum(
-                        (counts for _, counts in predictions_counts(test, predictions, self.spec)), EvaluationCounts()
-                    ).summary()
+                    summary = pooled_counts(test, predictions, self.spec).summary()
                     if server_round == self.budget.rounds:
                         pooled_train = [s for samples in train.values() for s in samples]
                         calibrated = cross_calibrated(predictions, test, self.spec, pooled_train)
@@ -416,10 +414,7 @@ def cross_calibrated(
         )
         tuned = sums.calibration(volume, outputs.lesion_fraction).applied_to(spec)
         studies = [test[i] for i in applied_to]
-        counts += sum(
-            (c for _, c in predictions_counts(studies, [predictions[i] for i in applied_to], tuned)),
-            EvaluationCounts(),
-        )
+        counts += pooled_counts(studies, [predictions[i] for i in applied_to], tuned)
     return counts.summary()
 
 

@@ -248,17 +248,11 @@ def predict_samples(
         yield predict_study(sample.image.astype(np.float32), spec, run_batch, batch_size=windows_per_run)
 
 
-def evaluate_studies(
-    model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
-) -> Iterator[tuple[TrainingSample, EvaluationCounts]]:
-    """Each held-out study's own counts (they stay at the site: the bias checks group them by subgroup)."""
-    return predictions_counts(samples, predict_samples(model, samples, spec, arbiter), spec)
-
-
 def predictions_counts(
     samples: Sequence[TrainingSample], predictions: Iterable[Prediction], spec: TaskSpec
 ) -> Iterator[tuple[TrainingSample, EvaluationCounts]]:
-    """Each study's counts from the model's predictions of it."""
+    """Each study's own counts from the model's predictions of it (they stay at the site: the bias checks group
+    them by subgroup)."""
     for sample, prediction in zip(samples, predictions, strict=True):
         score = prediction.study_score(spec.outputs.study_score)
         yield sample, study_counts(prediction.probability, score, sample, spec)
@@ -268,4 +262,11 @@ def evaluate_model(
     model: nn.Module, samples: Sequence[TrainingSample], spec: TaskSpec, arbiter: DeviceArbiter | None = None
 ) -> EvaluationCounts:
     """The evaluation counts of a torch model over whole held-out studies."""
-    return sum((counts for _, counts in evaluate_studies(model, samples, spec, arbiter)), EvaluationCounts())
+    return pooled_counts(samples, predict_samples(model, samples, spec, arbiter), spec)
+
+
+def pooled_counts(
+    samples: Sequence[TrainingSample], predictions: Iterable[Prediction], spec: TaskSpec
+) -> EvaluationCounts:
+    """The evaluation counts of studies from the model's predictions of them, added up."""
+    return sum((counts for _, counts in predictions_counts(samples, predictions, spec)), EvaluationCounts())
