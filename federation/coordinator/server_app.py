@@ -669,7 +669,7 @@ def main(grid: Grid, context: Context) -> None:
             f"calibration on {calibration.studies} held-out studies: threshold {calibration.lesion_threshold:g}, "
             f"minimum volume {calibration.min_lesion_volume_mm3:g} mm3, share of largest "
             f"{calibration.min_lesion_fraction:g}, study temperature {calibration.study_temperature:.3g} "
-            f"(mean Dice {calibration.validation_dice:.3f})"
+            f"(mean Dice {calibration.validation_dice:.3f}; {calibration.reference_dice:.3f} at the spec's settings)"
         )
     epsilon, delta = run.epsilon, run.delta
     alerts = state.alerts(run.anonymise_alerts)

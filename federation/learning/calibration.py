@@ -3,8 +3,9 @@ minimum lesion volume and minimum share of the study's largest lesion that give 
 (a study without reference lesions scores 1 when nothing is found, 0 otherwise), and a temperature for the
 study probability (minimum negative log-likelihood of the known labels). Without validation studies the
 share comes from the training masks alone (``reference_fraction``). They are stored in the artifact's
-manifest and used by every node. In a federation every site sends sums over its held-out studies
-(``CalibrationSums``) and the coordinator chooses from their total."""
+manifest and used by every node. A setting replaces the spec's only when its gain holds across the studies
+(``gain_margins``), so a few studies change little. In a federation every site sends sums over its held-out
+studies (``CalibrationSums``) and the coordinator chooses from their total."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.evaluation import lesion_components
@@ -38,6 +39,14 @@ KEPT_REFERENCE = 0.98
 # volume with it, pooled over studies (one study's annotation fragments should not veto it for the rest).
 MULTI_SLICE = 2
 MIN_GAIN = 0.01  # mean validation Dice a setting must add over the spec's own to replace it
+# A setting replaces the spec's only when its per-study gain is positive at this one-sided confidence (Student's
+# t over the studies' paired differences): two studies that happen to favour a large minimum volume must not
+# set it for every hospital, while a gain every study shares passes with few studies.
+GAIN_CONFIDENCE = 0.95
+# Weight of a Gaussian prior on the log study temperature, centred on 1 (sigma ~0.7: a factor of 4 at two
+# sigma), added to the summed negative log-likelihood: a handful of separable studies no longer drive the
+# temperature to the grid's end; a few dozen outweigh it.
+TEMPERATURE_PRIOR = 1.0
 
 Setting = tuple[float, float, float]  # threshold, minimum volume, minimum share of the largest
 
@@ -50,6 +59,12 @@ class Calibration:
     study_temperature: float
     validation_dice: float
     studies: int
+    reference_dice: float  # mean validation Dice at the spec's threshold, minimum volume and share
+
+    @property
+    def kept_reference(self) -> bool:
+        """The spec's lesion settings stayed (no setting's gain held across the studies)."""
+        return self.validation_dice == self.reference_dice
 
     def applied_to(self, spec: TaskSpec) -> TaskSpec:
         """``spec`` with these output settings (what the artifact's manifest then carries)."""
@@ -68,6 +83,7 @@ class Calibration:
             "study_temperature": self.study_temperature,
             "validation_dice": self.validation_dice,
             "validation_studies": self.studies,
+            "reference_dice": self.reference_dice,
         }
 
 
@@ -89,13 +105,15 @@ class TemperatureLosses:
         return TemperatureLosses(losses, self.labelled + other.labelled, self.positive + other.positive)
 
     def best(self) -> float:
-        """The temperature of least loss; 1 with one class only (nothing to calibrate against)."""
+        """The temperature of least loss under ``TEMPERATURE_PRIOR``; 1 with one class only (nothing to
+        calibrate against)."""
         if not 0 < self.positive < self.labelled:
             return 1.0
         losses = np.asarray(self.losses)
         if not np.isfinite(losses).all():
             return 1.0
-        return TEMPERATURES[int(np.argmin(losses))]
+        penalised = losses + TEMPERATURE_PRIOR * np.log(np.asarray(TEMPERATURES)) ** 2
+        return TEMPERATURES[int(np.argmin(penalised))]
 
 
 def temperature_losses(predictions: Sequence[Prediction], samples: Sequence[TrainingSample]) -> TemperatureLosses:
@@ -119,6 +137,11 @@ def setting_grid(default_min_volume_mm3: float, default_fraction: float) -> list
     fractions = sorted(set(FRACTIONS) | {default_fraction})
     fractions += [default_fraction] * (len(FRACTIONS) + 1 - len(fractions))
     return [(t, v, f) for t in THRESHOLDS for v in volumes for f in fractions]
+
+
+def reference_setting(default_min_volume_mm3: float, default_fraction: float) -> Setting:
+    """The setting a calibration must beat: threshold 0.5 and the spec's minimum volume and share."""
+    return (0.5, default_min_volume_mm3, default_fraction)
 
 
 GRID_LENGTH = len(THRESHOLDS) * len(VOLUME_FACTORS) * (len(FRACTIONS) + 1)
@@ -147,10 +170,24 @@ def setting_dice(
     return scores
 
 
-def choose_setting(scores: Mapping[Setting, float], default: Setting) -> Setting:
-    """The setting of best mean validation Dice. A few validation studies decide little: the default stays
-    unless the best adds ``MIN_GAIN``, and among equal scores the setting nearest to it wins (a minimum volume
-    fitted to three studies would delete any smaller true lesion in the next)."""
+def gain_margins(
+    gains: npt.NDArray[np.float64], gain_squares: npt.NDArray[np.float64], studies: int
+) -> npt.NDArray[np.float64]:
+    """Per setting, how far below its mean per-study gain over the reference setting the gain may lie at
+    ``GAIN_CONFIDENCE`` (Student's t times the standard error of the studies' paired differences), from the
+    summed gains and summed squared gains; infinite with one study (no spread to judge it by)."""
+    if studies < 2:
+        return np.full_like(gains, np.inf)
+    mean = gains / studies
+    variance = np.clip((gain_squares - studies * mean**2) / (studies - 1), 0.0, None)
+    return stats.t.ppf(GAIN_CONFIDENCE, studies - 1) * np.sqrt(variance / studies)
+
+
+def choose_setting(scores: Mapping[Setting, float], default: Setting, margins: Mapping[Setting, float]) -> Setting:
+    """The setting whose mean validation Dice, less its margin (``gain_margins``), is best. A few validation
+    studies decide little: the default stays unless the best adds ``MIN_GAIN`` on average and its gain over the
+    default is positive even at that margin; among equal bounds the setting nearest to the default wins (a
+    minimum volume fitted to three studies would delete any smaller true lesion in the next)."""
     baseline = scores.get(default, -1.0)
     threshold_0, volume_0, fraction_0 = default
 
@@ -162,20 +199,23 @@ def choose_setting(scores: Mapping[Setting, float], default: Setting) -> Setting
             + abs(fraction - fraction_0) * 10
         )
 
-    best_score = max(scores.values())
-    if best_score <= baseline + MIN_GAIN:
+    bounds = {s: v - margins.get(s, 0.0) for s, v in scores.items() if v >= baseline + MIN_GAIN}
+    bounds = {s: b for s, b in bounds.items() if b > baseline}
+    if not bounds:
         return default
-    return min((s for s, v in scores.items() if v >= best_score - 1e-9), key=distance)
+    best_bound = max(bounds.values())
+    return min((s for s, b in bounds.items() if b >= best_bound - 1e-9), key=distance)
 
 
 @dataclass(frozen=True)
 class CalibrationSums:
     """Validation sums over studies from which the output settings are chosen: each study's Dice per entry of
-    ``setting_grid`` and the study labels' losses per temperature, summed. A federation's sites each send theirs
-    (aggregates, never a per-study value); added up, the choice equals the one made on all their studies
-    together."""
+    ``setting_grid``, the square of its gain over the reference setting (the spread ``gain_margins`` needs) and
+    the study labels' losses per temperature, summed. A federation's sites each send theirs (aggregates, never a
+    per-study value); added up, the choice equals the one made on all their studies together."""
 
     dice: tuple[float, ...]
+    gain_squares: tuple[float, ...]
     studies: int
     temperature: TemperatureLosses
 
@@ -189,17 +229,31 @@ class CalibrationSums:
         min_slices: int,
     ) -> CalibrationSums:
         grid = setting_grid(default_min_volume_mm3, default_fraction)
-        dice = setting_dice(predictions, samples, grid, min_slices).sum(axis=0)
-        return cls(tuple(float(d) for d in dice), len(samples), temperature_losses(predictions, samples))
+        scores = setting_dice(predictions, samples, grid, min_slices)
+        gains = scores - scores[:, [grid.index(reference_setting(default_min_volume_mm3, default_fraction))]]
+        return cls(
+            tuple(float(d) for d in scores.sum(axis=0)),
+            tuple(float(g) for g in (gains**2).sum(axis=0)),
+            len(samples),
+            temperature_losses(predictions, samples),
+        )
 
     def __add__(self, other: CalibrationSums) -> CalibrationSums:
-        dice = tuple(a + b for a, b in zip(self.dice, other.dice, strict=True))
-        return CalibrationSums(dice, self.studies + other.studies, self.temperature + other.temperature)
+        def added(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(x + y for x, y in zip(a, b, strict=True))
+
+        return CalibrationSums(
+            added(self.dice, other.dice),
+            added(self.gain_squares, other.gain_squares),
+            self.studies + other.studies,
+            self.temperature + other.temperature,
+        )
 
     def as_metrics(self) -> dict[str, int | list[float]]:
         """What a site sends (``messages.ALLOWED_VECTORS`` / ``ALLOWED_METRICS``)."""
         return {
             "calibration_dice": list(self.dice),
+            "calibration_gain_sq": list(self.gain_squares),
             "calibration_studies": self.studies,
             "calibration_nll": list(self.temperature.losses),
             "calibration_labelled": self.temperature.labelled,
@@ -209,9 +263,11 @@ class CalibrationSums:
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, object]) -> CalibrationSums | None:
         """A site's sums from its reply (None when it sent none: no held-out study, or calibration off)."""
-        dice, nll = metrics.get("calibration_dice"), metrics.get("calibration_nll")
-        if not isinstance(dice, list) or not isinstance(nll, list) or len(dice) != GRID_LENGTH:
+        vectors = [metrics.get(f"calibration_{k}") for k in ("dice", "gain_sq", "nll")]
+        lengths = (GRID_LENGTH, GRID_LENGTH, len(TEMPERATURES))
+        if not all(isinstance(v, list) and len(v) == n for v, n in zip(vectors, lengths, strict=True)):
             return None
+        dice, squares, nll = (tuple(float(x) for x in v) for v in vectors if isinstance(v, list))
         counts = []
         for key in ("calibration_studies", "calibration_labelled", "calibration_positive"):
             value = metrics.get(key, 0)
@@ -220,18 +276,24 @@ class CalibrationSums:
             counts.append(int(value))
         studies, labelled, positive = counts
         temperature = TemperatureLosses(tuple(float(x) for x in nll), labelled, positive)
-        return cls(tuple(float(x) for x in dice), studies, temperature)
+        return cls(dice, squares, studies, temperature)
 
     def calibration(self, default_min_volume_mm3: float, default_fraction: float) -> Calibration:
         """The chosen settings (``choose_setting``) and temperature."""
         if self.studies <= 0:
             raise ValueError("calibration needs validation studies")
         grid = setting_grid(default_min_volume_mm3, default_fraction)
+        reference = reference_setting(default_min_volume_mm3, default_fraction)
+        dice = np.asarray(self.dice)
+        gains = dice - dice[grid.index(reference)]
+        margins = gain_margins(gains, np.asarray(self.gain_squares), self.studies)
         scores: dict[Setting, float] = {}
-        for setting, total in zip(grid, self.dice, strict=True):
+        setting_margins: dict[Setting, float] = {}
+        for setting, total, margin in zip(grid, self.dice, margins, strict=True):
             scores.setdefault(setting, total / self.studies)
-        chosen = choose_setting(scores, (0.5, default_min_volume_mm3, default_fraction))
-        return Calibration(*chosen, self.temperature.best(), scores[chosen], self.studies)
+            setting_margins.setdefault(setting, float(margin))
+        chosen = choose_setting(scores, reference, setting_margins)
+        return Calibration(*chosen, self.temperature.best(), scores[chosen], self.studies, scores[reference])
 
 
 def reference_kept(samples: Sequence[TrainingSample], min_volume_mm3: float) -> tuple[list[float], int]:

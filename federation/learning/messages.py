@@ -86,7 +86,8 @@ SCORE_BINS = 64  # study-score histogram bins (federation/learning/evaluation.py
 # volume in components of at least that share of the study's largest (federation/learning/calibration.py).
 LESION_KEPT_LENGTH = 5
 # Summed over a site's held-out studies: Dice per output setting (calibration.setting_grid: 5 thresholds x 6
-# minimum volumes x 6 shares) and the study labels' negative log-likelihood per temperature (25).
+# minimum volumes x 6 shares), its squared gain over the reference setting (the spread of the gain), and the
+# study labels' negative log-likelihood per temperature (25).
 CALIBRATION_GRID_LENGTH = 180
 TEMPERATURE_COUNT = 25
 ALLOWED_VECTORS = {
@@ -94,6 +95,7 @@ ALLOWED_VECTORS = {
     "eval_scores_negative": SCORE_BINS,
     "lesion_kept": LESION_KEPT_LENGTH,
     "calibration_dice": CALIBRATION_GRID_LENGTH,
+    "calibration_gain_sq": CALIBRATION_GRID_LENGTH,
     "calibration_nll": TEMPERATURE_COUNT,
     SUPPRESSED: len(Attribute),  # bias checks: per attribute, the studies in subgroups held back (subgroups.py)
 }

@@ -188,12 +188,53 @@ def test_calibration_works_under_the_chosen_slice_extent() -> None:
 
 def test_cross_calibration_scores_each_study_under_settings_chosen_without_it() -> None:
     """The experiments' measure of the job's calibration: under-confident lesions (0.45) are missed at the spec's
-    threshold 0.5 and found under the settings the other half of the test studies chose."""
+    threshold 0.5 and found under the settings the other half of the test studies chose (eight studies each, half
+    with a lesion: enough for the gain to hold across them)."""
     spec = load_task_spec(None)
-    pairs = [_study(f"s{i}", i % 2, lesion=i % 4 in (1, 2), speck=i % 3 == 0, score=0.5) for i in range(8)]
+    pairs = [_study(f"s{i}", i % 2, lesion=i % 4 in (1, 2), speck=i % 3 == 0, score=0.5) for i in range(16)]
     samples, predictions = [p[0] for p in pairs], [p[1] for p in pairs]
     plain = sum((c for _, c in predictions_counts(samples, predictions, spec)), EvaluationCounts()).summary()
     calibrated = cross_calibrated(predictions, samples, spec, samples)
-    assert plain["dice"] == 0.0 and calibrated["studies"] == plain["studies"] == 8
+    assert plain["dice"] == 0.0 and calibrated["studies"] == plain["studies"] == 16
     assert calibrated["dice"] == pytest.approx(1.0)
     assert cross_calibrated(predictions[:1], samples[:1], spec, samples) == {}  # nothing to choose on
+
+
+def _split(key: str, confident: bool) -> tuple[TrainingSample, Prediction]:
+    """A 32-voxel lesion; ``confident``: at 0.9 beside a 12-voxel region at 0.45 that is not a lesion, else
+    the lesion itself at 0.45 (under-confident)."""
+    truth = np.zeros((4, 32, 32), np.uint8)
+    truth[1:3, 8:12, 8:12] = 1
+    probability = truth.astype(np.float32) * (0.9 if confident else 0.45)
+    if confident:
+        probability[1, 20:23, 20:24] = 0.45
+    sample = TrainingSample(key, np.zeros((1, 4, 32, 32), np.float16), truth, 1, voxel_mm3=1.0)
+    return sample, Prediction(probability, 0.9, 1)
+
+
+def test_a_gain_that_few_studies_disagree_on_leaves_the_spec_settings() -> None:
+    """Threshold 0.4 finds the under-confident lesion (gain 1) and, below 16 mm3, costs the confident study
+    a 12-voxel false positive: two such studies cannot tell a real gain from chance, six can."""
+    two = [_split("a", confident=False), _split("b", confident=True)]
+    kept = calibrate([p for _, p in two], [s for s, _ in two], default_min_volume_mm3=2.0)
+    assert (kept.lesion_threshold, kept.min_lesion_volume_mm3, kept.min_lesion_fraction) == (0.5, 2.0, 0.0)
+    assert kept.validation_dice == pytest.approx(0.5)  # the spec's settings: one study found, one missed
+    six = [_split(f"s{i}", confident=i % 2 == 1) for i in range(6)]
+    chosen = calibrate([p for _, p in six], [s for s, _ in six], default_min_volume_mm3=2.0)
+    assert chosen.lesion_threshold < 0.45 and 12 < chosen.min_lesion_volume_mm3 <= 32
+    assert chosen.validation_dice == pytest.approx(1.0)
+    # a gain every study shares passes with two studies (no spread): the under-confident lesion twice
+    same = [_split(f"u{i}", confident=False) for i in range(2)]
+    assert calibrate([p for _, p in same], [s for s, _ in same], 2.0).lesion_threshold < 0.45
+    # one study: no spread to judge any gain by
+    assert calibrate([two[0][1]], [two[0][0]], 2.0).lesion_threshold == 0.5
+
+
+def test_the_study_temperature_needs_more_than_a_few_separable_studies() -> None:
+    def temperature(studies: int) -> float:
+        scores = [0.95 if i % 2 else 0.05 for i in range(studies)]
+        pairs = [_study(f"s{i}", i % 2, lesion=False, speck=False, score=s) for i, s in enumerate(scores)]
+        return calibrate([p[1] for p in pairs], [p[0] for p in pairs], default_min_volume_mm3=1.0).study_temperature
+
+    assert 0.7 <= temperature(2) <= 1.0  # two studies, perfectly separated: close to the model's own
+    assert temperature(40) < 0.6  # forty: the scores' separation sharpens it

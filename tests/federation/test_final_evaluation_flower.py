@@ -179,7 +179,7 @@ def test_subgroups_and_membership_audit_are_pooled_and_nothing_else_leaves_a_sit
         before = [r["records"].get("metrics", {}).get("keys", []) for r in replies if r["type"] != "evaluate"]
         assert not [k for keys in before for k in keys if k.startswith(("subgroup", "membership_", "calibration_"))]
         keys = evaluated[0]["records"]["metrics"]["keys"]
-        assert {"calibration_dice", "calibration_studies", "calibration_nll"} <= set(keys)
+        assert {"calibration_dice", "calibration_gain_sq", "calibration_studies", "calibration_nll"} <= set(keys)
         assert set(METRICS) <= set(keys)
         assert not {k for k in keys if k.startswith("membership_")} - ALLOWED_METRICS
         assert not {k for k in keys if k.startswith("membership_")} & set(ALLOWED_VECTORS)  # never a vector
