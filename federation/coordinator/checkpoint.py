@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from radfed.federation.job.alerts import PoisoningAlert, pseudonymised
-from radfed.federation.learning.calibration import GAIN_CONFIDENCE, Calibration
+from radfed.federation.learning.calibration import GAIN_STANDARD_ERRORS, Calibration
 from radfed.federation.learning.evaluation import EvaluationCounts
 
 CHECKPOINT = "checkpoint.npz"
@@ -245,8 +245,9 @@ def calibration_section(calibration: Calibration | None, default_threshold: floa
             f"{c.min_lesion_volume_mm3:g} mm3, share of the study's largest {c.min_lesion_fraction:g}, study "
             f"temperature {c.study_temperature:.3g}. Mean per-study Dice on those studies at these settings: "
             f"{c.validation_dice:.3f} ({c.reference_dice:.3f} at the spec's). A setting replaces the spec's only when "
-            f"its gain holds across the studies (one-sided {GAIN_CONFIDENCE:.0%} confidence over their paired "
-            f"differences){kept}. The table above is at the spec's threshold {default_threshold:g}; a figure chosen "
-            "and measured on the same studies is optimistic, the test is the next study a hospital scans.",
+            f"its mean gain exceeds {GAIN_STANDARD_ERRORS:g} standard error of the studies' paired differences (the "
+            f"one-standard-error rule){kept}. The table above is at the spec's threshold {default_threshold:g}; a "
+            "figure chosen and measured on the same studies is optimistic, the test is the next study a hospital "
+            "scans.",
         ]
     )

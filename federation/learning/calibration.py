@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from radfed.federation.learning.cohort import TrainingSample
 from radfed.federation.learning.evaluation import lesion_components
@@ -39,10 +39,12 @@ KEPT_REFERENCE = 0.98
 # volume with it, pooled over studies (one study's annotation fragments should not veto it for the rest).
 MULTI_SLICE = 2
 MIN_GAIN = 0.01  # mean validation Dice a setting must add over the spec's own to replace it
-# A setting replaces the spec's only when its per-study gain is positive at this one-sided confidence (Student's
-# t over the studies' paired differences): two studies that happen to favour a large minimum volume must not
-# set it for every hospital, while a gain every study shares passes with few studies.
-GAIN_CONFIDENCE = 0.95
+# A setting replaces the spec's only when its mean per-study gain exceeds this many standard errors of the
+# studies' paired differences: the one-standard-error rule of model selection (Breiman et al., Classification
+# and Regression Trees, 1984; Hastie et al., The Elements of Statistical Learning, 7.10), the spec's settings
+# being the simplest model. Two studies that happen to favour a large minimum volume must not set it for every
+# hospital, while a gain every study shares passes with few studies.
+GAIN_STANDARD_ERRORS = 1.0
 # Weight of a Gaussian prior on the log study temperature, centred on 1 (sigma ~0.7: a factor of 4 at two
 # sigma), added to the summed negative log-likelihood: a handful of separable studies no longer drive the
 # temperature to the grid's end; a few dozen outweigh it.
@@ -173,20 +175,19 @@ def setting_dice(
 def gain_margins(
     gains: npt.NDArray[np.float64], gain_squares: npt.NDArray[np.float64], studies: int
 ) -> npt.NDArray[np.float64]:
-    """Per setting, how far below its mean per-study gain over the reference setting the gain may lie at
-    ``GAIN_CONFIDENCE`` (Student's t times the standard error of the studies' paired differences), from the
-    summed gains and summed squared gains; infinite with one study (no spread to judge it by)."""
+    """Per setting, ``GAIN_STANDARD_ERRORS`` standard errors of its mean per-study gain over the reference
+    setting, from the summed gains and summed squared gains; infinite with one study (no spread to judge it by)."""
     if studies < 2:
         return np.full_like(gains, np.inf)
     mean = gains / studies
     variance = np.clip((gain_squares - studies * mean**2) / (studies - 1), 0.0, None)
-    return stats.t.ppf(GAIN_CONFIDENCE, studies - 1) * np.sqrt(variance / studies)
+    return GAIN_STANDARD_ERRORS * np.sqrt(variance / studies)
 
 
 def choose_setting(scores: Mapping[Setting, float], default: Setting, margins: Mapping[Setting, float]) -> Setting:
     """The setting whose mean validation Dice, less its margin (``gain_margins``), is best. A few validation
     studies decide little: the default stays unless the best adds ``MIN_GAIN`` on average and its gain over the
-    default is positive even at that margin; among equal bounds the setting nearest to the default wins (a
+    default is still positive less that margin; among equal bounds the setting nearest to the default wins (a
     minimum volume fitted to three studies would delete any smaller true lesion in the next)."""
     baseline = scores.get(default, -1.0)
     threshold_0, volume_0, fraction_0 = default
