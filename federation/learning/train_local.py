@@ -253,7 +253,7 @@ class LocalTrainingOutcome:
             lines.append(
                 f"validation ({c.studies} studies): Dice {c.validation_dice:.3f} at threshold {c.lesion_threshold}, "
                 f"min volume {c.min_lesion_volume_mm3:g} mm3, min share of largest {c.min_lesion_fraction:g} "
-                f"(best step {t.log.best_step})"
+                f"({c.reference_dice:.3f} at the spec's; best step {t.log.best_step})"
             )
         outputs = t.spec.outputs
         lines.append(
