@@ -276,7 +276,7 @@ class CalibrationSums:
                 return None
             counts.append(int(value))
         studies, labelled, positive = counts
-        temperature = TemperatureLosses(tuple(float(x) for x in nll), labelled, positive)
+        temperature = TemperatureLosses(nll, labelled, positive)
         return cls(dice, squares, studies, temperature)
 
     def calibration(self, default_min_volume_mm3: float, default_fraction: float) -> Calibration:
