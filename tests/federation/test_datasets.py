@@ -129,6 +129,9 @@ def test_training_on_a_dataset_folder_makes_a_planned_artifact(tmp_path: Path) -
     assert artifact.spec.outputs.lesion_threshold == calibration["lesion_threshold"]
     assert artifact.spec.outputs.min_lesion_volume_mm3 == calibration["min_lesion_volume_mm3"]
     assert artifact.spec.outputs.study_temperature == calibration["study_temperature"]
+    # the report names what the chosen settings scored and what the spec's would have
+    assert f"({calibration['reference_dice']:.3f} at the spec's; best step" in outcome.summary()
+    assert calibration["reference_dice"] <= calibration["validation_dice"]
     assert artifact.provenance["fingerprint"]["studies"] == 5
     cohort = cohort_from_sources(artifact.spec, [str(root)])
     assert cohort.report.usable == 5 and cohort.samples[0].image.shape[0] == 2
