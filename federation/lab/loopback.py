@@ -23,7 +23,13 @@ from radfed.federation.job.run_config import RunConfig
 from radfed.federation.site.config import ORTHANC_PASSWORD_ENV
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.testing.orthanc_server import OrthancOptions, OrthancProcess, free_port, start_orthanc
+from radfed.inference.testing.orthanc_server import (
+    OrthancOptions,
+    OrthancProcess,
+    free_port,
+    start_orthanc,
+    stop_orthancs,
+)
 from radfed.inference.testing.synthetic.sites import site_profile
 from radfed.inference.testing.synthetic.writer import iter_site_studies, label_row, upload_study, write_labels
 
@@ -359,8 +365,7 @@ class LoopbackFederation:
                 site.supernode.stop()
         if self.superlink is not None:
             self.superlink.stop()
-        for site in self.sites:
-            site.orthanc.stop()
+        stop_orthancs([site.orthanc for site in self.sites])
 
 
 def _toml_value(value: Any) -> str:

@@ -35,7 +35,7 @@ from radfed.federation.learning.messages import (
 from radfed.federation.learning.training import new_model
 from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
-from radfed.inference.testing.orthanc_server import OrthancProcess, free_port
+from radfed.inference.testing.orthanc_server import OrthancProcess, free_port, stop_orthancs
 from tests.plugin.node_harness import TOKEN, NodeProcess
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower, pytest.mark.browser]
@@ -265,5 +265,4 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
     finally:
         for node in nodes:
             node.stop()
-        for site in federation.sites[:2]:
-            site.orthanc.stop()
+        stop_orthancs([site.orthanc for site in federation.sites[:2]])
