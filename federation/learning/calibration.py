@@ -89,11 +89,13 @@ class Calibration:
         }
 
 
-def _study_dice(found: np.ndarray, reference: np.ndarray) -> float:
-    predicted = found > 0
-    if not reference.any():
-        return float(not predicted.any())
-    return float(2 * np.logical_and(predicted, reference).sum() / (predicted.sum() + reference.sum()))
+def _component_dice(sizes: np.ndarray, overlaps: np.ndarray, reference_voxels: int) -> float:
+    """A study's Dice when it keeps the components of ``sizes`` voxels, ``overlaps`` of them in the reference:
+    the same figure as on the masks, without touching a voxel (a grid of settings re-scores each study often)."""
+    predicted = int(sizes.sum())
+    if reference_voxels == 0:
+        return float(predicted == 0)
+    return float(2 * overlaps.sum() / (predicted + reference_voxels))
 
 
 @dataclass(frozen=True)
@@ -155,20 +157,21 @@ def setting_dice(
     """Each study's Dice (rows) under each setting of ``grid`` (columns), made with temperature 1 and the
     minimum slice extent already chosen."""
     scores = np.zeros((len(samples), len(grid)))
-    components: dict[float, list[tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = {}
+    reference_voxels = [int(np.count_nonzero(s.lesions)) for s in samples]
+    # per threshold and study: each component's voxels, voxels in the reference and slice extent
+    components: dict[float, list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]]] = {}
     for j, (threshold, volume, fraction) in enumerate(grid):
         if threshold not in components:
-            found = [
-                lesion_components(p.probability, threshold, 0.0, s.voxel_mm3)
-                for p, s in zip(predictions, samples, strict=True)
-            ]
-            sizes = [np.bincount(c.ravel())[1:] for c in found]
-            components[threshold] = [
-                (c, size, slice_extents(c, len(size))) for c, size in zip(found, sizes, strict=True)
-            ]
-        for i, ((found_i, size, extent), sample) in enumerate(zip(components[threshold], samples, strict=True)):
-            keep = kept_components(size, sample.voxel_mm3, volume, fraction, extents=extent, min_slices=min_slices)
-            scores[i, j] = _study_dice(np.isin(found_i, np.flatnonzero(keep) + 1), sample.lesions > 0)
+            components[threshold] = []
+            for prediction, sample in zip(predictions, samples, strict=True):
+                labels = lesion_components(prediction.probability, threshold, 0.0, sample.voxel_mm3)
+                sizes = np.bincount(labels.ravel())[1:]
+                overlaps = np.bincount(labels[sample.lesions > 0], minlength=len(sizes) + 1)[1:]
+                extents = slice_extents(labels, len(sizes))
+                components[threshold].append((sizes, overlaps, extents))
+        for i, ((sizes, overlaps, extents), sample) in enumerate(zip(components[threshold], samples, strict=True)):
+            keep = kept_components(sizes, sample.voxel_mm3, volume, fraction, extents=extents, min_slices=min_slices)
+            scores[i, j] = _component_dice(sizes[keep], overlaps[keep], reference_voxels[i])
     return scores
 
 
