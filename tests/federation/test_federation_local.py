@@ -36,6 +36,7 @@ from radfed.federation.learning.training import new_model
 from radfed.inference.model.artifact import load_artifact
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.testing.orthanc_server import OrthancProcess, free_port, stop_orthancs
+from tests.federation.flower_apps import plumbing_task
 from tests.plugin.node_harness import TOKEN, NodeProcess
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower, pytest.mark.browser]
@@ -125,6 +126,7 @@ def test_four_hospitals_secure_dp_poisoned_and_killed(tmp_path: Path, monkeypatc
                 "rollout": True,
                 "round-timeout": 90,
                 "job": "resilience",
+                "task": str(plumbing_task(tmp_path)),
             },
         )
         wait_for_round(out, 1, 400)

@@ -31,7 +31,7 @@ from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.testing.synthetic.sites import site_profile
 from radfed.inference.testing.synthetic.study import SyntheticStudy
 from radfed.inference.testing.synthetic.writer import iter_site_studies, label_row, upload_study, write_labels
-from tests.federation.flower_apps import recording_app
+from tests.federation.flower_apps import plumbing_task, recording_app
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
@@ -114,6 +114,7 @@ def test_subgroups_and_membership_audit_are_pooled_and_nothing_else_leaves_a_sit
         "membership-steps": 2,
         "bias-min-cell": MIN_CELL,
         "job": "final-evaluation",
+        "task": str(plumbing_task(tmp_path)),
     }
     try:
         add_second_vendor(federation)

@@ -15,6 +15,7 @@ from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint, read
 from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.learning.messages import MetricLeakError, allowed_metrics
 from radfed.inference.model.artifact import load_artifact
+from tests.federation.flower_apps import plumbing_task
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
@@ -27,7 +28,14 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     )
     federation.start()
     out = tmp_path / "job"
-    config = {"num-server-rounds": 3, "local-steps": 2, "min-sites": 2, "epsilon": 6.0, "job": "restart"}
+    config = {
+        "num-server-rounds": 3,
+        "local-steps": 2,
+        "min-sites": 2,
+        "epsilon": 6.0,
+        "job": "restart",
+        "task": str(plumbing_task(tmp_path)),
+    }
     try:
         first = federation.submit(out, config)
         deadline = time.monotonic() + 400

@@ -17,6 +17,7 @@ from radfed.federation.coordinator.checkpoint import read_metrics
 from radfed.federation.job.run_config import RunConfig
 from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
 from radfed.inference.model.artifact import load_artifact
+from tests.federation.flower_apps import plumbing_task
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
@@ -70,6 +71,7 @@ def test_a_secure_aggregation_job_learns_the_fedavg_of_updates_it_never_sees(
         "rollout": False,
         "membership-audit": "off",
         "job": "secure",
+        "task": str(plumbing_task(tmp_path)),
     }
     try:
         outcome = federation.run_job(out, config, timeout_s=1800)

@@ -22,6 +22,7 @@ from radfed.federation.lab.simulation import (
 )
 from radfed.federation.site.config import SiteConfig
 from radfed.federation.site.worker import simulated_node_config
+from tests.federation.flower_apps import plumbing_task
 
 SITES, PER_ROUND, ROUNDS, STEPS = 5, 3, 2, 2
 
@@ -75,7 +76,7 @@ def test_a_simulated_federation_runs_the_deployment_apps_with_per_site_state(tmp
         workers=2,
         # the default task (2-D: its evaluation is quick; the 3-D bpmri task's took 100-260 s a site here);
         # a generous timeout: 2 Ray actors serve 3 sites in turn, the first message on an actor imports torch
-        run_config={"harmonise": False, "round-timeout": 1200.0},
+        run_config={"harmonise": False, "round-timeout": 1200.0, "task": str(plumbing_task(tmp_path / "task"))},
     )
     lines = run(simulation)
     costs = round_costs(lines)

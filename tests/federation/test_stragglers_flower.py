@@ -18,7 +18,7 @@ import pytest
 from radfed.federation.coordinator.checkpoint import read_metrics
 from radfed.federation.lab.loopback import FederationOptions, LoopbackFederation
 from radfed.federation.learning.staleness import staleness_weight
-from tests.federation.flower_apps import recording_app
+from tests.federation.flower_apps import plumbing_task, recording_app
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.flower]
 
@@ -65,6 +65,7 @@ def test_a_straggler_is_not_waited_for_and_its_late_update_is_folded(
                 "membership-audit": "off",
                 "round-timeout": 300,
                 "job": "stragglers",
+                "task": str(plumbing_task(tmp_path)),
             },
         )
         rounds_done = lambda: {m.get("round") for m in read_metrics(out)}  # noqa: E731
