@@ -21,9 +21,10 @@ def recording_app(tmp_path: Path) -> Path:
 
 
 def plumbing_task(folder: Path) -> Path:
-    """The shipped default task with a narrower network (a quarter of the planned filters) and no test-time
-    mirroring, written to ``folder``: for the tests of federation mechanics, where the model's quality is not under
-    test and its compute is most of a job's time (the default task itself runs in the demo and the unit tests)."""
+    """The shipped default task with a narrower network (half the planned filters at each stage, a quarter of the
+    weights) and no test-time mirroring, written to ``folder``: for the tests of federation mechanics, where the
+    model's quality is not under test and its compute is most of a job's time (the default task itself runs in the
+    demo and the unit tests)."""
     text = (ROOT / "inference" / "model" / "tasks" / "prostate_mpmri.toml").read_text()
     if text.count("\n[model]\n") != 1 or text.count("\nmirror = true") != 1:
         raise AssertionError("the default task's [model] table or its mirror setting moved: update plumbing_task")

@@ -39,7 +39,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     data = tmp_path_factory.mktemp("experiment-data")
     synthesize_to_folder(data, sites=3, studies_per_site=4, seed=8, small=True)
     shipped = _without_mirroring(load_task_spec())
-    spec = replace(shipped, model=replace(shipped.model, features=(8, 16, 32, 64, 128)))  # a quarter of the filters
+    spec = replace(shipped, model=replace(shipped.model, features=(8, 16, 32, 64, 128)))  # half the filters
     cohorts = load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, spec)
     return Experiment(spec, cohorts, Budget(rounds=2, local_steps=2, held_out_fraction=0.25))
 
