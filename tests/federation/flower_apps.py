@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# the federation-mechanics tests' network: half the default task's planned filters at each of its 5 stages
+PLUMBING_FEATURES = (8, 16, 32, 64, 128)
 
 
 def recording_app(tmp_path: Path) -> Path:
@@ -28,7 +30,7 @@ def plumbing_task(folder: Path) -> Path:
     text = (ROOT / "inference" / "model" / "tasks" / "prostate_mpmri.toml").read_text()
     if text.count("\n[model]\n") != 1 or text.count("\nmirror = true") != 1:
         raise AssertionError("the default task's [model] table or its mirror setting moved: update plumbing_task")
-    text = text.replace("\n[model]\n", "\n[model]\nfeatures = [8, 16, 32, 64, 128]\n")
+    text = text.replace("\n[model]\n", f"\n[model]\nfeatures = {list(PLUMBING_FEATURES)}\n")
     text = text.replace("\nmirror = true", "\nmirror = false")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "prostate_mpmri_plumbing.toml"

@@ -27,6 +27,7 @@ from radfed.federation.learning.staleness import LateUpdates
 from radfed.inference.model.recipe import ForegroundSampling
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
 from radfed.inference.testing.synthetic.writer import synthesize_to_folder
+from tests.federation.flower_apps import PLUMBING_FEATURES
 
 
 def _without_mirroring(spec: TaskSpec) -> TaskSpec:
@@ -39,7 +40,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Experiment:
     data = tmp_path_factory.mktemp("experiment-data")
     synthesize_to_folder(data, sites=3, studies_per_site=4, seed=8, small=True)
     shipped = _without_mirroring(load_task_spec())
-    spec = replace(shipped, model=replace(shipped.model, features=(8, 16, 32, 64, 128)))  # half the filters
+    spec = replace(shipped, model=replace(shipped.model, features=PLUMBING_FEATURES))
     cohorts = load_site_cohorts({p.name: p for p in sorted(data.glob("site-*"))}, spec)
     return Experiment(spec, cohorts, Budget(rounds=2, local_steps=2, held_out_fraction=0.25))
 

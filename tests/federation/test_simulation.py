@@ -74,7 +74,7 @@ def test_a_simulated_federation_runs_the_deployment_apps_with_per_site_state(tmp
         local_steps=STEPS,
         epsilon=8.0,
         workers=2,
-        # the default task (2-D: its evaluation is quick; the 3-D bpmri task's took 100-260 s a site here);
+        # the default task, narrowed (2-D: its evaluation is quick; the 3-D bpmri task's took 100-260 s a site);
         # a generous timeout: 2 Ray actors serve 3 sites in turn, the first message on an actor imports torch
         run_config={"harmonise": False, "round-timeout": 1200.0, "task": str(plumbing_task(tmp_path / "task"))},
     )
