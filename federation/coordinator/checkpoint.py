@@ -230,10 +230,21 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def calibration_section(calibration: Calibration | None, default_threshold: float) -> str:
-    """The model card's account of the output settings chosen from the sites' held-out sums."""
+def calibration_section(
+    calibration: Calibration | None, default_threshold: float, withheld: Sequence[str], min_studies: int
+) -> str:
+    """The model card's account of the output settings chosen from the sites' held-out sums, and of the sites
+    that held theirs back (fewer than ``calibration-min-studies`` held-out studies)."""
+    held_back = (
+        f"{', '.join(withheld)} held out fewer than {min_studies} studies (`calibration-min-studies`) and sent no "
+        "sums: with fewer, a sum would be one study's own figures."
+        if withheld
+        else ""
+    )
     if calibration is None:
-        return ""
+        if not withheld:
+            return ""
+        return "\n".join(["## Output calibration", "", f"None: {held_back} The spec's output settings stay."])
     c = calibration
     kept = "; none did, so the spec's lesion settings stay" if c.kept_reference else ""
     return "\n".join(
@@ -248,6 +259,6 @@ def calibration_section(calibration: Calibration | None, default_threshold: floa
             f"its mean gain exceeds {GAIN_STANDARD_ERRORS:g} standard error of the studies' paired differences (the "
             f"one-standard-error rule){kept}. The table above is at the spec's threshold {default_threshold:g}; a "
             "figure chosen and measured on the same studies is optimistic, the test is the next study a hospital "
-            "scans.",
+            "scans." + (f" {held_back}" if held_back else ""),
         ]
     )

@@ -41,7 +41,7 @@ from radfed.federation.job.planning import (
 )
 from radfed.federation.job.run_config import RoundConfig, RunConfig
 from radfed.federation.learning.aggregation import AggregationOutcome, ServerOptimizer, SiteUpdate, aggregate
-from radfed.federation.learning.calibration import CalibrationSums
+from radfed.federation.learning.calibration import PooledSums
 from radfed.federation.learning.compression import payload_nbytes, restore_reply
 from radfed.federation.learning.export import export_artifact
 from radfed.federation.learning.membership import SiteAudit, card_section, site_audits
@@ -536,16 +536,15 @@ class RoundDriver:
 
     def evaluate_final(
         self, state: CoordinatorCheckpoint, outputs: Outputs
-    ) -> tuple[dict[str, Any] | None, dict[str, SiteAudit], CalibrationSums | None]:
+    ) -> tuple[dict[str, Any] | None, dict[str, SiteAudit], PooledSums]:
         """The job's last message to the sites: they evaluate the final model under the artifact's lesion rules
         and, with ``membership-audit``, attack it on their own studies. Returns the pooled evaluation, each
-        site's audit and the sites' calibration sums added up (None when no site sent any)."""
+        site's audit and the sites' calibration sums added up."""
         config = self.config(self.rounds, state, outputs)
         content = RecordDict({"arrays": records.pack_arrays(state.arrays), "config": config})
         replies, errors = self.exchange(MessageType.EVALUATE, content, "final")
         site_metrics = {s: m for s, (_, m, _) in replies.items()}
-        site_sums = [sums for m in site_metrics.values() if (sums := CalibrationSums.from_metrics(m)) is not None]
-        calibration = sum(site_sums[1:], site_sums[0]) if site_sums else None
+        calibration = PooledSums.of(site_metrics)
         evaluation = evaluation_line(site_metrics)
         if evaluation is not None:  # bias checks: the sites' subgroup cells, pooled
             evaluation["subgroups"] = subgroup_table(site_metrics, self.run.bias_min_cell)
@@ -651,17 +650,25 @@ def main(grid: Grid, context: Context) -> None:
         spec = spec.with_outputs(min_lesion_slices=state.lesion_slices())
     final, membership, sums = job.evaluate_final(state, spec.outputs)
     calibration, default_threshold, calibration_record = None, spec.outputs.lesion_threshold, None
-    if sums is not None and spec.training.calibrate:
+    if sums.withheld:
+        say(
+            f"calibration: {', '.join(sums.withheld)} held out fewer than calibration-min-studies "
+            f"({run.calibration_min_studies}) and sent no sums"
+            + ("" if sums.total is not None else "; no site did, so the spec's output settings stay")
+        )
+    if sums.total is not None and spec.training.calibrate:
         # threshold, minimum size, share of the largest and study temperature from every site's held-out sums
         before = spec.outputs
-        calibration = sums.calibration(before.min_lesion_volume_mm3, before.lesion_fraction)
+        calibration = sums.total.calibration(before.min_lesion_volume_mm3, before.lesion_fraction)
         calibration_record = calibration.as_dict() | {
             "before": {  # the settings the sites evaluated under (the share: from their reference masks)
                 "lesion_threshold": before.lesion_threshold,
                 "min_lesion_volume_mm3": before.min_lesion_volume_mm3,
                 "min_lesion_fraction": before.lesion_fraction,
                 "study_temperature": before.study_temperature,
-            }
+            },
+            "withheld_sites": list(sums.withheld),
+            "min_studies": run.calibration_min_studies,
         }
         spec = calibration.applied_to(spec)
         append_metrics(job.out, {"stage": "calibration", **calibration_record})
@@ -716,7 +723,7 @@ def main(grid: Grid, context: Context) -> None:
         else None,
         alerts=alerts,
         sections=[
-            calibration_section(calibration, default_threshold),
+            calibration_section(calibration, default_threshold, sums.withheld, run.calibration_min_studies),
             secure_section(run),
             card_section(membership, run.membership_audit, epsilon),
             bias_section((final or {}).get("subgroups"), run.bias_min_cell),

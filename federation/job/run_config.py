@@ -106,6 +106,10 @@ class RunConfig:
     # Bias checks (federation/learning/subgroups.py): a site sends its final evaluation per subgroup (vendor, field
     # strength, age band, sex, from DICOM headers) only for subgroups of at least this many held-out studies.
     bias_min_cell: int = 5
+    # Output calibration (federation/learning/calibration.py): a site sends its summed Dice per output setting only
+    # with at least this many held-out studies, and its study-label losses only with this many labelled ones (with
+    # one, the sums would be that study's own figures).
+    calibration_min_studies: int = 2
     # Secure aggregation (Flower's SecAgg+, federation/coordinator/secure_aggregation.py): the coordinator learns only
     # the sum of the sites' updates. Each site first clips its update to update-clip-norm (L2; also the range the
     # masked integers cover, so no coordinate is ever cut). Robust aggregation, screening, compression and early-closing
@@ -140,6 +144,8 @@ class RunConfig:
         _require(self.learning_rate >= 0, "learning-rate", self.learning_rate, ">= 0 (0: the task recipe's)")
         _require(self.membership_references >= 2, "membership-references", self.membership_references, "at least 2")
         _require(self.bias_min_cell >= MIN_CELL_FLOOR, "bias-min-cell", self.bias_min_cell, f">= {MIN_CELL_FLOOR}")
+        calibration_ok = self.calibration_min_studies >= MIN_CELL_FLOOR
+        _require(calibration_ok, "calibration-min-studies", self.calibration_min_studies, f">= {MIN_CELL_FLOOR}")
         _require(self.membership_steps >= 0, "membership-steps", self.membership_steps, ">= 0 (0: the job's)")
         try:
             Compression.parse(self.compression)

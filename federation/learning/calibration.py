@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -253,6 +253,16 @@ class CalibrationSums:
             self.temperature + other.temperature,
         )
 
+    def shareable(self, min_studies: int) -> CalibrationSums | None:
+        """What a site may send (``calibration-min-studies``): nothing under ``min_studies`` held-out studies,
+        and the label losses as if no study were labelled under ``min_studies`` labelled ones. Fewer, and a sum
+        would be one study's own Dice per setting, or its label and score."""
+        if self.studies < min_studies:
+            return None
+        if self.temperature.labelled >= min_studies:
+            return self
+        return replace(self, temperature=TemperatureLosses((0.0,) * len(TEMPERATURES), 0, 0))
+
     def as_metrics(self) -> dict[str, int | list[float]]:
         """What a site sends (``messages.ALLOWED_VECTORS`` / ``ALLOWED_METRICS``)."""
         return {
@@ -298,6 +308,21 @@ class CalibrationSums:
             setting_margins.setdefault(setting, float(margin))
         chosen = choose_setting(scores, reference, setting_margins)
         return Calibration(*chosen, self.temperature.best(), scores[chosen], self.studies, scores[reference])
+
+
+@dataclass(frozen=True)
+class PooledSums:
+    """The sites' calibration sums added up (None when no site sent any) and the sites that sent none because
+    they held out fewer than ``calibration-min-studies`` studies."""
+
+    total: CalibrationSums | None
+    withheld: tuple[str, ...]
+
+    @classmethod
+    def of(cls, site_metrics: Mapping[str, Mapping[str, object]]) -> PooledSums:
+        sent = [sums for m in site_metrics.values() if (sums := CalibrationSums.from_metrics(m)) is not None]
+        withheld = tuple(sorted(site for site, m in site_metrics.items() if m.get("calibration_withheld")))
+        return cls(sum(sent[1:], sent[0]) if sent else None, withheld)
 
 
 def reference_kept(samples: Sequence[TrainingSample], min_volume_mm3: float) -> tuple[list[float], int]:

@@ -67,6 +67,7 @@ ALLOWED_METRICS = frozenset(
         "calibration_studies",
         "calibration_labelled",
         "calibration_positive",
+        "calibration_withheld",  # 1: the site held out fewer than calibration-min-studies and sent no sums
         # the membership-inference audit of the final model (federation/learning/membership.py): each attack's AUC and
         # TPR at 1 % FPR over the site's training vs held-out studies, their counts; never a per-study score
         "membership_loss_auc",

@@ -263,15 +263,23 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
     metrics: Metrics = dict(cohort.report.as_metrics())
     predictions = list(predict_samples(model, held_out, spec, site.arbiter()))
     studies = list(predictions_counts(held_out, predictions, spec))
+    run = plan.run
     if spec.training.calibrate and held_out:
         outputs = spec.outputs
         sums = CalibrationSums.of(
             predictions, held_out, outputs.min_lesion_volume_mm3, outputs.lesion_fraction, outputs.lesion_slices
-        )
-        metrics.update(sums.as_metrics())
+        ).shareable(run.calibration_min_studies)
+        if sums is None:
+            logger.warning(
+                "output calibration: %d held-out studies, fewer than calibration-min-studies (%d): sums not sent",
+                len(held_out),
+                run.calibration_min_studies,
+            )
+            metrics["calibration_withheld"] = 1
+        else:
+            metrics.update(sums.as_metrics())
     del predictions
     metrics.update(sum((counts for _, counts in studies), EvaluationCounts()).as_metrics())
-    run = plan.run
     # bias checks: per subgroup read from the studies' headers, only cells of >= bias-min-cell studies
     groups = study_subgroups(site.data, {sample.key for sample, _ in studies})
     cells = [(counts, groups.get(sample.key, StudySubgroups())) for sample, counts in studies]

@@ -12,6 +12,7 @@ from radfed.federation.learning.calibration import (
     MULTI_SLICE,
     TEMPERATURES,
     CalibrationSums,
+    PooledSums,
     calibrate,
     reference_extent_kept,
     reference_fraction,
@@ -78,6 +79,32 @@ def test_sites_sums_choose_what_all_their_studies_together_choose() -> None:
     assert federated.as_dict() == pytest.approx(pooled.as_dict())
     assert federated.lesion_threshold != 0.5 or federated.min_lesion_volume_mm3 != 2.0  # a choice was made
     assert CalibrationSums.from_metrics({"dice": 0.5}) is None  # a site that sent none
+
+
+def test_a_site_with_one_held_out_study_sends_no_sums_and_the_rest_still_calibrate() -> None:
+    """``calibration-min-studies``: one study's sums would be its own Dice per setting (and its label and score),
+    so a site under the minimum sends none and says so; label losses need as many labelled studies."""
+    pairs = [_study(f"s{i}", i % 2, lesion=i % 3 != 0, speck=i % 2 == 0, score=0.3 + 0.1 * i) for i in range(5)]
+    samples, predictions = [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def site(a: int, b: int) -> dict[str, object]:
+        sums = CalibrationSums.of(predictions[a:b], samples[a:b], 2.0, 0.05, 1).shareable(2)
+        return {"calibration_withheld": 1} if sums is None else allowed_metrics(sums.as_metrics())
+
+    pooled = PooledSums.of({"hospital-1": site(0, 1), "hospital-2": site(1, 3), "hospital-3": site(3, 5)})
+    assert pooled.withheld == ("hospital-1",)
+    assert pooled.total is not None and pooled.total.studies == 4
+    alone = calibrate(predictions[1:], samples[1:], default_min_volume_mm3=2.0, default_fraction=0.05, min_slices=1)
+    assert pooled.total.calibration(2.0, 0.05).as_dict() == pytest.approx(alone.as_dict())
+    # two held-out studies, one of them labelled: the Dice sums go, the label losses do not
+    unlabelled = _study("u", UNKNOWN_LABEL, lesion=True, speck=False, score=0.6)
+    sums = CalibrationSums.of([predictions[0], unlabelled[1]], [samples[0], unlabelled[0]], 2.0, 0.05, 1)
+    assert sums.temperature.labelled == 1 and any(sums.temperature.losses)
+    shared = sums.shareable(2)
+    assert shared is not None and shared.dice == sums.dice and shared.studies == 2
+    assert shared.temperature.labelled == 0 and not any(shared.temperature.losses)
+    assert sums.shareable(3) is None
+    assert PooledSums.of({"hospital-1": {"calibration_withheld": 1}}).total is None
 
 
 def test_the_sums_lengths_are_the_allow_lists() -> None:

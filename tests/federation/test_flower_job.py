@@ -64,6 +64,9 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     # (the sites' final evaluation ran under it; the calibration on their held-out studies may then choose another)
     calibration = next(m for m in read_metrics(out) if m.get("stage") == "calibration")
     assert calibration["before"]["min_lesion_fraction"] == state.lesion_fraction()
+    # hospital-1 holds out one study at this seed: under calibration-min-studies (2) it sends no sums
+    assert calibration["withheld_sites"] == ["hospital-1"] and calibration["validation_studies"] == 2, calibration
+    assert "hospital-1 held out fewer than calibration-min-studies (2)" in outcome.log
     assert artifact.spec.outputs.min_lesion_fraction == calibration["min_lesion_fraction"]
     # and the minimum slice extent from their summed reference lesion volumes
     assert set(state.lesion_extent_per_site) == {"hospital-1", "hospital-2"}

@@ -88,6 +88,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         membership_references=6,
         membership_steps=12,
         bias_min_cell=3,
+        calibration_min_studies=4,
         update_clip_norm=2.5,
         secure_aggregation_threshold=0.8,
         secure_aggregation_shares=5,

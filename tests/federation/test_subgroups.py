@@ -187,10 +187,14 @@ def test_auc_interval_is_delong_s_on_the_binned_scores() -> None:
     assert ci == pytest.approx([psi.mean() - 1.959964 * se, min(1.0, psi.mean() + 1.959964 * se)])
 
 
-def test_bias_min_cell_below_two_is_refused() -> None:
+def test_minimum_counts_below_two_are_refused() -> None:
     assert RunConfig().bias_min_cell == 5
     with pytest.raises(RunConfigError, match="bias-min-cell"):
         RunConfig.from_run_config({"bias-min-cell": 1})
+    # the output calibration's sums likewise: never one study's own figures
+    assert RunConfig().calibration_min_studies == 2
+    with pytest.raises(RunConfigError, match="calibration-min-studies"):
+        RunConfig.from_run_config({"calibration-min-studies": 1})
 
 
 def test_age_band_from_dates_is_whole_years() -> None:
