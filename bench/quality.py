@@ -13,8 +13,9 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_SEED=1 ...       # another draw of initial weights and patches (same folds)
     RADFED_BENCH_QUALITY_PASTE=1.0 ...    # the lesion-paste arm's share of patches (default 0.5)
     RADFED_BENCH_QUALITY_LOCAL_STEPS=25 ... # the federated arms' local steps per round (default 50)
-    RADFED_BENCH_QUALITY_SERVER_LR=1 ...  # the federated arms' server step (default: the job's, 2)
+    RADFED_BENCH_QUALITY_SERVER_LR=2 ...  # the federated arms' server step (default: the job's, 1)
     RADFED_BENCH_QUALITY_FOLDS=0 ...      # only these folds (default 0,1,2)
+    RADFED_BENCH_QUALITY_BUDGET=per-site ... # each federated site takes all the steps (default: the sites together)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
 ``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
@@ -86,6 +87,12 @@ VARIANT_THRESHOLDS = (0.3, 0.4)
 SITES = int(os.environ.get("RADFED_BENCH_QUALITY_SITES", "2"))  # the federated arm's hospitals
 # per round; rounds = steps / (local steps x sites): the centralised step budget
 FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "50"))
+# "total" (default): the sites' steps add up to the centralised arm's, so each site takes 1/SITES of them and the
+# global model 1/SITES as many sequential steps; "per-site": each site takes the centralised arm's steps (hospitals
+# train side by side on their own machines: the same wall-clock time as the centralised run, SITES times the compute)
+BUDGET = os.environ.get("RADFED_BENCH_QUALITY_BUDGET", "total")
+if BUDGET not in ("total", "per-site"):
+    raise SystemExit(f"RADFED_BENCH_QUALITY_BUDGET must be total or per-site, not {BUDGET!r}")
 # the coordinator's step on the sites' mean update (unset: the job's default, 1: plain FedAvg)
 SERVER_LEARNING_RATE = (
     float(os.environ["RADFED_BENCH_QUALITY_SERVER_LR"]) if os.environ.get("RADFED_BENCH_QUALITY_SERVER_LR") else None
@@ -430,7 +437,8 @@ def _share_rule_unprotected() -> Iterator[None]:
 
 def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[str, Any]:
     """The same fold trained by FedAvg over SITES simulated hospitals (no DP), as many steps in all as the
-    centralised arm, the job's own site training and aggregation code (federation/lab/experiments.py)."""
+    centralised arm (or as many at each site: BUDGET), the job's own site training and aggregation code
+    (federation/lab/experiments.py)."""
     import time
 
     from radfed.federation.lab.experiments import Arm, Budget, Experiment
@@ -443,7 +451,8 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     spec = spec.with_outputs(
         min_lesion_fraction=reference_fraction(train, volume), min_lesion_slices=reference_slices(train, volume)
     )
-    rounds = max(1, (STEPS or FEDERATED_STEPS) // (FEDERATED_LOCAL_STEPS * len(sites)))
+    per_site = (STEPS or FEDERATED_STEPS) // (len(sites) if BUDGET == "total" else 1)
+    rounds = max(1, per_site // FEDERATED_LOCAL_STEPS)
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
     arm = Arm(job.arm, harmonise=False)
     if SERVER_LEARNING_RATE is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from radfed.federation.coordinator.checkpoint import calibration_section
 from radfed.federation.lab.experiments import cross_calibrated
 from radfed.federation.learning.calibration import (
     FRACTIONS,
@@ -266,3 +267,14 @@ def test_the_study_temperature_needs_more_than_a_few_separable_studies() -> None
 
     assert 0.7 <= temperature(2) <= 1.0  # two studies, perfectly separated: close to the model's own
     assert temperature(40) < 0.6  # forty: the scores' separation sharpens it
+
+
+def test_the_model_card_names_the_sites_that_held_their_sums_back() -> None:
+    pairs = [_study(f"s{i}", i % 2, lesion=True, speck=False, score=0.4 + 0.1 * i) for i in range(3)]
+    chosen = calibrate([p[1] for p in pairs], [p[0] for p in pairs], default_min_volume_mm3=2.0)
+    section = calibration_section(chosen, 0.5, ("hospital-3",), 2)
+    assert "3 held-out studies" in section and "hospital-3 held out fewer than 2 studies" in section, section
+    assert "held out fewer" not in calibration_section(chosen, 0.5, (), 2)
+    nothing = calibration_section(None, 0.5, ("hospital-1", "hospital-2"), 2)
+    assert "None: hospital-1, hospital-2 held out fewer than 2" in nothing and "settings stay" in nothing, nothing
+    assert calibration_section(None, 0.5, (), 2) == ""  # calibration off: no section
