@@ -16,6 +16,7 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_SERVER_LR=2 ...  # the federated arms' server step (default: the job's, 1)
     RADFED_BENCH_QUALITY_FOLDS=0 ...      # only these folds (default 0,1,2)
     RADFED_BENCH_QUALITY_BUDGET=per-site ... # each federated site takes all the steps (default: the sites together)
+    RADFED_BENCH_QUALITY_FEDERATED_LR=2e-3 ... # the federated arms' learning rate at the sites (default: the recipe's)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
 ``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
@@ -93,6 +94,9 @@ FEDERATED_LOCAL_STEPS = int(os.environ.get("RADFED_BENCH_QUALITY_LOCAL_STEPS", "
 BUDGET = os.environ.get("RADFED_BENCH_QUALITY_BUDGET", "total")
 if BUDGET not in ("total", "per-site"):
     raise SystemExit(f"RADFED_BENCH_QUALITY_BUDGET must be total or per-site, not {BUDGET!r}")
+# the federated arms' learning rate at the sites (unset: the recipe's; run-config learning-rate)
+_SITE_LR = os.environ.get("RADFED_BENCH_QUALITY_FEDERATED_LR")
+FEDERATED_LEARNING_RATE = float(_SITE_LR) if _SITE_LR else None
 # the coordinator's step on the sites' mean update (unset: the job's default, 1: plain FedAvg)
 SERVER_LEARNING_RATE = (
     float(os.environ["RADFED_BENCH_QUALITY_SERVER_LR"]) if os.environ.get("RADFED_BENCH_QUALITY_SERVER_LR") else None
@@ -457,6 +461,8 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     arm = Arm(job.arm, harmonise=False)
     if SERVER_LEARNING_RATE is not None:
         arm = replace(arm, server_learning_rate=SERVER_LEARNING_RATE)
+    if FEDERATED_LEARNING_RATE is not None:
+        arm = replace(arm, learning_rate=FEDERATED_LEARNING_RATE)
     started = time.perf_counter()
     result = Experiment(spec, {}, budget).federate(
         arm, sites, test, lambda line: print(f"  brain fold {job.fold} {job.arm}: {line}")
@@ -465,7 +471,9 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     return {
         "dataset": job.dataset,
         "arm": f"{job.arm}, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps, "
-        f"server step {arm.server_learning_rate:g} (no DP)",
+        f"server step {arm.server_learning_rate:g}"
+        + (f", site learning rate {arm.learning_rate:g}" if arm.learning_rate is not None else "")
+        + " (no DP)",
         "fold": job.fold,
         "train": len(train),
         "test": len(test),
