@@ -172,6 +172,7 @@ def model_card(
     rounds: int,
     aggregation: str,
     state: CoordinatorCheckpoint,
+    local_steps: int = 0,
     epsilon_budget: float,
     delta: float,
     final_evaluation: Mapping[str, Any] | None,
@@ -188,7 +189,14 @@ def model_card(
     lines = [
         f"# Model card: {model_key}",
         "",
-        f"- Federated job `{job}`: {rounds} rounds, aggregation `{aggregation}`.",
+        f"- Federated job `{job}`: {rounds} rounds"
+        + (
+            f" x {local_steps} local steps ({rounds * local_steps} training steps at each site; the averaged model "
+            "takes about as many, however many sites train)"
+            if local_steps
+            else ""
+        )
+        + f", aggregation `{aggregation}`.",
         "- Starting model: " + (f"fine-tuned from base model {base_model}" if base_model else "random initial weights"),
         "- Harmonisation: " + ("shared intensity landmarks per channel" if state.harmonisation else "none"),
         "- Differential privacy: "

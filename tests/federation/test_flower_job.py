@@ -58,6 +58,10 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     assert epsilons == sorted(epsilons) and epsilons[-1] <= 6.0  # the sites' accountants survived too
     artifact = load_artifact(out / "artifact")
     assert artifact.provenance["rounds"] == 3 and artifact.provenance["training"] == "federated"
+    assert artifact.provenance["local_steps"] == config["local-steps"]
+    card = (out / "model-card.md").read_text()
+    steps = 3 * int(config["local-steps"])
+    assert f"3 rounds x {config['local-steps']} local steps ({steps} training steps at each site" in card, card
     # the share-of-largest rule the spec leaves open comes from the sites' summed reference-mask statistics
     state = CoordinatorCheckpoint.load(out)
     assert state is not None and set(state.lesion_kept_per_site) == {"hospital-1", "hospital-2"}
