@@ -66,7 +66,7 @@ lint: install-python
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install-python
-	$(VENV)/bin/mypy -p radfed.inference -p radfed.dicom_sr -p radfed.federation -p radfed.plugin
+	$(VENV)/bin/mypy -p radfed.inference -p radfed.dicom_sr -p radfed.federation -p radfed.plugin -p bench
 
 imports: install-python
 	$(VENV)/bin/lint-imports

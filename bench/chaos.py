@@ -106,7 +106,7 @@ class Node:
     def jobs(self) -> list[dict[str, Any]]:
         response = requests.get(self.url + "/jobs", headers=self.headers, params={"limit": 1000}, timeout=10)
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def count(self, *states: str) -> int:
         return sum(job["state"] in states for job in self.jobs())

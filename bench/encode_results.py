@@ -25,7 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from bench.report import table
 from radfed.dicom_sr.outputs import build_results
-from radfed.dicom_sr.profile import OutputProfile
+from radfed.dicom_sr.profile import OutputProfile, SegEncoding
 from radfed.dicom_sr.seg import build_seg
 from radfed.inference.coding import CodedTerm
 from radfed.inference.dicom.series import volume_from_datasets
@@ -146,7 +146,7 @@ def full_build_times(result: InferenceResult, repeats: int) -> dict[str, tuple[f
     """Wall and CPU seconds of SEG + SR + QA per encoding, after one warm-up build."""
     times = {}
     for encoding in ENCODINGS:
-        profile = OutputProfile(seg_encoding=encoding)
+        profile = OutputProfile(seg_encoding=SegEncoding(encoding))
         build_results(result, profile)
         times[encoding] = _time(lambda r=result, p=profile: build_results(r, p), repeats)
     return times
@@ -186,7 +186,7 @@ def main() -> None:
         result = make()
         full = full_build_times(result, max(1, repeats - 2))
         for encoding in ENCODINGS:
-            profile = OutputProfile(seg_encoding=encoding)
+            profile = OutputProfile(seg_encoding=SegEncoding(encoding))
             seg = build_seg(result, profile)
             assert seg is not None
             encode_s, _ = _time(lambda r=result, p=profile: build_seg(r, p), repeats)

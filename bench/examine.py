@@ -64,11 +64,17 @@ def measure(url: str, username: str, password: str, study_ids: list[str], repeat
                 if planner:
                     from radfed.inference.pipeline.input_plan import plan_study
 
-                    plan, *examine = _measured(client, lambda s=study_id: plan_study(OrthancStudy(client, s), spec))
+                    # the study is opened inside each measured step: opening it is a request
+                    def plan_new(s: str = study_id) -> Any:
+                        return plan_study(OrthancStudy(client, s), spec)
+
+                    plan, *examine = _measured(client, plan_new)
                     fingerprint = plan.fingerprint
-                    loaded, *job = _measured(
-                        client, lambda s=study_id, p=plan: load_study(OrthancStudy(client, s), spec, p)
-                    )
+
+                    def load_new(s: str = study_id, p: Any = plan) -> Any:
+                        return load_study(OrthancStudy(client, s), spec, p)
+
+                    loaded, *job = _measured(client, load_new)
                 else:
 
                     def examine_old(s: str = study_id) -> str:  # NodeService.examine before input plans
@@ -79,7 +85,11 @@ def measure(url: str, username: str, password: str, study_ids: list[str], repeat
                         )
 
                     fingerprint, *examine = _measured(client, examine_old)
-                    loaded, *job = _measured(client, lambda s=study_id: load_study(OrthancStudy(client, s), spec))
+
+                    def load_old(s: str = study_id) -> Any:
+                        return load_study(OrthancStudy(client, s), spec)
+
+                    loaded, *job = _measured(client, load_old)
                 assert loaded.fingerprint == fingerprint
                 for name, values in (("examine", examine), ("job", job)):
                     for label, value in zip(("s", "bytes", "requests"), values, strict=True):
@@ -91,7 +101,7 @@ def measure(url: str, username: str, password: str, study_ids: list[str], repeat
     return result
 
 
-def _worker(args: list[str], pythonpath: list[str]) -> dict[str, Any]:
+def _worker(args: list[object], pythonpath: list[str]) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     script = f"import json; from bench.examine import measure; print(json.dumps(measure(*{args!r})))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*pythonpath, str(root)])}
@@ -102,7 +112,7 @@ def _worker(args: list[str], pythonpath: list[str]) -> dict[str, Any]:
     return result
 
 
-def _baseline(revision: str, args: list[str]) -> dict[str, Any]:
+def _baseline(revision: str, args: list[object]) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "radfed" / "inference"

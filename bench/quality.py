@@ -274,7 +274,7 @@ def _jobs(work: Path) -> list[Job]:
     return jobs
 
 
-def _run(job: Job) -> dict[str, Any]:
+def _run(job: Job) -> list[dict[str, Any]]:
     from radfed.federation.learning.calibration import reference_fraction
     from radfed.federation.learning.train_local import fit, set_threads
 
@@ -317,10 +317,11 @@ def _run(job: Job) -> dict[str, Any]:
     trained = fit(spec, train, seed=job.fold + 100 * SEED, steps=STEPS, progress=progress)
     # Postprocessing and test-time variants of the same trained model (free of training noise).
     variants = {job.arm: trained.spec}
-    models = {job.arm: trained.model}
+    models: dict[str, Any] = {job.arm: trained.model}
     if job.arm == "ensemble":  # its first network alone is the planned arm's model (same seed)
         variants["ensemble's first network alone"] = trained.spec
-        models["ensemble's first network alone"] = trained.model.members[0]
+        ensemble: Any = trained.model  # a networks.Ensemble: torch types its members as a Tensor or Module
+        models["ensemble's first network alone"] = ensemble.members[0]
     unprotected = "planned, share rule without protecting large components (session 9)"
     if job.arm == "planned":
         variants["planned, no share-of-largest rule"] = trained.spec.with_outputs(min_lesion_fraction=0.0)
@@ -501,19 +502,19 @@ def main() -> None:
         budget = f"{STEPS} steps" if STEPS else f"as many steps as {MINUTES or 'the recipe'} minutes allow"
         print(f"bench quality: {len(jobs)} trainings ({budget} each), {workers} side by side", flush=True)
         context = multiprocessing.get_context("spawn")
-        results = []
+        results: list[dict[str, Any]] = []
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             for rows in pool.map(_run, jobs):  # each fold's rows as soon as it and those before it are done
                 for row in rows:
                     print(json.dumps({k: v for k, v in row.items() if k != "studies"}), flush=True)
                 results += rows
-    rows = []
+    summary: list[list[object]] = []
     for dataset in dict.fromkeys(r["dataset"] for r in results):
         for arm in dict.fromkeys(r["arm"] for r in results):
             mine = [r for r in results if r["dataset"] == dataset and r["arm"] == arm]
             if not mine:
                 continue
-            rows.append(
+            summary.append(
                 [
                     dataset,
                     arm,
@@ -549,7 +550,7 @@ def main() -> None:
             "s/step",
             "published",
         ],
-        rows,
+        summary,
         reproduce,
     )
     _per_study_table(results, reproduce)

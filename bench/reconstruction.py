@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,10 @@ def _slices(patient: str, kind: str = "Pre") -> list[tuple[np.ndarray, np.ndarra
     """(image, mask) windows of SIZE x SIZE on the tumour, one per slice with tumour, 4x downsampled, z-scored."""
     import nibabel as nib
 
-    image = nib.load(BRAIN / patient / f"{kind}_Scan_T1.nii.gz").get_fdata().astype(np.float32)
-    mask = nib.load(BRAIN / patient / f"{kind}_Mask.nii.gz").get_fdata() > 0
+    scan: Any = nib.load(BRAIN / patient / f"{kind}_Scan_T1.nii.gz")  # a Nifti1Image; nibabel types a FileBasedImage
+    segmentation: Any = nib.load(BRAIN / patient / f"{kind}_Mask.nii.gz")
+    image = scan.get_fdata().astype(np.float32)
+    mask = segmentation.get_fdata() > 0
     windows = []
     for z in np.argsort(-mask.sum(axis=(0, 1))):
         if mask[:, :, z].sum() < 20:

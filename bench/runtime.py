@@ -73,9 +73,9 @@ def main() -> None:
                 prediction = model.predict(image)
                 times.append(time.perf_counter() - started)
             rows.append([batch, f"{per_s:.1f}", f"{statistics.median(times):.2f}", prediction.windows])
-        base = float(rows[0][1])
+        base = float(str(rows[0][1]))
         for row in rows:
-            row.insert(2, f"{float(row[1]) / base:.2f}")
+            row.insert(2, f"{float(str(row[1])) / base:.2f}")
     half = artifact.provenance["onnx_fp16_max_abs_error"]
     print(f"\ndevice: {device.provider} ({device.reason})")
     print(f"float16 copy: max |float32 - float16| logit difference {half:.4f} on a random sample (tolerance 0.05)")

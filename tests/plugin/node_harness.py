@@ -125,7 +125,7 @@ port = {self.port}
         params = {"limit": 1000}
         if state:
             params["state"] = state  # type: ignore[assignment]
-        return self.get("/jobs", **params)  # type: ignore[no-any-return]
+        return self.get("/jobs", **params)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

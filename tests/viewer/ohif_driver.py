@@ -39,7 +39,7 @@ class ViewerPage:
         self.page.wait_for_function("() => window.services && window.cornerstone.getRenderingEngines().length > 0")
 
     def display_sets(self) -> list[dict[str, Any]]:
-        return self.page.evaluate(  # type: ignore[no-any-return]
+        return self.page.evaluate(
             """() => window.services.displaySetService.getActiveDisplaySets().map(d => ({
                  uid: d.displaySetInstanceUID, modality: d.Modality, description: d.SeriesDescription || '',
                  series: d.SeriesInstanceUID}))"""
@@ -102,9 +102,7 @@ class ViewerPage:
 
     # -- the viewport -------------------------------------------------------------------------------
     def image_ids(self) -> list[str]:
-        return self.page.evaluate(  # type: ignore[no-any-return]
-            "() => window.cornerstone.getRenderingEngines()[0].getViewports()[0].getImageIds()"
-        )
+        return self.page.evaluate("() => window.cornerstone.getRenderingEngines()[0].getViewports()[0].getImageIds()")
 
     def go_to_slice(self, index: int) -> None:
         for _ in range(3):  # OHIF may reset the index just after the first image: set until it holds
@@ -173,7 +171,7 @@ class ViewerPage:
                          e.getViewports().map(v => v.id)); }"""
         )
         time.sleep(0.5)
-        return self.page.evaluate(  # type: ignore[no-any-return]
+        return self.page.evaluate(
             """() => window.cornerstoneTools.annotation.state.getAllAnnotations()
                  .filter(a => a.metadata.toolName === 'DICOMSRDisplay')
                  .map(a => ({uid: a.annotationUID, labels: (a.data.labels || []).map(l => [l.label, l.value]),
