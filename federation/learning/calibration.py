@@ -23,7 +23,9 @@ from radfed.inference.model.taskspec import TaskSpec
 from radfed.inference.model.windows import Prediction
 from radfed.inference.pipeline.lesions import kept_components, protected_volume_mm3, slice_extents
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+# Lesion probability thresholds tried. Wide enough that a model that over-segments (the demo's DP fine-tuned one
+# chose 0.7, then the grid's top) or under-segments finds its best setting inside the grid, not at its edge.
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 # Minimum volumes tried, as multiples of the spec's own (0 keeps every component).
 VOLUME_FACTORS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 16.0, 25))

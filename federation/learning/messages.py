@@ -86,10 +86,10 @@ SCORE_BINS = 64  # study-score histogram bins (federation/learning/evaluation.py
 # Summed over a site's training studies, per share in calibration.FRACTIONS: the part of their reference lesion
 # volume in components of at least that share of the study's largest (federation/learning/calibration.py).
 LESION_KEPT_LENGTH = 5
-# Summed over a site's held-out studies: Dice per output setting (calibration.setting_grid: 5 thresholds x 6
+# Summed over a site's held-out studies: Dice per output setting (calibration.setting_grid: 7 thresholds x 6
 # minimum volumes x 6 shares), its squared gain over the reference setting (the spread of the gain), and the
 # study labels' negative log-likelihood per temperature (25).
-CALIBRATION_GRID_LENGTH = 180
+CALIBRATION_GRID_LENGTH = 252
 TEMPERATURE_COUNT = 25
 ALLOWED_VECTORS = {
     "eval_scores_positive": SCORE_BINS,

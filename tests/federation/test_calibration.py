@@ -56,6 +56,23 @@ def test_the_threshold_and_minimum_volume_fit_the_validation_studies() -> None:
     assert calibration.study_temperature < 1.0
 
 
+@pytest.mark.parametrize(("inside", "halo", "best"), [(0.95, 0.75, 0.8), (0.25, 0.0, 0.2)])
+def test_the_threshold_grid_reaches_a_model_that_over_or_under_segments(inside: float, halo: float, best: float) -> None:
+    """A model sure of its lesions but with a 0.75 halo around them wants 0.8; one that gives its lesions only
+    0.25 wants 0.2: both beyond the 0.3-0.7 the grid stopped at before session 35."""
+    pairs = []
+    for i in range(6):
+        sample, _ = _study(f"s{i}", 1, lesion=True, speck=False, score=0.9)
+        probability = np.zeros((4, 32, 32), np.float32)
+        probability[1:3, 6:18, 6:18] = halo  # a ring of two voxels around the 8 x 8 lesion
+        probability[1:3, 8:16, 8:16] = inside
+        pairs.append((sample, Prediction(probability, 0.9, 1)))
+    calibration = calibrate([p[1] for p in pairs], [p[0] for p in pairs], default_min_volume_mm3=2.0)
+    assert calibration.lesion_threshold == best
+    assert calibration.validation_dice == pytest.approx(1.0)
+    assert calibration.reference_dice < 0.8
+
+
 def test_unknown_labels_do_not_calibrate_the_study_probability() -> None:
     pairs = [_study(f"s{i}", UNKNOWN_LABEL, lesion=True, speck=False, score=0.7) for i in range(3)]
     calibration = calibrate([p[1] for p in pairs], [p[0] for p in pairs], default_min_volume_mm3=1.0)
