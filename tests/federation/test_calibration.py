@@ -57,7 +57,9 @@ def test_the_threshold_and_minimum_volume_fit_the_validation_studies() -> None:
 
 
 @pytest.mark.parametrize(("inside", "halo", "best"), [(0.95, 0.75, 0.8), (0.25, 0.0, 0.2)])
-def test_the_threshold_grid_reaches_a_model_that_over_or_under_segments(inside: float, halo: float, best: float) -> None:
+def test_the_threshold_grid_reaches_a_model_that_over_or_under_segments(
+    inside: float, halo: float, best: float
+) -> None:
     """A model sure of its lesions but with a 0.75 halo around them wants 0.8; one that gives its lesions only
     0.25 wants 0.2: both beyond the 0.3-0.7 the grid stopped at before session 35."""
     pairs = []
