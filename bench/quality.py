@@ -70,7 +70,9 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # "paste-forced" (brain and prostate: lesions pasted only into the patches forced onto foreground, in place of a
 # cut around the study's own lesion, [training] paste_into = "forced", against pasting into any patch), "local"
 # (brain: the planned recipe trained on the first of the federated arm's SITES hospitals alone, its own 1/SITES of
-# the fold's training patients: what a hospital reaches without the federation, and a point on the learning curve)
+# the fold's training patients: what a hospital reaches without the federation, and a point on the learning curve),
+# "residual" (brain and prostate: the planned DynUNet with residual blocks, [model] residual = true, after nnU-Net's
+# residual encoder presets), "segresnet" (brain and prostate: MONAI's SegResNet on the planned grid and patch)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 LESION_PASTE = float(os.environ.get("RADFED_BENCH_QUALITY_PASTE", "0.5"))
@@ -81,6 +83,8 @@ NNUNET_SPATIAL = "\n[training]\nrotation_deg = 180.0\nscale_range = [0.7, 1.4]\n
 STRONG_AUG = "\n[training]\naugmentation_probability = 0.4\n"  # the "strong-aug" arm
 # the arms that only add [training] keys to the planned recipe
 PASTE_FORCED = '\n[training]\npaste_into = "forced"\n'  # the "paste-forced" arm
+# the arms that only add [model] keys to the planned recipe
+MODEL_ARMS = {"residual": "[model]\nresidual = true\n", "segresnet": '[model]\narchitecture = "segresnet"\n'}
 TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG, "paste-forced": PASTE_FORCED}
 # The planned model's probability map cut at other thresholds than the spec's (the brain folds are too
 # small for a validation split, so nothing calibrates it there): an analysis row, not a recipe.
@@ -230,6 +234,7 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[preprocessing]\n\n[model]\n", SESSION_10_PLAN)
                 if arm == "2.5-d":
                     text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
+                text = text.replace("[model]\n", MODEL_ARMS.get(arm, "[model]\n"))
                 if arm == "voxel":
                     text += '\n[training]\nforeground_sampling = "voxel"\n'
                 if arm == "ensemble":
@@ -259,6 +264,10 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[training]\n", '[training]\nforeground_sampling = "voxel"\n', 1)
                 if arm == "ensemble":
                     text = text.replace("[model]\n", f"[model]\nensemble = {ENSEMBLE}\n", 1)
+                if arm == "segresnet":  # the shipped spec names its architecture
+                    text = text.replace('architecture = "dynunet"', 'architecture = "segresnet"', 1)
+                elif arm in MODEL_ARMS:
+                    text = text.replace("[model]\n", MODEL_ARMS[arm], 1)
                 if arm == "cpu-bf16":
                     text = text.replace("[training]\n", "[training]\ncpu_mixed_precision = true\n", 1)
                 if arm == "patch-dice":

@@ -67,6 +67,7 @@ class _DynUNet(nn.Module):
             norm_name=_norm(plan),
             deep_supervision=deep,
             deep_supr_num=max(1, plan.deep_supervision),
+            res_block=plan.residual,
         )
         # DynUNet's own recursive skip layers reference the same blocks: drop them so each tensor is held
         # (and sent to the coordinator) once.

@@ -221,6 +221,7 @@ class NetworkPlan:
     groups: int = 8  # GroupNorm groups where norm = group
     # 2.5-D: a 2-D network also sees this many slices either side of its slice, as extra input channels
     context_slices: int = 0
+    residual: bool = False  # DynUNet only: each stage's two convolutions as a residual block
 
     def input_channels(self, channels: int) -> int:
         """The network's input channels for a task of ``channels`` image channels."""
@@ -267,6 +268,7 @@ class Plan:
                     deep_supervision=int(net["deep_supervision"]),
                     groups=int(net["groups"]),
                     context_slices=int(net.get("context_slices", 0)),  # plans written before 2.5-D: none
+                    residual=bool(net.get("residual", False)),  # plans written before session 36: plain blocks
                 ),
                 reasons=tuple(data.get("reasons", ())),
             )
@@ -290,6 +292,7 @@ class PlanOverrides:
     groups: int = 8
     deep_supervision: int | None = None
     context_slices: int = 0  # 2-D networks only
+    residual: bool = False  # DynUNet only
 
 
 def _target_spacing(fp: DatasetFingerprint, reasons: list[str]) -> tuple[float, float, float]:
@@ -423,6 +426,8 @@ def derive_plan(
     context = overrides.context_slices if dims == 2 else 0
     if context:
         reasons.append(f"2.5-D: {context} slice(s) either side of each slice as input channels")
+    if overrides.residual:
+        reasons.append("residual blocks in every stage (the spec's model.residual)")
     return Plan(
         spacing_mm=spacing,
         patch_size=patch,
@@ -439,6 +444,7 @@ def derive_plan(
             deep_supervision=max(0, deep),
             groups=overrides.groups,
             context_slices=context,
+            residual=overrides.residual,
         ),
         reasons=tuple(reasons),
     )

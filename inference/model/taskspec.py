@@ -123,6 +123,7 @@ class ModelSettings:
     batch_size: int | None
     deep_supervision: int | None
     context_slices: int = 0  # 2.5-D: neighbouring slices as input channels of a 2-D network
+    residual: bool = False  # DynUNet with residual blocks (nnU-Net's residual encoder presets)
     # Networks trained side by side from other initial weights and patch draws, their probabilities averaged in
     # one exported model (nnU-Net ensembles its folds' models); local training only: a federation trains one.
     ensemble: int = 1
@@ -197,6 +198,7 @@ class TaskSpec:
             groups=model.groups,
             deep_supervision=model.deep_supervision,
             context_slices=model.context_slices,
+            residual=model.residual,
         )
 
     @property
@@ -349,6 +351,12 @@ def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
     context = r.get("context_slices", int, 0)
     if not 0 <= context <= 3 or (context and dims_text == 3):
         raise TaskSpecError(f"model.context_slices must be 0-3 and needs a 2-D network, got {context}")
+    residual = r.get("residual", bool, False)
+    if residual and architecture is not Architecture.DYNUNET:
+        raise TaskSpecError(
+            f"model.residual applies to dynunet; {architecture.value} is "
+            + ("residual already" if architecture in (Architecture.SEGRESNET, Architecture.UNET) else "not residual")
+        )
     ensemble = r.get("ensemble", int, 1)
     if not 1 <= ensemble <= MAX_ENSEMBLE:
         raise TaskSpecError(f"model.ensemble must be 1-{MAX_ENSEMBLE} networks, got {ensemble}")
@@ -361,6 +369,7 @@ def _model(r: _Reader, patch: tuple[int, ...] | None) -> ModelSettings:
         batch_size=r.get("batch_size", int, None),
         deep_supervision=r.get("deep_supervision", int, None),
         context_slices=context,
+        residual=residual,
         ensemble=ensemble,
     )
 
