@@ -3,6 +3,7 @@ carries deep supervision in training only, and is DP-SGD compatible."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,24 @@ def test_every_network_exports_with_onnx_parity(tmp_path: Path, architecture: Ar
     with torch.no_grad():
         seg, cls = model(x)
     assert seg.shape == (2, 1, *spec.patch_size) and cls.shape == (2, 1)
+    export_onnx(model, spec, tmp_path / "model.onnx")
+    assert parity_error(model, spec, tmp_path / "model.onnx") < PARITY_TOLERANCE
+
+
+def test_residual_dynunet_has_residual_blocks_and_exports_with_onnx_parity(tmp_path: Path) -> None:
+    from monai.networks.blocks.dynunet_block import UnetResBlock
+
+    spec = _spec(Architecture.DYNUNET, 2)
+    assert spec.plan is not None
+    plain = build_network(spec.plan.network, len(spec.channels))
+    residual_plan = replace(spec.plan, network=replace(spec.plan.network, residual=True))
+    spec = replace(spec, plan=residual_plan)
+    torch.manual_seed(0)
+    model = build_network(residual_plan.network, len(spec.channels))
+    blocks = [m for m in model.modules() if isinstance(m, UnetResBlock)]
+    assert blocks and not any(isinstance(m, UnetResBlock) for m in plain.modules())
+    assert len(blocks) == len(residual_plan.network.strides)  # the input block, each downsampling stage, the bottleneck
+    model.eval()
     export_onnx(model, spec, tmp_path / "model.onnx")
     assert parity_error(model, spec, tmp_path / "model.onnx") < PARITY_TOLERANCE
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -132,6 +134,16 @@ def test_a_plan_round_trips_through_json() -> None:
     assert Plan.from_json(plan.to_json()) == plan
     with pytest.raises(PlanError):
         Plan.from_json('{"format": "something-else"}')
+
+
+def test_residual_blocks_are_recorded_and_older_plans_read_as_plain() -> None:
+    cohort = _cohort([(1.0, 0.8, 0.8)] * 3, (90, 200, 200), "ct")
+    plan = derive_plan(PlanOverrides({"ct": "CT"}, residual=True), cohort)
+    assert plan.network.residual and any("residual" in r for r in plan.reasons)
+    assert Plan.from_json(plan.to_json()).network.residual
+    older = json.loads(plan.to_json())
+    del older["network"]["residual"]  # a plan written before the key existed
+    assert not Plan.from_json(json.dumps(older)).network.residual
 
 
 def test_statistics_of_an_empty_foreground_are_defined() -> None:

@@ -45,6 +45,8 @@ def _spec_text(**replace: str) -> str:
         ('key = "StudyInstanceUID"', 'key = "PatientID"', "labels.classification.key"),
         ('architecture = "dynunet"', 'architecture = "dynunett"', "model.architecture"),
         ('norm = "instance"', 'norm = "batch"', "model.norm"),
+        ('architecture = "dynunet"', 'architecture = "segresnet"\nresidual = true', "residual already"),
+        ('architecture = "dynunet"', 'architecture = "dynunet"\nresidual = "yes"', "model.residual"),
         ("classification_weight = 0.5", "steps = 0", "training.steps"),
         ("classification_weight = 0.5", "time_limit_minutes = 0", "training.steps is needed"),
         ("flip_axes = [2]", "flip_axes = [3]", "training.flip_axes"),
