@@ -138,15 +138,18 @@ def landmark_metrics(metrics: Mapping[str, Any]) -> dict[str, list[float]]:
 
 
 def evaluation_line(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Per-site and pooled evaluation from the sites' counts (None when no site evaluated)."""
+    """Per-site and pooled evaluation from the sites' counts, and the sites that withheld theirs
+    (``evaluation-min-studies``); None when no site evaluated or withheld."""
     per_site = {s: c for s, m in site_metrics.items() if (c := EvaluationCounts.from_metrics(m)) is not None}
-    if not per_site:
+    withheld = sorted(s for s, m in site_metrics.items() if m.get("evaluation_withheld"))
+    if not per_site and not withheld:
         return None
     pooled = EvaluationCounts()
     for counts in per_site.values():
         pooled = pooled + counts
     return {
         "sites": {s: c.summary() for s, c in sorted(per_site.items())},
+        "withheld": withheld,
         "pooled": pooled.summary(),
         "scores": {
             "pooled": {"positive": pooled.positive_scores, "negative": pooled.negative_scores},
@@ -221,6 +224,11 @@ def model_card(
             + " |"
         )
     lines += ["", "Evaluation: each site's held-out studies (never trained on), with the node's own postprocessing."]
+    if withheld := (final_evaluation or {}).get("withheld"):
+        lines.append(
+            f"{', '.join(withheld)} held out fewer studies than `evaluation-min-studies` and sent no figures (from so "
+            "few they would be those patients' own): the pooled row leaves them out."
+        )
     lines += ["", "## Poisoning alerts", ""]
     if alerts:
         lines += [

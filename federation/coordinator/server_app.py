@@ -650,6 +650,11 @@ def main(grid: Grid, context: Context) -> None:
         spec = spec.with_outputs(min_lesion_slices=state.lesion_slices())
     final, membership, sums = job.evaluate_final(state, spec.outputs)
     calibration, default_threshold, calibration_record = None, spec.outputs.lesion_threshold, None
+    if final is not None and final["withheld"]:
+        say(
+            f"evaluation: {', '.join(final['withheld'])} held out fewer than evaluation-min-studies "
+            f"({run.evaluation_min_studies}) and sent no figures; the pooled evaluation leaves them out"
+        )
     if sums.withheld:
         say(
             f"calibration: {', '.join(sums.withheld)} held out fewer than calibration-min-studies "

@@ -110,6 +110,10 @@ class RunConfig:
     # with at least this many held-out studies, and its study-label losses only with this many labelled ones (with
     # one, the sums would be that study's own figures).
     calibration_min_studies: int = 2
+    # Evaluation (every round's, of the incoming global model, and the final one): a site sends its summed figures
+    # (Dice, lesions found, study counts, score histogram, volumes) only with at least this many held-out studies;
+    # from one study they would be that patient's own (its tumour's volume, its lesion count).
+    evaluation_min_studies: int = 2
     # Secure aggregation (Flower's SecAgg+, federation/coordinator/secure_aggregation.py): the coordinator learns only
     # the sum of the sites' updates. Each site first clips its update to update-clip-norm (L2; also the range the
     # masked integers cover, so no coordinate is ever cut). Robust aggregation, screening, compression and early-closing
@@ -146,6 +150,8 @@ class RunConfig:
         _require(self.bias_min_cell >= MIN_CELL_FLOOR, "bias-min-cell", self.bias_min_cell, f">= {MIN_CELL_FLOOR}")
         calibration_ok = self.calibration_min_studies >= MIN_CELL_FLOOR
         _require(calibration_ok, "calibration-min-studies", self.calibration_min_studies, f">= {MIN_CELL_FLOOR}")
+        evaluation_ok = self.evaluation_min_studies >= MIN_CELL_FLOOR
+        _require(evaluation_ok, "evaluation-min-studies", self.evaluation_min_studies, f">= {MIN_CELL_FLOOR}")
         _require(self.membership_steps >= 0, "membership-steps", self.membership_steps, ">= 0 (0: the job's)")
         try:
             Compression.parse(self.compression)

@@ -88,6 +88,14 @@ class EvaluationCounts:
             "eval_reference_voxels": self.reference_voxels,
         }
 
+    def shareable(self, min_studies: int) -> dict[str, float | int | list[int]]:
+        """What a site may send (``evaluation-min-studies``): the counts, or only ``evaluation_withheld`` when
+        it held out some studies but fewer than ``min_studies`` (their sums would be those patients' own
+        figures). With no held-out study the zero counts say only that."""
+        if 0 < self.studies < min_studies:
+            return {"evaluation_withheld": 1}
+        return self.as_metrics()
+
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, object]) -> EvaluationCounts | None:
         if "eval_studies" not in metrics:

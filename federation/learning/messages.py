@@ -68,6 +68,7 @@ ALLOWED_METRICS = frozenset(
         "calibration_labelled",
         "calibration_positive",
         "calibration_withheld",  # 1: the site held out fewer than calibration-min-studies and sent no sums
+        "evaluation_withheld",  # 1: the site held out fewer than evaluation-min-studies and sent no eval_* figures
         # the membership-inference audit of the final model (federation/learning/membership.py): each attack's AUC and
         # TPR at 1 % FPR over the site's training vs held-out studies, their counts; never a per-study score
         "membership_loss_auc",

@@ -159,9 +159,9 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     metrics: Metrics = dict(cohort.report.as_metrics())
     model = arrays_to_model(spec, arrays)
     evaluation_started = time.perf_counter()
-    metrics.update(evaluate_model(model, held_out, spec, site.arbiter()).as_metrics())
-    metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
     run = plan.run
+    metrics.update(evaluate_model(model, held_out, spec, site.arbiter()).shareable(run.evaluation_min_studies))
+    metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
     # learning-rate 0: the recipe's
     recipe = replace(spec.training, learning_rate=run.learning_rate) if run.learning_rate else spec.training
     settings = TrainingSettings.from_spec(
@@ -279,7 +279,14 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
         else:
             metrics.update(sums.as_metrics())
     del predictions
-    metrics.update(sum((counts for _, counts in studies), EvaluationCounts()).as_metrics())
+    evaluation = sum((counts for _, counts in studies), EvaluationCounts()).shareable(run.evaluation_min_studies)
+    if "evaluation_withheld" in evaluation:
+        logger.warning(
+            "evaluation: %d held-out studies, fewer than evaluation-min-studies (%d): figures not sent",
+            len(held_out),
+            run.evaluation_min_studies,
+        )
+    metrics.update(evaluation)
     # bias checks: per subgroup read from the studies' headers, only cells of >= bias-min-cell studies
     groups = study_subgroups(site.data, {sample.key for sample, _ in studies})
     cells = [(counts, groups.get(sample.key, StudySubgroups())) for sample, counts in studies]

@@ -195,7 +195,9 @@ def write_job_report(
                 [n, v.get("studies"), v.get("dice"), v.get("lesion_sensitivity"), v.get("auc")]
                 + [v.get("sensitivity"), v.get("specificity"), v.get("f1")]
                 for n, v in zip(names, values, strict=True)
-            ],
+            ]
+            # sites under evaluation-min-studies sent no figures (from so few they would be those patients' own)
+            + [[n, "withheld (< evaluation-min-studies)"] + [None] * 6 for n in final.get("withheld", [])],
         )
         if final.get("subgroups"):  # bias checks: only subgroups of >= min_cell studies left each site
             report.table(

@@ -71,6 +71,13 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     # hospital-1 holds out one study at this seed: under calibration-min-studies (2) it sends no sums
     assert calibration["withheld_sites"] == ["hospital-1"] and calibration["validation_studies"] == 2, calibration
     assert "hospital-1 held out fewer than calibration-min-studies (2)" in outcome.log
+    # nor, under evaluation-min-studies (2), its evaluation figures: in no round and not at the end
+    final = next(m for m in read_metrics(out) if m.get("stage") == "final")["evaluation"]
+    assert final["withheld"] == ["hospital-1"] and set(final["sites"]) == {"hospital-2"}, final
+    assert "hospital-1 held out fewer than evaluation-min-studies (2)" in outcome.log
+    for line in (m for m in read_metrics(out) if "round" in m and "hospital-1" in m["sites"]):
+        sent = line["sites"]["hospital-1"]
+        assert sent.get("evaluation_withheld") == 1 and not any(k.startswith("eval_") for k in sent), sent
     assert artifact.spec.outputs.min_lesion_fraction == calibration["min_lesion_fraction"]
     # and the minimum slice extent from their summed reference lesion volumes
     assert set(state.lesion_extent_per_site) == {"hospital-1", "hospital-2"}

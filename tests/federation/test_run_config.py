@@ -89,6 +89,7 @@ def every_key_changed(out_dir: Path) -> RunConfig:
         membership_steps=12,
         bias_min_cell=3,
         calibration_min_studies=4,
+        evaluation_min_studies=3,
         update_clip_norm=2.5,
         secure_aggregation_threshold=0.8,
         secure_aggregation_shares=5,

@@ -195,6 +195,42 @@ def test_minimum_counts_below_two_are_refused() -> None:
     assert RunConfig().calibration_min_studies == 2
     with pytest.raises(RunConfigError, match="calibration-min-studies"):
         RunConfig.from_run_config({"calibration-min-studies": 1})
+    # and the evaluation's figures
+    assert RunConfig().evaluation_min_studies == 2
+    with pytest.raises(RunConfigError, match="evaluation-min-studies"):
+        RunConfig.from_run_config({"evaluation-min-studies": 1})
+
+
+def test_a_site_under_evaluation_min_studies_sends_no_figures_and_is_named(tmp_path: Path) -> None:
+    """One held-out study's counts would be that patient's own (its tumour's volume, its lesions, its score):
+    the site sends only the flag; the coordinator pools the others and the model card names the site."""
+    from radfed.federation.coordinator.checkpoint import (
+        CoordinatorCheckpoint,
+        append_metrics,
+        evaluation_line,
+        model_card,
+    )
+    from radfed.plugin.tools.report import write_job_report
+
+    rows = site_studies()
+    one, two = rows[0][0], rows[0][0] + rows[1][0]
+    assert one.studies == 1 and two.studies == 2
+    assert one.shareable(2) == {"evaluation_withheld": 1} == allowed_metrics(one.shareable(2))
+    assert two.shareable(2) == two.as_metrics() and two.shareable(3) == {"evaluation_withheld": 1}
+    assert EvaluationCounts().shareable(2) == EvaluationCounts().as_metrics()  # nothing held out: zeros
+    line = evaluation_line({"hospital-1": two.shareable(2), "hospital-2": one.shareable(2)})
+    assert line is not None and line["withheld"] == ["hospital-2"] and set(line["sites"]) == {"hospital-1"}
+    assert line["pooled"] == two.summary()
+    card = model_card(
+        job="j", model_key="m:1", rounds=3, aggregation="fedavg", state=CoordinatorCheckpoint(),
+        epsilon_budget=0, delta=1e-5, final_evaluation=line,
+    )  # fmt: skip
+    assert "hospital-2 held out fewer studies than `evaluation-min-studies` and sent no figures" in card
+    append_metrics(tmp_path, {"stage": "final", "evaluated_round": 3, "evaluation": line})
+    page = write_job_report(tmp_path, tmp_path / "report").read_text()
+    assert "<td>hospital-2</td><td>withheld (&lt; evaluation-min-studies)</td>" in page
+    alone = evaluation_line({"hospital-2": one.shareable(2)})
+    assert alone is not None and alone["sites"] == {} and alone["pooled"]["dice"] is None
 
 
 def test_age_band_from_dates_is_whole_years() -> None:
