@@ -221,7 +221,7 @@ class NetworkPlan:
     groups: int = 8  # GroupNorm groups where norm = group
     # 2.5-D: a 2-D network also sees this many slices either side of its slice, as extra input channels
     context_slices: int = 0
-    residual: bool = False  # DynUNet only: each stage's two convolutions as a residual block
+    residual: bool = False  # DynUNet only: its encoder blocks (input, downsampling, bottleneck) made residual
 
     def input_channels(self, channels: int) -> int:
         """The network's input channels for a task of ``channels`` image channels."""
