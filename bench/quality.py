@@ -234,7 +234,8 @@ def _jobs(work: Path) -> list[Job]:
                     text = text.replace("[preprocessing]\n\n[model]\n", SESSION_10_PLAN)
                 if arm == "2.5-d":
                     text = text.replace("[model]\n", "[model]\ncontext_slices = 1\n")
-                text = text.replace("[model]\n", MODEL_ARMS.get(arm, "[model]\n"))
+                if arm in MODEL_ARMS:
+                    text = text.replace("[model]\n", MODEL_ARMS[arm], 1)
                 if arm == "voxel":
                     text += '\n[training]\nforeground_sampling = "voxel"\n'
                 if arm == "ensemble":
