@@ -34,6 +34,15 @@ SCORE_LOGIT_RANGE = 24.0
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
+WITHHELD = "evaluation_withheld"  # the one metric a site sends in place of its figures
+
+
+def evaluation_withheld(studies: int, min_studies: int) -> bool:
+    """``evaluation-min-studies``: a site holding out some studies, but fewer than ``min_studies``, sends no
+    figures of them (their sums would be those patients' own)."""
+    return 0 < studies < min_studies
+
+
 @dataclass
 class EvaluationCounts:
     studies: int = 0
@@ -92,8 +101,8 @@ class EvaluationCounts:
         """What a site may send (``evaluation-min-studies``): the counts, or only ``evaluation_withheld`` when
         it held out some studies but fewer than ``min_studies`` (their sums would be those patients' own
         figures). With no held-out study the zero counts say only that."""
-        if 0 < self.studies < min_studies:
-            return {"evaluation_withheld": 1}
+        if evaluation_withheld(self.studies, min_studies):
+            return {WITHHELD: 1}
         return self.as_metrics()
 
     @classmethod

@@ -22,7 +22,14 @@ from radfed.federation.job.run_config import RoundConfig
 from radfed.federation.learning.calibration import CalibrationSums, reference_extent_kept, reference_kept
 from radfed.federation.learning.cohort import SiteCohort, TrainingSample, cohort_from_sources, source_fingerprints
 from radfed.federation.learning.compression import ErrorFeedback, compress_reply
-from radfed.federation.learning.evaluation import EvaluationCounts, evaluate_model, predict_samples, predictions_counts
+from radfed.federation.learning.evaluation import (
+    WITHHELD,
+    EvaluationCounts,
+    evaluate_model,
+    evaluation_withheld,
+    predict_samples,
+    predictions_counts,
+)
 from radfed.federation.learning.membership import MembershipAudit
 from radfed.federation.learning.messages import MetricValue
 from radfed.federation.learning.networks import trainable_only
@@ -160,7 +167,10 @@ def _train_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) ->
     model = arrays_to_model(spec, arrays)
     evaluation_started = time.perf_counter()
     run = plan.run
-    metrics.update(evaluate_model(model, held_out, spec, site.arbiter()).shareable(run.evaluation_min_studies))
+    if evaluation_withheld(len(held_out), run.evaluation_min_studies):
+        metrics[WITHHELD] = 1  # figures it may not send: no pass of the model over those studies
+    else:
+        metrics.update(evaluate_model(model, held_out, spec, site.arbiter()).as_metrics())
     metrics["evaluation_seconds"] = time.perf_counter() - evaluation_started
     # learning-rate 0: the recipe's
     recipe = replace(spec.training, learning_rate=run.learning_rate) if run.learning_rate else spec.training
@@ -280,7 +290,7 @@ def evaluate_round(site: SiteConfig, plan: RoundPlan, arrays: list[np.ndarray]) 
             metrics.update(sums.as_metrics())
     del predictions
     evaluation = sum((counts for _, counts in studies), EvaluationCounts()).shareable(run.evaluation_min_studies)
-    if "evaluation_withheld" in evaluation:
+    if WITHHELD in evaluation:
         logger.warning(
             "evaluation: %d held-out studies, fewer than evaluation-min-studies (%d): figures not sent",
             len(held_out),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from radfed.federation.learning.networks import TrainableScope, scope_parameters
 from radfed.federation.learning.training import new_model
@@ -62,3 +63,38 @@ def test_a_site_asked_to_train_the_norms_only_sends_the_rest_unchanged(
     changed = [not np.array_equal(a, b) for a, b in zip(start, trained, strict=True)]
     assert any(changed)
     assert not any(c and not s for c, s in zip(changed, in_scope, strict=True))  # nothing outside the scope moved
+
+
+def test_a_site_holding_out_too_few_studies_sends_no_figures_and_runs_no_evaluation(
+    tmp_path: Path, synth_root: Path, planned_spec: TaskSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluation-min-studies: figures a site may not send are not computed either (each round's pass over
+    its held-out studies was most of a small site's round)."""
+    site = SiteConfig.from_node_config(
+        {"data": str(synth_root / "site-1"), "state-dir": str(tmp_path / "state"), "site-name": "site-1"}
+    )
+    assert planned_spec.plan is not None
+    config = {"job": "few", "server-round": 1, "num-rounds": 1, "local-steps": 1, "epsilon": 0.0}
+    config["plan"] = planned_spec.plan.to_json()
+    everyone = site_code._cohort_split(site, site_code.RoundPlan.from_config(config | {"held-out-fraction": 0.0}))[2]
+    # hold out every study but the one of the highest hash bucket (is_held_out)
+    config["held-out-fraction"] = max(int(s.key[:8], 16) % 1000 for s in everyone) / 1000
+    held = len(site_code._cohort_split(site, site_code.RoundPlan.from_config(config))[3])
+    assert held >= 2
+    evaluated: list[int] = []
+    real = site_code.evaluate_model
+
+    def counting(model, samples, spec, arbiter=None):  # type: ignore[no-untyped-def]
+        evaluated.append(len(samples))
+        return real(model, samples, spec, arbiter)
+
+    monkeypatch.setattr(site_code, "evaluate_model", counting)
+    start = site_code.model_to_arrays(new_model(planned_spec))
+    for minimum, sent in ((held + 1, False), (held, True)):
+        plan = site_code.RoundPlan.from_config(config | {"job": f"few-{minimum}", "evaluation-min-studies": minimum})
+        _, metrics = site_code.train_round(site, plan, start)
+        figures = {k for k in metrics if k.startswith("eval_")}
+        if sent:
+            assert evaluated == [held] and metrics["eval_studies"] == held and "evaluation_withheld" not in metrics
+        else:
+            assert not evaluated and metrics["evaluation_withheld"] == 1 and not figures, metrics
