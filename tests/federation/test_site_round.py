@@ -68,8 +68,8 @@ def test_a_site_asked_to_train_the_norms_only_sends_the_rest_unchanged(
 def test_a_site_holding_out_too_few_studies_sends_no_figures_and_runs_no_evaluation(
     tmp_path: Path, synth_root: Path, planned_spec: TaskSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """evaluation-min-studies: figures a site may not send are not computed either (each round's pass over
-    its held-out studies was most of a small site's round)."""
+    """evaluation-min-studies: figures a site may not send are not computed either (a pass of the model over
+    its held-out studies every round, for figures then dropped)."""
     site = SiteConfig.from_node_config(
         {"data": str(synth_root / "site-1"), "state-dir": str(tmp_path / "state"), "site-name": "site-1"}
     )
