@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from radfed.federation.job.alerts import PoisoningAlert, pseudonymised
 from radfed.federation.learning.calibration import GAIN_STANDARD_ERRORS, Calibration
-from radfed.federation.learning.evaluation import EvaluationCounts
+from radfed.federation.learning.evaluation import WITHHELD, EvaluationCounts
 
 CHECKPOINT = "checkpoint.npz"
 JOB_STATE = "job-state.json"
@@ -141,7 +141,7 @@ def evaluation_line(site_metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     """Per-site and pooled evaluation from the sites' counts, and the sites that withheld theirs
     (``evaluation-min-studies``); None when no site evaluated or withheld."""
     per_site = {s: c for s, m in site_metrics.items() if (c := EvaluationCounts.from_metrics(m)) is not None}
-    withheld = sorted(s for s, m in site_metrics.items() if m.get("evaluation_withheld"))
+    withheld = sorted(s for s, m in site_metrics.items() if m.get(WITHHELD))
     if not per_site and not withheld:
         return None
     pooled = EvaluationCounts()
