@@ -18,6 +18,7 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_K=5 ...          # brain: patient-level folds (default 3; prostate: its 3 sites)
     RADFED_BENCH_QUALITY_BUDGET=per-site ... # each federated site takes all the steps (default: the sites together)
     RADFED_BENCH_QUALITY_FEDERATED_LR=2e-3 ... # the federated arms' learning rate at the sites (default: the recipe's)
+    RADFED_BENCH_QUALITY_SITE_OPTIMIZER=reset ... # the sites start each round with a fresh optimiser (default: carry)
 
 Without RADFED_BENCH_QUALITY_STEPS the planned recipe takes as many steps as its time limit allows, as
 ``radfed train --local`` does; folds side by side share the cores, so say how many ran at once.
@@ -104,6 +105,10 @@ if BUDGET not in ("total", "per-site"):
 # the federated arms' learning rate at the sites (unset: the recipe's; run-config learning-rate)
 _SITE_LR = os.environ.get("RADFED_BENCH_QUALITY_FEDERATED_LR")
 FEDERATED_LEARNING_RATE = float(_SITE_LR) if _SITE_LR else None
+# carry (default, as the job does): each site's AdamW moments carry over to its next round; reset: a fresh optimiser
+SITE_OPTIMIZER = os.environ.get("RADFED_BENCH_QUALITY_SITE_OPTIMIZER", "carry")
+if SITE_OPTIMIZER not in ("carry", "reset"):
+    raise SystemExit(f"RADFED_BENCH_QUALITY_SITE_OPTIMIZER must be carry or reset, not {SITE_OPTIMIZER!r}")
 # the coordinator's step on the sites' mean update (unset: the job's default, 1: plain FedAvg)
 SERVER_LEARNING_RATE = (
     float(os.environ["RADFED_BENCH_QUALITY_SERVER_LR"]) if os.environ.get("RADFED_BENCH_QUALITY_SERVER_LR") else None
@@ -473,7 +478,7 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     per_site = (STEPS or FEDERATED_STEPS) // (len(sites) if BUDGET == "total" else 1)
     rounds = max(1, per_site // FEDERATED_LOCAL_STEPS)
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
-    arm = Arm(job.arm, harmonise=False)
+    arm = Arm(job.arm, harmonise=False, carry_optimizer_state=SITE_OPTIMIZER == "carry")
     if SERVER_LEARNING_RATE is not None:
         arm = replace(arm, server_learning_rate=SERVER_LEARNING_RATE)
     if FEDERATED_LEARNING_RATE is not None:
@@ -488,6 +493,7 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
         "arm": f"{job.arm}, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps, "
         f"server step {arm.server_learning_rate:g}"
         + (f", site learning rate {arm.learning_rate:g}" if arm.learning_rate is not None else "")
+        + ("" if arm.carry_optimizer_state else ", fresh site optimiser each round")
         + " (no DP)",
         "fold": job.fold,
         "train": len(train),

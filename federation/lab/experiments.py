@@ -100,6 +100,9 @@ class Arm:
     # the federated arm's recipe with these fields replaced, e.g. (("lesion_paste", 0.0),): one recipe change
     # measured against the spec's own in the same run
     recipe: tuple[tuple[str, Any], ...] = ()
+    # False: each site starts every round with a fresh optimiser (no AdamW moments carried from its last round,
+    # where the job carries them); measures whether a site's own stale direction costs the global model
+    carry_optimizer_state: bool = True
 
 
 EXPERIMENTS: dict[str, tuple[Arm, ...]] = {
@@ -325,7 +328,7 @@ class Experiment:
                     settings = self._settings(
                         self.budget.seed + server_round, self.budget.local_steps, arm.proximal_mu, server_round, spec
                     )
-                    state = optimizer_states.get(site)
+                    state = optimizer_states.get(site) if arm.carry_optimizer_state else None
                     if arm.epsilon > 0:
                         privacy = PrivacySettings(
                             arm.epsilon,
