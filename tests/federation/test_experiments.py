@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,3 +193,28 @@ def test_an_arms_recipe_changes_are_what_it_trains_under() -> None:
     assert replace(changed, training=spec.training) == spec  # nothing else moved
     with pytest.raises(TypeError):
         experiment.arm_spec(Arm("typo", recipe=(("lesion_pastes", 0.0),)))
+
+
+def test_a_fresh_site_optimiser_arm_passes_no_state_between_rounds(
+    experiment: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the job does, a site's AdamW moments carry into its next round; the fresh-optimiser arm starts every
+    round without them, and so trains another model from the same seeds."""
+    from radfed.federation.lab import experiments as module
+
+    real = module.train_local
+    received: list[bool] = []  # per site round: was an optimiser state passed in?
+
+    def spy(*args: Any, optimizer_state: Any = None, **kwargs: Any) -> Any:
+        received.append(optimizer_state is not None)
+        return real(*args, optimizer_state=optimizer_state, **kwargs)
+
+    monkeypatch.setattr(module, "train_local", spy)
+    quick = Experiment(experiment.spec, experiment.cohorts, replace(experiment.budget, every_round=False))
+    carried = quick.run(Arm("carry"))
+    assert received == [False] * 3 + [True] * 3  # 3 sites x 2 rounds: a state from round 2 on
+    received.clear()
+    fresh = quick.run(Arm("fresh", carry_optimizer_state=False))
+    assert received == [False] * 6
+    assert carried.final_arrays is not None and fresh.final_arrays is not None
+    assert any(not np.array_equal(a, b) for a, b in zip(carried.final_arrays, fresh.final_arrays, strict=True))
