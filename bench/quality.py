@@ -14,6 +14,7 @@ specks count in Dice, not as lesions to find); planned rows also show postproces
     RADFED_BENCH_QUALITY_PASTE=1.0 ...    # the lesion-paste arm's share of patches (default 0.5)
     RADFED_BENCH_QUALITY_LOCAL_STEPS=25 ... # the federated arms' local steps per round (default 50)
     RADFED_BENCH_QUALITY_SERVER_LR=2 ...  # the federated arms' server step (default: the job's, 1)
+    RADFED_BENCH_QUALITY_SERVER_OPTIMIZER=adam RADFED_BENCH_QUALITY_SERVER_LR=0.003 ...  # FedAdam (or yogi)
     RADFED_BENCH_QUALITY_FOLDS=0 ...      # only these folds (default all)
     RADFED_BENCH_QUALITY_K=5 ...          # brain: patient-level folds (default 3; prostate: its 3 sites)
     RADFED_BENCH_QUALITY_BUDGET=per-site ... # each federated site takes all the steps (default: the sites together)
@@ -109,6 +110,8 @@ FEDERATED_LEARNING_RATE = float(_SITE_LR) if _SITE_LR else None
 SITE_OPTIMIZER = os.environ.get("RADFED_BENCH_QUALITY_SITE_OPTIMIZER", "carry")
 if SITE_OPTIMIZER not in ("carry", "reset"):
     raise SystemExit(f"RADFED_BENCH_QUALITY_SITE_OPTIMIZER must be carry or reset, not {SITE_OPTIMIZER!r}")
+# the coordinator's rule (run-config server-optimizer: sgd, the default, | adam | yogi)
+SERVER_OPTIMIZER = os.environ.get("RADFED_BENCH_QUALITY_SERVER_OPTIMIZER", "sgd")
 # the coordinator's step on the sites' mean update (unset: the job's default, 1: plain FedAvg)
 SERVER_LEARNING_RATE = (
     float(os.environ["RADFED_BENCH_QUALITY_SERVER_LR"]) if os.environ.get("RADFED_BENCH_QUALITY_SERVER_LR") else None
@@ -466,6 +469,7 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     import time
 
     from radfed.federation.lab.experiments import Arm, Budget, Experiment
+    from radfed.federation.learning.aggregation import ServerRule
     from radfed.federation.learning.calibration import reference_fraction, reference_slices
 
     sites = {f"site-{i + 1}": [s for s in train if s.key in keys] for i, keys in enumerate(job.site_keys)}
@@ -478,7 +482,12 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     per_site = (STEPS or FEDERATED_STEPS) // (len(sites) if BUDGET == "total" else 1)
     rounds = max(1, per_site // FEDERATED_LOCAL_STEPS)
     budget = Budget(rounds=rounds, local_steps=FEDERATED_LOCAL_STEPS, seed=job.fold + 100 * SEED, every_round=False)
-    arm = Arm(job.arm, harmonise=False, carry_optimizer_state=SITE_OPTIMIZER == "carry")
+    arm = Arm(
+        job.arm,
+        harmonise=False,
+        carry_optimizer_state=SITE_OPTIMIZER == "carry",
+        server_rule=ServerRule(SERVER_OPTIMIZER),
+    )
     if SERVER_LEARNING_RATE is not None:
         arm = replace(arm, server_learning_rate=SERVER_LEARNING_RATE)
     if FEDERATED_LEARNING_RATE is not None:
@@ -491,7 +500,8 @@ def _federated(job: Job, spec: Any, train: list[Any], test: list[Any]) -> dict[s
     return {
         "dataset": job.dataset,
         "arm": f"{job.arm}, {len(sites)} sites x {rounds} rounds x {FEDERATED_LOCAL_STEPS} steps, "
-        f"server step {arm.server_learning_rate:g}"
+        + ("" if arm.server_rule == "sgd" else f"{arm.server_rule} ")
+        + f"server step {arm.server_learning_rate:g}"
         + (f", site learning rate {arm.learning_rate:g}" if arm.learning_rate is not None else "")
         + ("" if arm.carry_optimizer_state else ", fresh site optimiser each round")
         + " (no DP)",

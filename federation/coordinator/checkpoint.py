@@ -30,15 +30,15 @@ class QuorumError(RuntimeError):
 @dataclass
 class CoordinatorCheckpoint:
     """What a restarted coordinator needs to resume: the last finished round, its global model (and the
-    server optimiser's velocity, with FedAvgM), the federation's harmonisation and what each site has
-    reported so far."""
+    server optimiser's state: FedAvgM's velocity, FedAdam's moments), the federation's harmonisation and what each
+    site has reported so far."""
 
     completed_round: int = 0
     arrays: list[npt.NDArray[Any]] = field(default_factory=list)
     harmonisation: dict[str, list[float]] | None = None
     studies_per_site: dict[str, int] = field(default_factory=dict)
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
-    velocity: list[npt.NDArray[Any]] | None = None
+    server_state: list[npt.NDArray[Any]] | None = None
     plan: str | None = None  # the job's plan (JSON), fixed before round 1
     # per site: summed kept reference volume per share (learning.calibration.FRACTIONS) and its study count
     lesion_kept_per_site: dict[str, tuple[list[float], int]] = field(default_factory=dict)
@@ -73,7 +73,7 @@ class CoordinatorCheckpoint:
         """Checkpoint after every round; both files are replaced atomically (arrays first)."""
         partial = out / (CHECKPOINT + ".partial.npz")
         saved = {f"a{i}": a for i, a in enumerate(self.arrays)} | {
-            f"v{i}": v for i, v in enumerate(self.velocity or [])
+            f"v{i}": v for i, v in enumerate(self.server_state or [])
         }
         np.savez(partial, **saved)  # type: ignore[arg-type]
         partial.replace(out / CHECKPOINT)
@@ -99,14 +99,14 @@ class CoordinatorCheckpoint:
         meta = json.loads((out / JOB_STATE).read_text())
         saved = np.load(out / CHECKPOINT)
         arrays = [saved[f"a{i}"] for i in range(sum(name.startswith("a") for name in saved.files))]
-        velocity = [saved[f"v{i}"] for i in range(sum(name.startswith("v") for name in saved.files))]
+        server_state = [saved[f"v{i}"] for i in range(sum(name.startswith("v") for name in saved.files))]
         return cls(
             int(meta["completed_round"]),
             arrays,
             meta.get("harmonisation"),
             dict(meta.get("studies_per_site", {})),
             dict(meta.get("epsilon_per_site", {})),
-            velocity or None,
+            server_state or None,
             meta.get("plan"),
             {site: (list(kept), int(n)) for site, (kept, n) in meta.get("lesion_kept_per_site", {}).items()},
             [PoisoningAlert.from_dict(f) for f in meta.get("flags", [])],

@@ -101,7 +101,7 @@ class RoundDriver:
         self.attempts = run.round_attempts
         self.out = Path(run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.server = ServerOptimizer(run.server_learning_rate, run.server_momentum)
+        self.server = ServerOptimizer(run.server_learning_rate, run.server_momentum, run.server_optimizer)
         # Stragglers (run config round-quorum / round-deadline): message id -> the round it belongs to, and the
         # global model each such round started from (a folded late update is rebased from it). In memory only: a
         # restarted ServerApp no longer waits for them (their updates are lost, as dropped ones are).
@@ -485,7 +485,7 @@ class RoundDriver:
                 )
             scalars = {k: v for k, v in metrics.items() if not isinstance(v, list) and not k.startswith("eval_")}
             site_lines[site] = scalars | {"bytes_down": down, "bytes_up": bytes_up[site]}  # as sent
-        state.arrays, state.velocity = self.server.step(state.arrays, list(outcome.arrays), state.velocity)
+        state.arrays, state.server_state = self.server.step(state.arrays, list(outcome.arrays), state.server_state)
         # every site hears of these with its next message (the next round's, or the final evaluation's)
         state.flags += [
             PoisoningAlert(self.run.job, server_round, federation_id(f.site), f.rule) for f in outcome.flags
@@ -700,6 +700,7 @@ def main(grid: Grid, context: Context) -> None:
             "secure_aggregation": {"update_clip_norm": run.update_clip_norm} if run.secure_aggregation else None,
             "server_learning_rate": run.server_learning_rate,
             "server_momentum": run.server_momentum,
+            "server_optimizer": str(run.server_optimizer),
             "proximal_mu": run.proximal_mu,
             "base_model": {"key": base.key, **{k: base.provenance.get(k) for k in ("steps", "studies_per_site")}}
             if base is not None

@@ -17,7 +17,12 @@ from typing import Any, Self, get_type_hints
 from radfed.federation.job import records
 from radfed.federation.job.alerts import ALERTS_CONFIG_KEY, PoisoningAlert, alerts_from_config, alerts_to_config
 from radfed.federation.job.planning import PLAN_CONFIG_KEY
-from radfed.federation.learning.aggregation import DEFAULT_SERVER_LEARNING_RATE, AggregationRule, Screening
+from radfed.federation.learning.aggregation import (
+    DEFAULT_SERVER_LEARNING_RATE,
+    AggregationRule,
+    Screening,
+    ServerRule,
+)
 from radfed.federation.learning.compression import Compression
 from radfed.federation.learning.membership import MembershipAudit
 from radfed.federation.learning.networks import TrainableScope
@@ -72,6 +77,9 @@ class RunConfig:
     screening: Screening = Screening.AUTO
     server_momentum: float = 0.0  # > 0: FedAvgM
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # 1: plain FedAvg
+    # sgd (the step above, FedAvg / FedAvgM) | adam | yogi (FedAdam / FedYogi: server-learning-rate is then the step
+    # per coordinate, e.g. 0.01, and server-momentum 0); aggregation.ServerOptimizer
+    server_optimizer: ServerRule = ServerRule.SGD
     proximal_mu: float = 0.0  # > 0: FedProx
     harmonise: bool = True  # share intensity landmarks before round 1
     held_out_fraction: float = 0.25  # share of each site's studies kept for evaluation
@@ -143,6 +151,13 @@ class RunConfig:
         _require(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
         _require(self.server_learning_rate > 0, "server-learning-rate", self.server_learning_rate, "> 0")
         _require(0 <= self.server_momentum < 1, "server-momentum", self.server_momentum, "in [0, 1)")
+        if self.server_optimizer is not ServerRule.SGD:
+            adaptive = f"with server-optimizer = {self.server_optimizer}"
+            step_ok = self.server_learning_rate < 1
+            _require(
+                step_ok, "server-learning-rate", self.server_learning_rate, f"< 1, a step per coordinate, {adaptive}"
+            )
+            _require(self.server_momentum == 0, "server-momentum", self.server_momentum, f"0 {adaptive}")
         _require(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
         _require(0 <= self.held_out_fraction < 1, "held-out-fraction", self.held_out_fraction, "in [0, 1)")
         _require(self.learning_rate >= 0, "learning-rate", self.learning_rate, ">= 0 (0: the task recipe's)")

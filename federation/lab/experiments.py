@@ -24,6 +24,7 @@ from radfed.federation.learning.aggregation import (
     DEFAULT_SERVER_LEARNING_RATE,
     Arrays,
     ServerOptimizer,
+    ServerRule,
     SiteUpdate,
     aggregate,
 )
@@ -84,6 +85,7 @@ class Arm:
     attack: Attack = Attack.SCALE
     server_momentum: float = 0.0  # FedAvgM at the coordinator (0: plain FedAvg step)
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE  # the coordinator's step (1: plain FedAvg)
+    server_rule: ServerRule = ServerRule.SGD  # adam / yogi: FedAdam / FedYogi (server_learning_rate per coordinate)
     left_out: tuple[str, ...] = ()  # these sites do not take part (their held-out studies are still tested)
     compression: str = "none"  # what each site sends (run-config key compression: none | fp16 | int8 | topk:F)
     # A straggler: this site's update takes late_by extra rounds to arrive. late_updates None: the coordinator
@@ -305,8 +307,8 @@ class Experiment:
         compression = Compression.parse(arm.compression)
         sent_bytes: list[int] = []
         optimizer_states: dict[str, OptimizerState | None] = {}  # each site keeps its own, as in the job
-        server = ServerOptimizer(learning_rate=arm.server_learning_rate, momentum=arm.server_momentum)
-        velocity: Arrays | None = None
+        server = ServerOptimizer(arm.server_learning_rate, arm.server_momentum, arm.server_rule)
+        server_state: Arrays | None = None
         in_flight: list[tuple[int, Arrays, Arrays, int]] = []  # the straggler's: (round, origin, model, examples)
         asynchronous = arm.straggler is not None and arm.late_updates is not None
         with tempfile.TemporaryDirectory() as accountants:
@@ -362,7 +364,7 @@ class Experiment:
                 budget = self.budget
                 directional = direction_screened(spec.training, server_round, budget.rounds, budget.local_steps)
                 outcome = aggregate(arrays, updates, arm.aggregation, screen=arm.screen, screen_direction=directional)
-                arrays, velocity = server.step(arrays, list(outcome.arrays), velocity)
+                arrays, server_state = server.step(arrays, list(outcome.arrays), server_state)
                 result.flagged += [f.site for f in outcome.flags]
                 result.flag_reasons += [f"round {server_round} {f.site}: {f.reason}" for f in outcome.flags]
                 if self.budget.every_round or server_round == self.budget.rounds:

@@ -18,6 +18,7 @@ multi-Krum and the sketch screening the coordinator streams (streaming.py): one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -323,33 +324,92 @@ def aggregate(
 DEFAULT_SERVER_LEARNING_RATE = 1.0
 
 
+class ServerRule(StrEnum):
+    """How the coordinator turns the sites' mean update into the global model's step (run-config server-optimizer)."""
+
+    SGD = "sgd"  # learning rate x the mean update, with momentum FedAvgM; learning rate 1, no momentum: FedAvg
+    ADAM = "adam"  # FedAdam (Reddi et al., ICLR 2021, arXiv:2003.00295): a per-coordinate adaptive step
+    YOGI = "yogi"  # FedYogi (the same paper): Adam whose second moment grows additively, not multiplicatively
+
+
+# FedAdam / FedYogi's moment decays and adaptivity floor, the paper's defaults (Reddi et al. 2021, section 5).
+ADAPTIVE_BETA1 = 0.9
+ADAPTIVE_BETA2 = 0.99
+ADAPTIVE_TAU = 1e-3
+
+
 @dataclass(frozen=True)
 class ServerOptimizer:
-    """How the coordinator applies the aggregated step to the global model: global + learning rate x (aggregated -
-    global). With ``momentum`` > 0 this is FedAvgM (Hsu, Qi & Brown, 2019, arXiv:1909.06335): the step is accumulated
-    in a velocity that carries over rounds, which speeds up directions the sites agree on round after round; with
-    momentum 0 and learning rate 1 it is plain FedAvg (the aggregated model as is)."""
+    """How the coordinator applies the aggregated step (pseudo-gradient: aggregated - global) to the global model.
+
+    ``sgd``: global + learning rate x step. With ``momentum`` > 0 this is FedAvgM (Hsu, Qi & Brown, 2019,
+    arXiv:1909.06335): the step is accumulated in a velocity that carries over rounds, which speeds up directions the
+    sites agree on round after round; with momentum 0 and learning rate 1 it is plain FedAvg (the aggregated model
+    as is). ``adam`` / ``yogi``: FedAdam / FedYogi, whose state is the step's first and second moments per
+    coordinate; each coordinate then moves by about ``learning_rate`` where the sites' rounds agree on its sign and
+    by less where they do not, however much the average shrank the step. Their learning rate is that absolute
+    step per coordinate (the paper's best lay between 10^-2.5 and 10^-1), never FedAvg's 1."""
 
     learning_rate: float = 1.0
     momentum: float = 0.0
+    rule: ServerRule = ServerRule.SGD
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.momentum < 1.0 or self.learning_rate <= 0.0:
             raise ValueError(f"server momentum must be in [0, 1) and its learning rate > 0, got {self}")
+        if self.rule is not ServerRule.SGD and (self.momentum > 0 or self.learning_rate >= 1.0):
+            raise ValueError(
+                f"server optimiser {self.rule}: its learning rate is a step per coordinate (e.g. 0.01), under 1, "
+                f"and it has its own momentum (server momentum must be 0), got {self}"
+            )
 
-    def step(self, global_arrays: Arrays, aggregated: Arrays, velocity: Arrays | None) -> tuple[Arrays, Arrays | None]:
-        """The next global model and the velocity to keep for the next round (checkpointed with the job;
-        None without momentum)."""
-        if self.momentum == 0 and self.learning_rate == 1:
+    def step(self, global_arrays: Arrays, aggregated: Arrays, state: Arrays | None) -> tuple[Arrays, Arrays | None]:
+        """The next global model and the state to keep for the next round (checkpointed with the job): sgd's
+        velocity (None without momentum), or adam / yogi's first moments, their second moments and the round count
+        (one more array)."""
+        if self.rule is ServerRule.SGD and self.momentum == 0 and self.learning_rate == 1:
             return aggregated, None  # plain FedAvg: the aggregated model as is
         deltas = [
             np.asarray(a, np.float64) - np.asarray(g, np.float64)
             for g, a in zip(global_arrays, aggregated, strict=True)
         ]
-        if velocity is not None and self.momentum > 0:
-            deltas = [self.momentum * np.asarray(v, np.float64) + d for v, d in zip(velocity, deltas, strict=True)]
+        if self.rule is not ServerRule.SGD:
+            return self._adaptive(global_arrays, deltas, state)
+        if state is not None and self.momentum > 0:
+            deltas = [self.momentum * np.asarray(v, np.float64) + d for v, d in zip(state, deltas, strict=True)]
         updated = [
             (np.asarray(g, np.float64) + self.learning_rate * d).astype(g.dtype)
             for g, d in zip(global_arrays, deltas, strict=True)
         ]
         return updated, [d.astype(np.float32) for d in deltas] if self.momentum > 0 else None
+
+    def _adaptive(
+        self, global_arrays: Arrays, deltas: list[npt.NDArray[np.float64]], state: Arrays | None
+    ) -> tuple[Arrays, Arrays]:
+        """FedAdam / FedYogi (the paper's Algorithm 2, moments from 0 and tau^2) with Adam's bias correction, so
+        a coordinate whose step keeps its sign moves by about learning_rate from round 1 on; tau is the floor
+        below which a coordinate's step counts as noise (moves much less than learning_rate)."""
+        count = len(deltas)
+        if state is None:
+            first = [np.zeros_like(d) for d in deltas]
+            second = [np.full_like(d, ADAPTIVE_TAU**2) for d in deltas]
+            rounds = 0
+        elif len(state) != 2 * count + 1:
+            raise ValueError(f"server optimiser {self.rule}: {len(state)} state arrays for {count} weights")
+        else:
+            first = [np.asarray(m, np.float64) for m in state[:count]]
+            second = [np.asarray(v, np.float64) for v in state[count : 2 * count]]
+            rounds = int(state[-1][0])
+        rounds += 1
+        first = [ADAPTIVE_BETA1 * m + (1 - ADAPTIVE_BETA1) * d for m, d in zip(first, deltas, strict=True)]
+        if self.rule is ServerRule.ADAM:
+            second = [ADAPTIVE_BETA2 * v + (1 - ADAPTIVE_BETA2) * d**2 for v, d in zip(second, deltas, strict=True)]
+        else:  # Yogi: v moves towards step^2 by at most (1 - beta2) step^2 per round, up or down
+            second = [v - (1 - ADAPTIVE_BETA2) * d**2 * np.sign(v - d**2) for v, d in zip(second, deltas, strict=True)]
+        rate = self.learning_rate * math.sqrt(1 - ADAPTIVE_BETA2**rounds) / (1 - ADAPTIVE_BETA1**rounds)
+        updated = [
+            (np.asarray(g, np.float64) + rate * m / (np.sqrt(v) + ADAPTIVE_TAU)).astype(g.dtype)
+            for g, m, v in zip(global_arrays, first, second, strict=True)
+        ]
+        moments = [m.astype(np.float32) for m in first] + [v.astype(np.float32) for v in second]
+        return updated, [*moments, np.array([rounds], np.float32)]

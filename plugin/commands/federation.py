@@ -51,6 +51,8 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.server_learning_rate is not None:  # else the Flower app's default (deploy/flower/pyproject.toml)
         config["server-learning-rate"] = args.server_learning_rate
+    if args.server_optimizer is not None:
+        config["server-optimizer"] = args.server_optimizer
     return config
 
 
@@ -172,6 +174,11 @@ def add_parser(commands: Any) -> None:
         "--server-learning-rate",
         type=float,
         help="the coordinator's step along the aggregated update (1: plain FedAvg)",
+    )
+    local.add_argument(
+        "--server-optimizer",
+        choices=["sgd", "adam", "yogi"],
+        help="sgd: FedAvg / FedAvgM (default); adam / yogi: FedAdam / FedYogi (--server-learning-rate per coordinate)",
     )
     local.add_argument("--no-harmonise", action="store_true", help="skip federated intensity harmonisation")
     local.add_argument("--round-timeout", type=float, default=600)

@@ -72,10 +72,10 @@ def test_server_momentum_carries_agreeing_steps_across_rounds(tmp_path: Path) ->
     momentum = ServerOptimizer(momentum=0.5)
     first, velocity = momentum.step(base, aggregated(base), None)
     # a checkpointed job resumes with the same velocity
-    CoordinatorCheckpoint(completed_round=1, arrays=first, velocity=velocity).save(tmp_path)
+    CoordinatorCheckpoint(completed_round=1, arrays=first, server_state=velocity).save(tmp_path)
     restored = CoordinatorCheckpoint.load(tmp_path)
-    assert restored is not None and restored.velocity is not None and len(restored.arrays) == 2
-    second, _ = momentum.step(restored.arrays, aggregated(restored.arrays), restored.velocity)
+    assert restored is not None and restored.server_state is not None and len(restored.arrays) == 2
+    second, _ = momentum.step(restored.arrays, aggregated(restored.arrays), restored.server_state)
     # round 2 moves by its own step plus half of round 1's: 0.1 + 0.05
     assert np.allclose(second[0], 0.1 + 0.15) and np.allclose(second[1], 1 - 0.1 - 0.15)
     assert second[0].dtype == np.float32
@@ -89,6 +89,57 @@ def test_a_server_learning_rate_scales_the_aggregated_step() -> None:
     doubled, velocity = ServerOptimizer(learning_rate=2.0).step(base, aggregated, None)
     assert np.allclose(doubled[0], 0.2) and np.allclose(doubled[1], 0.8)  # twice the step, from the global model
     assert velocity is None and doubled[0].dtype == np.float32
+
+
+def test_fedadam_moves_each_coordinate_by_its_agreement_not_its_size(tmp_path: Path) -> None:
+    """FedAdam / FedYogi (Reddi et al. 2021): a coordinate whose mean update keeps its sign moves by about the
+    learning rate per round whether its update is large or 25 times smaller; one whose sign flips every round, or
+    whose update is under the floor tau, barely moves. The moments survive a coordinator restart."""
+    from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint
+    from radfed.federation.learning.aggregation import ServerRule
+
+    base = [np.zeros(5, np.float32), np.ones((2, 2), np.float32)]
+    for rule in (ServerRule.ADAM, ServerRule.YOGI):
+        server = ServerOptimizer(0.01, rule=rule)
+        arrays, state = list(base), None
+        for server_round in range(1, 21):
+            # coordinates: large, smaller, flipping, zero, under tau; the matrix agrees, the other way
+            flip = 1.0 if server_round % 2 else -1.0
+            step = [np.array([0.5, 0.02, 0.5 * flip, 0.0, 1e-5]), np.full((2, 2), -0.2)]
+            aggregated = [(a + s).astype(np.float32) for a, s in zip(arrays, step, strict=True)]
+            arrays, state = server.step(arrays, aggregated, state)
+            assert state is not None and len(state) == 5  # first moments, second moments, the round count
+            if server_round == 10:
+                CoordinatorCheckpoint(completed_round=10, arrays=arrays, server_state=state).save(tmp_path)
+                restored = CoordinatorCheckpoint.load(tmp_path)
+                assert restored is not None and restored.server_state is not None
+                assert all(np.array_equal(a, b) for a, b in zip(restored.server_state, state, strict=True))
+        moved = arrays[0] - base[0]
+        assert 0.19 < moved[0] <= 0.2, (rule, moved)  # 20 rounds of about 0.01 (bias-corrected from round 1)
+        assert moved[1] > 0.8 * moved[0], (rule, moved)
+        assert abs(moved[2]) < 0.1 * moved[0] and moved[3] == 0.0 and 0 < moved[4] < 0.05 * moved[0], (rule, moved)
+        assert np.allclose(arrays[1] - base[1], -moved[0], rtol=0.03) and arrays[1].dtype == np.float32
+        first, _ = server.step(base, [(b + 1.0).astype(np.float32) for b in base], None)
+        assert np.allclose(first[0], 0.01, rtol=0.02)  # round 1 already moves by the learning rate
+    with pytest.raises(ValueError, match="step per coordinate"):
+        ServerOptimizer(1.0, rule=ServerRule.ADAM)  # FedAvg's rate would move every weight by 1 a round
+    with pytest.raises(ValueError, match="momentum"):
+        ServerOptimizer(0.01, 0.9, ServerRule.YOGI)
+
+
+def test_the_job_refuses_an_adaptive_server_optimiser_at_fedavgs_rate() -> None:
+    from radfed.federation.job.run_config import RunConfig, RunConfigError
+    from radfed.plugin.commands.cli import build_parser
+    from radfed.plugin.commands.federation import run_config
+
+    adam = RunConfig.from_run_config({"server-optimizer": "adam", "server-learning-rate": 0.01})
+    assert adam.server_optimizer == "adam" and adam.server_learning_rate == 0.01
+    with pytest.raises(RunConfigError, match="server-learning-rate"):
+        RunConfig.from_run_config({"server-optimizer": "yogi"})  # the default rate, 1, is FedAvg's
+    with pytest.raises(RunConfigError, match="server-optimizer"):
+        RunConfig.from_run_config({"server-optimizer": "adagrad"})
+    args = ["federation", "local", "--server-optimizer", "adam", "--server-learning-rate", "0.01"]
+    assert run_config(build_parser().parse_args(args))["server-optimizer"] == "adam"
 
 
 def test_the_job_and_the_command_line_default_to_the_measured_server_learning_rate() -> None:
