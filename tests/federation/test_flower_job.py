@@ -1,7 +1,7 @@
 """A coordinator that crashes in the middle of a job and comes back: the SuperLink (and the ServerApp under
 it) is killed with SIGKILL after round 1, restarted on the same port and database, the job is submitted
-again, and it resumes from the round-1 checkpoint (global model, FedAdam's moments) instead of starting over.
-Two hospitals, DP-SGD, no TLS (the secure path is test_federation_local's)."""
+again, and it resumes from the round-1 checkpoint instead of starting over. Two hospitals, DP-SGD, no TLS
+(the secure path is test_federation_local's)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,6 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
         "epsilon": 6.0,
         "job": "restart",
         "task": str(plumbing_task(tmp_path)),
-        # FedAdam at the coordinator: its moments and round count must come back from the checkpoint too
-        "server-optimizer": "adam",
-        "server-learning-rate": 0.01,
     }
     try:
         first = federation.submit(out, config)
@@ -62,17 +59,12 @@ def test_coordinator_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     artifact = load_artifact(out / "artifact")
     assert artifact.provenance["rounds"] == 3 and artifact.provenance["training"] == "federated"
     assert artifact.provenance["local_steps"] == config["local-steps"]
-    assert artifact.provenance["server_optimizer"] == "adam"
     card = (out / "model-card.md").read_text()
     steps = 3 * int(config["local-steps"])
     assert f"3 rounds x {config['local-steps']} local steps ({steps} training steps at each site" in card, card
     # the share-of-largest rule the spec leaves open comes from the sites' summed reference-mask statistics
     state = CoordinatorCheckpoint.load(out)
     assert state is not None and set(state.lesion_kept_per_site) == {"hospital-1", "hospital-2"}
-    # FedAdam's state: first and second moments per weight array, then its round count, 3 only if the resumed
-    # coordinator went on from round 1's (a fresh one would count rounds 2-3 as 1-2)
-    assert state.server_state is not None and len(state.server_state) == 2 * len(state.arrays) + 1
-    assert int(state.server_state[-1][0]) == 3
     # (the sites' final evaluation ran under it; the calibration on their held-out studies may then choose another)
     calibration = next(m for m in read_metrics(out) if m.get("stage") == "calibration")
     assert calibration["before"]["min_lesion_fraction"] == state.lesion_fraction()
