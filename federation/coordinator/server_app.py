@@ -40,7 +40,13 @@ from radfed.federation.job.planning import (
     planned_spec,
 )
 from radfed.federation.job.run_config import RoundConfig, RunConfig
-from radfed.federation.learning.aggregation import AggregationOutcome, ServerOptimizer, SiteUpdate, aggregate
+from radfed.federation.learning.aggregation import (
+    AggregationOutcome,
+    NothingToAggregateError,
+    ServerOptimizer,
+    SiteUpdate,
+    aggregate,
+)
 from radfed.federation.learning.calibration import PooledSums
 from radfed.federation.learning.compression import payload_nbytes, restore_reply
 from radfed.federation.learning.export import export_artifact
@@ -413,17 +419,20 @@ class RoundDriver:
             readable = len(replies) - len(unreadable) + len(folded)
             if readable < self.min_sites:
                 raise QuorumError(f"round {server_round}: {readable} readable update(s), quorum {self.min_sites}")
-            if stream is not None:
-                outcome = stream.outcome()
-            else:
-                updates.sort(key=lambda u: u.site)
-                outcome = aggregate(
-                    state.arrays,
-                    updates,
-                    self.run.aggregation,
-                    screening=screening,
-                    screen_direction=self.screens_direction(server_round),
-                )
+            try:
+                if stream is not None:
+                    outcome = stream.outcome()
+                else:
+                    updates.sort(key=lambda u: u.site)
+                    outcome = aggregate(
+                        state.arrays,
+                        updates,
+                        self.run.aggregation,
+                        screening=screening,
+                        screen_direction=self.screens_direction(server_round),
+                    )
+            except NothingToAggregateError as exc:  # the round fails; the checkpoint keeps the last global model
+                raise QuorumError(f"round {server_round}: {exc}") from exc
         return replies, errors, outcome, bytes_up, late_lines, unreadable
 
     def _secure_training(self, server_round: int, state: CoordinatorCheckpoint) -> _Training:

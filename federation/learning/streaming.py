@@ -15,6 +15,7 @@ exact pairwise screening: those keep ``aggregation.aggregate`` and all N updates
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 from types import TracebackType
@@ -28,11 +29,13 @@ from radfed.federation.learning.aggregation import (
     AnomalyFlag,
     Arrays,
     CountSketch,
+    NothingToAggregateError,
     Screening,
     SiteUpdate,
     detect_anomalies_sketched,
     flatten,
     krum_choice,
+    not_finite_flags,
     sketch_distances,
     unflatten,
 )
@@ -67,6 +70,7 @@ class StreamingAggregator:
         self._weights: dict[str, float] = {}
         self._norms: dict[str, float] = {}
         self._sketches: dict[str, npt.NDArray[np.float64]] = {}
+        self._unsummed: set[str] = set()  # not finite: never added to the sum
         self._files: dict[str, Path] = {}  # by arrival number: a site's name need not be a file name
         spills = screen or self.rule is AggregationRule.MULTI_KRUM
         self._spill = tempfile.TemporaryDirectory(prefix="radfed-spill-", dir=spill_root) if spills else None
@@ -99,9 +103,13 @@ class StreamingAggregator:
             raise ValueError(f"site {update.site} already added this round")
         delta = self._delta(update.arrays)
         weight = float(update.weight) if self.rule is AggregationRule.FEDAVG else 1.0
-        self._sum += weight * delta
+        norm = float(np.linalg.norm(delta))
         self._weights[update.site] = weight
-        self._norms[update.site] = float(np.linalg.norm(delta))
+        self._norms[update.site] = norm
+        if not math.isfinite(norm):  # screened out as not finite; in the sum it would stay there (NaN - NaN)
+            self._unsummed.add(update.site)
+            return
+        self._sum += weight * delta
         self._sketches[update.site] = self._sketch(delta)
         if self._spill is not None:
             self._files[update.site] = Path(self._spill.name) / f"{len(self._files)}.npz"
@@ -114,11 +122,13 @@ class StreamingAggregator:
         flags: list[AnomalyFlag] = (
             detect_anomalies_sketched(self._norms, self._sketches, direction=self._screen_direction)
             if self._screen
-            else []
+            else not_finite_flags(self._norms)
         )
         flagged = {f.site for f in flags}
         kept = [s for s in self._norms if s not in flagged]
-        excluded = set(flagged)
+        if not kept:
+            raise NothingToAggregateError.of(flags)
+        excluded = flagged - self._unsummed
         if self.rule is AggregationRule.MULTI_KRUM:
             chosen = krum_choice(sketch_distances(np.stack([self._sketches[s] for s in kept])), self._krum_f)
             excluded |= set(kept) - {kept[i] for i in chosen}
@@ -126,7 +136,7 @@ class StreamingAggregator:
         for site in sorted(excluded):  # read back from disk, one at a time
             with np.load(self._files[site]) as saved:
                 total -= self._weights[site] * self._delta([saved[f"arr_{i}"] for i in range(len(saved.files))])
-        step = total / sum(w for s, w in self._weights.items() if s not in excluded)
+        step = total / sum(w for s, w in self._weights.items() if s not in excluded | self._unsummed)
         return AggregationOutcome(unflatten(self._base + step, self._like), tuple(sorted(kept)), tuple(flags))
 
     def _delta(self, arrays: Arrays) -> npt.NDArray[np.float64]:

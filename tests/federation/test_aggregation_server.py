@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint
+from radfed.federation.coordinator.checkpoint import CoordinatorCheckpoint, QuorumError
 from radfed.federation.coordinator.server_app import RoundDriver
 from radfed.federation.job import records
 from radfed.federation.job.run_config import RunConfig
@@ -51,8 +51,11 @@ def _round(
     monkeypatch: pytest.MonkeyPatch,
     server_round: int = 1,
     recipe: TrainingRecipe | None = None,
+    corrupt: frozenset[int] = frozenset(),
 ) -> tuple[CoordinatorCheckpoint, int]:
     base, updates = _updates(sites)
+    for i in corrupt:  # a diverged site: NaN in its first array
+        updates[i].arrays[0][0, 0, 0, 0] = np.nan
     held = 0  # bytes still allocated once every reply was folded in and dropped
 
     def exchange(
@@ -135,3 +138,20 @@ def test_the_schedules_decayed_tail_is_screened_by_norm_only(
         recipe=TrainingRecipe(schedule=Schedule.CONSTANT),
     )
     assert [a.site for a in constant.flags] == ["site-04"]  # a schedule that never decays screens every round
+
+
+@pytest.mark.parametrize(("screening", "sites"), [("exact", 5), ("auto", 40)])
+def test_a_diverged_sites_update_is_left_out_and_a_round_of_nothing_but_such_updates_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, screening: str, sites: int
+) -> None:
+    """A site whose training diverged sends NaN: flagged as not finite and left out, so the round's model stays
+    finite (averaged in, one NaN would have made every weight of it NaN); when every update is so, the round fails
+    with a reason instead of a numpy error."""
+    state, _ = _round(tmp_path / "one", screening, sites, monkeypatch, corrupt=frozenset({1}))
+    flagged = sorted((a.site, str(a.rule)) for a in state.flags)
+    assert flagged == [("site-02", "update-not-finite"), ("site-04", "update-direction")]
+    assert all(np.isfinite(a).all() for a in state.arrays)
+    line = json.loads((tmp_path / "one" / screening / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "site-02" not in line["aggregated"] and len(line["aggregated"]) == sites - 2
+    with pytest.raises(QuorumError, match=r"round 1: no update left to aggregate: site-01: update not finite"):
+        _round(tmp_path / "all", screening, sites, monkeypatch, corrupt=frozenset(range(sites)))

@@ -10,7 +10,9 @@ import pytest
 
 from radfed.federation.learning.aggregation import (
     EXACT_UP_TO_SITES,
+    AnomalyRule,
     CountSketch,
+    NothingToAggregateError,
     Screening,
     SiteUpdate,
     aggregate,
@@ -167,3 +169,68 @@ def test_auto_screening_is_exact_up_to_the_site_count_and_sketched_above() -> No
     assert [f.site for f in flags] == ["site-002"] and "sketched" in flags[0].reason
     flags = aggregate(base, updates[:EXACT_UP_TO_SITES], "median").flags
     assert [f.site for f in flags] == ["site-002"] and "sketched" not in flags[0].reason
+
+
+def _equally_opposed(sites: int, cosine: float, size: int = 5_000) -> dict[str, np.ndarray]:
+    """Deltas whose every pair has this cosine (Cholesky factor of the Gram matrix on orthonormal directions)."""
+    gram = np.full((sites, sites), cosine) + (1 - cosine) * np.eye(sites)
+    basis, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(size, sites)))
+    vectors = basis @ np.linalg.cholesky(gram).T
+    return {f"site-{i + 1}": vectors[:, i] * (1 + 0.1 * i) for i in range(sites)}
+
+
+@pytest.mark.parametrize("sites", [3, 4, 6])
+def test_updates_that_all_oppose_each_other_are_averaged_not_all_flagged(sites: int) -> None:
+    """Four real-brain hospitals at four times the recipe's learning rate: every update opposed the others, the
+    direction rule flagged all of them and the round had nothing to average. With no direction most updates share
+    there is nothing to screen against: the rule abstains. Flags stay for a minority only."""
+    deltas = _equally_opposed(sites, -0.9 / (sites - 1))  # as opposed as that many vectors can be to each other
+    assert _exact(deltas) == _sketched(deltas) == []
+    base = [np.zeros(5_000, dtype=np.float32)]
+    updates = [SiteUpdate(name, [d.astype(np.float32)], 1.0) for name, d in deltas.items()]
+    assert sorted(aggregate(base, updates).used) == sorted(deltas)
+    # the boundary: a sign-flipped minority is flagged, half the sites flipped is beyond a majority's screening
+    deltas = _partly_agreeing(np.random.default_rng(2), 4)
+    deltas["site-002"] = -deltas["site-002"]
+    assert _exact(deltas) == _sketched(deltas) == ["site-002"]
+    deltas["site-004"] = -deltas["site-004"]
+    assert _exact(deltas) == _sketched(deltas) == []
+
+
+@pytest.mark.parametrize("screen", [True, False])
+def test_a_non_finite_update_is_flagged_and_never_reaches_the_sum(tmp_path: Path, screen: bool) -> None:
+    """A NaN or an infinity anywhere in an update: flagged ``update-not-finite`` and left out by the batch rules,
+    the sketched and exact screening and the streaming sum (where, once added, it could not be taken out again:
+    NaN - NaN is NaN), screening on or off; the model is the FedAvg of the others."""
+    base, updates = _updates(8, {})
+    updates[2].arrays[1][0] = np.nan
+    updates[5].arrays[0][0, 0, 0, 0] = np.inf
+    finite = [u for u in updates if u.site not in ("site-003", "site-006")]
+    expected = aggregate(base, finite, "fedavg", screen=False)
+    for outcome in (
+        aggregate(base, updates, "fedavg", screen=screen, screening="exact"),
+        aggregate(base, updates, "fedavg", screen=screen, screening="sketch"),
+        aggregate(base, updates, "median", screen=screen),
+        _stream(base, updates, "fedavg", tmp_path, screen),
+    ):
+        assert sorted((f.site, f.rule) for f in outcome.flags) == [
+            ("site-003", AnomalyRule.UPDATE_NOT_FINITE),
+            ("site-006", AnomalyRule.UPDATE_NOT_FINITE),
+        ]
+        assert all(np.isfinite(a).all() for a in outcome.arrays)
+        assert sorted(outcome.used) == sorted(u.site for u in finite)
+    for s, e in zip(_stream(base, updates, "fedavg", tmp_path, screen).arrays, expected.arrays, strict=True):
+        np.testing.assert_allclose(s, e, rtol=1e-6, atol=1e-7)
+    # two sites, too few for the norm and direction rules, are still screened for this
+    assert [f.site for f in aggregate(base, updates[1:3]).flags] == ["site-003"]
+
+
+def test_a_round_whose_every_update_is_not_finite_says_so(tmp_path: Path) -> None:
+    base, updates = _updates(3, {})
+    for update in updates:
+        update.arrays[3][0] = np.nan
+    reason = r"no update left to aggregate: site-001: update not finite .*; site-002: .*; site-003: "
+    with pytest.raises(NothingToAggregateError, match=reason):
+        aggregate(base, updates)
+    with pytest.raises(NothingToAggregateError, match=reason):
+        _stream(base, updates, "fedavg", tmp_path)  # added in the reverse order
