@@ -77,7 +77,8 @@ SEED = int(os.environ.get("RADFED_BENCH_QUALITY_SEED", "0"))
 # (brain: the planned recipe trained on the first of the federated arm's SITES hospitals alone, its own 1/SITES of
 # the fold's training patients: what a hospital reaches without the federation, and a point on the learning curve),
 # "residual" (brain and prostate: the planned DynUNet with residual blocks, [model] residual = true, after nnU-Net's
-# residual encoder presets), "segresnet" (brain and prostate: MONAI's SegResNet on the planned grid and patch)
+# residual encoder presets), "segresnet" (brain and prostate: MONAI's SegResNet on the planned grid and patch),
+# "lr-2e-3" and "lr-4e-3" (brain and prostate: the planned recipe at that AdamW learning rate, against 1e-3)
 ARMS = os.environ.get("RADFED_BENCH_QUALITY_ARMS", "planned,first-wave").split(",")
 # the "lesion-paste" arm's share of patches (CarveMix doubled its training sets with mixes)
 LESION_PASTE = float(os.environ.get("RADFED_BENCH_QUALITY_PASTE", "0.5"))
@@ -90,7 +91,16 @@ STRONG_AUG = "\n[training]\naugmentation_probability = 0.4\n"  # the "strong-aug
 PASTE_FORCED = '\n[training]\npaste_into = "forced"\n'  # the "paste-forced" arm
 # the arms that only add [model] keys to the planned recipe
 MODEL_ARMS = {"residual": "[model]\nresidual = true\n", "segresnet": '[model]\narchitecture = "segresnet"\n'}
-TRAINING_ARMS = {"sgd": SGD, "nnunet-spatial": NNUNET_SPATIAL, "strong-aug": STRONG_AUG, "paste-forced": PASTE_FORCED}
+TRAINING_ARMS = {
+    "sgd": SGD,
+    "nnunet-spatial": NNUNET_SPATIAL,
+    "strong-aug": STRONG_AUG,
+    "paste-forced": PASTE_FORCED,
+    # the planned recipe at twice and four times its AdamW learning rate (1e-3): the centralised control for the
+    # federated arms' site rates (RADFED_BENCH_QUALITY_FEDERATED_LR)
+    "lr-2e-3": "\n[training]\nlearning_rate = 0.002\n",
+    "lr-4e-3": "\n[training]\nlearning_rate = 0.004\n",
+}
 # The planned model's probability map cut at other thresholds than the spec's (the brain folds are too
 # small for a validation split, so nothing calibrates it there): an analysis row, not a recipe.
 VARIANT_THRESHOLDS = (0.3, 0.4)
@@ -413,6 +423,8 @@ def _per_study_table(results: list[dict[str, Any]], reproduce: str) -> None:
             "local",
             "nnunet-spatial",
             "strong-aug",
+            "lr-2e-3",
+            "lr-4e-3",
             "cpu-bf16",
             "patch-dice",
             "lesion-paste",
