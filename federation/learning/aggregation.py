@@ -330,10 +330,10 @@ def aggregate(
     deltas = {u.site: flatten(u.arrays) - base for u in updates}
     sketch = CountSketch(base.size) if sketched else None
     sketches = {site: sketch(delta) for site, delta in deltas.items()} if sketch is not None else {}
+    norms = {s: float(np.linalg.norm(d)) for s, d in deltas.items()}
     if not screen:
-        flags = not_finite_flags({s: float(np.linalg.norm(d)) for s, d in deltas.items()})
+        flags = not_finite_flags(norms)
     elif sketched:
-        norms = {s: float(np.linalg.norm(d)) for s, d in deltas.items()}
         flags = detect_anomalies_sketched(norms, sketches, direction=screen_direction)
     else:
         flags = detect_anomalies(deltas, direction=screen_direction)

@@ -117,9 +117,8 @@ class MetricLeakError(ValueError):
 # federation id, or a pseudonym), which screening rule. Never the measured values, a reason text or anything
 # a site sent.
 ALERT_FIELDS = frozenset({"round", "site", "rule"})
-ALERT_RULES = frozenset(
-    {"update-norm", "update-direction", "update-not-finite"}
-)  # aggregation.AnomalyRule (a test keeps them equal)
+# aggregation.AnomalyRule's values (a test keeps them equal)
+ALERT_RULES = frozenset({"update-norm", "update-direction", "update-not-finite"})
 # A federation id: the SuperNode's site-name (set by its admin) or node-<id>; no spaces, no free text.
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
