@@ -21,6 +21,7 @@ from typing import Any
 
 from radfed.federation.job.run_config import RunConfig
 from radfed.federation.site.config import ORTHANC_PASSWORD_ENV
+from radfed.federation.site.supernode import FLOWER_IDLE_PULL_S
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.testing.orthanc_server import (
@@ -115,6 +116,9 @@ class FederationOptions:
     secure: bool = True  # TLS + SuperNode authentication, as a real deployment
     persistent_superlink: bool = True  # SuperLink state in SQLite: node registrations survive its restart
     warm_clientapp: bool = True  # SuperNodes in --isolation process with the warm SuperExec (site/superexec.py)
+    # SuperNodes pull this often while idle (site/supernode.py; Flower's own 3 s): one machine's loopback, where the
+    # coordinator's requests cost nothing and each message would otherwise wait up to 3 s to be picked up
+    idle_pull_s: float = 0.25
 
 
 @dataclass
@@ -257,8 +261,12 @@ class LoopbackFederation:
             raise FederationLaunchError(f"registering {key_name}: {registered.stdout[-500:]}{registered.stderr[-500:]}")
 
     def supernode_process(self, name: str, node_config: str, key_name: str, env: dict[str, str]) -> ManagedProcess:
+        supernode = [str(BIN / "flower-supernode")]
+        if self.options.idle_pull_s != FLOWER_IDLE_PULL_S:
+            supernode = [sys.executable, "-m", "radfed.federation.site.supernode", "--idle-pull-s",
+                         str(self.options.idle_pull_s), "--"]  # fmt: skip
         args = [
-            str(BIN / "flower-supernode"),
+            *supernode,
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--host",

@@ -32,7 +32,7 @@ def secure_app(tmp_path: Path) -> Path:
     pyproject = app / "pyproject.toml"
     text = pyproject.read_text()
     text = text.replace("radfed.federation.coordinator.server_app:app", "tests.federation.secure_apps:server")
-    text = text.replace("radfed.federation.site.client_app:app", "tests.federation.secure_apps:client")
+    text = text.replace("radfed.federation.site.client_app:app", "tests.federation.secure_client_app:client")
     pyproject.write_text(text)
     return app
 
