@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from radfed.federation.job.run_config import RunConfig
 from radfed.federation.site.config import ORTHANC_PASSWORD_ENV
-from radfed.federation.site.supernode import FLOWER_IDLE_PULL_S
+from radfed.federation.site.supernode import FLOWER_HEARTBEAT_S, FLOWER_IDLE_PULL_S
 from radfed.inference.errors import RadfedError
 from radfed.inference.orthanc.client import OrthancClient
 from radfed.inference.testing.orthanc_server import (
@@ -119,6 +120,7 @@ class FederationOptions:
     # SuperNodes pull this often while idle (site/supernode.py; Flower's own 3 s): one machine's loopback, where the
     # coordinator's requests cost nothing and each message would otherwise wait up to 3 s to be picked up
     idle_pull_s: float = 0.25
+    heartbeat_s: int = 10  # the least the SuperLink accepts (Flower's 30): a killed site is unavailable after 20 s
 
 
 @dataclass
@@ -167,16 +169,27 @@ class LoopbackFederation:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             names = [f"hospital-{i}" for i in range(1, self.options.sites + 1)]
-            if self.options.secure:
-                progress("credentials")
-                self._make_credentials(names + ["intruder"])
-            for index, name in enumerate(names, start=1):
-                progress(f"{name}: Orthanc and studies")
-                self.sites.append(self._start_site(index, name))
+            # side by side: each is mostly waiting (openssl, an Orthanc starting, uploads into it)
+            with ThreadPoolExecutor(max_workers=len(names) + 1) as pool:
+                credentials: list[Future[None]] = []
+                if self.options.secure:
+                    progress("credentials")
+                    credentials.append(pool.submit(self._make_credentials, [*names, "intruder"]))
+                starting: list[Future[Site]] = []
+                for index, name in enumerate(names, start=1):
+                    progress(f"{name}: Orthanc and studies")
+                    starting.append(pool.submit(self._start_site, index, name))
+                # every site that did start is kept (so that stop() stops it) before a failed one is raised
+                self.sites += [f.result() for f in starting if f.exception() is None]
+                for started in starting:
+                    started.result()
+                for made in credentials:
+                    made.result()
             progress("coordinator")
             self._start_superlink()
+            with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:  # one `flwr` command each: ~1.5 s apiece
+                list(pool.map(self.register, [site.name for site in self.sites]))
             for site in self.sites:
-                self.register(site.name)
                 self.start_supernode(site)
             self.wait_online(len(self.sites))
         except BaseException:
@@ -262,9 +275,10 @@ class LoopbackFederation:
 
     def supernode_process(self, name: str, node_config: str, key_name: str, env: dict[str, str]) -> ManagedProcess:
         supernode = [str(BIN / "flower-supernode")]
-        if self.options.idle_pull_s != FLOWER_IDLE_PULL_S:
-            supernode = [sys.executable, "-m", "radfed.federation.site.supernode", "--idle-pull-s",
-                         str(self.options.idle_pull_s), "--"]  # fmt: skip
+        if (self.options.idle_pull_s, self.options.heartbeat_s) != (FLOWER_IDLE_PULL_S, FLOWER_HEARTBEAT_S):
+            supernode = [sys.executable, "-m", "radfed.federation.site.supernode",
+                         "--idle-pull-s", str(self.options.idle_pull_s), "--heartbeat-s", str(self.options.heartbeat_s),
+                         "--"]  # fmt: skip
         args = [
             *supernode,
             "--superlink",

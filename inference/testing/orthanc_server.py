@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,23 @@ ORTHANC_BINARY = os.environ.get("RADFED_ORTHANC_BINARY", "/usr/sbin/Orthanc")
 PLUGIN_DIR = Path(os.environ.get("RADFED_ORTHANC_PLUGINS", "/usr/share/orthanc/plugins"))
 
 
+_GIVEN_PORTS: set[int] = set()
+_GIVEN_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now, and never one this process was given before: servers started side by
+    side (threads) each get their own even before the first has bound its port."""
+    with _GIVEN_LOCK:
+        if len(_GIVEN_PORTS) > 16384:  # a long-lived process: forget the oldest ones' servers are still bound
+            _GIVEN_PORTS.clear()
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _GIVEN_PORTS:
+                _GIVEN_PORTS.add(port)
+                return port
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The SuperNode wrapper's intervals (federation/site/supernode.py): Flower's idle sleep becomes the setting, its local
-waits 0.05 s, every other sleep is left alone; the pinned flwr still sleeps where the wrapper expects. The Flower tests
-run every SuperNode through the wrapper (the loopback federation's ``idle_pull_s``)."""
+waits 0.05 s, every other sleep is left alone; the heartbeat interval is declared and paced as set; the pinned flwr
+still holds what the wrapper changes. The Flower tests run every SuperNode through the wrapper (the loopback
+federation's ``idle_pull_s`` and ``heartbeat_s``; the killed hospital of test_federation_local is found by its missed
+heartbeats)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 import types
 
 import pytest
-from flwr.supernode import start_client_internal
+from flwr.supercore import heartbeat
+from flwr.supernode import fleet_http_connection, start_client_internal
 
 from radfed.federation.site import supernode
 
@@ -55,6 +58,29 @@ def test_the_pinned_flower_sleeps_where_the_wrapper_expects(monkeypatch: pytest.
     assert start_client_internal.time.idle_pull_s == 0.5  # type: ignore[attr-defined]
 
 
-def test_the_command_refuses_a_non_positive_interval() -> None:
+def test_the_heartbeat_is_set_in_every_module_or_in_none() -> None:
+    declares, paces = types.ModuleType("declares"), types.ModuleType("paces")
+    declares.HEARTBEAT_DEFAULT_INTERVAL = paces.HEARTBEAT_DEFAULT_INTERVAL = 30  # type: ignore[attr-defined]
+    assert supernode.set_heartbeat([declares, paces], 10)
+    assert declares.HEARTBEAT_DEFAULT_INTERVAL == paces.HEARTBEAT_DEFAULT_INTERVAL == 10  # type: ignore[attr-defined]
+    other = types.ModuleType("other")  # a version that names it otherwise: nothing is half-changed
+    fresh = types.ModuleType("fresh")
+    fresh.HEARTBEAT_DEFAULT_INTERVAL = 30  # type: ignore[attr-defined]
+    assert not supernode.set_heartbeat([fresh, other], 10)
+    assert fresh.HEARTBEAT_DEFAULT_INTERVAL == 30  # type: ignore[attr-defined]
+
+
+def test_the_pinned_flower_holds_the_heartbeat_default_where_the_wrapper_sets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    modules = [fleet_http_connection, heartbeat]
+    for module in modules:
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)  # restored after
+    assert supernode.set_heartbeat(modules, 10)
+    assert all(m.HEARTBEAT_DEFAULT_INTERVAL == 10 for m in modules)
+
+
+@pytest.mark.parametrize("args", [["--idle-pull-s", "0"], ["--heartbeat-s", "5"], ["--heartbeat-s", "3600"]])
+def test_the_command_refuses_intervals_flower_cannot_take(args: list[str]) -> None:
     with pytest.raises(SystemExit):
-        supernode.main(["--idle-pull-s", "0", "--", "--insecure"])
+        supernode.main([*args, "--", "--insecure"])
