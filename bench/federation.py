@@ -60,6 +60,7 @@ from radfed.federation.learning.networks import TrainableScope
 from radfed.federation.learning.staleness import LateUpdates
 from radfed.federation.learning.training import arrays_to_model
 from radfed.federation.site.membership_audit import AuditSettings, reference_confidences, study_losses
+from radfed.federation.site.supernode import FLOWER_HEARTBEAT_S, FLOWER_IDLE_PULL_S
 from radfed.federation.site.worker import simulated_site_name
 from radfed.inference.model.recipe import ForegroundSampling, PasteInto
 from radfed.inference.model.taskspec import TaskSpec, load_task_spec
@@ -631,10 +632,17 @@ OVERHEAD_PARTS = ("flower_transport", "clientapp_start", "clientapp_forwarding",
 def transport(work: Path, quick: bool) -> None:
     """Round wall time on real Flower processes, split into the slowest site's compute and the rest, for
     a light and a heavier round (the overhead is fixed; its share falls as compute grows), with radfed's
-    warm SuperExec and with Flower's own (a new flwr-clientapp process per message), in one run."""
+    warm SuperExec and SuperNode intervals (site/supernode.py), with Flower's SuperNode intervals (3 s idle pull,
+    30 s heartbeat) and with Flower's own SuperExec too (a new flwr-clientapp process per message), in one run."""
     rows = []
-    for label, warm in (("radfed warm SuperExec", True), ("Flower's SuperExec", False)):
-        options = FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True, warm_clientapp=warm)
+    flower_intervals = {"idle_pull_s": FLOWER_IDLE_PULL_S, "heartbeat_s": FLOWER_HEARTBEAT_S}
+    arms: list[tuple[str, str, dict[str, Any]]] = [
+        ("radfed warm SuperExec, SuperNode pulling every 0.25 s", "warm", {}),
+        ("radfed warm SuperExec, Flower's SuperNode intervals", "warm-3s", flower_intervals),
+        ("Flower's SuperExec and SuperNode intervals", "flower", {"warm_clientapp": False, **flower_intervals}),
+    ]
+    for label, warm, settings in arms:
+        options = FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True, **settings)
         federation = LoopbackFederation(work / f"fed-{warm}", ROOT / "deploy" / "flower", options)
         federation.start()
         try:
