@@ -1,7 +1,7 @@
 """Flower's SuperNode (``flower-supernode``) with its idle pull and heartbeat intervals settable.
 
-After a pull that finds no message, flwr 1.41's SuperNode sleeps 3 s before it asks the SuperLink again, and it
-pushes a reply only in the pass after a pull that found a message: each message the coordinator sends (a round's
+After a pull that finds no message, flwr 1.41's SuperNode sleeps 3 s before it asks the SuperLink again. It pulls
+right after pushing a reply, mostly before the coordinator has sent its next message, so each message (a round's
 training, an evaluation, each of SecAgg+'s four stages) waits up to 3 s to be picked up, 2.5-4.5 s of every round
 (README, Federated training: round overhead). ``--idle-pull-s`` sets that interval: lower gives quicker rounds and
 costs one request per interval per site at the coordinator while idle. Its local waits (a reply from the ClientApp,
@@ -11,6 +11,8 @@ Unavailable" to the coordinator after two missed intervals, 20 s at the least in
 request every (interval - 5 s) x 0.7-0.9. Everything else is Flower's own code, unchanged:
 
     python -m radfed.federation.site.supernode --idle-pull-s 1 -- --isolation process --superlink ...
+
+(the ``--`` is needed: what follows it goes to Flower unread).
 
 Written for flwr 1.41 (pinned in pyproject.toml): its ``start_client_internal`` sleeps through the module's ``time``.
 Where a later version does not, the SuperNode runs with Flower's intervals and says so.

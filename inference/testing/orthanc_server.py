@@ -42,7 +42,7 @@ def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now, and never one this process was given before: servers started side by
     side (threads) each get their own even before the first has bound its port."""
     with _GIVEN_LOCK:
-        if len(_GIVEN_PORTS) > 16384:  # a long-lived process: forget the oldest ones' servers are still bound
+        if len(_GIVEN_PORTS) > 16384:  # a long-lived process: start afresh (ports given long ago are bound or gone)
             _GIVEN_PORTS.clear()
         while True:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
