@@ -641,13 +641,13 @@ def transport(work: Path, quick: bool) -> None:
         ("radfed warm SuperExec, Flower's SuperNode intervals", "warm-3s", flower_intervals),
         ("Flower's SuperExec and SuperNode intervals", "flower", {"warm_clientapp": False, **flower_intervals}),
     ]
-    for label, warm, settings in arms:
+    for label, slug, settings in arms:
         options = FederationOptions(sites=3, studies_per_site=4, seed=2, secure=True, **settings)
-        federation = LoopbackFederation(work / f"fed-{warm}", ROOT / "deploy" / "flower", options)
+        federation = LoopbackFederation(work / f"fed-{slug}", ROOT / "deploy" / "flower", options)
         federation.start()
         try:
             for steps in (3, 10) if quick else (10, 40):
-                job = work / f"job-{warm}-{steps}"
+                job = work / f"job-{slug}-{steps}"
                 outcome = federation.run_job(
                     job,
                     {
@@ -657,7 +657,7 @@ def transport(work: Path, quick: bool) -> None:
                         "epsilon": 0.0,
                         "harmonise": True,
                         "rollout": False,
-                        "job": f"bench-transport-{warm}-{steps}",
+                        "job": f"bench-transport-{slug}-{steps}",
                     },
                 )
                 assert outcome.ok, outcome.log[-2000:]

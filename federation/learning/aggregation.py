@@ -315,10 +315,10 @@ def aggregate(
     screening: Screening | str = Screening.AUTO,
     screen_direction: bool = True,
 ) -> AggregationOutcome:
-    """The next global model from the sites' updates (anomalous ones excluded unless ``screen`` is off,
-    which only the poisoning experiment does, to show what unscreened FedAvg would do, though a non-finite update is
-    left out even then; ``screen_direction`` off
-    keeps the norm rule only, for a round whose learning rate the schedule has decayed: ``direction_screened``).
+    """The next global model from the sites' updates (anomalous ones excluded unless ``screen`` is off, which only
+    the poisoning experiment does, to show what unscreened FedAvg would do, though a non-finite update is left out
+    even then; ``screen_direction`` off keeps the norm rule only, for a round whose learning rate the schedule has
+    decayed: ``direction_screened``).
 
     Holds every update (N x d float64): streaming.StreamingAggregator is the bounded-memory path for FedAvg
     and multi-Krum. ``screening`` chooses the exact O(N^2 d) comparisons or the sketched ones (see ``Screening``)."""
